@@ -1,0 +1,25 @@
+//! engramdb-core: the storage engine and indexes of engramdb, free of Python.
+//!
+//! A newcomer's map, one module per concept:
+//!
+//! | module | concept |
+//! |---|---|
+//! | [`error`] | the one error enum every fallible call returns |
+//! | [`distance`] | metrics and SIMD distance kernels (run-time CPU detection) |
+//! | [`topk`] | bounded top-k selection shared by every index |
+//! | [`index`] | the [`index::VectorIndex`] trait and its implementations (exact [`index::flat`]) |
+//! | [`memory`] | what a record is ([`memory::record`]) and metadata filters ([`memory::filter`]) |
+//! | [`storage`] | bytes on disk: file headers, write-ahead log, segments, manifest, lock |
+//! | [`store`] | [`store::Store`], the one place that coordinates records, indexes and the log |
+
+pub mod distance;
+pub mod error;
+pub mod index;
+pub mod memory;
+pub mod storage;
+pub mod store;
+pub mod topk;
+
+pub use distance::Metric;
+pub use error::{Error, Result};
+pub use store::{Store, StoreOptions};
