@@ -1,0 +1,178 @@
+"""Brute-force top-k embedding search over an fp16 or int8 ``(n, d)`` matrix for a batch of queries.
+
+Two stages. Stage 1: a Triton kernel computes the scores of a chunk of rows against every query
+(tensor-core dot products, int8 dequantization and the L2 correction fused in), and ``torch.topk``
+keeps the best ``k`` of the chunk. Stage 2: the per-chunk candidates are merged with one more top-k.
+Both top-k steps rank a 64-bit key (score bits, then the complement of the row id), so equal scores
+come out in ascending row id order, deterministically, on every backend.
+
+Metrics: ``"ip"`` returns inner products, best first; ``"l2"`` returns squared Euclidean distances,
+nearest first (ranked internally by ``2 q.x - |x|^2``). For int8 matrices the rows are
+``x_i = scale_i * codes_i`` (symmetric, one float32 scale per row, see :func:`quantize_rows_int8`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._triton import HAS_TRITON, next_pow2, pick_backend, tl, triton
+
+__all__ = ["search_topk", "search_topk_ref", "quantize_rows_int8"]
+
+MAX_K = 1024
+
+
+def quantize_rows_int8(x: torch.Tensor):
+    """Symmetric per-row int8: returns ``(codes int8 (n, d), scale float32 (n,))``."""
+    xf = x.float()
+    scale = xf.abs().amax(1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(xf / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def _dequant_rows(base, base_scale):
+    x = base.double()
+    return x * base_scale.double()[:, None] if base_scale is not None else x
+
+
+def _order_key(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """int64 key: higher score first, then lower id. Monotone in float order (-0.0 folded into +0.0)."""
+    bits = (scores.float() + 0.0).view(torch.int32).to(torch.int64)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (bits << 32) | (0xFFFFFFFF - ids)
+
+
+def _topk_with_ids(scores: torch.Tensor, ids: torch.Tensor, k: int):
+    key = _order_key(scores, ids)
+    _, pos = torch.topk(key, k, dim=1, sorted=True)
+    return scores.gather(1, pos), ids.gather(1, pos)
+
+
+def search_topk_ref(queries, base, k, metric="ip", base_scale=None):
+    """Exact float64 reference with a stable sort: ties in ascending id order."""
+    x = _dequant_rows(base, base_scale)
+    q = queries.double()
+    s = q @ x.T
+    if metric == "l2":
+        s = 2 * s - (x * x).sum(1)[None, :]
+    order = torch.sort(-s, dim=1, stable=True).indices[:, :k]
+    best = s.gather(1, order)
+    if metric == "l2":
+        best = (q * q).sum(1, keepdim=True) - best
+    return best, order
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _scores_kernel(
+        Q, X, XS, XN, OUT, M, N, D,
+        sq_m, sx_n, so_m,
+        IS_L2: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mmask = rm < M
+        nmask = rn < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            kmask = kk < D
+            q = tl.load(Q + rm[:, None] * sq_m + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            x = tl.load(X + rn[:, None] * sx_n + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
+            acc += tl.dot(q.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)), input_precision=PRECISION)
+        if HAS_SCALE:
+            acc = acc * tl.load(XS + rn, mask=nmask, other=0.0)[None, :]
+        if IS_L2:
+            acc = 2.0 * acc - tl.load(XN + rn, mask=nmask, other=0.0)[None, :]
+        tl.store(OUT + rm[:, None] * so_m + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
+
+
+def _chunk_scores_triton(q, xc, xs, xn, is_l2):
+    m, d = q.shape
+    n = xc.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32, device=q.device)
+    if q.dtype == torch.float16:
+        dot_dtype, precision = tl.float16, "ieee"
+    else:  # fp32 queries: exact fp32 products (int8 and fp16 rows are exact in fp32)
+        dot_dtype, precision = tl.float32, "ieee"
+    block_m = min(64, max(16, next_pow2(m)))
+    block_n = 128
+    block_k = 64 if d >= 64 else max(16, next_pow2(d))
+    dummy = out
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _scores_kernel[grid](
+        q, xc, xs if xs is not None else dummy, xn if xn is not None else dummy, out, m, n, d,
+        q.stride(0), xc.stride(0), out.stride(0),
+        IS_L2=is_l2, HAS_SCALE=xs is not None, DOT_DTYPE=dot_dtype, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return out
+
+
+def _chunk_scores_torch(q, xc, xs, xn, is_l2):
+    s = q.float() @ xc.float().T
+    if xs is not None:
+        s = s * xs[None, :]
+    if is_l2:
+        s = 2.0 * s - xn[None, :]
+    return s
+
+
+def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str = "ip", *,
+                base_scale: Optional[torch.Tensor] = None, base_sq_norms: Optional[torch.Tensor] = None,
+                chunk_rows: int = 1 << 16, backend: str = "auto"):
+    """Top-``k`` rows of ``base`` for each query; returns ``(scores float32 (m, k), ids int64 (m, k))``.
+
+    ``queries``: ``(m, d)`` float32 or float16. ``base``: ``(n, d)`` float16/float32, or int8 with
+    ``base_scale`` ``(n,)``. ``metric``: ``"ip"`` or ``"l2"``; for L2 pass ``base_sq_norms`` (the
+    squared norms of the dequantized rows) to avoid recomputing them on every call.
+    ``k`` is capped at ``n``; at most 1024.
+    """
+    if metric not in ("ip", "l2"):
+        raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+    if queries.dim() == 1:
+        queries = queries[None]
+    m, d = queries.shape
+    n = base.shape[0]
+    if base.dim() != 2 or base.shape[1] != d:
+        raise ValueError(f"dimension mismatch: queries {tuple(queries.shape)}, base {tuple(base.shape)}")
+    if base.dtype == torch.int8 and base_scale is None:
+        raise ValueError("an int8 base needs base_scale")
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be in [1, {MAX_K}], got {k}")
+    k = min(k, n)
+    is_l2 = metric == "l2"
+    if queries.dtype not in (torch.float16, torch.float32):
+        queries = queries.float()
+    queries = queries.contiguous()
+    base = base.contiguous()
+    xs = base_scale.float().contiguous() if base_scale is not None else None
+    xn = None
+    if is_l2:
+        if base_sq_norms is None:
+            xd = base.float() * xs[:, None] if xs is not None else base.float()
+            base_sq_norms = (xd * xd).sum(1)
+        xn = base_sq_norms.float().contiguous()
+    use_triton = pick_backend(backend, base) == "triton"
+    scores_fn = _chunk_scores_triton if use_triton else _chunk_scores_torch
+    chunk = max(chunk_rows, k)
+    cand_s, cand_i = [], []
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        s = scores_fn(queries, base[r0:r1], None if xs is None else xs[r0:r1], None if xn is None else xn[r0:r1], is_l2)
+        ids = torch.arange(r0, r1, device=s.device, dtype=torch.int64).expand(m, -1)
+        s, i = _topk_with_ids(s, ids, min(k, r1 - r0))
+        cand_s.append(s)
+        cand_i.append(i)
+    s, i = _topk_with_ids(torch.cat(cand_s, 1), torch.cat(cand_i, 1), k)
+    if is_l2:
+        qn = (queries.float() ** 2).sum(1, keepdim=True)
+        s = qn - s
+    return s, i
