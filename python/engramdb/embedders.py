@@ -283,6 +283,7 @@ class OnnxEmbedder:
         self._lock = threading.Lock()
         self._session: Any = None
         self._tokenizer: Any = None
+        self._counting_tokenizer: Any = None
         self._input_names: tuple = ()
         self._output_name = ""
 
@@ -355,10 +356,13 @@ class OnnxEmbedder:
         """Token counts (with [CLS]/[SEP]) before truncation; > ``max_length`` means truncated."""
         self._load()
         items = validate_texts(texts)
-        # a separate copy without truncation, so the shared tokenizer's state never changes
-        tok = self._tokenizer.from_str(self._tokenizer.to_str())
-        tok.no_truncation()
-        tok.no_padding()
+        tok = self._counting_tokenizer
+        if tok is None:
+            # a separate copy without truncation, so the shared tokenizer's state never changes
+            tok = self._tokenizer.from_str(self._tokenizer.to_str())
+            tok.no_truncation()
+            tok.no_padding()
+            self._counting_tokenizer = tok
         return [len(e.ids) for e in tok.encode_batch(items)]
 
     def __call__(self, texts: Sequence[TextLike]) -> np.ndarray:
