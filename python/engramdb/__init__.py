@@ -1,0 +1,51 @@
+"""engramdb: an embedded memory store for LLM agents.
+
+>>> import engramdb, numpy as np
+>>> with engramdb.Store("./vectors", dim=4) as store:          # doctest: +SKIP
+...     ids = store.add(np.eye(4), texts=["a", "b", "c", "d"])
+...     hits, scores = store.search([1, 0, 0, 0], k=2)
+"""
+
+from __future__ import annotations
+
+from . import errors
+from ._native import __version__, get_num_threads, kernel_name, set_num_threads
+from .errors import (
+    CorruptionError,
+    DimensionMismatchError,
+    DuplicateIdError,
+    EmptyInputError,
+    EngramError,
+    FormatVersionError,
+    InvalidArgumentError,
+    InvalidVectorError,
+    NotFoundError,
+    ReadOnlyError,
+    StoreClosedError,
+    StoreLockedError,
+)
+from .store import MISSING_ID, Record, Store, verify
+
+__all__ = [
+    "__version__",
+    "Store",
+    "Record",
+    "MISSING_ID",
+    "verify",
+    "errors",
+    "set_num_threads",
+    "get_num_threads",
+    "kernel_name",
+    "EngramError",
+    "DimensionMismatchError",
+    "InvalidVectorError",
+    "EmptyInputError",
+    "InvalidArgumentError",
+    "DuplicateIdError",
+    "NotFoundError",
+    "StoreLockedError",
+    "ReadOnlyError",
+    "StoreClosedError",
+    "CorruptionError",
+    "FormatVersionError",
+]

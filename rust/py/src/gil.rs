@@ -1,0 +1,44 @@
+//! The one helper every long core call goes through: it releases the GIL,
+//! runs the work on engramdb's rayon pool, and maps errors to Python.
+
+use engramdb_core::Error;
+use pyo3::prelude::*;
+use rayon::{ThreadPool, ThreadPoolBuilder};
+use std::sync::{Arc, RwLock};
+
+static POOL: RwLock<Option<Arc<ThreadPool>>> = RwLock::new(None);
+
+fn pool() -> Arc<ThreadPool> {
+    if let Some(p) = POOL.read().unwrap().as_ref() {
+        return p.clone();
+    }
+    let mut w = POOL.write().unwrap();
+    w.get_or_insert_with(|| Arc::new(ThreadPoolBuilder::new().build().expect("thread pool")))
+        .clone()
+}
+
+/// Run `f` without the GIL on the engramdb thread pool.
+pub fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
+    let p = pool();
+    py.detach(|| p.install(f)).map_err(|e| crate::error::to_py(py, e))
+}
+
+/// Set how many threads searches and builds use (default: all cores).
+#[pyfunction]
+pub fn set_num_threads(n: usize) -> PyResult<()> {
+    if n == 0 {
+        return Err(pyo3::exceptions::PyValueError::new_err("n must be at least 1"));
+    }
+    let p = ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))?;
+    *POOL.write().unwrap() = Some(Arc::new(p));
+    Ok(())
+}
+
+/// How many threads searches and builds use.
+#[pyfunction]
+pub fn get_num_threads() -> usize {
+    pool().current_num_threads()
+}
