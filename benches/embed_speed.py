@@ -17,8 +17,8 @@ import argparse
 import importlib
 import importlib.util
 import os
-import platform
 import pkgutil
+import platform
 import re
 import sys
 import time
@@ -41,13 +41,27 @@ def load_embedders():
         return mod
 
 
-SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3", "ensurepip", "pydoc_data"}
+SKIP = {
+    "antigravity",
+    "this",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+    "test",
+    "lib2to3",
+    "ensurepip",
+    "pydoc_data",
+}
 
 
 def stdlib_paragraphs(n: int) -> list:
     seen, out = set(), []
-    names = sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names) if hasattr(
-        sys, "stdlib_module_names") else ["os", "re", "json", "collections", "argparse", "typing", "pathlib"]
+    names = (
+        sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names)
+        if hasattr(sys, "stdlib_module_names")
+        else ["os", "re", "json", "collections", "argparse", "typing", "pathlib"]
+    )
     for name in names:
         if name.startswith("_") or name in SKIP:
             continue
@@ -93,16 +107,25 @@ def main() -> None:
     import onnxruntime
     import tokenizers
 
-    print(f"# {len(texts)} texts ({source}), {tokens / len(texts):.1f} tokens/text on average, "
-          f"{int((lengths > default.max_length).sum())} truncated at {default.max_length}")
-    print(f"# {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
-          f"loadavg={os.getloadavg()[0]:.2f}, onnxruntime {onnxruntime.__version__}, "
-          f"tokenizers {tokenizers.__version__}, numpy {np.__version__}, batch_size={args.batch_size}")
+    print(
+        f"# {len(texts)} texts ({source}), {tokens / len(texts):.1f} tokens/text on average, "
+        f"{int((lengths > default.max_length).sum())} truncated at {default.max_length}"
+    )
+    print(
+        f"# {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
+        f"loadavg={os.getloadavg()[0]:.2f}, onnxruntime {onnxruntime.__version__}, "
+        f"tokenizers {tokenizers.__version__}, numpy {np.__version__}, batch_size={args.batch_size}"
+    )
     print("| ORT threads | texts/s | tokens/s | seconds | single query p50 ms | p99 ms |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for th in args.threads:
-        e = emb.OnnxEmbedder(default.model_path, tokenizer_json=default._tokenizer_json,
-                             batch_size=args.batch_size, threads=th, dim=default.dim)
+        e = emb.OnnxEmbedder(
+            default.model_path,
+            tokenizer_json=default._tokenizer_json,
+            batch_size=args.batch_size,
+            threads=th,
+            dim=default.dim,
+        )
         e(texts[: args.batch_size])  # warm-up (session creation, allocator)
         best = float("inf")
         for _ in range(args.repeat):
@@ -116,8 +139,10 @@ def main() -> None:
             e([f"what did Caroline say about her trip {i}?"])
             lat.append(time.perf_counter() - t0)
         p50, p99 = np.percentile(np.array(lat) * 1e3, [50, 99])
-        print(f"| {th} | {len(texts) / best:.0f} | {tokens / best:.0f} | {best:.2f} | {p50:.2f} | {p99:.2f} |",
-              flush=True)
+        print(
+            f"| {th} | {len(texts) / best:.0f} | {tokens / best:.0f} | {best:.2f} | {p50:.2f} | {p99:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

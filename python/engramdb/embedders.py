@@ -42,8 +42,9 @@ import importlib.util
 import os
 import threading
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 
@@ -128,29 +129,25 @@ class Embedder(Protocol):
 
     dim: int
 
-    def __call__(self, texts: List[str]) -> np.ndarray: ...
+    def __call__(self, texts: list[str]) -> np.ndarray: ...
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-def validate_texts(texts: Any) -> List[str]:
+def validate_texts(texts: Any) -> list[str]:
     """Check and normalise a batch of texts; returns a new list of ``str``.
 
     Raises ``TypeError`` for a bare string or non-text items and ``ValueError`` for
     empty texts and invalid UTF-8 (see the module docstring).
     """
     if isinstance(texts, (str, bytes, bytearray)):
-        raise TypeError(
-            "embedders take a list of texts, not a single string: wrap it as [text]"
-        )
+        raise TypeError("embedders take a list of texts, not a single string: wrap it as [text]")
     try:
         items = list(texts)
     except TypeError:
-        raise TypeError(
-            f"embedders take a list of texts, got {type(texts).__name__}"
-        ) from None
-    out: List[str] = []
+        raise TypeError(f"embedders take a list of texts, got {type(texts).__name__}") from None
+    out: list[str] = []
     for i, t in enumerate(items):
         if isinstance(t, (bytes, bytearray)):
             try:
@@ -178,16 +175,14 @@ def validate_texts(texts: Any) -> List[str]:
     return out
 
 
-def _check_output(out: Any, n: int, dim: Optional[int], who: str) -> np.ndarray:
+def _check_output(out: Any, n: int, dim: int | None, who: str) -> np.ndarray:
     """Validate an embedder's result and return it as C-contiguous float32 (n, dim)."""
     try:
         arr = np.asarray(out)
     except Exception as e:  # ragged lists and the like
         raise ValueError(f"{who} returned something that is not an array: {e}") from None
     if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
-        raise ValueError(
-            f"{who} returned dtype {arr.dtype}; expected a real floating-point array"
-        )
+        raise ValueError(f"{who} returned dtype {arr.dtype}; expected a real floating-point array")
     if arr.ndim != 2:
         raise ValueError(
             f"{who} returned an array of shape {arr.shape}; expected (n_texts, dim) = ({n}, dim)"
@@ -246,17 +241,17 @@ class OnnxEmbedder:
 
     def __init__(
         self,
-        model_path: Union[str, os.PathLike],
-        tokenizer_path: Union[str, os.PathLike, None] = None,
+        model_path: str | os.PathLike,
+        tokenizer_path: str | os.PathLike | None = None,
         max_length: int = DEFAULT_MAX_LENGTH,
         batch_size: int = 64,
-        threads: Optional[int] = None,
+        threads: int | None = None,
         *,
-        tokenizer_json: Optional[str] = None,
-        dim: Optional[int] = None,
-        model_id: Optional[str] = None,
+        tokenizer_json: str | None = None,
+        dim: int | None = None,
+        model_id: str | None = None,
         window_batches: int = 16,
-        expected_sha256: Optional[str] = None,
+        expected_sha256: str | None = None,
     ) -> None:
         if int(max_length) < 3:
             raise ValueError("max_length must be at least 3 ([CLS] token [SEP])")
@@ -326,7 +321,9 @@ class OnnxEmbedder:
             names = tuple(i.name for i in sess.get_inputs())
             for required in ("input_ids", "attention_mask"):
                 if required not in names:
-                    raise ValueError(f"{self.model_path}: the model has no input {required!r} (inputs: {names})")
+                    raise ValueError(
+                        f"{self.model_path}: the model has no input {required!r} (inputs: {names})"
+                    )
             out = sess.get_outputs()[0]
             width = out.shape[-1] if out.shape else None
             if len(out.shape or ()) != 3:
@@ -352,7 +349,7 @@ class OnnxEmbedder:
         return self._dim
 
     # -- public API
-    def token_lengths(self, texts: Sequence[TextLike]) -> List[int]:
+    def token_lengths(self, texts: Sequence[TextLike]) -> list[int]:
         """Token counts (with [CLS]/[SEP]) before truncation; > ``max_length`` means truncated."""
         self._load()
         items = validate_texts(texts)
@@ -405,7 +402,7 @@ class OnnxEmbedder:
 # --------------------------------------------------------------------------- default
 
 
-def _package_dir(module: str) -> Optional[Path]:
+def _package_dir(module: str) -> Path | None:
     """Directory of an installed top-level package, found without importing it."""
     try:
         spec = importlib.util.find_spec(module)
@@ -433,7 +430,7 @@ def _resolve_model() -> Path:
     return d / MODEL_FILE
 
 
-def _read_tokenizer() -> "tuple[str, str]":
+def _read_tokenizer() -> tuple[str, str]:
     """The upstream tokenizer.json text and where it came from."""
     env = os.environ.get(ENV_TOKENIZER)
     if env:
@@ -448,9 +445,11 @@ def _read_tokenizer() -> "tuple[str, str]":
         if "!" in rel:
             zpath, member = rel.split("!", 1)
             if (d / zpath).is_file():
+
                 def read(z=d / zpath, m=member) -> bytes:
                     with zipfile.ZipFile(z) as zf:
                         return zf.read(m)
+
                 candidates.append((f"{d / zpath}!{member}", read))
         elif (d / rel).is_file():
             candidates.append((str(d / rel), (d / rel).read_bytes))
@@ -469,7 +468,7 @@ def _read_tokenizer() -> "tuple[str, str]":
 
 
 _default_lock = threading.Lock()
-_default: Optional[OnnxEmbedder] = None
+_default: OnnxEmbedder | None = None
 
 
 def default_embedder() -> OnnxEmbedder:
@@ -513,6 +512,10 @@ def default_embedder() -> OnnxEmbedder:
 # --------------------------------------------------------------------------- wrappers
 
 
+class _DimUnknownError(ValueError, AttributeError):
+    pass
+
+
 class CallableEmbedder:
     """Wraps a user callable ``list[str] -> array-like (n, dim)`` as an :class:`Embedder`.
 
@@ -523,18 +526,22 @@ class CallableEmbedder:
     ``normalize=True`` L2-normalises the rows (zero rows are a ``ValueError``).
     """
 
-    def __init__(self, fn: Callable[[List[str]], Any], dim: Optional[int] = None, normalize: bool = False) -> None:
+    def __init__(
+        self, fn: Callable[[list[str]], Any], dim: int | None = None, normalize: bool = False
+    ) -> None:
         if not callable(fn):
             raise TypeError(f"an embedder must be callable, got {type(fn).__name__}")
         if dim is None:
             d = getattr(fn, "dim", None)
-            dim = d if isinstance(d, (int, np.integer)) and not isinstance(d, bool) else None
+            dim = int(d) if isinstance(d, (int, np.integer)) and not isinstance(d, bool) else None
         if dim is not None and int(dim) < 1:
             raise ValueError("dim must be a positive integer")
         self.fn = fn
         self._dim = None if dim is None else int(dim)
         self.normalize = bool(normalize)
-        self.model_id = getattr(fn, "model_id", None) or getattr(fn, "__qualname__", None) or type(fn).__name__
+        self.model_id = (
+            getattr(fn, "model_id", None) or getattr(fn, "__qualname__", None) or type(fn).__name__
+        )
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -543,7 +550,8 @@ class CallableEmbedder:
     @property
     def dim(self) -> int:
         if self._dim is None:
-            raise ValueError(
+            # an AttributeError too, so hasattr()/isinstance(e, Embedder) say "not yet" instead of raising
+            raise _DimUnknownError(
                 "this embedder's dim is not known until its first call; pass dim= to as_embedder()"
             )
         return self._dim
@@ -562,14 +570,16 @@ class CallableEmbedder:
         if self.normalize:
             norms = np.linalg.norm(arr, axis=1, keepdims=True)
             if (norms == 0).any():
-                raise ValueError(f"embedder returned a zero vector (text {int(np.flatnonzero(norms[:, 0] == 0)[0])}); cannot normalise")
+                raise ValueError(
+                    f"embedder returned a zero vector (text {int(np.flatnonzero(norms[:, 0] == 0)[0])}); cannot normalise"
+                )
             arr = arr / norms
         return arr
 
 
 def as_embedder(
-    embedder: Any = None, *, dim: Optional[int] = None, normalize: bool = False
-) -> Union[OnnxEmbedder, CallableEmbedder]:
+    embedder: Any = None, *, dim: int | None = None, normalize: bool = False
+) -> OnnxEmbedder | CallableEmbedder:
     """Turn what a user passed as ``embedder=`` into an :class:`Embedder`.
 
     * ``None``: :func:`default_embedder`.
@@ -587,7 +597,9 @@ def as_embedder(
         return embedder
     if not callable(embedder) and callable(getattr(embedder, "embed_documents", None)):
         fn = embedder.embed_documents
-        return CallableEmbedder(fn, dim=dim if dim is not None else getattr(embedder, "dim", None), normalize=normalize)
+        return CallableEmbedder(
+            fn, dim=dim if dim is not None else getattr(embedder, "dim", None), normalize=normalize
+        )
     if not callable(embedder):
         raise TypeError(
             f"embedder must be None or a callable list[str] -> ndarray (n, dim), got {type(embedder).__name__}"
