@@ -44,14 +44,9 @@ import threading
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Protocol, Union, runtime_checkable
 
 import numpy as np
-
-try:  # Python >= 3.8
-    from typing import Protocol, runtime_checkable
-except ImportError:  # pragma: no cover
-    from typing_extensions import Protocol, runtime_checkable  # type: ignore
 
 __all__ = [
     "DEFAULT_DIM",
