@@ -31,12 +31,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Triton decides between compiling and interpreting when a kernel is decorated, i.e. when the kernel
+# modules are imported (right after this one), so the choice is frozen here.
+INTERPRET_AT_IMPORT = interpreting()
+
+
 def triton_usable(t: torch.Tensor) -> bool:
     if not HAS_TRITON:
         return False
     if t.is_cuda:
-        return True
-    return t.device.type == "cpu" and interpreting()
+        return True  # compiled, or interpreted (the interpreter copies CUDA tensors to the host)
+    return t.device.type == "cpu" and INTERPRET_AT_IMPORT
 
 
 def pick_backend(backend: str, t: torch.Tensor) -> str:
