@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from . import errors
+from . import embedders, errors
 from ._native import __version__, get_num_threads, kernel_name, set_num_threads
 from .errors import (
     CorruptionError,
@@ -33,6 +33,7 @@ __all__ = [
     "MISSING_ID",
     "verify",
     "errors",
+    "embedders",
     "set_num_threads",
     "get_num_threads",
     "kernel_name",

@@ -7,7 +7,10 @@ use pyo3::prelude::*;
 use pyo3::types::PyType;
 
 fn class<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyType>> {
-    Ok(py.import("engramdb.errors")?.getattr(name)?.cast_into::<PyType>()?)
+    Ok(py
+        .import("engramdb.errors")?
+        .getattr(name)?
+        .cast_into::<PyType>()?)
 }
 
 pub fn to_py(py: Python<'_>, e: Error) -> PyErr {

@@ -20,14 +20,17 @@ fn pool() -> Arc<ThreadPool> {
 /// Run `f` without the GIL on the engramdb thread pool.
 pub fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
     let p = pool();
-    py.detach(|| p.install(f)).map_err(|e| crate::error::to_py(py, e))
+    py.detach(|| p.install(f))
+        .map_err(|e| crate::error::to_py(py, e))
 }
 
 /// Set how many threads searches and builds use (default: all cores).
 #[pyfunction]
 pub fn set_num_threads(n: usize) -> PyResult<()> {
     if n == 0 {
-        return Err(pyo3::exceptions::PyValueError::new_err("n must be at least 1"));
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "n must be at least 1",
+        ));
     }
     let p = ThreadPoolBuilder::new()
         .num_threads(n)

@@ -4,8 +4,8 @@
 
 use crate::gil::run;
 use engramdb_core::memory::{Filter, Link, Record, Scope};
-use engramdb_core::store::{self, Insert, SearchOptions, WriteMode};
 use engramdb_core::storage::wal::Touch;
+use engramdb_core::store::{self, Insert, SearchOptions, WriteMode};
 use engramdb_core::{Error, Metric, Store, StoreOptions};
 use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -14,6 +14,9 @@ use std::sync::RwLock;
 
 /// Padding id for result slots beyond the matching records (2**64 - 1).
 pub const MISSING_ID: u64 = u64::MAX;
+
+/// (ids, scores, k) as returned by `search`: flat arrays of m * k entries.
+type SearchResult<'py> = (Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<f32>>, usize);
 
 #[pyclass(module = "engramdb._native", frozen)]
 pub struct NativeStore {
@@ -25,13 +28,19 @@ fn closed() -> Error {
 }
 
 fn parse_json(s: Option<String>, what: &str) -> Result<Option<serde_json::Value>, Error> {
-    s.map(|s| serde_json::from_str(&s).map_err(|e| Error::InvalidArgument(format!("{what} is not valid JSON: {e}"))))
-        .transpose()
+    s.map(|s| {
+        serde_json::from_str(&s)
+            .map_err(|e| Error::InvalidArgument(format!("{what} is not valid JSON: {e}")))
+    })
+    .transpose()
 }
 
 fn column<T: Clone>(v: &Option<Vec<T>>, n: usize, name: &str) -> Result<(), Error> {
     match v {
-        Some(v) if v.len() != n => Err(Error::InvalidArgument(format!("{name} has {} entries for {n} vectors", v.len()))),
+        Some(v) if v.len() != n => Err(Error::InvalidArgument(format!(
+            "{name} has {} entries for {n} vectors",
+            v.len()
+        ))),
         _ => Ok(()),
     }
 }
@@ -60,14 +69,22 @@ fn record_dict<'py>(py: Python<'py>, r: &Record) -> PyResult<Bound<'py, PyDict>>
 }
 
 impl NativeStore {
-    fn read<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&Store) -> Result<T, Error> + Send) -> PyResult<T> {
+    fn read<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&Store) -> Result<T, Error> + Send,
+    ) -> PyResult<T> {
         run(py, || {
             let g = self.inner.read().unwrap();
             f(g.as_ref().ok_or_else(closed)?)
         })
     }
 
-    fn write<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Store) -> Result<T, Error> + Send) -> PyResult<T> {
+    fn write<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Store) -> Result<T, Error> + Send,
+    ) -> PyResult<T> {
         run(py, || {
             let mut g = self.inner.write().unwrap();
             f(g.as_mut().ok_or_else(closed)?)
@@ -173,7 +190,8 @@ impl NativeStore {
             column(&session_ids, n, "session_ids")?;
             column(&importance, n, "importance")?;
             column(&created_at, n, "created_at")?;
-            let at = |v: &Option<Vec<Option<String>>>, i: usize| v.as_ref().and_then(|v| v[i].clone());
+            let at =
+                |v: &Option<Vec<Option<String>>>, i: usize| v.as_ref().and_then(|v| v[i].clone());
             let mut items = Vec::with_capacity(n);
             for i in 0..n {
                 items.push(Insert {
@@ -189,7 +207,11 @@ impl NativeStore {
                     created_at: created_at.as_ref().map(|v| v[i]),
                 });
             }
-            let mode = if upsert { WriteMode::Upsert } else { WriteMode::Add };
+            let mode = if upsert {
+                WriteMode::Upsert
+            } else {
+                WriteMode::Add
+            };
             s.add(data, items, mode, now.unwrap_or_else(store::now_seconds))
         })?;
         Ok(PyArray1::from_vec(py, out))
@@ -209,7 +231,7 @@ impl NativeStore {
         agent_id: Option<String>,
         session_id: Option<String>,
         include_archived: bool,
-    ) -> PyResult<(Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<f32>>, usize)> {
+    ) -> PyResult<SearchResult<'py>> {
         let shape = queries.shape();
         let (m, d) = (shape[0], shape[1]);
         let data = queries.as_slice()?;
@@ -245,13 +267,24 @@ impl NativeStore {
             }
             Ok((ids, scores, kk))
         })?;
-        Ok((PyArray1::from_vec(py, ids), PyArray1::from_vec(py, scores), kk))
+        Ok((
+            PyArray1::from_vec(py, ids),
+            PyArray1::from_vec(py, scores),
+            kk,
+        ))
     }
 
     /// (vector, record dict) of one id.
-    fn get<'py>(&self, py: Python<'py>, id: u64) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyDict>)> {
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        id: u64,
+    ) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyDict>)> {
         let g = self.inner.read().unwrap();
-        let s = g.as_ref().ok_or_else(closed).map_err(|e| crate::error::to_py(py, e))?;
+        let s = g
+            .as_ref()
+            .ok_or_else(closed)
+            .map_err(|e| crate::error::to_py(py, e))?;
         let (r, v) = s.get(id).map_err(|e| crate::error::to_py(py, e))?;
         Ok((PyArray1::from_slice(py, v), record_dict(py, r)?))
     }
@@ -259,10 +292,16 @@ impl NativeStore {
     /// Record dicts of many ids (unknown ids raise NotFoundError).
     fn get_records<'py>(&self, py: Python<'py>, ids: Vec<u64>) -> PyResult<Bound<'py, PyList>> {
         let g = self.inner.read().unwrap();
-        let s = g.as_ref().ok_or_else(closed).map_err(|e| crate::error::to_py(py, e))?;
+        let s = g
+            .as_ref()
+            .ok_or_else(closed)
+            .map_err(|e| crate::error::to_py(py, e))?;
         let out = PyList::empty(py);
         for id in ids {
-            let r = s.record(id).ok_or(Error::NotFound(id)).map_err(|e| crate::error::to_py(py, e))?;
+            let r = s
+                .record(id)
+                .ok_or(Error::NotFound(id))
+                .map_err(|e| crate::error::to_py(py, e))?;
             out.append(record_dict(py, r)?)?;
         }
         Ok(out)
@@ -348,7 +387,9 @@ fn dict_record(d: &Bound<'_, PyDict>) -> PyResult<Record> {
     let metadata = meta
         .map(|s| serde_json::from_str(&s))
         .transpose()
-        .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("metadata is not valid JSON: {e}")))?;
+        .map_err(|e| {
+            pyo3::exceptions::PyValueError::new_err(format!("metadata is not valid JSON: {e}"))
+        })?;
     let links: Vec<(u64, String, f32)> = get(d, "links")?;
     Ok(Record {
         id: get(d, "id")?,
@@ -368,14 +409,21 @@ fn dict_record(d: &Bound<'_, PyDict>) -> PyResult<Record> {
         archived: get(d, "archived")?,
         links: links
             .into_iter()
-            .map(|(target, kind, weight)| Link { target, kind, weight })
+            .map(|(target, kind, weight)| Link {
+                target,
+                kind,
+                weight,
+            })
             .collect(),
     })
 }
 
 /// Check every checksum of the store at `path` without locking it.
 #[pyfunction]
-pub fn verify_store<'py>(py: Python<'py>, path: std::path::PathBuf) -> PyResult<Bound<'py, PyDict>> {
+pub fn verify_store<'py>(
+    py: Python<'py>,
+    path: std::path::PathBuf,
+) -> PyResult<Bound<'py, PyDict>> {
     let info = run(py, move || store::verify(&path))?;
     info_dict(py, &info)
 }

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MINILM = SHARED / "mixed-minilm-384"
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The shared real-text MiniLM vectors (base as float32, queries, ground truth)."""
+    if not (MINILM / "base.npy").exists():
+        pytest.skip("shared data set mixed-minilm-384 not present")
+    base = np.load(MINILM / "base.npy").astype(np.float32)
+    return base, np.load(MINILM / "queries.npy"), np.load(MINILM / "gt_ids.npy")
