@@ -3,7 +3,7 @@
 //! | offset | size | field |
 //! |---:|---:|---|
 //! | 0 | 4 | magic `b"ENGM"` |
-//! | 4 | 4 | kind tag: `b"MANI"`, `b"SEGM"`, `b"WLOG"` |
+//! | 4 | 4 | kind tag: `b"MANI"`, `b"SEGM"`, `b"WLOG"`, `b"SPMT"`, `b"SPPS"`, `b"SPVC"` |
 //! | 8 | 2 | format major version (u16 LE): a reader refuses a newer major |
 //! | 10 | 2 | format minor version (u16 LE): additions a same-major reader may ignore |
 //! | 12 | 4 | flags (u32 LE, reserved, 0) |
@@ -26,6 +26,12 @@ pub enum Kind {
     Manifest,
     Segment,
     Wal,
+    /// SPANN index metadata (heads, posting directory, id map).
+    SpannMeta,
+    /// SPANN posting pages.
+    SpannPostings,
+    /// SPANN full-precision vectors for rerank.
+    SpannVectors,
 }
 
 impl Kind {
@@ -34,6 +40,9 @@ impl Kind {
             Kind::Manifest => *b"MANI",
             Kind::Segment => *b"SEGM",
             Kind::Wal => *b"WLOG",
+            Kind::SpannMeta => *b"SPMT",
+            Kind::SpannPostings => *b"SPPS",
+            Kind::SpannVectors => *b"SPVC",
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod codec;
 pub mod format;
 pub mod lock;
 pub mod manifest;
+pub mod posting;
 pub mod segment;
 pub mod wal;
 

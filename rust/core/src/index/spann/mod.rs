@@ -1,0 +1,1009 @@
+//! SPANN: a memory/disk hybrid approximate nearest-neighbour index
+//! (Chen et al., NeurIPS 2021) with in-place updates in the manner of
+//! SPFresh (Xu et al., SOSP 2023).
+//!
+//! | part | where it lives | module |
+//! |---|---|---|
+//! | heads (5% of the points by default, centroids of balanced hierarchical k-means) and a coarse level over them | RAM | [`builder`], [`search`] |
+//! | postings: for each head, int8 codes of the vectors assigned to it (up to `replicas` heads per vector, RNG rule) | RAM (memory mode) or 4 KiB checksummed pages (disk mode) | [`posting`], [`crate::storage::posting`] |
+//! | full-precision vectors, read only to rerank the final candidates | RAM or a checksummed record file | [`crate::storage::posting`] |
+//! | row table: external id, version, tombstone | RAM | this module |
+//!
+//! Search: nearest heads through the coarse level, query-aware pruning
+//! (skip a posting whose head is farther than `(1 + epsilon)` times the
+//! nearest head's distance), scan the surviving postings with the int8
+//! kernel, dedup, rerank the best `rerank` candidates exactly, top-k.
+//! Memory and disk modes run the same code on the same bytes, so they return
+//! identical results.
+//!
+//! Updates ([`update`]): a new vector gets a new row and is appended to its
+//! postings; a delete is a tombstone; a vector moved by a split gets its
+//! version bumped so its old replicas go stale. An oversized posting is split
+//! by 2-means and only vectors that break nearest-head assignment are
+//! reassigned; [`SpannIndex::compact`] drops stale entries, merges
+//! undersized postings and rewrites the files, so disk use stays bounded.
+//!
+//! On disk a directory holds `spann.meta` (everything kept in RAM, one CRC,
+//! replaced atomically), `postings-GEN.dat` and `vectors-GEN.dat`.
+
+pub mod builder;
+pub mod posting;
+pub mod search;
+pub mod update;
+
+use crate::distance::{self, Metric};
+use crate::error::{Error, IoContext, Result};
+use crate::index::{IdFilter, VectorIndex};
+use crate::storage::codec::{Dec, Enc};
+use crate::storage::format::{Header, Kind, HEADER_LEN};
+use crate::storage::posting::{PostingFile, VectorFile, PAGE};
+use crate::topk::Hit;
+use posting::{PostingData, Quantizer};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Build and maintenance parameters (stored with the index).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpannParams {
+    /// Heads as a fraction of the points.
+    pub head_ratio: f32,
+    /// Most postings a vector is assigned to.
+    pub replicas: usize,
+    /// Nearest heads considered when assigning a vector.
+    pub assign_candidates: usize,
+    /// RNG rule factor: skip head c if a chosen head s has factor * d(c,s) <= d(x,c).
+    pub rng_factor: f32,
+    /// Longest posting; replicas beyond it are dropped at build and an
+    /// update that overflows it splits the posting.
+    pub posting_cap: usize,
+    /// Postings shorter than this are merged away by compaction.
+    pub merge_below: usize,
+    /// Branching of the hierarchical k-means.
+    pub branch: usize,
+    pub kmeans_iters: usize,
+    pub sample_per_centroid: usize,
+    /// Weight of the cluster-size penalty in balanced k-means.
+    pub balance: f32,
+    /// Heads per coarse list.
+    pub coarse_leaf: usize,
+    /// Coarse lists scanned when assigning at build time.
+    pub build_coarse_probe: usize,
+    pub seed: u64,
+    /// Default search parameters.
+    pub search: SearchParams,
+}
+
+/// Knobs that trade recall for speed at query time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SearchParams {
+    /// Most postings read per query.
+    pub nprobe: usize,
+    /// Query-aware pruning: skip heads farther than (1 + epsilon) x nearest.
+    pub epsilon: f32,
+    /// Coarse lists scanned to find the nearest heads.
+    pub coarse_probe: usize,
+    /// Candidates reranked with full-precision vectors (at least k).
+    pub rerank: usize,
+}
+
+impl Default for SearchParams {
+    fn default() -> Self {
+        SearchParams {
+            nprobe: 96,
+            epsilon: 10.0,
+            coarse_probe: 32,
+            rerank: 64,
+        }
+    }
+}
+
+impl Default for SpannParams {
+    fn default() -> Self {
+        SpannParams {
+            head_ratio: 0.05,
+            replicas: 8,
+            assign_candidates: 64,
+            rng_factor: 1.0,
+            posting_cap: 160,
+            merge_below: 4,
+            branch: 32,
+            kmeans_iters: 8,
+            sample_per_centroid: 128,
+            balance: 0.2,
+            coarse_leaf: 64,
+            build_coarse_probe: 16,
+            seed: 20251125,
+            search: SearchParams::default(),
+        }
+    }
+}
+
+/// Where postings and full-precision vectors are read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Memory,
+    Disk,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Result<Mode> {
+        match s {
+            "memory" | "mem" => Ok(Mode::Memory),
+            "disk" => Ok(Mode::Disk),
+            o => Err(Error::InvalidArgument(format!(
+                "unknown mode {o:?}: expected 'memory' or 'disk'"
+            ))),
+        }
+    }
+}
+
+/// Stage reports of a build: (stage name, done, total).
+pub type Progress<'a> = &'a (dyn Fn(&str, usize, usize) + Sync);
+
+/// What [`SpannIndex::stats`] reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpannStats {
+    pub dim: usize,
+    pub metric: Metric,
+    pub mode: Mode,
+    pub live: usize,
+    pub rows: usize,
+    pub heads: usize,
+    pub postings: usize,
+    /// Posting entries in total (replicas included, stale ones too).
+    pub entries: usize,
+    /// Average postings per live vector.
+    pub replicas: f64,
+    pub ram_bytes: u64,
+    pub disk_bytes: u64,
+    /// Posting pages no longer referenced (reclaimed by compaction).
+    pub garbage_bytes: u64,
+    pub last_queries: u64,
+    pub last_postings_read: u64,
+    pub last_bytes_read: u64,
+}
+
+/// Counters of the most recent search call.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct LastSearch {
+    pub queries: u64,
+    pub postings: u64,
+    pub bytes: u64,
+}
+
+/// Location of a head's posting in the posting file.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Slot {
+    pub first_page: u64,
+    pub pages: u32,
+    pub len: u32,
+}
+
+/// Heads and the coarse level over them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Heads {
+    pub vecs: Vec<f32>,
+    pub alive: Vec<bool>,
+    pub coarse: Vec<f32>,
+    pub lists: Vec<Vec<u32>>,
+}
+
+/// The SPANN index.
+pub struct SpannIndex {
+    pub(crate) dim: usize,
+    pub(crate) metric: Metric,
+    pub(crate) params: SpannParams,
+    pub(crate) quant: Quantizer,
+    pub(crate) heads: Heads,
+    // rows
+    pub(crate) ids: Vec<u64>,
+    pub(crate) versions: Vec<u8>,
+    pub(crate) alive: Vec<bool>,
+    pub(crate) row_of: HashMap<u64, u32>,
+    // postings: `mem[h]` is resident (all of them in memory mode, modified
+    // ones in disk mode); `slots[h]` is the copy on disk
+    pub(crate) mem: Vec<Option<PostingData>>,
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) dirty: Vec<bool>,
+    // full-precision vectors: rows below `file_rows` are in the vector file;
+    // `arena` holds all rows in memory mode, only the later ones in disk mode
+    pub(crate) arena: Vec<f32>,
+    pub(crate) arena_first_row: usize,
+    pub(crate) mode: Mode,
+    pub(crate) path: Option<PathBuf>,
+    pub(crate) generation: u64,
+    pub(crate) pfile: Option<PostingFile>,
+    pub(crate) vfile: Option<VectorFile>,
+    pub(crate) garbage_pages: u64,
+    pub(crate) last: Mutex<LastSearch>,
+}
+
+const META: &str = "spann.meta";
+
+fn postings_name(gen: u64) -> String {
+    format!("postings-{gen:06}.dat")
+}
+
+fn vectors_name(gen: u64) -> String {
+    format!("vectors-{gen:06}.dat")
+}
+
+impl SpannIndex {
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn metric(&self) -> Metric {
+        self.metric
+    }
+
+    pub fn params(&self) -> &SpannParams {
+        &self.params
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Live vectors.
+    pub fn len(&self) -> usize {
+        self.row_of.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.row_of.is_empty()
+    }
+
+    pub fn contains(&self, id: u64) -> bool {
+        self.row_of.contains_key(&id)
+    }
+
+    /// Ids of the live vectors, in row order.
+    pub fn ids(&self) -> Vec<u64> {
+        (0..self.ids.len())
+            .filter(|&r| self.alive[r])
+            .map(|r| self.ids[r])
+            .collect()
+    }
+
+    /// Check dimension and values, normalise for cosine.
+    pub fn prepare(&self, vectors: &[f32]) -> Result<Vec<f32>> {
+        prepare(vectors, self.dim, self.metric)
+    }
+
+    /// Build an index over `vectors` (row-major, `dim` wide) in memory. `ids`
+    /// default to 0..n. Call [`SpannIndex::save`] to put it on disk.
+    pub fn build(
+        vectors: &[f32],
+        dim: usize,
+        ids: Option<&[u64]>,
+        metric: Metric,
+        params: SpannParams,
+        progress: Option<Progress>,
+    ) -> Result<SpannIndex> {
+        if dim == 0 {
+            return Err(Error::InvalidArgument("dimension must be positive".into()));
+        }
+        if vectors.len() % dim != 0 {
+            return Err(Error::DimensionMismatch {
+                expected: dim,
+                got: vectors.len() % dim,
+            });
+        }
+        let n = vectors.len() / dim;
+        if n == 0 {
+            return Err(Error::EmptyInput("no vectors to index".into()));
+        }
+        let ids: Vec<u64> = match ids {
+            Some(ids) => {
+                if ids.len() != n {
+                    return Err(Error::InvalidArgument(format!(
+                        "{} ids for {n} vectors",
+                        ids.len()
+                    )));
+                }
+                ids.to_vec()
+            }
+            None => (0..n as u64).collect(),
+        };
+        let mut row_of = HashMap::with_capacity(n);
+        for (r, &id) in ids.iter().enumerate() {
+            if row_of.insert(id, r as u32).is_some() {
+                return Err(Error::DuplicateId(id));
+            }
+        }
+        if !(params.head_ratio > 0.0 && params.head_ratio <= 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "head_ratio must be in (0, 1], got {}",
+                params.head_ratio
+            )));
+        }
+        if params.replicas == 0 || params.posting_cap == 0 {
+            return Err(Error::InvalidArgument(
+                "replicas and posting_cap must be positive".into(),
+            ));
+        }
+        let data = prepare(vectors, dim, metric)?;
+        let noop = |_: &str, _: usize, _: usize| {};
+        let progress: Progress = progress.unwrap_or(&noop);
+
+        // 1. heads
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let tick = |m: usize| {
+            let d = done.fetch_add(m, std::sync::atomic::Ordering::Relaxed) + m;
+            progress("heads", d, n);
+        };
+        let leaves = builder::hierarchical(
+            &data,
+            dim,
+            (0..n as u32).collect(),
+            1.0 / params.head_ratio,
+            &params,
+            params.seed,
+            &tick,
+        );
+        let mut hv = Vec::with_capacity(leaves.len() * dim);
+        for l in &leaves {
+            hv.extend_from_slice(&l.centroid);
+        }
+        drop(leaves);
+        let h = hv.len() / dim;
+        if metric == Metric::Cosine {
+            for v in hv.chunks_exact_mut(dim) {
+                // a centroid of unit vectors is never zero unless they cancel
+                if distance::normalize(v).is_err() {
+                    v[0] = 1.0;
+                }
+            }
+        }
+        progress("heads", n, n);
+        let heads = search::build_coarse(&hv, dim, &params);
+        let quant = Quantizer::fit(&data, dim);
+        let mut idx = SpannIndex {
+            dim,
+            metric,
+            quant,
+            heads: Heads {
+                vecs: hv,
+                alive: vec![true; h],
+                coarse: heads.0,
+                lists: heads.1,
+            },
+            ids,
+            versions: vec![0; n],
+            alive: vec![true; n],
+            row_of,
+            mem: vec![Some(PostingData::default()); h],
+            slots: vec![Slot::default(); h],
+            dirty: vec![true; h],
+            arena: Vec::new(),
+            arena_first_row: 0,
+            mode: Mode::Memory,
+            path: None,
+            generation: 0,
+            pfile: None,
+            vfile: None,
+            garbage_pages: 0,
+            last: Mutex::new(LastSearch::default()),
+            params,
+        };
+
+        // 2. assignment: choose heads for every vector in parallel
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let chunk = 4096;
+        let choices: Vec<Vec<(f32, u32)>> = data
+            .par_chunks(chunk * dim)
+            .flat_map_iter(|block| {
+                let out: Vec<Vec<(f32, u32)>> = block
+                    .chunks_exact(dim)
+                    .map(|v| idx.choose_heads(v, idx.params.build_coarse_probe))
+                    .collect();
+                let d = done.fetch_add(out.len(), std::sync::atomic::Ordering::Relaxed) + out.len();
+                progress("assign", d, n);
+                out
+            })
+            .collect();
+
+        // 3. fill postings, capping their length: a vector's first (nearest)
+        // posting is always kept; replicas go first when a posting overflows
+        let mut per_head: Vec<Vec<(bool, f32, u32)>> = vec![Vec::new(); h];
+        for (r, ch) in choices.iter().enumerate() {
+            for (rank, &(d, head)) in ch.iter().enumerate() {
+                per_head[head as usize].push((rank > 0, d, r as u32));
+            }
+        }
+        drop(choices);
+        let cap = idx.params.posting_cap;
+        let q = &idx.quant;
+        let built: Vec<PostingData> = per_head
+            .into_par_iter()
+            .map(|mut list| {
+                if list.len() > cap {
+                    list.sort_by(|a, b| {
+                        a.0.cmp(&b.0)
+                            .then(a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))
+                            .then(a.2.cmp(&b.2))
+                    });
+                    let primaries = list.iter().filter(|e| !e.0).count();
+                    list.truncate(cap.max(primaries));
+                }
+                list.sort_by_key(|e| e.2);
+                let mut p = PostingData::default();
+                let mut code = vec![0i8; dim];
+                for &(_, _, r) in &list {
+                    let v = &data[r as usize * dim..(r as usize + 1) * dim];
+                    let aux = q.encode(v, &mut code);
+                    p.push(r, 0, aux, &code);
+                }
+                p
+            })
+            .collect();
+        idx.mem = built.into_iter().map(Some).collect();
+        idx.arena = data;
+        progress("postings", n, n);
+        Ok(idx)
+    }
+
+    /// Heads for vector `v`: its nearest heads filtered by the RNG rule.
+    pub(crate) fn choose_heads(&self, v: &[f32], coarse_probe: usize) -> Vec<(f32, u32)> {
+        let cands = self.nearest_heads(v, self.params.assign_candidates, coarse_probe);
+        builder::rng_select(
+            &cands,
+            self.params.replicas,
+            self.params.rng_factor,
+            |a, b| self.head_head_dist(a, b),
+        )
+    }
+
+    /// Distance used between a vector and a head, or two heads (lower is
+    /// closer): 1 - cos for cosine, squared L2 otherwise.
+    #[inline]
+    pub(crate) fn dist(&self, a: &[f32], b: &[f32]) -> f32 {
+        match self.metric {
+            Metric::Cosine => 1.0 - distance::dot(a, b),
+            _ => distance::l2_squared(a, b),
+        }
+    }
+
+    pub(crate) fn head(&self, h: u32) -> &[f32] {
+        &self.heads.vecs[h as usize * self.dim..(h as usize + 1) * self.dim]
+    }
+
+    fn head_head_dist(&self, a: u32, b: u32) -> f32 {
+        self.dist(self.head(a), self.head(b))
+    }
+
+    /// Save everything to the directory `dir` (created if needed) as a new
+    /// generation, and switch this handle to it (keeping its mode).
+    pub fn save(&mut self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).at(dir)?;
+        let gen = self.generation + 1;
+        let ppath = dir.join(postings_name(gen));
+        let vpath = dir.join(vectors_name(gen));
+        let mut pf = PostingFile::create(&ppath, gen)?;
+        let mut vf = VectorFile::create(&vpath, gen, self.dim)?;
+        let mut slots = vec![Slot::default(); self.heads.alive.len()];
+        for h in 0..self.heads.alive.len() {
+            if !self.heads.alive[h] {
+                continue;
+            }
+            let p = self.load_posting(h as u32)?;
+            let stream = p.encode(h as u32, self.dim);
+            let (first, pages) = pf.append(&stream)?;
+            slots[h] = Slot {
+                first_page: first,
+                pages,
+                len: p.len() as u32,
+            };
+        }
+        let mut buf = vec![0f32; self.dim];
+        let rows = self.ids.len();
+        let mut block = Vec::with_capacity(4096 * self.dim);
+        for r in 0..rows {
+            self.read_vector(r as u32, &mut buf)?;
+            block.extend_from_slice(&buf);
+            if block.len() >= 4096 * self.dim {
+                vf.append(&block)?;
+                block.clear();
+            }
+        }
+        vf.append(&block)?;
+        pf.sync()?;
+        vf.sync()?;
+        let old = self.path.clone().map(|p| (p, self.generation));
+        self.slots = slots;
+        self.generation = gen;
+        self.garbage_pages = 0;
+        write_meta(dir, self)?;
+        crate::storage::sync_dir(dir)?;
+        if let Some((op, og)) = old {
+            if op == dir && og != gen {
+                let _ = std::fs::remove_file(dir.join(postings_name(og)));
+                let _ = std::fs::remove_file(dir.join(vectors_name(og)));
+            }
+        }
+        self.path = Some(dir.to_path_buf());
+        self.pfile = Some(PostingFile::open(&ppath, true)?);
+        self.vfile = Some(VectorFile::open(&vpath, self.dim, rows as u64, true)?);
+        self.dirty = vec![false; self.heads.alive.len()];
+        if self.mode == Mode::Disk {
+            self.evict();
+        }
+        Ok(())
+    }
+
+    /// Drop resident postings and vectors that are safely on disk.
+    pub(crate) fn evict(&mut self) {
+        for (h, m) in self.mem.iter_mut().enumerate() {
+            if !self.dirty[h] {
+                *m = None;
+            }
+        }
+        let file_rows = self.vfile.as_ref().map_or(0, |f| f.rows() as usize);
+        if self.arena_first_row < file_rows {
+            let drop_rows = file_rows - self.arena_first_row;
+            self.arena
+                .drain(..drop_rows.min(self.arena.len() / self.dim) * self.dim);
+            self.arena_first_row = file_rows;
+        }
+        self.arena.shrink_to_fit();
+    }
+
+    /// Open a saved index. `Mode::Memory` loads postings and vectors into
+    /// RAM; `Mode::Disk` keeps only heads and the row table resident.
+    pub fn open(dir: &Path, mode: Mode) -> Result<SpannIndex> {
+        let mut idx = read_meta(dir)?;
+        idx.mode = mode;
+        let ppath = dir.join(postings_name(idx.generation));
+        let vpath = dir.join(vectors_name(idx.generation));
+        let pf = PostingFile::open(&ppath, true)?;
+        let file_rows = idx.arena_first_row; // read_meta stores the file's row count here
+        let vf = VectorFile::open(&vpath, idx.dim, file_rows as u64, true)?;
+        idx.pfile = Some(pf);
+        idx.vfile = Some(vf);
+        idx.path = Some(dir.to_path_buf());
+        if mode == Mode::Memory {
+            let loaded: Vec<Option<PostingData>> = (0..idx.heads.alive.len())
+                .into_par_iter()
+                .map(|h| {
+                    if idx.heads.alive[h] {
+                        idx.read_posting(h as u32).map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                })
+                .collect::<Result<_>>()?;
+            idx.mem = loaded;
+            let mut arena = vec![0f32; file_rows * idx.dim];
+            arena
+                .par_chunks_mut(idx.dim)
+                .enumerate()
+                .try_for_each(|(r, out)| idx.vfile.as_ref().unwrap().read(r as u64, out))?;
+            idx.arena = arena;
+            idx.arena_first_row = 0;
+        }
+        Ok(idx)
+    }
+
+    /// Read a posting from the posting file (not the resident copy).
+    pub(crate) fn read_posting(&self, h: u32) -> Result<PostingData> {
+        let s = self.slots[h as usize];
+        let pf = self.pfile.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("posting not resident and index has no file".into())
+        })?;
+        if s.pages == 0 {
+            return Ok(PostingData::default());
+        }
+        let payload = pf.read(s.first_page, s.pages)?;
+        let p = PostingData::decode(&payload, self.dim, h, pf.path())?;
+        if p.len() != s.len as usize {
+            return Err(Error::corruption(
+                pf.path(),
+                format!(
+                    "posting {h} holds {} entries, directory says {}",
+                    p.len(),
+                    s.len
+                ),
+            ));
+        }
+        if let Some(&r) = p.rows.iter().find(|&&r| r as usize >= self.ids.len()) {
+            return Err(Error::corruption(
+                pf.path(),
+                format!(
+                    "posting {h} names row {r} beyond the {} rows",
+                    self.ids.len()
+                ),
+            ));
+        }
+        Ok(p)
+    }
+
+    /// The posting of head `h`, resident or read from disk.
+    pub(crate) fn load_posting(&self, h: u32) -> Result<std::borrow::Cow<'_, PostingData>> {
+        match &self.mem[h as usize] {
+            Some(p) => Ok(std::borrow::Cow::Borrowed(p)),
+            None => Ok(std::borrow::Cow::Owned(self.read_posting(h)?)),
+        }
+    }
+
+    /// The full-precision vector of row `r`.
+    pub(crate) fn read_vector(&self, r: u32, out: &mut [f32]) -> Result<()> {
+        let r = r as usize;
+        if r >= self.arena_first_row {
+            let i = r - self.arena_first_row;
+            out.copy_from_slice(&self.arena[i * self.dim..(i + 1) * self.dim]);
+            Ok(())
+        } else {
+            self.vfile
+                .as_ref()
+                .expect("rows below arena_first_row live in the vector file")
+                .read(r as u64, out)
+        }
+    }
+
+    /// Check every posting page and vector record of a saved index.
+    pub fn verify(&self) -> Result<VerifyReport> {
+        let mut rep = VerifyReport::default();
+        for h in 0..self.heads.alive.len() {
+            if self.heads.alive[h] && self.slots[h].pages > 0 {
+                let p = self.read_posting(h as u32)?;
+                rep.postings += 1;
+                rep.entries += p.len() as u64;
+                rep.pages += self.slots[h].pages as u64;
+            }
+        }
+        if let Some(vf) = &self.vfile {
+            let mut buf = vec![0f32; self.dim];
+            for r in 0..vf.rows() {
+                vf.read(r, &mut buf)?;
+                rep.vectors += 1;
+            }
+        }
+        Ok(rep)
+    }
+
+    pub fn stats(&self) -> SpannStats {
+        let heads = self.heads.alive.iter().filter(|&&a| a).count();
+        let mut postings = 0;
+        let mut entries = 0u64;
+        for h in 0..self.heads.alive.len() {
+            if !self.heads.alive[h] {
+                continue;
+            }
+            let len = match &self.mem[h] {
+                Some(p) => p.len() as u64,
+                None => self.slots[h].len as u64,
+            };
+            if len > 0 {
+                postings += 1;
+            }
+            entries += len;
+        }
+        let mem_post: usize = self.mem.iter().flatten().map(|p| p.ram_bytes()).sum();
+        let ram = self.heads.vecs.capacity() * 4
+            + self.heads.coarse.capacity() * 4
+            + self
+                .heads
+                .lists
+                .iter()
+                .map(|l| l.capacity() * 4 + 24)
+                .sum::<usize>()
+            + self.heads.alive.capacity()
+            + self.ids.capacity() * 8
+            + self.versions.capacity()
+            + self.alive.capacity()
+            + self.row_of.capacity() * 16
+            + self.mem.capacity() * std::mem::size_of::<Option<PostingData>>()
+            + mem_post
+            + self.slots.capacity() * std::mem::size_of::<Slot>()
+            + self.arena.capacity() * 4
+            + self.quant.lo.len() * 8;
+        let disk = match &self.path {
+            Some(dir) => {
+                let meta = std::fs::metadata(dir.join(META)).map_or(0, |m| m.len());
+                meta + self.pfile.as_ref().map_or(0, |f| f.bytes())
+                    + self.vfile.as_ref().map_or(0, |f| f.bytes())
+            }
+            None => 0,
+        };
+        let last = *self.last.lock().unwrap();
+        let live = self.len();
+        SpannStats {
+            dim: self.dim,
+            metric: self.metric,
+            mode: self.mode,
+            live,
+            rows: self.ids.len(),
+            heads,
+            postings,
+            entries: entries as usize,
+            replicas: if live > 0 {
+                entries as f64 / live as f64
+            } else {
+                0.0
+            },
+            ram_bytes: ram as u64,
+            disk_bytes: disk,
+            garbage_bytes: self.garbage_pages * PAGE as u64,
+            last_queries: last.queries,
+            last_postings_read: last.postings,
+            last_bytes_read: last.bytes,
+        }
+    }
+}
+
+/// What [`SpannIndex::verify`] checked.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct VerifyReport {
+    pub postings: u64,
+    pub entries: u64,
+    pub pages: u64,
+    pub vectors: u64,
+}
+
+/// Check dimension and values; normalise for cosine.
+pub(crate) fn prepare(vectors: &[f32], dim: usize, metric: Metric) -> Result<Vec<f32>> {
+    if dim == 0 || vectors.len() % dim != 0 {
+        return Err(Error::DimensionMismatch {
+            expected: dim,
+            got: if dim == 0 {
+                vectors.len()
+            } else {
+                vectors.len() % dim
+            },
+        });
+    }
+    distance::check_finite(vectors, dim)?;
+    let mut out = vectors.to_vec();
+    if metric.normalizes() {
+        out.par_chunks_mut(dim).try_for_each(distance::normalize)?;
+    }
+    Ok(out)
+}
+
+fn write_meta(dir: &Path, idx: &SpannIndex) -> Result<()> {
+    let p = &idx.params;
+    let mut e = Enc::with_capacity(idx.heads.vecs.len() * 4 + idx.ids.len() * 10 + 1024);
+    e.u32(idx.dim as u32);
+    e.u8(idx.metric.code());
+    e.u64(idx.generation);
+    // params
+    e.f32(p.head_ratio);
+    e.u32(p.replicas as u32);
+    e.u32(p.assign_candidates as u32);
+    e.f32(p.rng_factor);
+    e.u32(p.posting_cap as u32);
+    e.u32(p.merge_below as u32);
+    e.u32(p.branch as u32);
+    e.u32(p.kmeans_iters as u32);
+    e.u32(p.sample_per_centroid as u32);
+    e.f32(p.balance);
+    e.u32(p.coarse_leaf as u32);
+    e.u32(p.build_coarse_probe as u32);
+    e.u64(p.seed);
+    e.u32(p.search.nprobe as u32);
+    e.f32(p.search.epsilon);
+    e.u32(p.search.coarse_probe as u32);
+    e.u32(p.search.rerank as u32);
+    e.f32s(&idx.quant.lo);
+    e.f32s(&idx.quant.scale);
+    // heads
+    let h = idx.heads.alive.len();
+    e.u32(h as u32);
+    for &a in &idx.heads.alive {
+        e.u8(a as u8);
+    }
+    e.f32s(&idx.heads.vecs);
+    e.u32(idx.heads.lists.len() as u32);
+    e.f32s(&idx.heads.coarse);
+    for l in &idx.heads.lists {
+        e.u32(l.len() as u32);
+        for &x in l {
+            e.u32(x);
+        }
+    }
+    for s in &idx.slots {
+        e.u64(s.first_page);
+        e.u32(s.pages);
+        e.u32(s.len);
+    }
+    // rows
+    e.u64(idx.ids.len() as u64);
+    for &id in &idx.ids {
+        e.u64(id);
+    }
+    e.bytes(&idx.versions);
+    for &a in &idx.alive {
+        e.u8(a as u8);
+    }
+    e.u64(
+        idx.vfile
+            .as_ref()
+            .map_or(idx.ids.len() as u64, |f| f.rows()),
+    );
+    e.u64(idx.garbage_pages);
+    let body = e.into_inner();
+    let mut buf = Vec::with_capacity(HEADER_LEN + body.len() + 12);
+    buf.extend_from_slice(&Header::new(Kind::SpannMeta, idx.generation).encode());
+    buf.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    buf.extend_from_slice(&body);
+    buf.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    let tmp = dir.join("spann.meta.tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).at(&tmp)?;
+        f.write_all(&buf).at(&tmp)?;
+        f.sync_all().at(&tmp)?;
+    }
+    std::fs::rename(&tmp, dir.join(META)).at(dir.join(META))?;
+    crate::storage::sync_dir(dir)
+}
+
+fn read_meta(dir: &Path) -> Result<SpannIndex> {
+    let path = dir.join(META);
+    let bytes = std::fs::read(&path).at(&path)?;
+    Header::decode(&bytes, Kind::SpannMeta, &path)?;
+    let bad = |d: String| Error::corruption(&path, d);
+    if bytes.len() < HEADER_LEN + 12 {
+        return Err(bad("truncated".into()));
+    }
+    let blen = u64::from_le_bytes(bytes[HEADER_LEN..HEADER_LEN + 8].try_into().unwrap()) as usize;
+    if HEADER_LEN + 8 + blen + 4 != bytes.len() {
+        return Err(bad(format!(
+            "body length {blen} does not match the file's {} bytes",
+            bytes.len()
+        )));
+    }
+    let body = &bytes[HEADER_LEN + 8..HEADER_LEN + 8 + blen];
+    let crc = u32::from_le_bytes(bytes[bytes.len() - 4..].try_into().unwrap());
+    if crc != crc32fast::hash(body) {
+        return Err(bad("checksum mismatch".into()));
+    }
+    let de = |e: crate::storage::codec::DecodeError| Error::corruption(&path, e.0);
+    let mut d = Dec::new(body);
+    let dim = d.u32().map_err(de)? as usize;
+    let metric =
+        Metric::from_code(d.u8().map_err(de)?).ok_or_else(|| bad("unknown metric code".into()))?;
+    let generation = d.u64().map_err(de)?;
+    let mut p = SpannParams {
+        head_ratio: d.f32().map_err(de)?,
+        replicas: d.u32().map_err(de)? as usize,
+        assign_candidates: d.u32().map_err(de)? as usize,
+        rng_factor: d.f32().map_err(de)?,
+        posting_cap: d.u32().map_err(de)? as usize,
+        merge_below: d.u32().map_err(de)? as usize,
+        branch: d.u32().map_err(de)? as usize,
+        kmeans_iters: d.u32().map_err(de)? as usize,
+        sample_per_centroid: d.u32().map_err(de)? as usize,
+        balance: d.f32().map_err(de)?,
+        coarse_leaf: d.u32().map_err(de)? as usize,
+        build_coarse_probe: d.u32().map_err(de)? as usize,
+        seed: d.u64().map_err(de)?,
+        ..SpannParams::default()
+    };
+    p.search = SearchParams {
+        nprobe: d.u32().map_err(de)? as usize,
+        epsilon: d.f32().map_err(de)?,
+        coarse_probe: d.u32().map_err(de)? as usize,
+        rerank: d.u32().map_err(de)? as usize,
+    };
+    let lo = d.f32s(dim).map_err(de)?;
+    let scale = d.f32s(dim).map_err(de)?;
+    let h = d.len_prefix(1 + dim * 4).map_err(de)?;
+    let mut halive = Vec::with_capacity(h);
+    for _ in 0..h {
+        halive.push(d.u8().map_err(de)? != 0);
+    }
+    let hv = d.f32s(h * dim).map_err(de)?;
+    let c = d.len_prefix(dim * 4 + 4).map_err(de)?;
+    let coarse = d.f32s(c * dim).map_err(de)?;
+    let mut lists = Vec::with_capacity(c);
+    for _ in 0..c {
+        let n = d.len_prefix(4).map_err(de)?;
+        let mut l = Vec::with_capacity(n);
+        for _ in 0..n {
+            let x = d.u32().map_err(de)?;
+            if x as usize >= h {
+                return Err(bad(format!("coarse list names head {x} of {h}")));
+            }
+            l.push(x);
+        }
+        lists.push(l);
+    }
+    let mut slots = Vec::with_capacity(h);
+    for _ in 0..h {
+        slots.push(Slot {
+            first_page: d.u64().map_err(de)?,
+            pages: d.u32().map_err(de)?,
+            len: d.u32().map_err(de)?,
+        });
+    }
+    let n = d.u64().map_err(de)? as usize;
+    if n.saturating_mul(10) > d.remaining() {
+        return Err(bad(format!("row count {n} exceeds the file")));
+    }
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        ids.push(d.u64().map_err(de)?);
+    }
+    let versions = d.take(n).map_err(de)?.to_vec();
+    let alive: Vec<bool> = d.take(n).map_err(de)?.iter().map(|&a| a != 0).collect();
+    let file_rows = d.u64().map_err(de)? as usize;
+    let garbage_pages = d.u64().map_err(de)?;
+    if file_rows != n {
+        return Err(bad(format!("{n} rows but {file_rows} in the vector file")));
+    }
+    let mut row_of = HashMap::with_capacity(n);
+    for r in 0..n {
+        if alive[r] && row_of.insert(ids[r], r as u32).is_some() {
+            return Err(bad(format!("id {} is live twice", ids[r])));
+        }
+    }
+    Ok(SpannIndex {
+        dim,
+        metric,
+        params: p,
+        quant: Quantizer { lo, scale },
+        heads: Heads {
+            vecs: hv,
+            alive: halive,
+            coarse,
+            lists,
+        },
+        ids,
+        versions,
+        alive,
+        row_of,
+        mem: vec![None; h],
+        slots,
+        dirty: vec![false; h],
+        arena: Vec::new(),
+        arena_first_row: file_rows,
+        mode: Mode::Disk,
+        path: Some(dir.to_path_buf()),
+        generation,
+        pfile: None,
+        vfile: None,
+        garbage_pages,
+        last: Mutex::new(LastSearch::default()),
+    })
+}
+
+impl VectorIndex for SpannIndex {
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn metric(&self) -> Metric {
+        self.metric
+    }
+
+    fn len(&self) -> usize {
+        self.row_of.len()
+    }
+
+    /// Vectors are already prepared by the caller. Panics only on invalid
+    /// input the store has already rejected.
+    fn upsert(&mut self, ids: &[u64], vectors: &[f32]) {
+        self.upsert_prepared(ids, vectors.to_vec())
+            .expect("spann upsert of prepared vectors");
+    }
+
+    fn remove(&mut self, ids: &[u64]) {
+        self.delete(ids);
+    }
+
+    /// The trait has no error channel: a disk read error or a corrupted
+    /// posting panics here rather than returning wrong neighbours. Callers
+    /// that want the error use [`SpannIndex::search`].
+    fn search(&self, queries: &[f32], k: usize, filter: Option<&IdFilter>) -> Vec<Vec<Hit>> {
+        self.search_prepared(queries, k, &self.params.search, filter)
+            .unwrap_or_else(|e| panic!("spann search failed: {e}"))
+    }
+}

@@ -1,0 +1,522 @@
+//! Files of the SPANN index's disk tier: posting pages and rerank vectors.
+//!
+//! **Posting file** (`postings-GEN.dat`, kind `SPPS`): page 0 holds the
+//! 32-byte header (see [`super::format`]) padded with zeros to [`PAGE`]; every
+//! later page is
+//!
+//! | offset | size | field |
+//! |---:|---:|---|
+//! | 0 | 4092 | payload bytes (a slice of one posting's stream, zero padded) |
+//! | 4092 | 4 | CRC-32 of the payload followed by the page number (u64 LE) |
+//!
+//! Binding the page number into the CRC makes a page read from the wrong
+//! place fail like a damaged one. A posting is a run of whole pages, so it is
+//! one aligned positional read. Its stream, split over the pages' payloads, is
+//! columnar ([`PostingData::encode`]):
+//!
+//! | field | size |
+//! |---|---|
+//! | entry count `n` | u32 |
+//! | head id | u32 |
+//! | row ids | `n` x u32 |
+//! | row versions | `n` x u8, padded to 4 bytes |
+//! | aux (squared norm of the decoded code, for L2) | `n` x f32 |
+//! | int8 codes | `n` x `dim` bytes |
+//!
+//! **Vector file** (`vectors-GEN.dat`, kind `SPVC`): the header padded to
+//! [`PAGE`], then one record per row at `PAGE + row * (4 * dim + 4)`: the
+//! row's full-precision vector (f32 LE) and a CRC-32 of those bytes followed
+//! by the row number (u64 LE).
+
+use super::format::{Header, Kind, HEADER_LEN};
+use crate::error::{Error, IoContext, Result};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Page size of the posting file.
+pub const PAGE: usize = 4096;
+/// Payload bytes per page (the last four hold the CRC).
+pub const PAGE_PAYLOAD: usize = PAGE - 4;
+
+fn page_crc(payload: &[u8], page_no: u64) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(payload);
+    h.update(&page_no.to_le_bytes());
+    h.finalize()
+}
+
+/// Pages needed for a stream of `len` bytes (at least one).
+pub fn pages_for(len: usize) -> usize {
+    len.div_ceil(PAGE_PAYLOAD).max(1)
+}
+
+/// Cut `payload` into checksummed pages numbered from `first_page`.
+pub fn paginate(payload: &[u8], first_page: u64) -> Vec<u8> {
+    let n = pages_for(payload.len());
+    let mut out = vec![0u8; n * PAGE];
+    for i in 0..n {
+        let src = &payload
+            [(i * PAGE_PAYLOAD).min(payload.len())..((i + 1) * PAGE_PAYLOAD).min(payload.len())];
+        let page = &mut out[i * PAGE..(i + 1) * PAGE];
+        page[..src.len()].copy_from_slice(src);
+        let crc = page_crc(&page[..PAGE_PAYLOAD], first_page + i as u64);
+        page[PAGE_PAYLOAD..].copy_from_slice(&crc.to_le_bytes());
+    }
+    out
+}
+
+/// Check every page of `pages` (numbered from `first_page`) and return the
+/// concatenated payloads.
+pub fn unpaginate(pages: &[u8], first_page: u64, file: &Path) -> Result<Vec<u8>> {
+    if pages.len() % PAGE != 0 {
+        return Err(Error::corruption(
+            file,
+            format!("posting read of {} bytes is not whole pages", pages.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(pages.len() / PAGE * PAGE_PAYLOAD);
+    for (i, page) in pages.chunks_exact(PAGE).enumerate() {
+        let no = first_page + i as u64;
+        let want = u32::from_le_bytes(page[PAGE_PAYLOAD..].try_into().unwrap());
+        if page_crc(&page[..PAGE_PAYLOAD], no) != want {
+            return Err(Error::corruption(
+                file,
+                format!("posting page {no} failed its checksum"),
+            ));
+        }
+        out.extend_from_slice(&page[..PAGE_PAYLOAD]);
+    }
+    Ok(out)
+}
+
+/// One posting list in columnar form: row ids, the version each row had when
+/// the entry was written, an auxiliary float per entry and `dim` int8 codes
+/// per entry.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PostingData {
+    pub rows: Vec<u32>,
+    pub versions: Vec<u8>,
+    pub aux: Vec<f32>,
+    pub codes: Vec<i8>,
+}
+
+impl PostingData {
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn push(&mut self, row: u32, version: u8, aux: f32, code: &[i8]) {
+        self.rows.push(row);
+        self.versions.push(version);
+        self.aux.push(aux);
+        self.codes.extend_from_slice(code);
+    }
+
+    /// Keep only the entries for which `keep(i)` is true.
+    pub fn retain_idx(&mut self, dim: usize, mut keep: impl FnMut(usize) -> bool) {
+        let mut w = 0;
+        for r in 0..self.rows.len() {
+            if keep(r) {
+                if w != r {
+                    self.rows[w] = self.rows[r];
+                    self.versions[w] = self.versions[r];
+                    self.aux[w] = self.aux[r];
+                    self.codes.copy_within(r * dim..(r + 1) * dim, w * dim);
+                }
+                w += 1;
+            }
+        }
+        self.rows.truncate(w);
+        self.versions.truncate(w);
+        self.aux.truncate(w);
+        self.codes.truncate(w * dim);
+    }
+
+    /// Bytes this posting holds in RAM.
+    pub fn ram_bytes(&self) -> usize {
+        self.rows.capacity() * 4
+            + self.versions.capacity()
+            + self.aux.capacity() * 4
+            + self.codes.capacity()
+    }
+
+    /// Length of the encoded stream.
+    pub fn encoded_len(&self, dim: usize) -> usize {
+        let n = self.rows.len();
+        8 + 4 * n + n.div_ceil(4) * 4 + 4 * n + n * dim
+    }
+
+    /// Encode as the columnar stream described in the module docs.
+    pub fn encode(&self, head: u32, dim: usize) -> Vec<u8> {
+        let n = self.rows.len();
+        let mut b = Vec::with_capacity(self.encoded_len(dim));
+        b.extend_from_slice(&(n as u32).to_le_bytes());
+        b.extend_from_slice(&head.to_le_bytes());
+        for r in &self.rows {
+            b.extend_from_slice(&r.to_le_bytes());
+        }
+        b.extend_from_slice(&self.versions);
+        b.resize(b.len() + (n.div_ceil(4) * 4 - n), 0);
+        for a in &self.aux {
+            b.extend_from_slice(&a.to_le_bytes());
+        }
+        b.extend(self.codes.iter().map(|&c| c as u8));
+        b
+    }
+
+    /// Decode a stream (possibly followed by page padding); checks the count
+    /// against the bytes present and the head id against `want_head`.
+    pub fn decode(payload: &[u8], dim: usize, want_head: u32, file: &Path) -> Result<PostingData> {
+        let bad = |d: String| Error::corruption(file, d);
+        if payload.len() < 8 {
+            return Err(bad("posting stream shorter than its 8-byte prefix".into()));
+        }
+        let n = u32::from_le_bytes(payload[0..4].try_into().unwrap()) as usize;
+        let head = u32::from_le_bytes(payload[4..8].try_into().unwrap());
+        if head != want_head {
+            return Err(bad(format!(
+                "posting of head {want_head} holds head id {head}"
+            )));
+        }
+        let need = 8usize
+            .checked_add(
+                n.checked_mul(8 + dim)
+                    .ok_or_else(|| bad("count overflow".into()))?,
+            )
+            .and_then(|x| x.checked_add(4))
+            .ok_or_else(|| bad("count overflow".into()))?;
+        if need > payload.len() {
+            return Err(bad(format!(
+                "posting of head {head} claims {n} entries, more than its {} bytes hold",
+                payload.len()
+            )));
+        }
+        let mut p = 8;
+        let rows = payload[p..p + 4 * n]
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        p += 4 * n;
+        let versions = payload[p..p + n].to_vec();
+        p += n.div_ceil(4) * 4;
+        let aux = payload[p..p + 4 * n]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        p += 4 * n;
+        let codes = payload[p..p + n * dim].iter().map(|&c| c as i8).collect();
+        Ok(PostingData {
+            rows,
+            versions,
+            aux,
+            codes,
+        })
+    }
+}
+
+fn pad_header(kind: Kind, generation: u64) -> Vec<u8> {
+    let mut b = vec![0u8; PAGE];
+    b[..HEADER_LEN].copy_from_slice(&Header::new(kind, generation).encode());
+    b
+}
+
+fn open_checked(path: &Path, kind: Kind, writable: bool) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .at(path)?;
+    let mut h = [0u8; HEADER_LEN];
+    let got = file.read_at(&mut h, 0).at(path)?;
+    Header::decode(&h[..got], kind, path)?;
+    Ok(file)
+}
+
+fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], off: u64) -> Result<()> {
+    file.read_exact_at(buf, off).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::corruption(
+                path,
+                format!("file truncated: read of {} bytes at {off}", buf.len()),
+            )
+        } else {
+            Error::Io {
+                file: path.to_path_buf(),
+                source: e,
+            }
+        }
+    })
+}
+
+/// The posting file: appended page runs read back by positional reads.
+#[derive(Debug)]
+pub struct PostingFile {
+    file: File,
+    path: PathBuf,
+    /// Pages in the file, header page included.
+    pages: u64,
+}
+
+impl PostingFile {
+    pub fn create(path: &Path, generation: u64) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .at(path)?;
+        file.write_all_at(&pad_header(Kind::SpannPostings, generation), 0)
+            .at(path)?;
+        Ok(PostingFile {
+            file,
+            path: path.to_path_buf(),
+            pages: 1,
+        })
+    }
+
+    pub fn open(path: &Path, writable: bool) -> Result<Self> {
+        let file = open_checked(path, Kind::SpannPostings, writable)?;
+        let len = file.metadata().at(path)?.len();
+        Ok(PostingFile {
+            file,
+            path: path.to_path_buf(),
+            pages: len / PAGE as u64,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.pages * PAGE as u64
+    }
+
+    /// Append a posting stream; returns (first page, page count).
+    pub fn append(&mut self, stream: &[u8]) -> Result<(u64, u32)> {
+        let first = self.pages;
+        let pages = paginate(stream, first);
+        self.file
+            .write_all_at(&pages, first * PAGE as u64)
+            .at(&self.path)?;
+        let n = (pages.len() / PAGE) as u64;
+        self.pages += n;
+        Ok((first, n as u32))
+    }
+
+    /// Read and check `n` pages from `first`; returns the payload stream.
+    pub fn read(&self, first: u64, n: u32) -> Result<Vec<u8>> {
+        if first == 0 || first + n as u64 > self.pages {
+            return Err(Error::corruption(
+                &self.path,
+                format!(
+                    "posting pages {first}..{} outside the file's {} pages",
+                    first + n as u64,
+                    self.pages
+                ),
+            ));
+        }
+        let mut buf = vec![0u8; n as usize * PAGE];
+        read_exact_at(&self.file, &self.path, &mut buf, first * PAGE as u64)?;
+        unpaginate(&buf, first, &self.path)
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_all().at(&self.path)
+    }
+}
+
+/// The vector file: one fixed-size checksummed record per row.
+#[derive(Debug)]
+pub struct VectorFile {
+    file: File,
+    path: PathBuf,
+    dim: usize,
+    rows: u64,
+}
+
+impl VectorFile {
+    fn rec_len(dim: usize) -> usize {
+        dim * 4 + 4
+    }
+
+    pub fn create(path: &Path, generation: u64, dim: usize) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .at(path)?;
+        file.write_all_at(&pad_header(Kind::SpannVectors, generation), 0)
+            .at(path)?;
+        Ok(VectorFile {
+            file,
+            path: path.to_path_buf(),
+            dim,
+            rows: 0,
+        })
+    }
+
+    /// Open a vector file that holds at least `rows` rows.
+    pub fn open(path: &Path, dim: usize, rows: u64, writable: bool) -> Result<Self> {
+        let file = open_checked(path, Kind::SpannVectors, writable)?;
+        let len = file.metadata().at(path)?.len();
+        let need = PAGE as u64 + rows * Self::rec_len(dim) as u64;
+        if len < need {
+            return Err(Error::corruption(
+                path,
+                format!("vector file is {len} bytes, {rows} rows need {need}"),
+            ));
+        }
+        Ok(VectorFile {
+            file,
+            path: path.to_path_buf(),
+            dim,
+            rows,
+        })
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    pub fn bytes(&self) -> u64 {
+        PAGE as u64 + self.rows * Self::rec_len(self.dim) as u64
+    }
+
+    /// Append rows (row-major, `dim` wide).
+    pub fn append(&mut self, vectors: &[f32]) -> Result<()> {
+        let rl = Self::rec_len(self.dim);
+        let n = vectors.len() / self.dim;
+        let mut buf = vec![0u8; n * rl];
+        for (i, v) in vectors.chunks_exact(self.dim).enumerate() {
+            let rec = &mut buf[i * rl..(i + 1) * rl];
+            for (j, x) in v.iter().enumerate() {
+                rec[j * 4..j * 4 + 4].copy_from_slice(&x.to_le_bytes());
+            }
+            let crc = page_crc(&rec[..self.dim * 4], self.rows + i as u64);
+            rec[self.dim * 4..].copy_from_slice(&crc.to_le_bytes());
+        }
+        let off = PAGE as u64 + self.rows * rl as u64;
+        self.file.write_all_at(&buf, off).at(&self.path)?;
+        self.rows += n as u64;
+        Ok(())
+    }
+
+    /// Read row `row` into `out` (`dim` floats), checking its CRC.
+    pub fn read(&self, row: u64, out: &mut [f32]) -> Result<()> {
+        let rl = Self::rec_len(self.dim);
+        if row >= self.rows {
+            return Err(Error::corruption(
+                &self.path,
+                format!("row {row} beyond the file's {} rows", self.rows),
+            ));
+        }
+        let mut buf = vec![0u8; rl];
+        read_exact_at(
+            &self.file,
+            &self.path,
+            &mut buf,
+            PAGE as u64 + row * rl as u64,
+        )?;
+        let want = u32::from_le_bytes(buf[self.dim * 4..].try_into().unwrap());
+        if page_crc(&buf[..self.dim * 4], row) != want {
+            return Err(Error::corruption(
+                &self.path,
+                format!("vector record of row {row} failed its checksum"),
+            ));
+        }
+        for (o, c) in out.iter_mut().zip(buf.chunks_exact(4)) {
+            *o = f32::from_le_bytes(c.try_into().unwrap());
+        }
+        Ok(())
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_all().at(&self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_round_trip_and_detect_flips() {
+        let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let pages = paginate(&payload, 5);
+        assert_eq!(pages.len(), 3 * PAGE);
+        let back = unpaginate(&pages, 5, Path::new("p")).unwrap();
+        assert_eq!(&back[..payload.len()], &payload[..]);
+        assert!(
+            unpaginate(&pages, 6, Path::new("p")).is_err(),
+            "wrong place"
+        );
+        for pos in [0, 100, 4095, 5000, 3 * PAGE - 1] {
+            let mut bad = pages.clone();
+            bad[pos] ^= 1;
+            assert!(matches!(
+                unpaginate(&bad, 5, Path::new("p")),
+                Err(Error::Corruption { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn posting_stream_round_trip_and_bounds() {
+        let dim = 5;
+        let mut p = PostingData::default();
+        for i in 0..7u32 {
+            let code: Vec<i8> = (0..dim).map(|j| (i as i8) * 3 - j as i8).collect();
+            p.push(i * 10, i as u8, i as f32 * 0.5, &code);
+        }
+        let s = p.encode(42, dim);
+        assert_eq!(s.len(), p.encoded_len(dim));
+        let mut padded = s.clone();
+        padded.resize(PAGE_PAYLOAD, 0);
+        assert_eq!(
+            PostingData::decode(&padded, dim, 42, Path::new("x")).unwrap(),
+            p
+        );
+        assert!(PostingData::decode(&padded, dim, 41, Path::new("x")).is_err());
+        let mut huge = s.clone();
+        huge[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(PostingData::decode(&huge, dim, 42, Path::new("x")).is_err());
+        p.retain_idx(dim, |i| i % 2 == 0);
+        assert_eq!(p.rows, vec![0, 20, 40, 60]);
+        assert_eq!(&p.codes[dim..2 * dim], &[6, 5, 4, 3, 2]);
+    }
+
+    #[test]
+    fn files_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let pp = dir.path().join("p.dat");
+        let mut pf = PostingFile::create(&pp, 1).unwrap();
+        let (first, n) = pf.append(&[1, 2, 3]).unwrap();
+        assert_eq!((first, n), (1, 1));
+        let (first2, _) = pf.append(&vec![9u8; 5000]).unwrap();
+        assert_eq!(first2, 2);
+        drop(pf);
+        let pf = PostingFile::open(&pp, false).unwrap();
+        assert_eq!(&pf.read(1, 1).unwrap()[..3], &[1, 2, 3]);
+        assert_eq!(pf.read(2, 2).unwrap()[4999], 9);
+        assert!(pf.read(3, 5).is_err());
+
+        let vp = dir.path().join("v.dat");
+        let mut vf = VectorFile::create(&vp, 1, 3).unwrap();
+        vf.append(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        drop(vf);
+        let vf = VectorFile::open(&vp, 3, 2, false).unwrap();
+        let mut out = [0f32; 3];
+        vf.read(1, &mut out).unwrap();
+        assert_eq!(out, [4.0, 5.0, 6.0]);
+        assert!(VectorFile::open(&vp, 3, 3, false).is_err());
+    }
+}
