@@ -125,11 +125,13 @@ class SpannIndex:
         id_arr = None if ids is None else _as_ids(ids, n)
         if memory_budget is not None:
             budget = parse_bytes(memory_budget)
-            fixed = n * 32 + (1 << 20)
+            fixed = n * 32 + (1 << 16)
             ratio = params.get("head_ratio", 0.05)
             room = (budget - fixed) / max(1, n * dim * 4 * 1.15)
             if room <= 0:
-                raise ValueError(
+                from .errors import InvalidArgumentError
+
+                raise InvalidArgumentError(
                     f"memory budget {budget} bytes is below the {fixed} bytes the row table of "
                     f"{n} vectors needs"
                 )
