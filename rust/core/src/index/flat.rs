@@ -144,13 +144,22 @@ impl FlatIndex {
                 }
             }
         } else {
+            scratch.clear();
+            scratch.resize(rows, 0.0);
+            let block = &self.data[start * d..end * d];
             for (qi, top) in tops.iter_mut().enumerate() {
                 let q = &queries[qi * d..(qi + 1) * d];
+                if self.metric == Metric::L2 {
+                    for (j, row) in block.chunks_exact(d).enumerate() {
+                        scratch[j] = -distance::l2_squared(q, row);
+                    }
+                } else {
+                    distance::dot_rows(q, block, scratch);
+                }
                 let mut thr = top.threshold();
-                for r in start..end {
-                    let s = self.metric.similarity(q, &self.data[r * d..(r + 1) * d]);
+                for (j, &s) in scratch.iter().enumerate() {
                     if s >= thr {
-                        top.push(self.ids[r], s);
+                        top.push(self.ids[start + j], s);
                         thr = top.threshold();
                     }
                 }
