@@ -14,7 +14,7 @@ A memory folder holds::
 **Retrieval.** ``search(mode="hybrid")`` (the default) runs the vector search of the
 store and a BM25 keyword search (:mod:`engramdb.bm25`) over the same scope and
 filter, fuses the two rankings (reciprocal rank fusion, ``fusion="rrf"``, or a sum of
-min-max normalised scores, ``fusion="sum"``) into a relevance in [0, 1], and ranks by
+min-max normalised scores, ``fusion="sum"``, the default) into a relevance in [0, 1], and ranks by
 the three-part score of Generative Agents (Park et al. 2023)::
 
     score = w0 * relevance + w1 * retention + w2 * importance      (weights=(1.0, 0.3, 0.2))
@@ -587,7 +587,7 @@ class Memory:
             link_threshold,
             dedupe,
         )
-        if groups:
+        if groups and hasattr(self._store, "link"):
             for g in groups:
                 for a, b in zip(g, g[1:]):
                     self.link(ids[a], ids[b], kind="next", weight=1.0)
@@ -875,11 +875,12 @@ class Memory:
         session_id: Optional[str] = None,
         now: TimeLike = None,
         mode: str = "hybrid",
-        fusion: str = "rrf",
+        fusion: str = "sum",
         decay: bool = True,
         weights: tuple[float, float, float] = (1.0, 0.3, 0.2),
         expand_links: int = 0,
         link_discount: float = 0.5,
+        link_kinds: Optional[Iterable[str]] = None,
         reinforce: bool = False,
         include_archived: bool = False,
         candidates: Optional[int] = None,
@@ -889,10 +890,13 @@ class Memory:
     ) -> list[MemoryHit]:
         """The ``k`` best memories for ``query``, best first (see the module docstring
         for the score). ``mode``: ``"hybrid"`` (default), ``"vector"`` or ``"keyword"``;
-        ``fusion``: ``"rrf"`` (1 / (rrf_k + rank) summed, scaled so rank 1 in both lists
-        is 1) or ``"sum"`` (``alpha`` x min-max similarity + (1 - alpha) x min-max
-        BM25). ``candidates`` is how many each retriever contributes (default
-        ``max(50, 5k)``). ``reinforce=True`` counts the returned memories as recalled
+        ``fusion``: ``"sum"`` (default: ``alpha`` x min-max similarity + (1 - alpha) x
+        min-max BM25, over each retriever's candidates) or ``"rrf"`` (1 / (rrf_k + rank)
+        summed, scaled so rank 1 in both lists is 1). On LoCoMo (benches/RESULTS-memory.md)
+        "sum" beat "rrf": the weaker retriever's ranks count as much as the stronger's
+        under RRF. ``candidates`` is how many each retriever contributes (default
+        ``max(50, 5k)``). ``link_kinds`` restricts link expansion to those kinds
+        (e.g. ``{"similar"}``; default all). ``reinforce=True`` counts the returned memories as recalled
         (strength + 1, last access = ``now``: the forgetting curve restarts).
         """
         if mode not in ("hybrid", "vector", "keyword"):
@@ -963,6 +967,7 @@ class Memory:
                 int(k),
                 expand_links,
                 link_discount,
+                None if link_kinds is None else set(link_kinds),
                 filters,
                 scope,
                 include_archived,
@@ -1019,7 +1024,9 @@ class Memory:
             )
         return hits
 
-    def _expand(self, hits, k, hops, discount, filters, scope, include_archived, qv, now, decay, weights):  # type: ignore[no-untyped-def]
+    def _expand(
+        self, hits, k, hops, discount, kinds, filters, scope, include_archived, qv, now, decay, weights
+    ):  # type: ignore[no-untyped-def]
         hits.sort(key=lambda h: (-h.score, h.id))
         by_id = {h.id: h for h in hits}
         frontier = hits[:k]
@@ -1027,7 +1034,9 @@ class Memory:
         for _ in range(hops):
             cand: dict[int, tuple[float, int]] = {}
             for h in frontier:
-                for t, _kind, w in h.links:
+                for t, kind, w in h.links:
+                    if kinds is not None and kind not in kinds:
+                        continue
                     s = h.score * float(w) * discount
                     if t in by_id and by_id[t].score >= s:
                         continue
