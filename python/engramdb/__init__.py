@@ -24,12 +24,15 @@ from .errors import (
     StoreClosedError,
     StoreLockedError,
 )
-from .store import MISSING_ID, Record, Store, verify
+from .lsh import LshIndex
+from .store import MISSING_ID, Hit, Record, Store, verify
 
 __all__ = [
     "__version__",
     "Store",
     "Record",
+    "Hit",
+    "LshIndex",
     "MISSING_ID",
     "verify",
     "errors",

@@ -44,6 +44,27 @@ class Record:
     links: list[tuple[int, str, float]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Hit:
+    """One result of :meth:`Store.recall`.
+
+    ``score`` is what the hits are ranked by: the similarity alone, or with
+    ``decay=True`` ``w_sim * similarity + w_ret * retention + w_imp *
+    importance``; a hit reached through a link (``expanded=True``, ``via``
+    the hit it came from) scores its parent's score times the link weight
+    times 0.8. ``similarity`` is the metric's score (cosine, inner product,
+    or squared L2 distance).
+    """
+
+    id: int
+    score: float
+    similarity: float
+    retention: float
+    importance: float
+    expanded: bool = False
+    via: Optional[int] = None
+
+
 def _record_from(vector: np.ndarray, d: dict[str, Any]) -> Record:
     meta = d["metadata"]
     return Record(
@@ -219,6 +240,10 @@ class Store:
         importance: Union[None, float, Sequence[float]] = None,
         created_at: Union[None, float, Sequence[float]] = None,
         now: Optional[float] = None,
+        auto_link: bool = False,
+        link_k: int = 5,
+        link_threshold: float = 0.75,
+        dedupe: Optional[float] = None,
     ) -> np.ndarray:
         """Add vectors (shape ``(n, dim)``, or one ``(dim,)`` vector).
 
@@ -228,8 +253,18 @@ class Store:
         (``user_id``, ``importance``...) take one value for the batch or a
         list. Returns the ids as a ``uint64`` array. Nothing is stored if any
         input is rejected.
+
+        ``auto_link=True`` links each new record, both ways, to up to
+        ``link_k`` nearest records of its scope whose similarity is at least
+        ``link_threshold`` (kind ``"similar"``, weight = similarity).
+        ``dedupe=0.95`` skips a vector whose cosine similarity to an existing
+        record of the same scope is at least 0.95 (candidates from LSH): that
+        record's id is returned in its place and the record is reinforced.
         """
-        return self._write(vectors, ids, texts, metadata, False, user_id, agent_id, session_id, importance, created_at, now)
+        return self._write(
+            vectors, ids, texts, metadata, False, user_id, agent_id, session_id, importance, created_at, now,
+            auto_link=auto_link, link_k=link_k, link_threshold=link_threshold, dedupe=dedupe,
+        )
 
     def upsert(
         self,
@@ -254,7 +289,7 @@ class Store:
             raise InvalidArgumentError("upsert needs ids")
         return self._write(vectors, ids, texts, metadata, True, user_id, agent_id, session_id, importance, created_at, now)
 
-    def _write(self, vectors, ids, texts, metadata, upsert, user_id, agent_id, session_id, importance, created_at, now):  # type: ignore[no-untyped-def]
+    def _write(self, vectors, ids, texts, metadata, upsert, user_id, agent_id, session_id, importance, created_at, now, **link_opts):  # type: ignore[no-untyped-def]
         m, single = as_matrix(vectors, None)
         n = m.shape[0]
         if single and texts is not None and isinstance(texts, str):
@@ -288,6 +323,7 @@ class Store:
             created_at=None if cat is None else [float(x) for x in cat],
             upsert=upsert,
             now=now,
+            **link_opts,
         )
 
     def delete(self, ids: Union[int, Iterable[int]]) -> int:
@@ -350,11 +386,7 @@ class Store:
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise InvalidArgumentError(f"k must be a positive integer, got {k!r}")
         m, single = as_matrix(queries, self.dim, "queries")
-        fjson = None
-        if filter is not None:
-            if not isinstance(filter, dict):
-                raise InvalidArgumentError("filter must be a dict")
-            fjson = json.dumps(filter, allow_nan=False)
+        fjson = self._filter_json(filter)
         ids, scores, kk = self._native.search(
             m,
             k=int(k),
@@ -369,6 +401,151 @@ class Store:
         if single:
             return ids[0], scores[0]
         return ids, scores
+
+    # -- memory semantics ---------------------------------------------------
+    def recall(
+        self,
+        query: Any,
+        k: int = 10,
+        filter: Optional[dict[str, Any]] = None,
+        *,
+        user_id: Optional[str] = None,
+        agent_id: Optional[str] = None,
+        session_id: Optional[str] = None,
+        include_archived: bool = False,
+        now: Optional[float] = None,
+        decay: bool = True,
+        weights: tuple[float, float, float] = (1.0, 0.3, 0.2),
+        reinforce: Optional[bool] = None,
+        expand_links: int = 0,
+    ) -> list[Hit]:
+        """Recall memories for one query vector, as a ranked list of :class:`Hit`.
+
+        With ``decay=True`` (the default) hits are ranked by
+        ``weights[0] * similarity + weights[1] * retention + weights[2] *
+        importance`` (retention on the forgetting curve at ``now``, importance
+        in [0, 1]); the top ``k`` is exact under that score. ``expand_links=n``
+        adds records up to ``n`` links away (marked ``expanded``). A recall
+        reinforces the direct hits (strength += 1, clock reset) when
+        ``reinforce`` is True, or by default when ``decay`` is on and the
+        store is writable; ``reinforce=False`` makes it read-only.
+        """
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise InvalidArgumentError(f"k must be a positive integer, got {k!r}")
+        if expand_links < 0:
+            raise InvalidArgumentError("expand_links must be >= 0")
+        m, single = as_matrix(query, self.dim, "query")
+        if not single and m.shape[0] != 1:
+            raise InvalidArgumentError("recall takes one query vector")
+        w = tuple(float(x) for x in weights)
+        if len(w) != 3 or not all(np.isfinite(w)):
+            raise InvalidArgumentError("weights must be three finite numbers (similarity, retention, importance)")
+        rows = self._native.recall(
+            m[0],
+            k=int(k),
+            filter=self._filter_json(filter),
+            user_id=user_id,
+            agent_id=agent_id,
+            session_id=session_id,
+            include_archived=include_archived,
+            now=now,
+            decay=decay,
+            weights=w,  # type: ignore[arg-type]
+            reinforce=reinforce,
+            expand_links=int(expand_links),
+        )
+        return [Hit(*row) for row in rows]
+
+    def retention(self, ids: Union[int, Iterable[int]], now: Optional[float] = None) -> np.ndarray:
+        """Retention ``R = exp(-dt / S)`` of each id at ``now`` (default: the
+        current time): ``dt`` in decay units (days by default) since the last
+        recall, ``S`` the strength."""
+        single = isinstance(ids, (int, np.integer))
+        out = self._native.retention([int(ids)] if single else [int(i) for i in ids], now=now)  # type: ignore[union-attr]
+        return out
+
+    def reinforce(self, ids: Iterable[int], now: Optional[float] = None) -> None:
+        """Record a recall of ``ids`` at ``now``: strength grows, the clock restarts."""
+        self._native.reinforce([int(i) for i in ids], now=now)
+
+    def forget(
+        self,
+        threshold: float = 0.05,
+        now: Optional[float] = None,
+        action: str = "archive",
+        dry_run: bool = False,
+        filter: Optional[dict[str, Any]] = None,
+        *,
+        user_id: Optional[str] = None,
+        agent_id: Optional[str] = None,
+        session_id: Optional[str] = None,
+    ) -> dict[str, Any]:
+        """Archive (default) or delete every record whose retention at ``now`` is
+        below ``threshold``, within the given scope and filter.
+
+        Archived records stay stored but are left out of searches unless
+        ``include_archived=True``. Returns a report: ``action``, ``examined``,
+        ``ids`` (affected), ``retentions``, ``dry_run``. With ``dry_run`` nothing
+        changes.
+        """
+        if action not in ("archive", "delete"):
+            raise InvalidArgumentError(f"action must be 'archive' or 'delete', got {action!r}")
+        if not np.isfinite(threshold):
+            raise InvalidArgumentError("threshold must be finite")
+        return dict(
+            self._native.forget(
+                threshold=float(threshold),
+                now=now,
+                delete=action == "delete",
+                dry_run=dry_run,
+                filter=self._filter_json(filter),
+                user_id=user_id,
+                agent_id=agent_id,
+                session_id=session_id,
+            )
+        )
+
+    def link(self, a: int, b: int, kind: str = "related", weight: float = 1.0) -> None:
+        """Link two records both ways (replacing an existing link's kind and weight).
+        A record keeps at most ``max_degree`` links (16); the weakest goes first."""
+        self._native.link(int(a), int(b), kind, float(weight))
+
+    def unlink(self, a: int, b: int) -> bool:
+        """Remove the link between two records; returns whether there was one."""
+        return self._native.unlink(int(a), int(b))
+
+    def links(self, id: int) -> list[tuple[int, str, float]]:
+        """``(target, kind, weight)`` of each link of ``id``."""
+        return self._native.links(int(id))
+
+    def configure(
+        self,
+        *,
+        decay_unit: Optional[float] = None,
+        reinforce_increment: Optional[float] = None,
+        reset_on_recall: Optional[bool] = None,
+        max_degree: Optional[int] = None,
+    ) -> None:
+        """Tune this handle: ``decay_unit`` in seconds (86400: strength counts
+        days), the strength a recall adds (1.0), whether a recall restarts the
+        clock (True), the most links per record (16)."""
+        self._native.configure(
+            decay_unit_seconds=decay_unit,
+            reinforce_increment=reinforce_increment,
+            reset_on_recall=reset_on_recall,
+            max_degree=max_degree,
+        )
+
+    @staticmethod
+    def _filter_json(filter: Optional[dict[str, Any]]) -> Optional[str]:
+        if filter is None:
+            return None
+        if not isinstance(filter, dict):
+            raise InvalidArgumentError("filter must be a dict")
+        try:
+            return json.dumps(filter, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgumentError(f"filter must be JSON-serialisable: {e}") from None
 
     def info(self) -> dict[str, Any]:
         """Size, files and format facts about the store."""

@@ -16,8 +16,10 @@
 use crate::distance::{self, Metric};
 use crate::error::{Error, IoContext, Result};
 use crate::index::flat::FlatIndex;
+use crate::index::lsh::LshTables;
 use crate::index::VectorIndex;
-use crate::memory::{Filter, Record, Scope};
+use crate::memory::links::{self, DEFAULT_MAX_DEGREE};
+use crate::memory::{DecayPolicy, Filter, Record, Scope, Weights};
 use crate::storage::format::HEADER_LEN;
 use crate::storage::lock::WriterLock;
 use crate::storage::manifest::{self, Manifest};
@@ -73,6 +75,78 @@ pub struct Insert {
 pub enum WriteMode {
     Add,
     Upsert,
+}
+
+/// How an `add` treats near-duplicates and links.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AddOptions {
+    pub mode: WriteMode,
+    /// Link each new record to up to `link_k` nearest records of its scope
+    /// whose similarity is at least `link_threshold` (kind "similar").
+    pub auto_link: bool,
+    pub link_k: usize,
+    pub link_threshold: f32,
+    /// If set, a new vector whose cosine similarity to an existing record of
+    /// the same scope is at least this is not inserted: the existing id is
+    /// returned and reinforced (candidates come from LSH).
+    pub dedupe: Option<f32>,
+}
+
+impl Default for AddOptions {
+    fn default() -> Self {
+        AddOptions {
+            mode: WriteMode::Add,
+            auto_link: false,
+            link_k: 5,
+            link_threshold: 0.75,
+            dedupe: None,
+        }
+    }
+}
+
+/// LSH shape used for near-duplicate detection: 16 tables of 10 bits finds a
+/// pair at cosine 0.9 with probability ~0.98 while each table lookup returns
+/// about 0.1% of the records.
+pub const DEDUPE_LSH: (usize, usize, u64) = (16, 10, 0x5EED);
+
+/// How a recall ranks and expands.
+#[derive(Debug, Clone, Default)]
+pub struct RecallOptions {
+    pub search: SearchOptions,
+    pub now: f64,
+    /// Rank by the decayed score instead of similarity alone.
+    pub decay: bool,
+    pub weights: Weights,
+    /// Hops of links to follow from the hits (0: none).
+    pub expand_links: usize,
+}
+
+/// One result of [`Store::recall`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecallHit {
+    pub id: u64,
+    pub score: f32,
+    pub similarity: f32,
+    pub retention: f32,
+    pub importance: f32,
+    /// Reached through a link rather than by the search itself.
+    pub expanded: bool,
+    /// The hit whose link led here.
+    pub via: Option<u64>,
+}
+
+/// Score factor of a record reached through a link of weight w: its parent's
+/// score times w times this.
+pub const LINK_DISCOUNT: f32 = 0.8;
+
+/// What [`Store::forget`] did (or would do, with `dry_run`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForgetReport {
+    pub examined: usize,
+    pub ids: Vec<u64>,
+    pub retentions: Vec<f32>,
+    pub archived: bool,
+    pub dry_run: bool,
 }
 
 /// Restrictions applied inside a search.
@@ -172,6 +246,7 @@ fn load(dir: &Path) -> Result<Loaded> {
     let mut state = State {
         records: &mut records,
         vectors: &mut vectors,
+        lsh: None,
     };
     for op in &replay.ops {
         if let WalOp::Put { records, .. } = op {
@@ -185,6 +260,7 @@ fn load(dir: &Path) -> Result<Loaded> {
         }
         state.apply(op.clone());
     }
+    links::repair(&mut records);
     Ok(Loaded {
         manifest,
         metric,
@@ -217,6 +293,7 @@ fn load_retrying(dir: &Path, retries: usize) -> Result<Loaded> {
 struct State<'a> {
     records: &'a mut HashMap<u64, Record>,
     vectors: &'a mut FlatIndex,
+    lsh: Option<&'a mut LshTables>,
 }
 
 impl State<'_> {
@@ -225,6 +302,12 @@ impl State<'_> {
             WalOp::Put { records, vectors } => {
                 let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
                 self.vectors.upsert(&ids, &vectors);
+                if let Some(lsh) = self.lsh.as_deref_mut() {
+                    let d = lsh.dim();
+                    for (i, &id) in ids.iter().enumerate() {
+                        lsh.insert(id, &vectors[i * d..(i + 1) * d]);
+                    }
+                }
                 for r in records {
                     self.records.insert(r.id, r);
                 }
@@ -238,6 +321,9 @@ impl State<'_> {
             }
             WalOp::Delete { ids } => {
                 self.vectors.remove(&ids);
+                if let Some(lsh) = self.lsh.as_deref_mut() {
+                    ids.iter().for_each(|&id| lsh.remove(id));
+                }
                 for id in &ids {
                     if let Some(r) = self.records.remove(id) {
                         for l in r.links {
@@ -276,6 +362,12 @@ pub struct Store {
     torn_bytes: u64,
     segment_bytes: u64,
     _lock: Option<WriterLock>,
+    /// Built on the first `add` with `dedupe`, then kept current.
+    lsh: Option<LshTables>,
+    /// The forgetting curve and how recalls reinforce.
+    pub decay: DecayPolicy,
+    /// Most links one record keeps.
+    pub max_degree: usize,
 }
 
 impl std::fmt::Debug for Store {
@@ -356,6 +448,9 @@ impl Store {
             dir,
             opts,
             _lock: lock,
+            lsh: None,
+            decay: DecayPolicy::default(),
+            max_degree: DEFAULT_MAX_DEGREE,
         })
     }
 
@@ -413,6 +508,9 @@ impl Store {
             segment_bytes: 0,
             _lock: Some(lock),
             dir,
+            lsh: None,
+            decay: DecayPolicy::default(),
+            max_degree: DEFAULT_MAX_DEGREE,
         })
     }
 
@@ -481,6 +579,7 @@ impl Store {
         let mut state = State {
             records: &mut self.records,
             vectors: &mut self.vectors,
+            lsh: self.lsh.as_mut(),
         };
         for op in ops {
             state.apply(op);
@@ -497,9 +596,76 @@ impl Store {
         mode: WriteMode,
         now: f64,
     ) -> Result<Vec<u64>> {
+        let opts = AddOptions {
+            mode,
+            ..Default::default()
+        };
+        self.add_with(vectors, items, &opts, now)
+    }
+
+    /// [`Store::add`] with near-duplicate detection and auto-linking.
+    pub fn add_with(
+        &mut self,
+        vectors: &[f32],
+        items: Vec<Insert>,
+        opts: &AddOptions,
+        now: f64,
+    ) -> Result<Vec<u64>> {
         self.writer()?;
+        let mode = opts.mode;
         let n = items.len();
+        if let Some(t) = opts.dedupe {
+            if !(t.is_finite() && (-1.0..=1.0).contains(&t)) {
+                return Err(Error::InvalidArgument(format!(
+                    "dedupe threshold must be in [-1, 1], got {t}"
+                )));
+            }
+        }
+        if opts.auto_link && !opts.link_threshold.is_finite() {
+            return Err(Error::InvalidArgument(
+                "link_threshold must be finite".into(),
+            ));
+        }
         let prepared = self.prepare(vectors, n)?;
+        // near-duplicates: for each position of the batch, the existing id it repeats
+        let mut dup_of: Vec<Option<u64>> = vec![None; n];
+        if let Some(t) = opts.dedupe {
+            self.ensure_lsh();
+            for (i, it) in items.iter().enumerate() {
+                if it.id.is_some_and(|id| self.records.contains_key(&id)) {
+                    continue; // an explicit existing id is an explicit write
+                }
+                dup_of[i] =
+                    self.near_duplicate(&prepared[i * self.dim..(i + 1) * self.dim], &it.scope, t);
+            }
+        }
+        if dup_of.iter().any(|d| d.is_some()) {
+            let keep: Vec<usize> = (0..n).filter(|&i| dup_of[i].is_none()).collect();
+            let mut fresh_ids = Vec::new();
+            if !keep.is_empty() {
+                let mut kept_vecs = Vec::with_capacity(keep.len() * self.dim);
+                let mut kept_items = Vec::with_capacity(keep.len());
+                let mut items: Vec<Option<Insert>> = items.into_iter().map(Some).collect();
+                for &i in &keep {
+                    kept_vecs.extend_from_slice(&vectors[i * self.dim..(i + 1) * self.dim]);
+                    kept_items.push(items[i].take().unwrap());
+                }
+                let inner = AddOptions {
+                    dedupe: None,
+                    ..*opts
+                };
+                fresh_ids = self.add_with(&kept_vecs, kept_items, &inner, now)?;
+            }
+            let mut dups: Vec<u64> = dup_of.iter().flatten().copied().collect();
+            dups.sort_unstable();
+            dups.dedup();
+            self.reinforce(&dups, now)?;
+            let mut fresh = fresh_ids.into_iter();
+            return Ok(dup_of
+                .iter()
+                .map(|d| d.unwrap_or_else(|| fresh.next().unwrap()))
+                .collect());
+        }
         let mut seen = HashSet::with_capacity(n);
         let mut next = self.next_id;
         let mut records = Vec::with_capacity(n);
@@ -558,7 +724,297 @@ impl Store {
         let ops = chunk_puts(records, prepared, self.dim);
         self.commit(ops)?;
         self.next_id = self.next_id.max(ids.iter().max().map_or(0, |m| m + 1));
+        if opts.auto_link {
+            self.auto_link(&ids, opts.link_k, opts.link_threshold)?;
+        }
         Ok(ids)
+    }
+
+    fn ensure_lsh(&mut self) {
+        if self.lsh.is_some() {
+            return;
+        }
+        let (t, b, seed) = DEDUPE_LSH;
+        let mut lsh = LshTables::new(self.dim, t, b, seed).expect("valid LSH shape");
+        for &id in self.vectors.ids() {
+            let mut u = self.vectors.vector(id).unwrap().to_vec();
+            if self.metric.normalizes() || distance::normalize(&mut u).is_ok() {
+                lsh.insert(id, &u);
+            }
+        }
+        self.lsh = Some(lsh);
+    }
+
+    /// The most similar existing record of exactly this scope with cosine
+    /// similarity >= `threshold`, among the LSH candidates.
+    fn near_duplicate(&self, v: &[f32], scope: &Scope, threshold: f32) -> Option<u64> {
+        let lsh = self.lsh.as_ref()?;
+        let mut u = v.to_vec();
+        if !self.metric.normalizes() && distance::normalize(&mut u).is_err() {
+            return None;
+        }
+        let mut best: Option<(f32, u64)> = None;
+        for id in lsh.candidates(&u) {
+            let r = &self.records[&id];
+            if r.archived || &r.scope != scope {
+                continue;
+            }
+            let w = self.vectors.vector(id).unwrap();
+            let norm = if self.metric.normalizes() {
+                1.0
+            } else {
+                distance::dot(w, w).sqrt()
+            };
+            if norm == 0.0 {
+                continue;
+            }
+            let cos = distance::dot(&u, w) / norm;
+            if cos >= threshold && best.is_none_or(|(b, bid)| cos > b || (cos == b && id < bid)) {
+                best = Some((cos, id));
+            }
+        }
+        best.map(|(_, id)| id)
+    }
+
+    fn auto_link(&mut self, ids: &[u64], k: usize, threshold: f32) -> Result<()> {
+        // changed records so far: links made earlier in this batch compose
+        let mut overlay: HashMap<u64, Record> = HashMap::new();
+        for &id in ids {
+            let scope = self.records[&id].scope.clone();
+            let v = self.vectors.vector(id).unwrap().to_vec();
+            let pred = |other: u64| {
+                other != id
+                    && self
+                        .records
+                        .get(&other)
+                        .is_some_and(|r| !r.archived && r.scope == scope)
+            };
+            let hits = self
+                .vectors
+                .search(&v, k, Some(&pred))
+                .pop()
+                .unwrap_or_default();
+            for h in hits.into_iter().filter(|h| h.score >= threshold) {
+                let view = |x: u64| overlay.get(&x).or_else(|| self.records.get(&x)).cloned();
+                let mut local: HashMap<u64, Record> = HashMap::new();
+                for x in [id, h.id] {
+                    if let Some(r) = view(x) {
+                        local.insert(x, r);
+                    }
+                }
+                let neighbours: Vec<u64> = local
+                    .values()
+                    .flat_map(|r| r.links.iter().map(|l| l.target))
+                    .collect();
+                for l in neighbours {
+                    if let Some(r) = view(l) {
+                        local.entry(l).or_insert(r);
+                    }
+                }
+                for r in links::link_pair(&local, id, h.id, "similar", h.score, self.max_degree) {
+                    overlay.insert(r.id, r);
+                }
+            }
+        }
+        if overlay.is_empty() {
+            return Ok(());
+        }
+        let mut changed: Vec<Record> = overlay.into_values().collect();
+        changed.sort_by_key(|r| r.id);
+        self.commit(vec![WalOp::Patch { records: changed }])
+    }
+
+    /// Link `a` and `b` both ways (replacing an existing link's kind and weight).
+    pub fn link(&mut self, a: u64, b: u64, kind: &str, weight: f32) -> Result<()> {
+        self.writer()?;
+        for id in [a, b] {
+            if !self.records.contains_key(&id) {
+                return Err(Error::NotFound(id));
+            }
+        }
+        if a == b {
+            return Err(Error::InvalidArgument(format!("cannot link {a} to itself")));
+        }
+        if !weight.is_finite() {
+            return Err(Error::InvalidArgument("link weight must be finite".into()));
+        }
+        let changed = links::link_pair(&self.records, a, b, kind, weight, self.max_degree);
+        self.commit(vec![WalOp::Patch { records: changed }])
+    }
+
+    /// Remove the link between `a` and `b`; returns whether there was one.
+    pub fn unlink(&mut self, a: u64, b: u64) -> Result<bool> {
+        self.writer()?;
+        for id in [a, b] {
+            if !self.records.contains_key(&id) {
+                return Err(Error::NotFound(id));
+            }
+        }
+        let changed = links::unlink_pair(&self.records, a, b);
+        if changed.is_empty() {
+            return Ok(false);
+        }
+        self.commit(vec![WalOp::Patch { records: changed }])?;
+        Ok(true)
+    }
+
+    /// Retention of each id at `now`.
+    pub fn retention(&self, ids: &[u64], now: f64) -> Result<Vec<f32>> {
+        ids.iter()
+            .map(|id| {
+                let r = self.records.get(id).ok_or(Error::NotFound(*id))?;
+                Ok(self.decay.retention(r, now))
+            })
+            .collect()
+    }
+
+    /// Reinforce ids as recalled at `now` (strength up, clock reset).
+    pub fn reinforce(&mut self, ids: &[u64], now: f64) -> Result<()> {
+        let touches = ids
+            .iter()
+            .map(|id| {
+                let r = self.records.get(id).ok_or(Error::NotFound(*id))?;
+                Ok(self.decay.reinforce(r, now))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.touch(touches)
+    }
+
+    fn visible(&self, r: &Record, opts: &SearchOptions) -> bool {
+        (opts.include_archived || !r.archived)
+            && r.scope.visible_to(&opts.scope)
+            && opts
+                .filter
+                .as_ref()
+                .is_none_or(|f| f.matches(r.metadata.as_ref()))
+    }
+
+    /// Search one query and rank by similarity, or with `decay` by the mixed
+    /// score of [`crate::memory::decay`]; then follow links. The decayed
+    /// top-k is exact: the candidate pool grows until no record outside it
+    /// could outscore the k-th hit.
+    pub fn recall(&self, query: &[f32], k: usize, opts: &RecallOptions) -> Result<Vec<RecallHit>> {
+        if k == 0 {
+            return Err(Error::InvalidArgument("k must be at least 1".into()));
+        }
+        let q = self.prepare(query, 1)?;
+        let score_of = |id: u64, sim: f32| {
+            let r = &self.records[&id];
+            let ret = self.decay.retention(r, opts.now);
+            RecallHit {
+                id,
+                score: if opts.decay {
+                    opts.weights.score(sim, ret, r.importance)
+                } else {
+                    sim
+                },
+                similarity: self.metric.user_score(sim),
+                retention: ret,
+                importance: r.importance,
+                expanded: false,
+                via: None,
+            }
+        };
+        let by_score =
+            |a: &RecallHit, b: &RecallHit| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id));
+        let mut pool = if opts.decay { (4 * k).max(32) } else { k };
+        let mut hits = loop {
+            let raw = self
+                .search(&q, 1, pool, &opts.search)?
+                .pop()
+                .unwrap_or_default();
+            let exhausted = raw.len() < pool;
+            let lowest_sim = raw.last().map_or(f32::NEG_INFINITY, |h| h.score);
+            let mut scored: Vec<RecallHit> = raw.iter().map(|h| score_of(h.id, h.score)).collect();
+            scored.sort_by(by_score);
+            scored.truncate(k);
+            let kth = scored.last().map_or(f32::NEG_INFINITY, |h| h.score);
+            let bound = opts.weights.similarity * lowest_sim + opts.weights.max_bonus();
+            if !opts.decay || exhausted || (scored.len() == k && kth >= bound) {
+                break scored;
+            }
+            pool *= 4;
+        };
+        let mut seen: HashSet<u64> = hits.iter().map(|h| h.id).collect();
+        let mut frontier: Vec<RecallHit> = hits.clone();
+        for _ in 0..opts.expand_links {
+            let mut next = Vec::new();
+            for parent in &frontier {
+                for l in &self.records[&parent.id].links {
+                    let Some(r) = self.records.get(&l.target) else {
+                        continue;
+                    };
+                    if seen.contains(&l.target) || !self.visible(r, &opts.search) {
+                        continue;
+                    }
+                    seen.insert(l.target);
+                    let sim = self
+                        .metric
+                        .similarity(&q, self.vectors.vector(l.target).unwrap());
+                    let mut h = score_of(l.target, sim);
+                    h.score = parent.score * l.weight * LINK_DISCOUNT;
+                    h.expanded = true;
+                    h.via = Some(parent.id);
+                    next.push(h);
+                }
+            }
+            hits.extend(next.iter().cloned());
+            frontier = next;
+        }
+        hits.sort_by(by_score);
+        Ok(hits)
+    }
+
+    /// Archive (or delete) every visible record whose retention at `now` is
+    /// below `threshold`. With `dry_run` nothing changes; the report says
+    /// what would have.
+    pub fn forget(
+        &mut self,
+        threshold: f32,
+        now: f64,
+        delete: bool,
+        dry_run: bool,
+        scope: &SearchOptions,
+    ) -> Result<ForgetReport> {
+        if !dry_run {
+            self.writer()?;
+        }
+        let mut examined = 0;
+        let mut victims: Vec<(u64, f32)> = Vec::new();
+        for r in self.records.values() {
+            if !self.visible(r, scope) || (!delete && r.archived) {
+                continue;
+            }
+            examined += 1;
+            let ret = self.decay.retention(r, now);
+            if ret < threshold {
+                victims.push((r.id, ret));
+            }
+        }
+        victims.sort_by_key(|v| v.0);
+        let ids: Vec<u64> = victims.iter().map(|v| v.0).collect();
+        if !dry_run && !ids.is_empty() {
+            if delete {
+                self.delete(&ids)?;
+            } else {
+                let recs = ids
+                    .iter()
+                    .map(|id| {
+                        let mut r = self.records[id].clone();
+                        r.archived = true;
+                        r
+                    })
+                    .collect();
+                self.patch(recs)?;
+            }
+        }
+        Ok(ForgetReport {
+            examined,
+            retentions: victims.iter().map(|v| v.1).collect(),
+            ids,
+            archived: !delete,
+            dry_run,
+        })
     }
 
     /// Delete ids. Every id must exist (checked before anything changes).
@@ -643,17 +1099,7 @@ impl Store {
         if !needs_pred || (opts.filter.is_none() && opts.scope.is_empty() && !any_archived) {
             return Ok(self.vectors.search(&q, k, None));
         }
-        let pred = |id: u64| {
-            let Some(r) = self.records.get(&id) else {
-                return false;
-            };
-            (opts.include_archived || !r.archived)
-                && r.scope.visible_to(&opts.scope)
-                && opts
-                    .filter
-                    .as_ref()
-                    .is_none_or(|f| f.matches(r.metadata.as_ref()))
-        };
+        let pred = |id: u64| self.records.get(&id).is_some_and(|r| self.visible(r, opts));
         Ok(self.vectors.search(&q, k, Some(&pred)))
     }
 

@@ -4,6 +4,7 @@
 
 mod error;
 mod gil;
+mod lsh;
 mod spann;
 mod store;
 
@@ -13,6 +14,7 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<store::NativeStore>()?;
+    m.add_class::<lsh::NativeLsh>()?;
     m.add_class::<spann::NativeSpann>()?;
     m.add_function(wrap_pyfunction!(store::verify_store, m)?)?;
     m.add_function(wrap_pyfunction!(gil::set_num_threads, m)?)?;

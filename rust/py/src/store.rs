@@ -3,9 +3,10 @@
 //! slices; results leave as new numpy arrays.
 
 use crate::gil::run;
+use engramdb_core::memory::Weights;
 use engramdb_core::memory::{Filter, Link, Record, Scope};
 use engramdb_core::storage::wal::Touch;
-use engramdb_core::store::{self, Insert, SearchOptions, WriteMode};
+use engramdb_core::store::{self, AddOptions, Insert, RecallOptions, SearchOptions, WriteMode};
 use engramdb_core::{Error, Metric, Store, StoreOptions};
 use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -154,7 +155,7 @@ impl NativeStore {
 
     /// Insert (or with `upsert`, replace) a batch. Column arguments are
     /// per-vector lists; `metadata` entries are JSON object strings.
-    #[pyo3(signature = (vectors, ids=None, texts=None, metadata=None, user_ids=None, agent_ids=None, session_ids=None, importance=None, created_at=None, upsert=false, now=None))]
+    #[pyo3(signature = (vectors, ids=None, texts=None, metadata=None, user_ids=None, agent_ids=None, session_ids=None, importance=None, created_at=None, upsert=false, now=None, auto_link=false, link_k=5, link_threshold=0.75, dedupe=None))]
     #[allow(clippy::too_many_arguments)]
     fn add<'py>(
         &self,
@@ -170,6 +171,10 @@ impl NativeStore {
         created_at: Option<Vec<f64>>,
         upsert: bool,
         now: Option<f64>,
+        auto_link: bool,
+        link_k: usize,
+        link_threshold: f32,
+        dedupe: Option<f32>,
     ) -> PyResult<Bound<'py, PyArray1<u64>>> {
         let shape = vectors.shape();
         let (n, d) = (shape[0], shape[1]);
@@ -207,12 +212,18 @@ impl NativeStore {
                     created_at: created_at.as_ref().map(|v| v[i]),
                 });
             }
-            let mode = if upsert {
-                WriteMode::Upsert
-            } else {
-                WriteMode::Add
+            let opts = AddOptions {
+                mode: if upsert {
+                    WriteMode::Upsert
+                } else {
+                    WriteMode::Add
+                },
+                auto_link,
+                link_k,
+                link_threshold,
+                dedupe,
             };
-            s.add(data, items, mode, now.unwrap_or_else(store::now_seconds))
+            s.add_with(data, items, &opts, now.unwrap_or_else(store::now_seconds))
         })?;
         Ok(PyArray1::from_vec(py, out))
     }
@@ -242,19 +253,7 @@ impl NativeStore {
                     got: d,
                 });
             }
-            let filter = match parse_json(filter, "filter")? {
-                Some(v) => Some(Filter::parse(&v)?),
-                None => None,
-            };
-            let opts = SearchOptions {
-                filter,
-                scope: Scope {
-                    user_id,
-                    agent_id,
-                    session_id,
-                },
-                include_archived,
-            };
+            let opts = search_options(filter, user_id, agent_id, session_id, include_archived)?;
             let hits = s.search(data, m, k, &opts)?;
             let kk = k.min(s.len()).max(1);
             let mut ids = vec![MISSING_ID; m * kk];
@@ -340,6 +339,182 @@ impl NativeStore {
         self.write(py, move |s| s.touch(t))
     }
 
+    /// Rank one query by similarity or by the decayed score, follow links,
+    /// and (with `reinforce`) record the recall of the direct hits. Returns
+    /// (id, score, similarity, retention, importance, expanded, via) tuples.
+    #[pyo3(signature = (query, k=10, filter=None, user_id=None, agent_id=None, session_id=None, include_archived=false, now=None, decay=true, weights=(1.0, 0.3, 0.2), reinforce=None, expand_links=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn recall<'py>(
+        &self,
+        py: Python<'py>,
+        query: PyReadonlyArray1<'py, f32>,
+        k: usize,
+        filter: Option<String>,
+        user_id: Option<String>,
+        agent_id: Option<String>,
+        session_id: Option<String>,
+        include_archived: bool,
+        now: Option<f64>,
+        decay: bool,
+        weights: (f32, f32, f32),
+        reinforce: Option<bool>,
+        expand_links: usize,
+    ) -> PyResult<Vec<RecallTuple>> {
+        let q = query.as_slice()?;
+        let now = now.unwrap_or_else(store::now_seconds);
+        let hits = self.read(py, |s| {
+            if q.len() != s.dim() {
+                return Err(Error::DimensionMismatch {
+                    expected: s.dim(),
+                    got: q.len(),
+                });
+            }
+            let opts = RecallOptions {
+                search: search_options(filter, user_id, agent_id, session_id, include_archived)?,
+                now,
+                decay,
+                weights: Weights {
+                    similarity: weights.0,
+                    retention: weights.1,
+                    importance: weights.2,
+                },
+                expand_links,
+            };
+            s.recall(q, k, &opts)
+        })?;
+        let direct: Vec<u64> = hits.iter().filter(|h| !h.expanded).map(|h| h.id).collect();
+        let writable = !self.read(py, |s| Ok(s.read_only()))?;
+        if reinforce.unwrap_or(decay && writable) && !direct.is_empty() {
+            self.write(py, move |s| s.reinforce(&direct, now))?;
+        }
+        Ok(hits
+            .into_iter()
+            .map(|h| {
+                (
+                    h.id,
+                    h.score,
+                    h.similarity,
+                    h.retention,
+                    h.importance,
+                    h.expanded,
+                    h.via,
+                )
+            })
+            .collect())
+    }
+
+    /// Retention R = exp(-dt / S) of each id at `now`.
+    #[pyo3(signature = (ids, now=None))]
+    fn retention<'py>(
+        &self,
+        py: Python<'py>,
+        ids: Vec<u64>,
+        now: Option<f64>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let now = now.unwrap_or_else(store::now_seconds);
+        let r = self.read(py, move |s| s.retention(&ids, now))?;
+        Ok(PyArray1::from_vec(py, r))
+    }
+
+    /// Record a recall of `ids` at `now` (strength up, clock reset).
+    #[pyo3(signature = (ids, now=None))]
+    fn reinforce(&self, py: Python<'_>, ids: Vec<u64>, now: Option<f64>) -> PyResult<()> {
+        let now = now.unwrap_or_else(store::now_seconds);
+        self.write(py, move |s| s.reinforce(&ids, now))
+    }
+
+    /// Archive or delete records whose retention is below `threshold`.
+    #[pyo3(signature = (threshold=0.05, now=None, delete=false, dry_run=false, filter=None, user_id=None, agent_id=None, session_id=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn forget<'py>(
+        &self,
+        py: Python<'py>,
+        threshold: f32,
+        now: Option<f64>,
+        delete: bool,
+        dry_run: bool,
+        filter: Option<String>,
+        user_id: Option<String>,
+        agent_id: Option<String>,
+        session_id: Option<String>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let now = now.unwrap_or_else(store::now_seconds);
+        let rep = self.write(py, move |s| {
+            let scope = search_options(filter, user_id, agent_id, session_id, delete)?;
+            s.forget(threshold, now, delete, dry_run, &scope)
+        })?;
+        let d = PyDict::new(py);
+        d.set_item("action", if rep.archived { "archive" } else { "delete" })?;
+        d.set_item("dry_run", rep.dry_run)?;
+        d.set_item("threshold", threshold)?;
+        d.set_item("now", now)?;
+        d.set_item("examined", rep.examined)?;
+        d.set_item("ids", rep.ids)?;
+        d.set_item("retentions", rep.retentions)?;
+        Ok(d)
+    }
+
+    #[pyo3(signature = (a, b, kind="related".to_string(), weight=1.0))]
+    fn link(&self, py: Python<'_>, a: u64, b: u64, kind: String, weight: f32) -> PyResult<()> {
+        self.write(py, move |s| s.link(a, b, &kind, weight))
+    }
+
+    fn unlink(&self, py: Python<'_>, a: u64, b: u64) -> PyResult<bool> {
+        self.write(py, move |s| s.unlink(a, b))
+    }
+
+    fn links(&self, py: Python<'_>, id: u64) -> PyResult<Vec<(u64, String, f32)>> {
+        self.read(py, move |s| {
+            let r = s.record(id).ok_or(Error::NotFound(id))?;
+            Ok(r.links
+                .iter()
+                .map(|l| (l.target, l.kind.clone(), l.weight))
+                .collect())
+        })
+    }
+
+    /// Tune the forgetting curve and the link degree cap for this handle.
+    #[pyo3(signature = (decay_unit_seconds=None, reinforce_increment=None, reset_on_recall=None, max_degree=None))]
+    fn configure(
+        &self,
+        py: Python<'_>,
+        decay_unit_seconds: Option<f64>,
+        reinforce_increment: Option<f32>,
+        reset_on_recall: Option<bool>,
+        max_degree: Option<usize>,
+    ) -> PyResult<()> {
+        self.write(py, move |s| {
+            if let Some(u) = decay_unit_seconds {
+                if !(u.is_finite() && u > 0.0) {
+                    return Err(Error::InvalidArgument(
+                        "decay unit must be a positive number of seconds".into(),
+                    ));
+                }
+                s.decay.unit_seconds = u;
+            }
+            if let Some(i) = reinforce_increment {
+                if !(i.is_finite() && i >= 0.0) {
+                    return Err(Error::InvalidArgument(
+                        "reinforce increment must be >= 0".into(),
+                    ));
+                }
+                s.decay.increment = i;
+            }
+            if let Some(r) = reset_on_recall {
+                s.decay.reset_on_recall = r;
+            }
+            if let Some(m) = max_degree {
+                if m == 0 {
+                    return Err(Error::InvalidArgument(
+                        "max_degree must be at least 1".into(),
+                    ));
+                }
+                s.max_degree = m;
+            }
+            Ok(())
+        })
+    }
+
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
         self.write(py, |s| s.flush())
     }
@@ -359,6 +534,31 @@ impl NativeStore {
         let info = self.read(py, |s| Ok(s.info()))?;
         info_dict(py, &info)
     }
+}
+
+/// (id, score, similarity, retention, importance, expanded, via)
+type RecallTuple = (u64, f32, f32, f32, f32, bool, Option<u64>);
+
+fn search_options(
+    filter: Option<String>,
+    user_id: Option<String>,
+    agent_id: Option<String>,
+    session_id: Option<String>,
+    include_archived: bool,
+) -> Result<SearchOptions, Error> {
+    let filter = match parse_json(filter, "filter")? {
+        Some(v) => Some(Filter::parse(&v)?),
+        None => None,
+    };
+    Ok(SearchOptions {
+        filter,
+        scope: Scope {
+            user_id,
+            agent_id,
+            session_id,
+        },
+        include_archived,
+    })
 }
 
 fn info_dict<'py>(py: Python<'py>, i: &store::Info) -> PyResult<Bound<'py, PyDict>> {

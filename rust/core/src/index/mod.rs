@@ -6,6 +6,7 @@
 //! "higher is closer" (see [`crate::distance`]).
 
 pub mod flat;
+pub mod lsh;
 pub mod spann;
 
 use crate::distance::Metric;
