@@ -450,7 +450,7 @@ def test_expand_links(mem):
     hits = mem.search("Caroline hiking mountains", k=4, mode="keyword", expand_links=1)
     hb = next(h for h in hits if h.id == b)
     assert hb.expanded and hb.via == a
-    assert hb.score == pytest.approx(hits[0].score * 0.5)
+    assert hb.score == pytest.approx(hits[0].score * 0.8)
     none = mem.search(
         "Caroline hiking mountains", k=4, mode="keyword", expand_links=1, link_kinds={"similar"}
     )

@@ -787,6 +787,7 @@ class Memory:
         now: TimeLike = None,
         action: str = "archive",
         dry_run: bool = False,
+        filters: Optional[dict[str, Any]] = None,
         user_id: Optional[str] = None,
         agent_id: Optional[str] = None,
         session_id: Optional[str] = None,
@@ -801,6 +802,7 @@ class Memory:
                 now=to_epoch(now),
                 action=action,
                 dry_run=dry_run,
+                filter=filters,
                 user_id=user_id,
                 agent_id=agent_id,
                 session_id=session_id,
@@ -879,7 +881,7 @@ class Memory:
         decay: bool = True,
         weights: tuple[float, float, float] = (1.0, 0.3, 0.2),
         expand_links: int = 0,
-        link_discount: float = 0.5,
+        link_discount: float = 0.8,
         link_kinds: Optional[Iterable[str]] = None,
         reinforce: bool = False,
         include_archived: bool = False,
@@ -920,7 +922,23 @@ class Memory:
         if mode != "keyword":
             qv = self._embed([q])[0]
             qv = qv / max(float(np.linalg.norm(qv)), 1e-12)
-            if len(self._store):
+            if len(self._store) and hasattr(self._store, "recall"):
+                # exact top candidates under the store's own three-part score, so a
+                # fresh or important memory is not lost behind similar stale ones
+                for h in self._store.recall(
+                    qv,
+                    k=n_cand,
+                    filter=filters,
+                    include_archived=include_archived,
+                    now=t_now,
+                    decay=decay,
+                    weights=tuple(weights),
+                    reinforce=False,
+                    **scope,
+                ):
+                    if not h.expanded:
+                        sims[int(h.id)] = float(h.similarity)
+            elif len(self._store):
                 ids, scores = self._store.search(
                     qv, k=n_cand, filter=filters, include_archived=include_archived, **scope
                 )
@@ -1118,26 +1136,49 @@ class Memory:
     def export_items(self, include_archived: bool = True) -> list[MemoryItem]:
         return self.get_all(include_archived=include_archived)
 
-    def _import_item(self, d: dict[str, Any], vector: Optional[np.ndarray] = None) -> int:
-        """Re-create one exported memory with its id and attributes (used by
-        ``engramdb mem import``). Links are restored separately."""
-        it = _item(d)
-        text = _clean_texts([it.text])[0]
-        vec = self._embed([text]) if vector is None else np.asarray(vector, dtype=np.float32).reshape(1, -1)
+    def import_items(
+        self, records: Sequence[dict[str, Any]], vectors: Sequence[Optional[np.ndarray]]
+    ) -> list[int]:
+        """Re-create exported memories (dicts as :meth:`MemoryItem.to_dict` gives) under
+        their ids with every attribute: decay state, archived flag, times and links.
+        ``vectors[i]`` is reused when given, else the text is embedded. Used by
+        ``engramdb mem import``; an existing id is replaced."""
+        items = [_item(d) for d in records]
+        texts = _clean_texts([it.text for it in items])
+        need = [i for i, v in enumerate(vectors) if v is None]
+        vecs = np.empty((len(items), self.dim), dtype=np.float32)
+        for s in range(0, len(need), 256):
+            chunk = need[s : s + 256]
+            vecs[chunk] = self._embed([texts[i] for i in chunk])
+        for i, v in enumerate(vectors):
+            if v is not None:
+                vecs[i] = np.asarray(v, dtype=np.float32).reshape(-1)
+        at = time.time()
         with self._lock:
-            self._store.upsert(
-                vec,
-                ids=[it.id],
-                texts=[text],
-                metadata=[it.metadata or None],
-                user_id=it.user_id,
-                agent_id=it.agent_id,
-                session_id=it.session_id,
-                importance=it.importance,
-                created_at=it.created_at,
+            for s in range(0, len(items), 1024):
+                sl = slice(s, s + 1024)
+                part = items[sl]
+                self._store.upsert(
+                    vecs[sl],
+                    ids=[it.id for it in part],
+                    texts=texts[sl],
+                    metadata=[it.metadata or None for it in part],
+                    user_id=[it.user_id for it in part],
+                    agent_id=[it.agent_id for it in part],
+                    session_id=[it.session_id for it in part],
+                    importance=[it.importance for it in part],
+                    created_at=[it.created_at for it in part],
+                )
+            for it, t in zip(items, texts):
+                self._bm25.add(it.id, t, (it.user_id, it.agent_id, it.session_id), it.archived)
+            self._restore_state(items)
+            self._log(
+                [
+                    {"id": it.id, "event": "IMPORT", "at": at, "text": it.text, "metadata": it.metadata}
+                    for it in items
+                ]
             )
-            self._bm25.add(it.id, text, (it.user_id, it.agent_id, it.session_id), it.archived)
-        return it.id
+        return [it.id for it in items]
 
     def _restore_state(self, items: list[MemoryItem]) -> None:
         """Set decay state, archived flags and times exactly as exported."""
