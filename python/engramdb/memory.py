@@ -662,6 +662,94 @@ class Memory:
             self._log(events)
         return ids
 
+    def upsert(
+        self,
+        ids: Sequence[int],
+        texts: Sequence[Union[str, bytes]],
+        *,
+        vectors: Any = None,
+        metadata: Union[None, dict[str, Any], Sequence[Optional[dict[str, Any]]]] = None,
+        user_id: Union[None, str, Sequence[Optional[str]]] = None,
+        agent_id: Union[None, str, Sequence[Optional[str]]] = None,
+        session_id: Union[None, str, Sequence[Optional[str]]] = None,
+        importance: Union[None, float, Sequence[float]] = None,
+        timestamp: Union[TimeLike, Sequence[TimeLike]] = None,
+    ) -> list[int]:
+        """Insert memories under the given ids, or replace the text, vector, metadata
+        and scope of existing ones (which keep their strength, access history and
+        links; history records ADD or UPDATE). ``vectors`` (n, dim) skips embedding.
+        For adapters that choose their own ids (LangChain, Mem0)."""
+        id_list = [int(i) for i in ids]
+        n = len(id_list)
+        if n == 0:
+            return []
+        if len(set(id_list)) != n:
+            raise InvalidArgumentError("upsert ids must be distinct")
+        clean = _clean_texts(list(texts))
+        if len(clean) != n:
+            raise InvalidArgumentError(f"{len(clean)} texts for {n} ids")
+
+        def per(v: Any, name: str) -> list[Any]:
+            if v is None or isinstance(v, (dict, str, int, float, _dt.datetime, _dt.date)):
+                return [v] * n
+            vs = list(v)
+            if len(vs) != n:
+                raise InvalidArgumentError(f"{name} has {len(vs)} entries for {n} items")
+            return vs
+
+        metas = [dict(m) if m else None for m in per(metadata, "metadata")]
+        users, agents, sessions = (
+            per(user_id, "user_id"),
+            per(agent_id, "agent_id"),
+            per(session_id, "session_id"),
+        )
+        stamps = [to_epoch(t) for t in per(timestamp, "timestamp")]
+        imps = per(importance, "importance")
+        if vectors is None:
+            vecs = self._embed(clean)
+        else:
+            vecs = np.asarray(vectors, dtype=np.float32).reshape(n, -1)
+        with self._lock:
+            old = {int(d["id"]): d for d in self._records([i for i in id_list if i in self._store])}
+            now = time.time()
+            self._store.upsert(
+                vecs,
+                ids=id_list,
+                texts=clean,
+                metadata=metas,
+                user_id=users,
+                agent_id=agents,
+                session_id=sessions,
+                importance=[
+                    float(imp) if imp is not None else float(old[i]["importance"]) if i in old else 0.5
+                    for i, imp in zip(id_list, imps)
+                ],
+                created_at=[
+                    ts if ts is not None else float(old[i]["created_at"]) if i in old else now
+                    for i, ts in zip(id_list, stamps)
+                ],
+            )
+            events = []
+            for i, t, m, u, a, se in zip(id_list, clean, metas, users, agents, sessions):
+                prev = old.get(i)
+                self._bm25.add(i, t, (u, a, se), bool(prev and prev.get("archived")))
+                if prev is None:
+                    events.append({"id": i, "event": "ADD", "at": now, "text": t, "metadata": m})
+                else:
+                    events.append(
+                        {
+                            "id": i,
+                            "event": "UPDATE",
+                            "at": now,
+                            "old_text": prev.get("text"),
+                            "text": t,
+                            "old_metadata": _item(prev).metadata,
+                            "metadata": m,
+                        }
+                    )
+            self._log(events)
+        return id_list
+
     def update(
         self,
         id: int,
@@ -868,7 +956,7 @@ class Memory:
 
     def search(
         self,
-        query: Union[str, bytes],
+        query: Union[None, str, bytes],
         k: int = 10,
         *,
         filters: Optional[dict[str, Any]] = None,
@@ -889,6 +977,7 @@ class Memory:
         rrf_k: int = 60,
         alpha: float = 0.5,
         min_score: Optional[float] = None,
+        query_vector: Any = None,
     ) -> list[MemoryHit]:
         """The ``k`` best memories for ``query``, best first (see the module docstring
         for the score). ``mode``: ``"hybrid"`` (default), ``"vector"`` or ``"keyword"``;
@@ -896,7 +985,9 @@ class Memory:
         min-max BM25, over each retriever's candidates) or ``"rrf"`` (1 / (rrf_k + rank)
         summed, scaled so rank 1 in both lists is 1). On LoCoMo (benches/RESULTS-memory.md)
         "sum" beat "rrf": the weaker retriever's ranks count as much as the stronger's
-        under RRF. ``candidates`` is how many each retriever contributes (default
+        under RRF. ``query_vector`` replaces the query's embedding (for embedders
+        with a separate query side); with it ``query`` may be ``None`` in vector mode.
+        ``candidates`` is how many each retriever contributes (default
         ``max(50, 5k)``). ``link_kinds`` restricts link expansion to those kinds
         (e.g. ``{"similar"}``; default all). ``reinforce=True`` counts the returned memories as recalled
         (strength + 1, last access = ``now``: the forgetting curve restarts).
@@ -911,7 +1002,12 @@ class Memory:
             raise InvalidArgumentError("filters must be a dict")
         if len(weights) != 3:
             raise InvalidArgumentError("weights must be (relevance, retention, importance)")
-        q = _clean_texts([query])[0]
+        if query is None:
+            if query_vector is None or mode != "vector":
+                raise InvalidArgumentError("search needs a query text (or query_vector= with mode='vector')")
+            q = ""
+        else:
+            q = _clean_texts([query])[0]
         t_now = to_epoch(now)
         n_cand = int(candidates) if candidates is not None else max(50, 5 * int(k))
         scope = {"user_id": user_id, "agent_id": agent_id, "session_id": session_id}
@@ -920,7 +1016,14 @@ class Memory:
         kw: dict[int, float] = {}
 
         if mode != "keyword":
-            qv = self._embed([q])[0]
+            if query_vector is not None:
+                qv = np.asarray(query_vector, dtype=np.float32).reshape(-1)
+                if qv.shape[0] != self.dim:
+                    raise DimensionMismatchError(
+                        f"query_vector has dim {qv.shape[0]}, the memory has {self.dim}"
+                    )
+            else:
+                qv = self._embed([q])[0]
             qv = qv / max(float(np.linalg.norm(qv)), 1e-12)
             if len(self._store) and hasattr(self._store, "recall"):
                 # exact top candidates under the store's own three-part score, so a
