@@ -368,6 +368,20 @@ pub struct Store {
     pub decay: DecayPolicy,
     /// Most links one record keeps.
     pub max_degree: usize,
+    /// Bumped by every applied write; keys the filter cache.
+    write_gen: u64,
+    /// The rows matching the last filtered search's restrictions, so a
+    /// repeated filter or scope costs a gather-scan of its rows only.
+    subset_cache: std::sync::Mutex<Option<SubsetCache>>,
+    /// (write generation, whether any record is archived then).
+    archived_cache: std::sync::Mutex<(u64, bool)>,
+}
+
+#[derive(Debug)]
+struct SubsetCache {
+    key: String,
+    write_gen: u64,
+    rows: std::sync::Arc<Vec<usize>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -451,6 +465,9 @@ impl Store {
             lsh: None,
             decay: DecayPolicy::default(),
             max_degree: DEFAULT_MAX_DEGREE,
+            write_gen: 0,
+            subset_cache: Default::default(),
+            archived_cache: std::sync::Mutex::new((u64::MAX, false)),
         })
     }
 
@@ -511,6 +528,9 @@ impl Store {
             lsh: None,
             decay: DecayPolicy::default(),
             max_degree: DEFAULT_MAX_DEGREE,
+            write_gen: 0,
+            subset_cache: Default::default(),
+            archived_cache: std::sync::Mutex::new((u64::MAX, false)),
         })
     }
 
@@ -576,6 +596,7 @@ impl Store {
     fn commit(&mut self, ops: Vec<WalOp>) -> Result<()> {
         self.writer()?.append(&ops)?;
         self.wal_frames += ops.len();
+        self.write_gen += 1;
         let mut state = State {
             records: &mut self.records,
             vectors: &mut self.vectors,
@@ -1094,13 +1115,36 @@ impl Store {
             return Err(Error::InvalidArgument("k must be at least 1".into()));
         }
         let q = self.prepare(queries, m)?;
-        let needs_pred = opts.filter.is_some() || !opts.scope.is_empty() || !opts.include_archived;
-        let any_archived = !opts.include_archived && self.records.values().any(|r| r.archived);
-        if !needs_pred || (opts.filter.is_none() && opts.scope.is_empty() && !any_archived) {
+        let hide_archived = !opts.include_archived && self.has_archived();
+        if opts.filter.is_none() && opts.scope.is_empty() && !hide_archived {
             return Ok(self.vectors.search(&q, k, None));
         }
-        let pred = |id: u64| self.records.get(&id).is_some_and(|r| self.visible(r, opts));
-        Ok(self.vectors.search(&q, k, Some(&pred)))
+        let key = format!("{opts:?}");
+        let mut cache = self.subset_cache.lock().unwrap();
+        let rows = match cache.as_ref() {
+            Some(c) if c.key == key && c.write_gen == self.write_gen => c.rows.clone(),
+            _ => {
+                let pred = |id: u64| self.records.get(&id).is_some_and(|r| self.visible(r, opts));
+                let rows = std::sync::Arc::new(self.vectors.rows_matching(&pred));
+                *cache = Some(SubsetCache {
+                    key,
+                    write_gen: self.write_gen,
+                    rows: rows.clone(),
+                });
+                rows
+            }
+        };
+        drop(cache);
+        Ok(self.vectors.search_rows(&q, k, &rows))
+    }
+
+    /// Whether any record is archived (cached until the next write).
+    fn has_archived(&self) -> bool {
+        let mut c = self.archived_cache.lock().unwrap();
+        if c.0 != self.write_gen {
+            *c = (self.write_gen, self.records.values().any(|r| r.archived));
+        }
+        c.1
     }
 
     fn maybe_checkpoint(&mut self) -> Result<()> {

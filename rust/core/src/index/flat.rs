@@ -91,6 +91,7 @@ impl FlatIndex {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn scan_rows(
         &self,
         queries: &[f32],
@@ -99,7 +100,9 @@ impl FlatIndex {
         end: usize,
         tops: &mut [TopK],
         scratch: &mut Vec<f32>,
+        keep: Option<&[bool]>,
     ) {
+        let ok = |row: usize| keep.is_none_or(|k| k[row]);
         let d = self.dim;
         let m = tops.len();
         let rows = end - start;
@@ -137,7 +140,7 @@ impl FlatIndex {
                     } else {
                         ip
                     };
-                    if s >= thr {
+                    if s >= thr && ok(start + j) {
                         top.push(self.ids[start + j], s);
                         thr = top.threshold();
                     }
@@ -158,7 +161,7 @@ impl FlatIndex {
                 }
                 let mut thr = top.threshold();
                 for (j, &s) in scratch.iter().enumerate() {
-                    if s >= thr {
+                    if s >= thr && ok(start + j) {
                         top.push(self.ids[start + j], s);
                         thr = top.threshold();
                     }
@@ -167,19 +170,36 @@ impl FlatIndex {
         }
     }
 
-    fn search_filtered(&self, queries: &[f32], k: usize, filter: &IdFilter) -> Vec<Vec<Hit>> {
-        let d = self.dim;
-        let rows: Vec<usize> = (0..self.ids.len())
+    /// Rows whose id `filter` accepts (valid until the next write).
+    pub fn rows_matching(&self, filter: &IdFilter) -> Vec<usize> {
+        (0..self.ids.len())
             .into_par_iter()
             .filter(|&r| filter(self.ids[r]))
-            .collect();
+            .collect()
+    }
+
+    fn search_filtered(&self, queries: &[f32], k: usize, filter: &IdFilter) -> Vec<Vec<Hit>> {
+        let rows = self.rows_matching(filter);
+        self.search_rows(queries, k, &rows)
+    }
+
+    /// Exact top-`k` among the given rows (from [`FlatIndex::rows_matching`]
+    /// on the current contents).
+    pub fn search_rows(&self, queries: &[f32], k: usize, rows: &[usize]) -> Vec<Vec<Hit>> {
+        let d = self.dim;
         let m = queries.len() / d;
+        if rows.len() >= self.ids.len() / 2 {
+            // a dense subset: scan blocks, skip rows outside it by a bitmap
+            let mut keep = vec![false; self.ids.len()];
+            rows.iter().for_each(|&r| keep[r] = true);
+            return self.scan_all(queries, k, Some(&keep));
+        }
         (0..m)
             .into_par_iter()
             .map(|qi| {
                 let q = &queries[qi * d..(qi + 1) * d];
                 let mut top = TopK::new(k);
-                for &r in &rows {
+                for &r in rows {
                     let s = self.metric.similarity(q, &self.data[r * d..(r + 1) * d]);
                     top.push(self.ids[r], s);
                 }
@@ -246,13 +266,25 @@ impl VectorIndex for FlatIndex {
     }
 
     fn search(&self, queries: &[f32], k: usize, filter: Option<&IdFilter>) -> Vec<Vec<Hit>> {
+        let m = queries.len() / self.dim;
+        if m == 0 || k == 0 || self.ids.is_empty() {
+            return vec![Vec::new(); m];
+        }
+        match filter {
+            Some(f) => self.search_filtered(queries, k, f),
+            None => self.scan_all(queries, k, None),
+        }
+    }
+}
+
+impl FlatIndex {
+    /// Scan every block; with `keep`, drop rows marked false after scoring
+    /// (for dense subsets, where scoring everything is cheapest).
+    fn scan_all(&self, queries: &[f32], k: usize, keep: Option<&[bool]>) -> Vec<Vec<Hit>> {
         let d = self.dim;
         let m = queries.len() / d;
         if m == 0 || k == 0 || self.ids.is_empty() {
             return vec![Vec::new(); m];
-        }
-        if let Some(f) = filter {
-            return self.search_filtered(queries, k, f);
         }
         let qnorms: Vec<f32> = if self.metric == Metric::L2 {
             queries
@@ -271,7 +303,7 @@ impl VectorIndex for FlatIndex {
                 |(mut tops, mut scratch), b| {
                     let start = b * BLOCK;
                     let end = (start + BLOCK).min(n);
-                    self.scan_rows(queries, &qnorms, start, end, &mut tops, &mut scratch);
+                    self.scan_rows(queries, &qnorms, start, end, &mut tops, &mut scratch, keep);
                     (tops, scratch)
                 },
             )
