@@ -93,6 +93,8 @@ class SpannIndex:
     def __init__(self, native: Any, path: str):
         self._native = native
         self.path = path
+        #: whether reads bypass the page cache (see :meth:`open`)
+        self.direct_io = False
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -151,10 +153,16 @@ class SpannIndex:
         return cls(native, path)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: str = "disk") -> SpannIndex:
-        """Open a saved index; ``mode="memory"`` loads postings and vectors."""
+    def open(cls, path: str | os.PathLike, mode: str = "disk", direct_io: bool = False) -> SpannIndex:
+        """Open a saved index; ``mode="memory"`` loads postings and vectors.
+        ``direct_io=True`` reads pages with O_DIRECT, bypassing the page
+        cache (falls back to cached reads where the file system refuses; see
+        :attr:`direct_io`)."""
         path = os.fspath(path)
-        return cls(_native.NativeSpann.open(path, mode=mode), path)
+        idx = cls(_native.NativeSpann.open(path, mode=mode), path)
+        if direct_io:
+            idx.direct_io = bool(idx._native.set_direct_io(True))
+        return idx
 
     # -- queries ------------------------------------------------------------
     def search(

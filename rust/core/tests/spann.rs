@@ -293,22 +293,34 @@ fn shared_data_recall() {
         ..SpannParams::default()
     };
     let t = Instant::now();
-    let mut idx = SpannIndex::build(&base, dim, None, Metric::Cosine, params, None).unwrap();
+    let saved = std::env::var("SPANN_SAVED").ok();
+    let mut idx = match &saved {
+        Some(p) if std::path::Path::new(p).exists() => {
+            SpannIndex::open(std::path::Path::new(p), Mode::Memory).unwrap()
+        }
+        _ => SpannIndex::build(&base, dim, None, Metric::Cosine, params, None).unwrap(),
+    };
+    if let Some(p) = &saved {
+        if idx.path().is_none() {
+            idx.save(std::path::Path::new(p)).unwrap();
+        }
+    }
     eprintln!("build {:.1}s {:?}", t.elapsed().as_secs_f64(), idx.stats());
-    let grid: Vec<(usize, usize, usize)> = std::env::var("GRID")
+    let grid: Vec<(usize, usize, usize, f32)> = std::env::var("GRID")
         .unwrap_or("16,8,32;32,12,48;64,24,64;96,32,100;128,48,128".into())
         .split(';')
         .map(|t| {
-            let v: Vec<usize> = t.split(',').map(|x| x.parse().unwrap()).collect();
-            (v[0], v[1], v[2])
+            let v: Vec<f32> = t.split(',').map(|x| x.parse().unwrap()).collect();
+            let eps = v.get(3).copied().unwrap_or(10.0);
+            (v[0] as usize, v[1] as usize, v[2] as usize, eps)
         })
         .collect();
-    for (nprobe, coarse, rerank) in grid {
+    for (nprobe, coarse, rerank, epsilon) in grid {
         let sp = SearchParams {
             nprobe,
             coarse_probe: coarse,
             rerank,
-            epsilon: 10.0,
+            epsilon,
         };
         let t = Instant::now();
         let mut got = Vec::new();
@@ -317,7 +329,7 @@ fn shared_data_recall() {
         }
         let dt = t.elapsed().as_secs_f64();
         eprintln!(
-            "nprobe {nprobe} coarse {coarse} rerank {rerank}: recall {:.4} qps(1 query/call) {:.0}",
+            "nprobe {nprobe} coarse {coarse} rerank {rerank} eps {epsilon}: recall {:.4} qps(1 query/call) {:.0}",
             recall(&ids_of(&got), &truth),
             (queries.len() / dim) as f64 / dt
         );

@@ -350,6 +350,12 @@ impl NativeSpann {
         Ok(d)
     }
 
+    /// Read postings and vectors with O_DIRECT (bypassing the page cache)
+    /// where the file system allows it; returns whether it does.
+    fn set_direct_io(&self, py: Python<'_>, on: bool) -> PyResult<bool> {
+        self.write(py, move |s| Ok(s.set_direct_io(on)))
+    }
+
     fn close(&self) {
         *self.inner.write().unwrap() = None;
     }

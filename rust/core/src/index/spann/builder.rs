@@ -237,8 +237,7 @@ pub(crate) fn hierarchical(
         let step = leaf.ceil().max(1.0) as usize;
         return g
             .chunks(step)
-            .map(|ch| hierarchical(data, dim, ch.to_vec(), f32::INFINITY, p, seed, progress))
-            .flatten()
+            .flat_map(|ch| hierarchical(data, dim, ch.to_vec(), f32::INFINITY, p, seed, progress))
             .collect();
     }
     groups

@@ -185,6 +185,11 @@ pub(crate) struct Slot {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Heads {
     pub vecs: Vec<f32>,
+    /// int8 codes of the heads (same quantizer as the postings) and their
+    /// decoded squared norms: the query-time head scan reads these, a
+    /// quarter of the bytes of `vecs`.
+    pub codes: Vec<i8>,
+    pub code_aux: Vec<f32>,
     pub alive: Vec<bool>,
     pub coarse: Vec<f32>,
     pub lists: Vec<Vec<u32>>,
@@ -290,7 +295,7 @@ impl SpannIndex {
         if dim == 0 {
             return Err(Error::InvalidArgument("dimension must be positive".into()));
         }
-        if vectors.len() % dim != 0 {
+        if !vectors.len().is_multiple_of(dim) {
             return Err(Error::DimensionMismatch {
                 expected: dim,
                 got: vectors.len() % dim,
@@ -371,6 +376,8 @@ impl SpannIndex {
             quant,
             heads: Heads {
                 vecs: hv,
+                codes: Vec::new(),
+                code_aux: Vec::new(),
                 alive: vec![true; h],
                 coarse: heads.0,
                 lists: heads.1,
@@ -393,6 +400,8 @@ impl SpannIndex {
             last: Mutex::new(LastSearch::default()),
             params,
         };
+
+        idx.encode_heads();
 
         // 2. assignment: choose heads for every vector in parallel
         let done = std::sync::atomic::AtomicUsize::new(0);
@@ -469,6 +478,33 @@ impl SpannIndex {
             Metric::Cosine => 1.0 - distance::dot(a, b),
             _ => distance::l2_squared(a, b),
         }
+    }
+
+    /// Recompute the int8 codes of every head.
+    pub(crate) fn encode_heads(&mut self) {
+        let dim = self.dim;
+        let n = self.heads.vecs.len() / dim;
+        self.heads.codes = vec![0i8; n * dim];
+        self.heads.code_aux = vec![0f32; n];
+        for h in 0..n {
+            self.heads.code_aux[h] = self.quant.encode(
+                &self.heads.vecs[h * dim..(h + 1) * dim],
+                &mut self.heads.codes[h * dim..(h + 1) * dim],
+            );
+        }
+    }
+
+    /// Re-encode head `h` after its vector changed (or was appended).
+    pub(crate) fn encode_head(&mut self, h: u32) {
+        let dim = self.dim;
+        let h = h as usize;
+        let n = self.heads.vecs.len() / dim;
+        self.heads.codes.resize(n * dim, 0);
+        self.heads.code_aux.resize(n, 0.0);
+        self.heads.code_aux[h] = self.quant.encode(
+            &self.heads.vecs[h * dim..(h + 1) * dim],
+            &mut self.heads.codes[h * dim..(h + 1) * dim],
+        );
     }
 
     pub(crate) fn head(&self, h: u32) -> &[f32] {
@@ -559,6 +595,7 @@ impl SpannIndex {
     /// RAM; `Mode::Disk` keeps only heads and the row table resident.
     pub fn open(dir: &Path, mode: Mode) -> Result<SpannIndex> {
         let mut idx = read_meta(dir)?;
+        idx.encode_heads();
         idx.mode = mode;
         let ppath = dir.join(postings_name(idx.generation));
         let vpath = dir.join(vectors_name(idx.generation));
@@ -589,6 +626,14 @@ impl SpannIndex {
             idx.arena_first_row = 0;
         }
         Ok(idx)
+    }
+
+    /// Read postings and vectors with `O_DIRECT` (bypassing the page cache)
+    /// where the file system allows it; returns whether it does.
+    pub fn set_direct_io(&mut self, on: bool) -> bool {
+        let a = self.pfile.as_mut().is_some_and(|f| f.use_direct_io(on));
+        let b = self.vfile.as_mut().is_some_and(|f| f.use_direct_io(on));
+        a && b
     }
 
     /// Read a posting from the posting file (not the resident copy).
@@ -687,6 +732,8 @@ impl SpannIndex {
         }
         let mem_post: usize = self.mem.iter().flatten().map(|p| p.ram_bytes()).sum();
         let ram = self.heads.vecs.capacity() * 4
+            + self.heads.codes.capacity()
+            + self.heads.code_aux.capacity() * 4
             + self.heads.coarse.capacity() * 4
             + self
                 .heads
@@ -749,7 +796,7 @@ pub struct VerifyReport {
 
 /// Check dimension and values; normalise for cosine.
 pub(crate) fn prepare(vectors: &[f32], dim: usize, metric: Metric) -> Result<Vec<f32>> {
-    if dim == 0 || vectors.len() % dim != 0 {
+    if dim == 0 || !vectors.len().is_multiple_of(dim) {
         return Err(Error::DimensionMismatch {
             expected: dim,
             got: if dim == 0 {
@@ -952,6 +999,8 @@ fn read_meta(dir: &Path) -> Result<SpannIndex> {
         quant: Quantizer { lo, scale },
         heads: Heads {
             vecs: hv,
+            codes: Vec::new(),
+            code_aux: Vec::new(),
             alive: halive,
             coarse,
             lists,

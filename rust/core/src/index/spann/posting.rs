@@ -67,9 +67,14 @@ impl Quantizer {
     }
 }
 
-/// A query prepared for scoring against codes.
+/// A query prepared for scoring against codes. The per-dimension products
+/// `q_d * scale_d` are themselves rounded to i16 (`q16 * qscale`), so an
+/// entry costs one i16-by-i8 integer dot product (AVX2 `vpmaddwd`); with 15
+/// bits for the query the rounding is far below the codes' own error, and
+/// the final candidates are reranked at full precision anyway.
 pub struct QueryCodes {
-    qs: Vec<f32>,
+    q16: Vec<i16>,
+    qscale: f32,
     base: f32,
     qnorm: f32,
     metric: Metric,
@@ -83,8 +88,14 @@ impl QueryCodes {
             qs[d] = q[d] * quant.scale[d];
             base += q[d] * (quant.lo[d] + 128.0 * quant.scale[d]);
         }
+        // keep 128 * dim * max|q16| below 2^31 so the i32 sum cannot overflow
+        let limit = (i32::MAX as f32 / (128.0 * q.len().max(1) as f32)).min(32767.0);
+        let amax = qs.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let qscale = if amax > 0.0 { amax / limit } else { 1.0 };
+        let q16 = qs.iter().map(|x| (x / qscale).round() as i16).collect();
         QueryCodes {
-            qs,
+            q16,
+            qscale,
             base,
             qnorm: crate::distance::dot(q, q),
             metric,
@@ -94,11 +105,28 @@ impl QueryCodes {
     /// Approximate similarity (higher is closer) of entry `i` of `p`.
     #[inline]
     pub fn score(&self, p: &PostingData, i: usize) -> f32 {
-        let dim = self.qs.len();
-        let ip = self.base + dot_i8(&self.qs, &p.codes[i * dim..(i + 1) * dim]);
+        let dim = self.q16.len();
+        self.score_code(&p.codes[i * dim..(i + 1) * dim], p.aux[i])
+    }
+
+    /// Approximate similarity of one code whose decoded squared norm is `aux`.
+    #[inline]
+    pub fn score_code(&self, code: &[i8], aux: f32) -> f32 {
+        let ip = self.base + self.qscale * dot_i16_i8(&self.q16, code) as f32;
         match self.metric {
-            Metric::L2 => -(self.qnorm - 2.0 * ip + p.aux[i]),
+            Metric::L2 => -(self.qnorm - 2.0 * ip + aux),
             _ => ip,
+        }
+    }
+
+    /// Approximate head distance (see `SpannIndex::dist`) of one code:
+    /// 1 - similarity for cosine, squared L2 otherwise.
+    #[inline]
+    pub fn dist_code(&self, code: &[i8], aux: f32) -> f32 {
+        let ip = self.base + self.qscale * dot_i16_i8(&self.q16, code) as f32;
+        match self.metric {
+            Metric::Cosine => 1.0 - ip,
+            _ => self.qnorm - 2.0 * ip + aux,
         }
     }
 }
@@ -125,6 +153,44 @@ pub fn dot_i8(a: &[f32], b: &[i8]) -> f32 {
     (kernel())(a, b)
 }
 
+type IntKernel = fn(&[i16], &[i8]) -> i32;
+
+fn int_kernel() -> IntKernel {
+    static K: OnceLock<IntKernel> = OnceLock::new();
+    *K.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") {
+                return x86::dot_i16_i8_avx2;
+            }
+        }
+        dot_i16_i8_portable
+    })
+}
+
+/// Integer dot product of i16 query components with int8 codes.
+#[inline]
+pub fn dot_i16_i8(a: &[i16], b: &[i8]) -> i32 {
+    debug_assert_eq!(a.len(), b.len());
+    (int_kernel())(a, b)
+}
+
+pub fn dot_i16_i8_portable(a: &[i16], b: &[i8]) -> i32 {
+    let n = a.len().min(b.len());
+    let mut acc = [0i32; 8];
+    let chunks = n / 8;
+    for c in 0..chunks {
+        for i in 0..8 {
+            acc[i] += a[c * 8 + i] as i32 * b[c * 8 + i] as i32;
+        }
+    }
+    let mut s: i32 = acc.iter().sum();
+    for i in chunks * 8..n {
+        s += a[i] as i32 * b[i] as i32;
+    }
+    s
+}
+
 pub fn dot_i8_portable(a: &[f32], b: &[i8]) -> f32 {
     let n = a.len().min(b.len());
     let mut acc = [0f32; 8];
@@ -148,6 +214,45 @@ mod x86 {
     pub fn dot_i8_avx2(a: &[f32], b: &[i8]) -> f32 {
         // SAFETY: installed only after detecting avx2 and fma.
         unsafe { imp(a, b) }
+    }
+
+    pub fn dot_i16_i8_avx2(a: &[i16], b: &[i8]) -> i32 {
+        // SAFETY: installed only after detecting avx2.
+        unsafe { imp16(a, b) }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn imp16(a: &[i16], b: &[i8]) -> i32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc0 = _mm256_setzero_si256();
+        let mut acc1 = _mm256_setzero_si256();
+        let mut i = 0;
+        while i + 32 <= n {
+            let c0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(pb.add(i) as *const __m128i));
+            let c1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(pb.add(i + 16) as *const __m128i));
+            let q0 = _mm256_loadu_si256(pa.add(i) as *const __m256i);
+            let q1 = _mm256_loadu_si256(pa.add(i + 16) as *const __m256i);
+            acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(q0, c0));
+            acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(q1, c1));
+            i += 32;
+        }
+        while i + 16 <= n {
+            let c0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(pb.add(i) as *const __m128i));
+            let q0 = _mm256_loadu_si256(pa.add(i) as *const __m256i);
+            acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(q0, c0));
+            i += 16;
+        }
+        let s = _mm256_add_epi32(acc0, acc1);
+        let h = _mm_add_epi32(_mm256_extracti128_si256(s, 1), _mm256_castsi256_si128(s));
+        let h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0b01_00_11_10));
+        let h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0b10_11_00_01));
+        let mut total = _mm_cvtsi128_si32(h);
+        while i < n {
+            total += *pa.add(i) as i32 * *pb.add(i) as i32;
+            i += 1;
+        }
+        total
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -190,6 +295,17 @@ mod tests {
             let want: f32 = a.iter().zip(&b).map(|(x, y)| x * *y as f32).sum();
             assert!((dot_i8(&a, &b) - want).abs() < 1e-3, "n={n}");
             assert!((dot_i8_portable(&a, &b) - want).abs() < 1e-3);
+        }
+    }
+
+    #[test]
+    fn i16_kernel_matches_naive() {
+        for n in 0..100 {
+            let a: Vec<i16> = (0..n).map(|i| ((i * 7919) % 65536) as u16 as i16).collect();
+            let b: Vec<i8> = (0..n).map(|i| ((i * 53) % 256) as u8 as i8).collect();
+            let want: i64 = a.iter().zip(&b).map(|(x, y)| *x as i64 * *y as i64).sum();
+            assert_eq!(dot_i16_i8(&a, &b) as i64, want, "n={n}");
+            assert_eq!(dot_i16_i8_portable(&a, &b) as i64, want);
         }
     }
 

@@ -30,7 +30,7 @@ pub(crate) fn build_coarse(
         (0..h as u32).collect(),
         p.coarse_leaf.max(1) as f32,
         p,
-        p.seed ^ 0xC0A4_5E,
+        p.seed ^ 0x00C0_A45E,
         &|_| {},
     );
     let mut cents = Vec::with_capacity(leaves.len() * dim);
@@ -73,6 +73,45 @@ impl SpannIndex {
             .collect()
     }
 
+    /// Like [`SpannIndex::nearest_heads`] but scoring heads by their int8
+    /// codes against the prepared query (the query-time path).
+    pub(crate) fn nearest_heads_coded(
+        &self,
+        q: &[f32],
+        qc: &QueryCodes,
+        n: usize,
+        coarse_probe: usize,
+    ) -> Vec<(f32, u32)> {
+        let dim = self.dim;
+        let lists = &self.heads.lists;
+        let mut ctop = TopK::new(coarse_probe.max(1));
+        for (c, cv) in self.heads.coarse.chunks_exact(dim).enumerate() {
+            if !lists[c].is_empty() {
+                ctop.push(c as u64, -distance::l2_squared(q, cv));
+            }
+        }
+        let mut top = TopK::new(n);
+        let codes = &self.heads.codes;
+        for hit in ctop.into_sorted() {
+            let mut thr = top.threshold();
+            for &h in &lists[hit.id as usize] {
+                let hu = h as usize;
+                if self.heads.alive[hu] {
+                    let s =
+                        -qc.dist_code(&codes[hu * dim..(hu + 1) * dim], self.heads.code_aux[hu]);
+                    if s >= thr {
+                        top.push(h as u64, s);
+                        thr = top.threshold();
+                    }
+                }
+            }
+        }
+        top.into_sorted()
+            .into_iter()
+            .map(|h| (-h.score, h.id as u32))
+            .collect()
+    }
+
     /// Search with raw queries: checks the dimension before any I/O,
     /// normalises for cosine, then runs [`SpannIndex::search_prepared`].
     pub fn search(
@@ -82,7 +121,7 @@ impl SpannIndex {
         sp: &SearchParams,
         filter: Option<&IdFilter>,
     ) -> Result<Vec<Vec<Hit>>> {
-        if queries.len() % self.dim != 0 {
+        if !queries.len().is_multiple_of(self.dim) {
             return Err(Error::DimensionMismatch {
                 expected: self.dim,
                 got: queries.len() % self.dim,
@@ -134,7 +173,8 @@ impl SpannIndex {
         if k == 0 || self.row_of.is_empty() {
             return Ok((Vec::new(), stats));
         }
-        let heads = self.nearest_heads(q, sp.nprobe.max(1), sp.coarse_probe);
+        let qc = QueryCodes::new(q, &self.quant, self.metric);
+        let heads = self.nearest_heads_coded(q, &qc, sp.nprobe.max(1), sp.coarse_probe);
         let Some(&(d0, _)) = heads.first() else {
             return Ok((Vec::new(), stats));
         };
@@ -143,7 +183,6 @@ impl SpannIndex {
         } else {
             (1.0 + sp.epsilon) * d0.max(1e-6)
         };
-        let qc = QueryCodes::new(q, &self.quant, self.metric);
         let mut seen = vec![0u64; self.ids.len().div_ceil(64)];
         let mut cand = TopK::new(sp.rerank.max(k));
         for &(d, h) in &heads {

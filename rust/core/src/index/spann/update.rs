@@ -34,6 +34,9 @@ const SPLIT_NEIGHBOURS: usize = 8;
 /// Most splits one update batch may trigger (guards against cascades).
 const MAX_SPLITS_PER_BATCH: usize = 100_000;
 
+/// A vector ready to append: its chosen heads, code and aux value.
+type Prepared = (Vec<(f32, u32)>, Vec<i8>, f32);
+
 /// What [`SpannIndex::compact`] did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CompactReport {
@@ -58,8 +61,8 @@ impl SpannIndex {
 
     /// Insert vectors, replacing those of ids already present.
     pub fn upsert(&mut self, ids: &[u64], vectors: &[f32]) -> Result<()> {
-        if vectors.len() % self.dim != 0 || vectors.len() / self.dim != ids.len() {
-            if vectors.len() % self.dim != 0 {
+        if !vectors.len().is_multiple_of(self.dim) || vectors.len() / self.dim != ids.len() {
+            if !vectors.len().is_multiple_of(self.dim) {
                 return Err(Error::DimensionMismatch {
                     expected: self.dim,
                     got: vectors.len() % self.dim,
@@ -92,7 +95,7 @@ impl SpannIndex {
         }
         self.delete(ids);
         let probe = self.params.search.coarse_probe;
-        let prepared: Vec<(Vec<(f32, u32)>, Vec<i8>, f32)> = data
+        let prepared: Vec<Prepared> = data
             .par_chunks(dim)
             .map(|v| {
                 let mut code = vec![0i8; dim];
@@ -188,6 +191,7 @@ impl SpannIndex {
         let h = self.heads.alive.len() as u32;
         self.heads.vecs.extend_from_slice(v);
         self.heads.alive.push(true);
+        self.encode_head(h);
         self.mem.push(Some(PostingData::default()));
         self.slots.push(Slot::default());
         self.dirty.push(true);
@@ -287,6 +291,7 @@ impl SpannIndex {
             }
         }
         self.heads.vecs[h as usize * dim..(h as usize + 1) * dim].copy_from_slice(&cents[0]);
+        self.encode_head(h);
         let h2 = self.new_head(&cents[1]);
         let mut side = vec![0u8; n];
         for &m in &cl[1].members {
@@ -294,8 +299,8 @@ impl SpannIndex {
         }
         let mut a = PostingData::default();
         let mut b = PostingData::default();
-        for i in 0..n {
-            let t = if side[i] == 0 { &mut a } else { &mut b };
+        for (i, &sd) in side.iter().enumerate() {
+            let t = if sd == 0 { &mut a } else { &mut b };
             t.push(
                 p.rows[i],
                 p.versions[i],
@@ -469,9 +474,9 @@ impl SpannIndex {
         let mut ids = Vec::with_capacity(self.row_of.len());
         let mut arena = Vec::with_capacity(self.row_of.len() * dim);
         let mut buf = vec![0f32; dim];
-        for r in 0..old_rows {
+        for (r, slot) in new_of.iter_mut().enumerate() {
             if self.alive[r] {
-                new_of[r] = ids.len() as u32;
+                *slot = ids.len() as u32;
                 ids.push(self.ids[r]);
                 self.read_vector(r as u32, &mut buf)?;
                 arena.extend_from_slice(&buf);
@@ -508,6 +513,7 @@ impl SpannIndex {
             .collect();
         let nh = mem.len();
         self.heads.vecs = hv;
+        self.encode_heads();
         self.heads.alive = vec![true; nh];
         self.heads.lists = lists;
         self.mem = mem;
