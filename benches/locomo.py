@@ -23,9 +23,9 @@ ranking; "now" for decay is one day after the conversation's last session):
 =================  =====================================================================
 vector             ``mode="vector", decay=False``
 bm25               ``mode="keyword", decay=False``
-hybrid             ``mode="hybrid", fusion="rrf", decay=False``
-hybrid-sum         ``mode="hybrid", fusion="sum", decay=False``
-hybrid+links       hybrid with ``expand_links=1`` over all link kinds
+hybrid             ``mode="hybrid", fusion="sum", decay=False`` (the default fusion)
+hybrid-rrf         ``mode="hybrid", fusion="rrf", decay=False``
+hybrid+links       hybrid with ``expand_links=1`` over all link kinds ("similar" and "next")
 hybrid+simlinks    hybrid with ``expand_links=1`` over the "similar" links only
 hybrid+decay       hybrid with ``decay=True`` (forgetting curve on the story's clock)
 =================  =====================================================================
@@ -47,11 +47,11 @@ from typing import Any
 CONFIGS: dict[str, dict[str, Any]] = {
     "vector": dict(mode="vector", decay=False),
     "bm25": dict(mode="keyword", decay=False),
-    "hybrid": dict(mode="hybrid", fusion="rrf", decay=False),
-    "hybrid-sum": dict(mode="hybrid", fusion="sum", decay=False),
-    "hybrid+links": dict(mode="hybrid", fusion="rrf", decay=False, expand_links=1),
-    "hybrid+simlinks": dict(mode="hybrid", fusion="rrf", decay=False, expand_links=1, link_kinds={"similar"}),
-    "hybrid+decay": dict(mode="hybrid", fusion="rrf", decay=True),
+    "hybrid": dict(mode="hybrid", fusion="sum", decay=False),
+    "hybrid-rrf": dict(mode="hybrid", fusion="rrf", decay=False),
+    "hybrid+links": dict(mode="hybrid", fusion="sum", decay=False, expand_links=1),
+    "hybrid+simlinks": dict(mode="hybrid", fusion="sum", decay=False, expand_links=1, link_kinds={"similar"}),
+    "hybrid+decay": dict(mode="hybrid", fusion="sum", decay=True),
 }
 KS = (5, 10, 25)
 

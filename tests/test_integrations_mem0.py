@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tempfile
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("MEM0_TELEMETRY", "False")  # before mem0 is imported: no network
+os.environ.setdefault("MEM0_DIR", tempfile.mkdtemp(prefix="mem0-home-"))  # not ~/.mem0
 pytest.importorskip("mem0")
 
 from mem0 import Memory as Mem0Memory  # noqa: E402
@@ -37,7 +39,6 @@ class FakeEmbedding(EmbeddingBase):
 @pytest.fixture
 def mem0_memory(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-offline-test")  # clients are built, never called
-    monkeypatch.setenv("MEM0_DIR", str(tmp_path / "mem0dir"))
     register()
     m = Mem0Memory.from_config(
         {

@@ -282,6 +282,20 @@ def test_reopen_rebuilds_keyword_index_and_checks_embedder(tmp_path):
     assert any("other" in str(x.message) for x in w)
 
 
+def test_history_survives_a_torn_last_line(tmp_path):
+    p = tmp_path / "m"
+    with Memory(p, embedder=HashEmbedder()) as m:
+        a = m.add("first")
+    with open(p / "history.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"id": 99, "event": "AD')  # a crash mid-append
+    with Memory(p, embedder=HashEmbedder()) as m:
+        b = m.add("second")
+        m.update(b, text="second, edited")
+        assert [e["event"] for e in m.history(a)] == ["ADD"]
+        assert [e["event"] for e in m.history(b)] == ["ADD", "UPDATE"]
+        assert m.history(99) == []
+
+
 def test_read_only_open(tmp_path):
     p = tmp_path / "m"
     with Memory(p, embedder=HashEmbedder()) as m:

@@ -21,6 +21,7 @@ plural ``s``/``es``/``ies``, ``ing``, ``ed``) so "joined" matches "join" and
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 import threading
@@ -211,7 +212,19 @@ class BM25Index:
             scoped = want != (None, None, None)
             scope = self._scope
             archived = self._archived
-        ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+        key = lambda kv: (-kv[1], kv[0])  # noqa: E731
+        # most searches need only the head of the ranking: take it with a heap and
+        # fall back to a full sort only when scope or filters reject too many
+        head = max(64, 8 * k)
+        args = (k, want, scoped, scope, archived, include_archived, accept)
+        if len(scores) > 4 * head:
+            out = self._take(heapq.nsmallest(head, scores.items(), key=key), *args)
+            if len(out) >= k:
+                return out
+        return self._take(sorted(scores.items(), key=key), *args)
+
+    @staticmethod
+    def _take(ranked, k, want, scoped, scope, archived, include_archived, accept):  # type: ignore[no-untyped-def]
         out: list[tuple[int, float]] = []
         for d, s in ranked:
             if scoped:

@@ -388,6 +388,8 @@ class Memory:
             sync=sync,
         )
         self._history_path = self._path / HISTORY_FILE
+        self._hist_checked = False
+        self._sync = sync
         self._bm25 = BM25Index()
         self._rebuild_keyword_index()
 
@@ -473,10 +475,19 @@ class Memory:
         if not events:
             return
         data = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events)
-        with self._hist_lock, open(self._history_path, "a", encoding="utf-8") as f:
-            f.write(data)
+        with self._hist_lock, open(self._history_path, "a+b") as f:
+            if not self._hist_checked:
+                # a crash may have left a torn last line: start on a fresh one
+                f.seek(0, os.SEEK_END)
+                if f.tell() > 0:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        data = "\n" + data
+                self._hist_checked = True
+            f.write(data.encode("utf-8"))
             f.flush()
-            os.fsync(f.fileno())
+            if self._sync:
+                os.fsync(f.fileno())
 
     def history(self, id: int) -> list[dict[str, Any]]:
         """Every event of memory ``id``, oldest first: dicts with ``event`` (ADD,
@@ -540,7 +551,7 @@ class Memory:
         n = len(items)
 
         def per(v: Any, name: str) -> list[Any]:
-            if v is None or isinstance(v, (dict, str, int, float, _dt.datetime, _dt.date)):
+            if v is None or isinstance(v, (dict, str, bytes, int, float, np.number, _dt.datetime, _dt.date)):
                 return [v] * n
             vs = list(v)
             if len(vs) != n:
@@ -690,7 +701,7 @@ class Memory:
             raise InvalidArgumentError(f"{len(clean)} texts for {n} ids")
 
         def per(v: Any, name: str) -> list[Any]:
-            if v is None or isinstance(v, (dict, str, int, float, _dt.datetime, _dt.date)):
+            if v is None or isinstance(v, (dict, str, bytes, int, float, np.number, _dt.datetime, _dt.date)):
                 return [v] * n
             vs = list(v)
             if len(vs) != n:
@@ -1025,9 +1036,11 @@ class Memory:
             else:
                 qv = self._embed([q])[0]
             qv = qv / max(float(np.linalg.norm(qv)), 1e-12)
-            if len(self._store) and hasattr(self._store, "recall"):
-                # exact top candidates under the store's own three-part score, so a
-                # fresh or important memory is not lost behind similar stale ones
+            if len(self._store) and mode == "vector" and decay and hasattr(self._store, "recall"):
+                # vector mode with decay: the store's exact top-k under the three-part
+                # score, so a fresh or important memory is not lost behind similar stale
+                # ones. Hybrid pools stay pure similarity (as the BM25 pool is pure BM25)
+                # and take the fast plain search.
                 for h in self._store.recall(
                     qv,
                     k=n_cand,
