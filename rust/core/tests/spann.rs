@@ -123,6 +123,12 @@ fn recall_memory_disk_reopen_agree() {
             assert_eq!(st.last_bytes_read, 0);
         }
     }
+    // O_DIRECT reads (issued in parallel) return the same answers
+    let mut od = SpannIndex::open(dir.path(), Mode::Disk).unwrap();
+    if od.set_direct_io(true) {
+        assert_eq!(od.search(&f.queries, 10, &sp, None).unwrap(), mem);
+        assert!(od.stats().last_bytes_read > 0);
+    }
     let o = SpannIndex::open(dir.path(), Mode::Disk).unwrap();
     let rep = o.verify().unwrap();
     assert_eq!(rep.vectors, 20_000);

@@ -354,6 +354,11 @@ impl PostingFile {
         })
     }
 
+    /// Whether reads go through an `O_DIRECT` handle.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
     /// Read through an `O_DIRECT` handle from now on (bypassing the page
     /// cache); returns whether the file system allowed it.
     pub fn use_direct_io(&mut self, on: bool) -> bool {

@@ -8,7 +8,7 @@
 //! graph over heads: cheaper to build and to keep up to date under splits.
 
 use super::builder;
-use super::posting::QueryCodes;
+use super::posting::{PostingData, QueryCodes};
 use super::{LastSearch, SearchParams, SpannIndex, SpannParams};
 use crate::distance::{self, Metric};
 use crate::error::{Error, Result};
@@ -16,6 +16,23 @@ use crate::index::IdFilter;
 use crate::storage::posting::PAGE;
 use crate::topk::{Hit, TopK};
 use rayon::prelude::*;
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
+/// Threads that wait on O_DIRECT reads (they block on the device, not the
+/// CPU, so there are more of them than cores).
+const IO_THREADS: usize = 32;
+
+fn io_pool() -> &'static rayon::ThreadPool {
+    static P: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    P.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(IO_THREADS)
+            .thread_name(|i| format!("spann-io-{i}"))
+            .build()
+            .expect("spann I/O thread pool")
+    })
+}
 
 /// Build the coarse level over `heads`: (centroids, member lists).
 pub(crate) fn build_coarse(
@@ -43,6 +60,11 @@ pub(crate) fn build_coarse(
 }
 
 impl SpannIndex {
+    /// Whether reads go to the device (O_DIRECT) and so are issued in parallel.
+    fn parallel_io(&self) -> bool {
+        self.pfile.as_ref().is_some_and(|f| f.is_direct())
+    }
+
     /// The `n` nearest live heads of `q` as (distance, head), nearest first,
     /// scanning the heads of the `coarse_probe` nearest coarse lists.
     pub(crate) fn nearest_heads(
@@ -183,13 +205,37 @@ impl SpannIndex {
         } else {
             (1.0 + sp.epsilon) * d0.max(1e-6)
         };
+        let sel: Vec<u32> = heads
+            .iter()
+            .take_while(|(d, _)| *d <= limit)
+            .map(|x| x.1)
+            .collect();
+        // with O_DIRECT every read waits on the device: issue them together
+        // on the I/O pool (results are consumed in head order, so the answer
+        // is the same as reading one by one)
+        let parallel = self.parallel_io();
+        let fetched: Vec<Option<PostingData>> = if parallel {
+            io_pool().install(|| {
+                sel.par_iter()
+                    .map(|&h| {
+                        if self.mem[h as usize].is_some() {
+                            Ok(None)
+                        } else {
+                            self.read_posting(h).map(Some)
+                        }
+                    })
+                    .collect::<Result<_>>()
+            })?
+        } else {
+            Vec::new()
+        };
         let mut seen = vec![0u64; self.ids.len().div_ceil(64)];
         let mut cand = TopK::new(sp.rerank.max(k));
-        for &(d, h) in &heads {
-            if d > limit {
-                break;
-            }
-            let p = self.load_posting(h)?;
+        for (j, &h) in sel.iter().enumerate() {
+            let p = match fetched.get(j) {
+                Some(Some(p)) => Cow::Borrowed(p),
+                _ => self.load_posting(h)?,
+            };
             stats.postings += 1;
             if self.mem[h as usize].is_none() {
                 stats.bytes += self.slots[h as usize].pages as u64 * PAGE as u64;
@@ -218,15 +264,27 @@ impl SpannIndex {
             }
         }
         let mut top = TopK::new(k);
-        let mut buf = vec![0f32; self.dim];
         let disk_rows = self.arena_first_row;
-        for c in cand.into_sorted() {
-            let r = c.id as u32;
-            self.read_vector(r, &mut buf)?;
-            if (r as usize) < disk_rows {
-                stats.bytes += (self.dim * 4 + 4) as u64;
+        let cands = cand.into_sorted();
+        let dim = self.dim;
+        let mut vecs = vec![0f32; cands.len() * dim];
+        if parallel {
+            io_pool().install(|| {
+                vecs.par_chunks_mut(dim)
+                    .zip(cands.par_iter())
+                    .try_for_each(|(out, c)| self.read_vector(c.id as u32, out))
+            })?;
+        } else {
+            for (out, c) in vecs.chunks_exact_mut(dim).zip(&cands) {
+                self.read_vector(c.id as u32, out)?;
             }
-            top.push(self.ids[r as usize], self.metric.similarity(q, &buf));
+        }
+        for (v, c) in vecs.chunks_exact(dim).zip(&cands) {
+            let r = c.id as usize;
+            if r < disk_rows {
+                stats.bytes += (dim * 4 + 4) as u64;
+            }
+            top.push(self.ids[r], self.metric.similarity(q, v));
         }
         Ok((top.into_sorted(), stats))
     }
