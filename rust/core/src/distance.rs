@@ -254,23 +254,22 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dot_rows_impl(q: &[f32], rows: &[f32], out: &mut [f32]) {
+        const R: usize = 8;
         let d = q.len();
         let n = out.len();
         assert!(rows.len() >= n * d);
         let d8 = d / 8 * 8;
         let pq = q.as_ptr();
         let mut r = 0;
-        while r + 4 <= n {
+        while r + R <= n {
             let p0 = rows.as_ptr().add(r * d);
-            let (p1, p2, p3) = (p0.add(d), p0.add(2 * d), p0.add(3 * d));
-            let mut a = [_mm256_setzero_ps(); 4];
+            let mut a = [_mm256_setzero_ps(); R];
             let mut i = 0;
             while i < d8 {
                 let x = _mm256_loadu_ps(pq.add(i));
-                a[0] = _mm256_fmadd_ps(x, _mm256_loadu_ps(p0.add(i)), a[0]);
-                a[1] = _mm256_fmadd_ps(x, _mm256_loadu_ps(p1.add(i)), a[1]);
-                a[2] = _mm256_fmadd_ps(x, _mm256_loadu_ps(p2.add(i)), a[2]);
-                a[3] = _mm256_fmadd_ps(x, _mm256_loadu_ps(p3.add(i)), a[3]);
+                for (j, acc) in a.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(x, _mm256_loadu_ps(p0.add(j * d + i)), *acc);
+                }
                 i += 8;
             }
             for (j, acc) in a.iter().enumerate() {
@@ -281,7 +280,7 @@ mod x86 {
                 }
                 out[r + j] = s;
             }
-            r += 4;
+            r += R;
         }
         while r < n {
             out[r] = dot_impl(q, &rows[r * d..(r + 1) * d]);
