@@ -520,3 +520,49 @@ def test_bm25_ranking_scope_and_removal():
     assert ix.search("apple", 10) == [] and ix.search("cherry", 1)[0][0] == 1
     assert ix.search("", 5) == [] and ix.search("zzz", 5) == []
     assert ix.search("banana", 5, accept=lambda d: d != 3) == []
+
+
+def test_bm25_matches_a_reference_implementation():
+    """Scores, ranking, scope and removal against a direct transcription of Okapi BM25."""
+    import math
+
+    rng = np.random.default_rng(5)
+    vocab = [f"w{i}" for i in range(40)]
+    docs = {}
+    ix = BM25Index()
+    for d in range(400):
+        words = list(rng.choice(vocab, int(rng.integers(1, 12)), p=np.r_[[0.2], np.full(39, 0.8 / 39)]))
+        scope = (f"u{d % 3}", None, None)
+        docs[d] = (words, scope)
+        ix.add(d, " ".join(words), scope)
+    for d in range(0, 400, 7):
+        ix.remove(d)
+        del docs[d]
+    ix.add(1, "w1 w1 w2", ("u1", None, None))  # replace
+    docs[1] = (["w1", "w1", "w2"], ("u1", None, None))
+
+    def ref(query, user):
+        n = len(docs)
+        avg = sum(len(w) for w, _ in docs.values()) / n
+        out = {}
+        for d, (words, sc) in docs.items():
+            s = 0.0
+            for t in set(query):
+                tf = words.count(t)
+                if not tf:
+                    continue
+                df = sum(1 for w, _ in docs.values() if t in w)
+                idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+                s += query.count(t) * idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * len(words) / avg))
+            if s > 0 and (user is None or sc[0] == user):
+                out[d] = s
+        return sorted(out.items(), key=lambda kv: (-kv[1], kv[0]))
+
+    for _ in range(30):
+        q = list(rng.choice(vocab, int(rng.integers(1, 4))))
+        user = [None, "u0", "u2"][int(rng.integers(3))]
+        want = ref(q, user)[:15]
+        got = ix.search(" ".join(q), 15, user_id=user)
+        assert [d for d, _ in got] == [d for d, _ in want]
+        assert np.allclose([s for _, s in got], [s for _, s in want])
+    assert ix.search("w1", 5, user_id="nobody") == []

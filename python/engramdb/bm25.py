@@ -21,13 +21,14 @@ plural ``s``/``es``/``ies``, ``ing``, ``ed``) so "joined" matches "join" and
 
 from __future__ import annotations
 
-import heapq
 import math
 import re
 import threading
 from collections import Counter
 from collections.abc import Iterable
 from typing import Callable, Optional
+
+import numpy as np
 
 __all__ = ["BM25Index", "tokenize", "STOPWORDS"]
 
@@ -78,29 +79,60 @@ def tokenize(text: str) -> list[str]:
 
 
 class BM25Index:
-    """Okapi BM25 over documents keyed by integer id. Thread-safe."""
+    """Okapi BM25 over documents keyed by integer id. Thread-safe.
+
+    Each document gets a row; per-row arrays hold its length, scope codes and archived
+    flag, and each term's postings (row -> term frequency) are turned into numpy arrays
+    the first time a query needs them after a change, so a query is scored with a few
+    vector operations per term.
+    """
 
     def __init__(self, k1: float = 1.2, b: float = 0.75, tokenizer: Callable[[str], list[str]] = tokenize):
         self.k1 = float(k1)
         self.b = float(b)
         self.tokenizer = tokenizer
-        self._postings: dict[str, dict[int, int]] = {}
-        self._terms: dict[int, tuple[str, ...]] = {}  # doc -> its distinct terms (for removal)
-        self._len: dict[int, int] = {}
-        self._scope: dict[int, Scope] = {}
-        self._archived: set[int] = set()
-        self._total_len = 0
         self._lock = threading.RLock()
+        self._postings: dict[str, dict[int, int]] = {}  # term -> {row: tf}
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._terms: dict[int, tuple[str, ...]] = {}  # row -> its distinct terms (for removal)
+        self._row: dict[int, int] = {}  # doc -> row
+        self._free: list[int] = []
+        cap = 1024
+        self._doc = np.full(cap, -1, dtype=np.int64)
+        self._len = np.zeros(cap, dtype=np.float64)
+        self._arch = np.zeros(cap, dtype=bool)
+        self._codes = np.zeros((3, cap), dtype=np.int64)  # user, agent, session; 0 = None
+        self._code_of: list[dict[str, int]] = [{}, {}, {}]
+        self._total_len = 0.0
+        self._next_row = 0
 
     def __len__(self) -> int:
-        return len(self._len)
+        return len(self._row)
 
     def __contains__(self, doc: object) -> bool:
-        return doc in self._len
+        return doc in self._row
 
     def ids(self) -> set[int]:
         with self._lock:
-            return set(self._len)
+            return set(self._row)
+
+    def _grow(self) -> None:
+        cap = len(self._doc) * 2
+        self._doc = np.concatenate([self._doc, np.full(cap - len(self._doc), -1, dtype=np.int64)])
+        self._len = np.concatenate([self._len, np.zeros(cap - len(self._len))])
+        self._arch = np.concatenate([self._arch, np.zeros(cap - len(self._arch), dtype=bool)])
+        self._codes = np.concatenate(
+            [self._codes, np.zeros((3, cap - self._codes.shape[1]), dtype=np.int64)], axis=1
+        )
+
+    def _code(self, field: int, value: Optional[str], create: bool) -> Optional[int]:
+        if value is None:
+            return 0
+        table = self._code_of[field]
+        c = table.get(value)
+        if c is None and create:
+            c = table[value] = len(table) + 1
+        return c
 
     def add(
         self,
@@ -111,22 +143,33 @@ class BM25Index:
     ) -> None:
         """Index ``text`` under ``doc`` (replacing what ``doc`` held)."""
         tf = Counter(self.tokenizer(text or ""))
+        doc = int(doc)
         with self._lock:
-            if doc in self._len:
+            if doc in self._row:
                 self._remove(doc)
+            if self._free:
+                row = self._free.pop()
+            else:
+                row = self._next_row
+                self._next_row += 1
+                if row >= len(self._doc):
+                    self._grow()
             for t, c in tf.items():
                 p = self._postings.get(t)
                 if p is None:
-                    self._postings[t] = {doc: c}
+                    self._postings[t] = {row: c}
                 else:
-                    p[doc] = c
-            n = sum(tf.values())
-            self._terms[doc] = tuple(tf)
-            self._len[doc] = n
+                    p[row] = c
+                self._cache.pop(t, None)
+            n = float(sum(tf.values()))
+            self._row[doc] = row
+            self._terms[row] = tuple(tf)
+            self._doc[row] = doc
+            self._len[row] = n
             self._total_len += n
-            self._scope[doc] = scope
-            if archived:
-                self._archived.add(doc)
+            self._arch[row] = bool(archived)
+            for f in range(3):
+                self._codes[f, row] = self._code(f, scope[f], True)
 
     def add_many(self, docs: Iterable[tuple[int, Optional[str], Scope, bool]]) -> None:
         for doc, text, scope, archived in docs:
@@ -135,39 +178,52 @@ class BM25Index:
     def remove(self, doc: int) -> bool:
         """Forget ``doc``; returns whether it was indexed."""
         with self._lock:
-            if doc not in self._len:
+            if doc not in self._row:
                 return False
-            self._remove(doc)
+            self._remove(int(doc))
             return True
 
     def _remove(self, doc: int) -> None:
-        for t in self._terms.pop(doc, ()):
+        row = self._row.pop(doc)
+        for t in self._terms.pop(row, ()):
             p = self._postings.get(t)
             if p is not None:
-                p.pop(doc, None)
+                p.pop(row, None)
                 if not p:
                     del self._postings[t]
-        self._total_len -= self._len.pop(doc)
-        self._scope.pop(doc, None)
-        self._archived.discard(doc)
+            self._cache.pop(t, None)
+        self._total_len -= self._len[row]
+        self._len[row] = 0.0
+        self._doc[row] = -1
+        self._arch[row] = False
+        self._codes[:, row] = 0
+        self._free.append(row)
 
     def set_archived(self, doc: int, archived: bool = True) -> None:
         with self._lock:
-            if doc not in self._len:
-                return
-            if archived:
-                self._archived.add(doc)
-            else:
-                self._archived.discard(doc)
+            row = self._row.get(doc)
+            if row is not None:
+                self._arch[row] = bool(archived)
 
     def clear(self) -> None:
         with self._lock:
             self.__init__(self.k1, self.b, self.tokenizer)  # type: ignore[misc]
 
     def idf(self, term: str) -> float:
-        n = len(self._len)
+        n = len(self._row)
         df = len(self._postings.get(term, ()))
         return math.log(1.0 + (n - df + 0.5) / (df + 0.5))
+
+    def _arrays(self, term: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        a = self._cache.get(term)
+        if a is None:
+            p = self._postings.get(term)
+            if not p:
+                return None
+            rows = np.fromiter(p.keys(), dtype=np.int64, count=len(p))
+            tfs = np.fromiter(p.values(), dtype=np.float64, count=len(p))
+            a = self._cache[term] = (rows, tfs)
+        return a
 
     def search(
         self,
@@ -191,51 +247,45 @@ class BM25Index:
         if not terms or k < 1:
             return []
         with self._lock:
-            n = len(self._len)
+            n = len(self._row)
             if n == 0:
                 return []
-            avg = self._total_len / n if self._total_len else 1.0
+            avg = self._total_len / n if self._total_len > 0 else 1.0
             k1, b = self.k1, self.b
-            scores: dict[int, float] = {}
+            scores = np.zeros(self._next_row, dtype=np.float64)
             for t, qtf in terms.items():
-                p = self._postings.get(t)
-                if not p:
+                a = self._arrays(t)
+                if a is None:
                     continue
-                df = len(p)
-                w = qtf * math.log(1.0 + (n - df + 0.5) / (df + 0.5))
-                lens = self._len
-                get = scores.get
-                for d, tf in p.items():
-                    norm = k1 * (1.0 - b + b * lens[d] / avg)
-                    scores[d] = get(d, 0.0) + w * tf * (k1 + 1.0) / (tf + norm)
-            want = (user_id, agent_id, session_id)
-            scoped = want != (None, None, None)
-            scope = self._scope
-            archived = self._archived
-        key = lambda kv: (-kv[1], kv[0])  # noqa: E731
-        # most searches need only the head of the ranking: take it with a heap and
-        # fall back to a full sort only when scope or filters reject too many
-        head = max(64, 8 * k)
-        args = (k, want, scoped, scope, archived, include_archived, accept)
-        if len(scores) > 4 * head:
-            out = self._take(heapq.nsmallest(head, scores.items(), key=key), *args)
-            if len(out) >= k:
-                return out
-        return self._take(sorted(scores.items(), key=key), *args)
-
-    @staticmethod
-    def _take(ranked, k, want, scoped, scope, archived, include_archived, accept):  # type: ignore[no-untyped-def]
+                rows, tfs = a
+                w = qtf * math.log(1.0 + (n - len(rows) + 0.5) / (len(rows) + 0.5))
+                norm = k1 * (1.0 - b + b * self._len[rows] / avg)
+                scores[rows] += w * tfs * (k1 + 1.0) / (tfs + norm)
+            mask = scores > 0
+            for f, want in enumerate((user_id, agent_id, session_id)):
+                if want is not None:
+                    code = self._code(f, want, False)
+                    if code is None:
+                        return []
+                    mask &= self._codes[f, : self._next_row] == code
+            if not include_archived:
+                mask &= ~self._arch[: self._next_row]
+            rows = np.flatnonzero(mask)
+            docs = self._doc[rows]
+        sc = scores[rows]
+        if accept is None and len(rows) > k:
+            part = np.argpartition(-sc, k - 1)[:k]
+            # keep ties with the k-th score so the id tie-break is exact
+            kth = sc[part].min()
+            part = np.flatnonzero(sc >= kth)
+            sc, docs = sc[part], docs[part]
+        order = np.lexsort((docs, -sc))
         out: list[tuple[int, float]] = []
-        for d, s in ranked:
-            if scoped:
-                sc = scope.get(d)
-                if sc is None or any(w is not None and w != h for w, h in zip(want, sc)):
-                    continue
-            if not include_archived and d in archived:
-                continue
+        for j in order:
+            d = int(docs[j])
             if accept is not None and not accept(d):
                 continue
-            out.append((d, s))
+            out.append((d, float(sc[j])))
             if len(out) >= k:
                 break
         return out
