@@ -566,3 +566,7 @@ def test_bm25_matches_a_reference_implementation():
         assert [d for d, _ in got] == [d for d, _ in want]
         assert np.allclose([s for _, s in got], [s for _, s in want])
     assert ix.search("w1", 5, user_id="nobody") == []
+    bulk = BM25Index()  # the bulk path used on open gives the same index
+    bulk.add_many((d, " ".join(w), sc, False) for d, (w, sc) in docs.items())
+    for q in ("w0", "w1 w2", "w3 w0 w5"):
+        assert bulk.search(q, 20) == ix.search(q, 20)

@@ -21,6 +21,7 @@ plural ``s``/``es``/``ies``, ``ing``, ``ed``) so "joined" matches "join" and
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import threading
@@ -48,6 +49,7 @@ STOPWORDS = frozenset(
 Scope = tuple[Optional[str], Optional[str], Optional[str]]
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def _stem(w: str) -> str:
     if len(w) <= 3 or not w.isascii():
         return w
@@ -172,8 +174,47 @@ class BM25Index:
                 self._codes[f, row] = self._code(f, scope[f], True)
 
     def add_many(self, docs: Iterable[tuple[int, Optional[str], Scope, bool]]) -> None:
-        for doc, text, scope, archived in docs:
-            self.add(doc, text, scope, archived)
+        """Index many documents at once (what a rebuild on open uses): the same result as
+        calling :meth:`add` for each, with the per-row arrays filled in one go."""
+        rows: list[int] = []
+        lens: list[float] = []
+        arch: list[bool] = []
+        codes: list[tuple[int, int, int]] = []
+        with self._lock:
+            postings = self._postings
+            for doc, text, scope, archived in docs:
+                doc = int(doc)
+                if doc in self._row:
+                    self._remove(doc)
+                tf = Counter(self.tokenizer(text or ""))
+                if self._free:
+                    row = self._free.pop()
+                else:
+                    row = self._next_row
+                    self._next_row += 1
+                    while row >= len(self._doc):
+                        self._grow()
+                for t, c in tf.items():
+                    p = postings.get(t)
+                    if p is None:
+                        postings[t] = {row: c}
+                    else:
+                        p[row] = c
+                n = float(sum(tf.values()))
+                self._row[doc] = row
+                self._terms[row] = tuple(tf)
+                self._doc[row] = doc
+                self._total_len += n
+                rows.append(row)
+                lens.append(n)
+                arch.append(bool(archived))
+                codes.append(tuple(self._code(f, scope[f], True) for f in range(3)))  # type: ignore[misc]
+            if rows:
+                r = np.asarray(rows, dtype=np.int64)
+                self._len[r] = lens
+                self._arch[r] = arch
+                self._codes[:, r] = np.asarray(codes, dtype=np.int64).T
+            self._cache.clear()
 
     def remove(self, doc: int) -> bool:
         """Forget ``doc``; returns whether it was indexed."""

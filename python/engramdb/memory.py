@@ -387,6 +387,7 @@ class Memory:
             read_only=read_only,
             sync=sync,
         )
+        self._dim = int(self._store.dim)
         self._history_path = self._path / HISTORY_FILE
         self._hist_checked = False
         self._sync = sync
@@ -413,7 +414,7 @@ class Memory:
 
     @property
     def dim(self) -> int:
-        return self._store.dim
+        return self._dim
 
     @property
     def keyword_index(self) -> BM25Index:
@@ -453,13 +454,16 @@ class Memory:
     def _rebuild_keyword_index(self) -> None:
         """Index every stored text for BM25 (done on open; about 1-2 s per 100k texts)."""
         self._bm25.clear()
-        ids = self._store.ids()
-        for d in self._records(ids.tolist()):
-            self._bm25.add(
-                int(d["id"]),
-                d.get("text"),
-                (d.get("user_id"), d.get("agent_id"), d.get("session_id")),
-                bool(d.get("archived", False)),
+        ids = self._store.ids().tolist()
+        for s in range(0, len(ids), 8192):
+            self._bm25.add_many(
+                (
+                    int(d["id"]),
+                    d.get("text"),
+                    (d.get("user_id"), d.get("agent_id"), d.get("session_id")),
+                    bool(d.get("archived", False)),
+                )
+                for d in self._records(ids[s : s + 8192])
             )
 
     def _embed(self, texts: list[str]) -> np.ndarray:
