@@ -13,9 +13,10 @@ the id to cite::
 It returns a :class:`Context`: a ``str`` (the text above) that also carries ``.ids``
 (the ids packed, in order), ``.hits`` and ``.tokens``.
 
-:class:`SummaryReader` keeps a rolling summary per scope (HEMA's "compact memory",
-Ahn 2025) through an LLM callable ``llm(prompt: str) -> str`` that *you* provide,
-beside the vector memory, and prepends it to the retrieved memories.
+:class:`SummaryReader` keeps a rolling summary per scope (the "compact memory" of
+HEMA, a hippocampus-inspired extended memory architecture, 2025) through an LLM
+callable ``llm(prompt: str) -> str`` that *you* provide, beside the vector memory,
+and prepends it to the retrieved memories.
 
 Token counting is pluggable: ``token_counter`` is a callable ``str -> int``, or an
 object with ``encode(str)`` (a tiktoken ``Encoding``, a Hugging Face tokenizer), whose
