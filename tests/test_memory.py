@@ -412,6 +412,54 @@ def test_concurrent_adds_from_many_threads(mem):
     assert len([ln for ln in mem.path.joinpath("history.jsonl").read_text().splitlines() if ln]) == expected
 
 
+def test_searches_while_other_threads_add(mem):
+    mem.add([f"seed memory {i} about gardens" for i in range(50)], user_id="u")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    seen: list[int] = []
+
+    def writer(t: int) -> None:
+        try:
+            for j in range(40):
+                mem.add(f"writer{t} note {j} about gardens", user_id="u")
+        except BaseException as e:  # noqa: B036 - surfaced below
+            errors.append(e)
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                hits = mem.search("gardens note", k=10, user_id="u")
+                assert all(h.user_id == "u" for h in hits)
+                seen.append(len(hits))
+        except BaseException as e:  # noqa: B036
+            errors.append(e)
+
+    rs = [threading.Thread(target=reader) for _ in range(2)]
+    ws = [threading.Thread(target=writer, args=(t,)) for t in range(3)]
+    for th in rs + ws:
+        th.start()
+    for th in ws:
+        th.join()
+    stop.set()
+    for th in rs:
+        th.join()
+    assert not errors and seen and all(n == 10 for n in seen)
+    assert len(mem) == len(mem.keyword_index) == 50 + 3 * 40
+
+
+@needs_links
+def test_dedupe_and_auto_link_pass_through(mem):
+    a = mem.add("the red kite flew over the hill", user_id="u")
+    again = mem.add("the red kite flew over the hill", user_id="u", dedupe=0.95)
+    assert again == a and len(mem) == 1 and len(mem.keyword_index) == 1
+    assert [e["event"] for e in mem.history(a)] == ["ADD"]
+    assert mem.get(a).strength > 1.0  # reinforced instead of copied
+    other = mem.add("the red kite flew over the hill", user_id="v", dedupe=0.95)
+    assert other != a  # never across scopes
+    b = mem.add("the red kite flew over the hills", user_id="u", auto_link=True, link_threshold=0.5)
+    assert any(t == a and k == "similar" for t, k, _ in mem.links(b))
+
+
 # --------------------------------------------------------------------------- time, decay, reinforcement
 
 
