@@ -11,11 +11,12 @@ A memory folder holds::
     store/           the engramdb Store (vectors, texts, metadata, scopes, decay state, links)
     history.jsonl    one line per ADD / UPDATE / DELETE / FORGET event, append-only
 
-**Retrieval.** ``search(mode="hybrid")`` (the default) runs the vector search of the
-store and a BM25 keyword search (:mod:`engramdb.bm25`) over the same scope and
-filter, fuses the two rankings (reciprocal rank fusion, ``fusion="rrf"``, or a sum of
-min-max normalised scores, ``fusion="sum"``, the default) into a relevance in [0, 1], and ranks by
-the three-part score of Generative Agents (Park et al. 2023)::
+**Retrieval.** ``search(mode="hybrid")`` (the default) takes the best candidates of the
+store's vector search and of a BM25 keyword search (:mod:`engramdb.bm25`) over the same
+scope and filter, fuses them into a relevance in [0, 1] (``fusion="sum"``, the default:
+alpha x min-max similarity + (1 - alpha) x min-max BM25; or reciprocal rank fusion,
+``fusion="rrf"``), and ranks by the three-part score of Generative Agents (Park et
+al. 2023)::
 
     score = w0 * relevance + w1 * retention + w2 * importance      (weights=(1.0, 0.3, 0.2))
 
@@ -23,10 +24,14 @@ the three-part score of Generative Agents (Park et al. 2023)::
 last recall, S the strength; MemoryBank), dropped when ``decay=False``. When memories
 are added with ``timestamp=``, that time is their creation and last-access time, so
 decay follows the story's clock: pass the story's ``now=`` to ``search``.
-``mode="vector"`` uses the cosine similarity as relevance, ``mode="keyword"`` the BM25
-score divided by the best one. ``expand_links=1`` adds each hit's linked memories
-(1 hop) with score ``parent score x link weight x link_discount``, marked
-``expanded=True`` with ``via`` set; they compete for the same ``k`` slots.
+``mode="vector"`` uses the cosine similarity as relevance (with decay its candidates
+come from the store's exact decayed ``recall``), ``mode="keyword"`` the BM25 score
+divided by the best one. ``expand_links=1`` adds each hit's linked memories (1 hop)
+with score ``parent score x link weight x link_discount`` (0.8, as in the store),
+marked ``expanded=True`` with ``via`` set; they compete for the same ``k`` slots.
+A search is read-only unless ``reinforce=True`` (or a reader built with
+``reinforce=True`` packs the memory into a prompt): only then does recall restart a
+memory's forgetting curve.
 
 **Text rules.** Texts must be non-empty ``str`` (or UTF-8 ``bytes``); empty or
 whitespace-only text is :class:`~engramdb.errors.EmptyInputError`, invalid UTF-8 or a
