@@ -7,6 +7,12 @@ gives whole groups of its oldest tokens to the quantized part, so at least ``res
 recent tokens always stay in full precision; the prefill's own attention runs on full-precision
 states (KIVI's prefill path) and the prefill is quantized at the next call.
 
+``sink_tokens`` (default 0, i.e. plain KIVI) keeps the first tokens of the sequence in full precision
+too, stored at the front of the window buffer. Small models put "attention sink" activations of
+outsized magnitude there; quantizing them widens the ranges of their whole group (keys are grouped
+along tokens). Decode attention does not depend on key order, so the fused kernel reads sinks and
+window as one full-precision block.
+
 Two ways to attend:
 
 * default: ``update`` returns the dequantized cache (Triton dequantize kernel on CUDA, torch on
@@ -64,8 +70,11 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def __init__(self, bits: int = 4, group_size: int = 32, residual_length: int = 32, *,
                  key_bits: Optional[int] = None, value_bits: Optional[int] = None,
-                 meta_dtype: torch.dtype = torch.float16, backend: str = "auto", fused_attention: bool = False):
+                 meta_dtype: torch.dtype = torch.float16, backend: str = "auto", fused_attention: bool = False,
+                 sink_tokens: int = 0):
         super().__init__()
+        if sink_tokens < 0:
+            raise ValueError("sink_tokens must be >= 0")
         if residual_length % group_size:
             raise ValueError(f"residual_length ({residual_length}) must be a multiple of group_size ({group_size})")
         self.key_bits = key_bits or bits
@@ -75,6 +84,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.meta_dtype = meta_dtype
         self.backend = backend
         self.fused_attention = fused_attention
+        self.sink_tokens = sink_tokens
         self.cumulative_length = 0
         self.qkeys: Optional[QuantizedTensor] = None
         self.qvalues: Optional[QuantizedTensor] = None
@@ -92,24 +102,27 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Move whole groups of the oldest window tokens into the quantized part, keeping >= residual_length."""
         if not self.is_initialized:
             return
-        n = (self.keys.shape[-2] - self.residual_length) // self.group_size * self.group_size
+        s = self.sink_tokens
+        n = (self.keys.shape[-2] - s - self.residual_length) // self.group_size * self.group_size
         if n <= 0:
             return
-        k_old, v_old = self.keys[:, :, :n], self.values[:, :, :n]
+        k_old, v_old = self.keys[:, :, s : s + n], self.values[:, :, s : s + n]
         kq = quantize_keys(k_old, self.key_bits, self.group_size, meta_dtype=self.meta_dtype, backend=self.backend)
         vq = quantize_values(v_old, self.value_bits, self.group_size, meta_dtype=self.meta_dtype, backend=self.backend)
         self.qkeys = _cat_quantized(self.qkeys, kq)
         self.qvalues = _cat_quantized(self.qvalues, vq)
-        self.keys = self.keys[:, :, n:].contiguous()
-        self.values = self.values[:, :, n:].contiguous()
+        self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + n :]], -2)
+        self.values = torch.cat([self.values[:, :, :s], self.values[:, :, s + n :]], -2)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole cache in the model's dtype (quantized part dequantized, then the window)."""
+        """The whole cache in the model's dtype and in token order: sinks, quantized part, window."""
         if self.qkeys is None:
             return self.keys, self.values
+        s = self.sink_tokens
         k = dequantize(self.qkeys, self.dtype, backend=self.backend)
         v = dequantize(self.qvalues, self.dtype, backend=self.backend)
-        return torch.cat([k, self.keys], -2), torch.cat([v, self.values], -2)
+        return (torch.cat([self.keys[:, :, :s], k, self.keys[:, :, s:]], -2),
+                torch.cat([self.values[:, :, :s], v, self.values[:, :, s:]], -2))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -173,15 +186,18 @@ class QuantizedKVCache(Cache):
     """KIVI-quantized KV cache for ``model.generate(..., past_key_values=QuantizedKVCache(model.config))``.
 
     ``bits`` (2 or 4; ``key_bits``/``value_bits`` override it per tensor), ``group_size`` (default 32),
-    ``residual_length`` (recent tokens kept in full precision, a multiple of ``group_size``).
+    ``residual_length`` (recent tokens kept in full precision, a multiple of ``group_size``),
+    ``sink_tokens`` (first tokens kept in full precision; 0 by default).
     Without ``config`` the layers are created as the model first reaches them.
     """
 
     def __init__(self, config=None, bits: int = 4, group_size: int = 32, residual_length: int = 32, *,
                  key_bits: Optional[int] = None, value_bits: Optional[int] = None,
-                 meta_dtype: torch.dtype = torch.float16, backend: str = "auto", fused_attention: bool = False):
+                 meta_dtype: torch.dtype = torch.float16, backend: str = "auto", fused_attention: bool = False,
+                 sink_tokens: int = 0):
         kw = dict(bits=bits, group_size=group_size, residual_length=residual_length, key_bits=key_bits,
-                  value_bits=value_bits, meta_dtype=meta_dtype, backend=backend, fused_attention=fused_attention)
+                  value_bits=value_bits, meta_dtype=meta_dtype, backend=backend, fused_attention=fused_attention,
+                  sink_tokens=sink_tokens)
         QuantizedKVLayer(**kw)  # validate the arguments now rather than at the first forward
         if config is not None:
             n_layers = config.get_text_config(decoder=True).num_hidden_layers

