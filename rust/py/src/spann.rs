@@ -14,6 +14,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::RwLock;
 
+/// Flat ids, flat scores and the row width k'.
+type SearchResult<'py> = (Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<f32>>, usize);
+
 /// Padding id for result slots beyond the live vectors (2**64 - 1).
 const MISSING_ID: u64 = u64::MAX;
 
@@ -133,7 +136,7 @@ impl NativeSpann {
         let last = AtomicUsize::new(usize::MAX);
         let report = |stage: &str, done: usize, total: usize| {
             let Some(cb) = progress.as_ref() else { return };
-            let pct = if total == 0 { 100 } else { done * 100 / total };
+            let pct = (done * 100).checked_div(total).unwrap_or(100);
             let key = (stage.len() << 8) | pct;
             if last.swap(key, Ordering::Relaxed) == key {
                 return;
@@ -220,7 +223,7 @@ impl NativeSpann {
         epsilon: Option<f32>,
         coarse_probe: Option<usize>,
         rerank: Option<usize>,
-    ) -> PyResult<(Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<f32>>, usize)> {
+    ) -> PyResult<SearchResult<'py>> {
         let shape = queries.shape();
         let (m, d) = (shape[0], shape[1]);
         let data = queries.as_slice()?;

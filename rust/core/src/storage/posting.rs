@@ -69,7 +69,7 @@ pub fn paginate(payload: &[u8], first_page: u64) -> Vec<u8> {
 /// Check every page of `pages` (numbered from `first_page`) and return the
 /// concatenated payloads.
 pub fn unpaginate(pages: &[u8], first_page: u64, file: &Path) -> Result<Vec<u8>> {
-    if pages.len() % PAGE != 0 {
+    if !pages.len().is_multiple_of(PAGE) {
         return Err(Error::corruption(
             file,
             format!("posting read of {} bytes is not whole pages", pages.len()),

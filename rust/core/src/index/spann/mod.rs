@@ -525,14 +525,14 @@ impl SpannIndex {
         let mut pf = PostingFile::create(&ppath, gen)?;
         let mut vf = VectorFile::create(&vpath, gen, self.dim)?;
         let mut slots = vec![Slot::default(); self.heads.alive.len()];
-        for h in 0..self.heads.alive.len() {
+        for (h, slot) in slots.iter_mut().enumerate() {
             if !self.heads.alive[h] {
                 continue;
             }
             let p = self.load_posting(h as u32)?;
             let stream = p.encode(h as u32, self.dim);
             let (first, pages) = pf.append(&stream)?;
-            slots[h] = Slot {
+            *slot = Slot {
                 first_page: first,
                 pages,
                 len: p.len() as u32,

@@ -487,11 +487,11 @@ impl SpannIndex {
         let mut head_new = vec![u32::MAX; self.heads.alive.len()];
         let mut hv = Vec::new();
         let mut mem = Vec::new();
-        for h in 0..self.heads.alive.len() {
+        for (h, slot) in head_new.iter_mut().enumerate() {
             if !self.heads.alive[h] {
                 continue;
             }
-            head_new[h] = mem.len() as u32;
+            *slot = mem.len() as u32;
             hv.extend_from_slice(self.head(h as u32));
             let mut p = self.mem[h].take().unwrap_or_default();
             for (r, v) in p.rows.iter_mut().zip(p.versions.iter_mut()) {
