@@ -23,7 +23,8 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+# a source checkout without the native module built: import python/engramdb/gpu on its own as `gpu`
+sys.path.append(os.path.join(os.path.dirname(HERE), "python", "engramdb"))
 
 
 def _matmul_topk(x, q, k):
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
 
     try:
         import engramdb.gpu as G
-    except Exception:  # a source checkout without the native module: the kernels stand alone in gpu/
+    except Exception:  # no native module yet: the gpu package stands alone
         import gpu as G
     kv_quant, search_topk, search_topk_ref = G.kv_quant, G.search_topk, G.search_topk_ref
     quantize_rows_int8 = G.quantize_rows_int8

@@ -30,7 +30,8 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # repo root: import the kernels from gpu/ without the native package
+# a source checkout without the native module built: import python/engramdb/gpu on its own as `gpu`
+sys.path.append(os.path.join(os.path.dirname(HERE), "python", "engramdb"))
 
 TEXT = """\
 The harbour town wakes before the sun. At half past four the first bakery lights its ovens, and the smell of
@@ -141,7 +142,7 @@ def settings(model, which):
 
     try:
         from engramdb.gpu import QuantizedKVCache
-    except Exception:  # a source checkout without the native module: the kernels stand alone in gpu/
+    except Exception:  # no native module yet: the gpu package stands alone
         from gpu import QuantizedKVCache
 
     cfg = model.config

@@ -23,8 +23,8 @@ if not torch.cuda.is_available():
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 try:
     import engramdb.gpu as G
-except Exception:  # engramdb's own __init__ may need the native module; the gpu package stands alone
-    sys.path.insert(0, str(ROOT))
+except Exception:  # engramdb's own __init__ needs the native module; the gpu package stands alone
+    sys.path.append(str(ROOT / "python" / "engramdb"))
     import gpu as G
 
 pytestmark = pytest.mark.gpu
