@@ -96,6 +96,24 @@ def test_flipped_byte_raises_corruption(tmp_path):
         idx.search(x[:5])
     with pytest.raises(errors.CorruptionError):
         idx.verify()
+    # a flipped byte in a full-precision vector record (read at rerank)
+    SpannIndex.build(x, tmp_path / "v", metric="l2", progress=False)
+    vfile = next(p for p in (tmp_path / "v").iterdir() if p.name.startswith("vectors-"))
+    b = bytearray(vfile.read_bytes())
+    for off in range(4096 + 7, len(b), 16 * 4 + 4):
+        b[off] ^= 0x20
+    vfile.write_bytes(bytes(b))
+    with pytest.raises(errors.CorruptionError):
+        SpannIndex.open(tmp_path / "v").search(x[:5])
+    with pytest.raises(errors.CorruptionError):
+        SpannIndex.open(tmp_path / "v", mode="memory")
+    # a damaged metadata file
+    meta = tmp_path / "v" / "spann.meta"
+    m = bytearray(meta.read_bytes())
+    m[len(m) // 2] ^= 0xFF
+    meta.write_bytes(bytes(m))
+    with pytest.raises(errors.CorruptionError):
+        SpannIndex.open(tmp_path / "v")
 
 
 def test_updates_delete_reinsert_compact(tmp_path):
