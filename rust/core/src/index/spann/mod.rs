@@ -9,7 +9,11 @@
 //! | full-precision vectors, read only to rerank the final candidates | RAM or a checksummed record file | [`crate::storage::posting`] |
 //! | row table: external id, version, tombstone | RAM | this module |
 //!
-//! Search: nearest heads through the coarse level, query-aware pruning
+//! Why 5% heads rather than SPTAG's 10-20%: on the 200k MiniLM set it read
+//! fewer bytes per query at equal recall (see `benches/RESULTS-ann.md`).
+//!
+//! Search: nearest heads through the coarse level (scored by their int8
+//! codes), query-aware pruning
 //! (skip a posting whose head is farther than `(1 + epsilon)` times the
 //! nearest head's distance), scan the surviving postings with the int8
 //! kernel, dedup, rerank the best `rerank` candidates exactly, top-k.
@@ -22,6 +26,14 @@
 //! by 2-means and only vectors that break nearest-head assignment are
 //! reassigned; [`SpannIndex::compact`] drops stale entries, merges
 //! undersized postings and rewrites the files, so disk use stays bounded.
+//! [`SpannIndex::flush`] appends each modified posting as a new page run (the
+//! old run becomes garbage, reported by `stats().garbage_bytes`), so between
+//! compactions the posting file grows; compaction currently holds every
+//! posting and live vector in RAM while it rewrites them.
+//!
+//! Disk reads: positional (`pread`), each posting one aligned run of pages;
+//! [`SpannIndex::set_direct_io`] switches to `O_DIRECT` (page cache bypassed)
+//! and then issues a query's reads together on an I/O thread pool.
 //!
 //! On disk a directory holds `spann.meta` (everything kept in RAM, one CRC,
 //! replaced atomically), `postings-GEN.dat` and `vectors-GEN.dat`.
