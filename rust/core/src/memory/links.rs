@@ -34,8 +34,8 @@ pub fn link_pair(
 ) -> Vec<Record> {
     let mut changed: HashMap<u64, Record> = HashMap::new();
     let get = |changed: &mut HashMap<u64, Record>, id: u64| -> Option<()> {
-        if !changed.contains_key(&id) {
-            changed.insert(id, records.get(&id)?.clone());
+        if let std::collections::hash_map::Entry::Vacant(e) = changed.entry(id) {
+            e.insert(records.get(&id)?.clone());
         }
         Some(())
     };
