@@ -27,6 +27,9 @@ wheel:
 	rm -rf dist
 	$(BIN)/maturin build --release --out dist
 	$(BIN)/python -m pip install -q --force-reinstall "$$(ls dist/engramdb-*.whl)[test]"
+	# the optional extras, so their tests run instead of skipping: torch (the
+	# GPU kernels run under TRITON_INTERPRET=1 on the CPU), LangChain, Mem0
+	$(BIN)/python -m pip install -q "$$(ls dist/engramdb-*.whl)[gpu,langchain,mem0,test-integrations]"
 
 py-test:
 	$(BIN)/ruff check python tests benches gpu

@@ -119,3 +119,11 @@ def test_filter_matches_python_reference(tmp_path, rng):
             sims[:, ~mask] = -np.inf
             want = np.argsort(-sims, axis=1)[:, :10]
             assert (ids == want).all(), f
+
+
+def test_import_needs_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, engramdb, engramdb.cli; assert 'torch' not in sys.modules, 'engramdb imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)

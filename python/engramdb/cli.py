@@ -1,7 +1,10 @@
 """The ``engramdb`` command line.
 
 ``engramdb demo`` builds a small memory store from built-in texts and
-searches it; ``engramdb store info|verify PATH`` inspect a store.
+searches it; ``engramdb store info|verify PATH`` inspect a store;
+``engramdb index ...`` builds and queries on-disk SPANN indexes
+(``cli_index.py``); ``engramdb mem ...`` works on text memories
+(``cli_mem.py``).
 """
 
 from __future__ import annotations
@@ -144,6 +147,16 @@ def demo(path: str | None, k: int) -> None:
             for i, sc in zip(*about):
                 click.echo(f"  [{sc:.3f}] {s.get(int(i)).text}")
 
+
+def _mount() -> None:
+    from .cli_index import index
+    from .cli_mem import mem
+
+    main.add_command(index)
+    main.add_command(mem)
+
+
+_mount()
 
 if __name__ == "__main__":  # pragma: no cover
     main()
