@@ -288,7 +288,7 @@ def mem_export(path: str, out: str, no_vectors: bool, embedder: Optional[str]) -
             for it in items:
                 d = it.to_dict()
                 if not no_vectors:
-                    d["vector"] = [float(x) for x in m.store.get(it.id).vector]
+                    d["vector"] = [float(x) for x in m.vector(it.id)]
                 lines.append(json.dumps(d, ensure_ascii=False))
     except (EngramError, ValueError) as e:
         _fail(str(e))

@@ -56,6 +56,7 @@ lock (in parallel), store and keyword-index writes are serialised.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -63,7 +64,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -312,6 +313,63 @@ def _minmax(scores: dict[int, float]) -> dict[int, float]:
     return {i: (s - lo) / (hi - lo) for i, s in scores.items()}
 
 
+class _RWLock:
+    """Shared reads, exclusive writes, writer preference; re-entrant for the writer
+    (which may also read). ``with lock:`` is a write; ``with lock.read():`` a read.
+
+    Memory never lets a native read run while a native write is in flight: the
+    store's binding holds its lock inside a shared worker pool, and a worker that
+    holds the write lock can pick up a queued search and wait on itself.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer: Optional[int] = None
+        self._depth = 0
+        self._waiting = 0
+
+    def __enter__(self) -> _RWLock:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me:
+                self._depth += 1
+                return self
+            self._waiting += 1
+            while self._writer is not None or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer, self._depth = me, 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._writer = None
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me:  # the writer reading its own state
+                owned = True
+            else:
+                owned = False
+                while self._writer is not None or self._waiting:
+                    self._cond.wait()
+                self._readers += 1
+        try:
+            yield
+        finally:
+            if not owned:
+                with self._cond:
+                    self._readers -= 1
+                    if not self._readers:
+                        self._cond.notify_all()
+
+
 # --------------------------------------------------------------------------- Memory
 
 
@@ -337,7 +395,7 @@ class Memory:
     ) -> None:
         self._path = Path(os.fspath(path))
         self._embedder = as_embedder(embedder)
-        self._lock = threading.RLock()
+        self._lock = _RWLock()
         self._hist_lock = threading.Lock()
         cfg_path = self._path / CONFIG_FILE
         if cfg_path.exists():
@@ -432,13 +490,20 @@ class Memory:
             return int(self._embedder(["dimension probe"]).shape[1])
 
     def __len__(self) -> int:
-        return len(self._store)
+        with self._lock.read():
+            return len(self._store)
 
     def __contains__(self, id: object) -> bool:
-        return id in self._store
+        with self._lock.read():
+            return id in self._store
+
+    def vector(self, id: int) -> np.ndarray:
+        """The stored (unit-length) vector of memory ``id``."""
+        with self._lock.read():
+            return self._store.get(int(id)).vector
 
     def __repr__(self) -> str:
-        return f"Memory({str(self._path)!r}, model={self.model_id!r}, count={len(self._store)})"
+        return f"Memory({str(self._path)!r}, model={self.model_id!r}, count={len(self)})"
 
     def close(self) -> None:
         self._store.close()
@@ -886,7 +951,8 @@ class Memory:
             self._store.unlink(int(a), int(b))
 
     def links(self, id: int) -> list[tuple[int, str, float]]:
-        return [(int(t), str(k), float(w)) for t, k, w in self._store.links(int(id))]
+        with self._lock.read():
+            return [(int(t), str(k), float(w)) for t, k, w in self._store.links(int(id))]
 
     def forget(
         self,
@@ -942,7 +1008,8 @@ class Memory:
     # -- reading ------------------------------------------------------------------
     def get(self, id: int) -> MemoryItem:
         """The memory ``id``; :class:`~engramdb.errors.NotFoundError` if there is none."""
-        return _item(self._records([int(id)])[0])
+        with self._lock.read():
+            return _item(self._records([int(id)])[0])
 
     def get_all(
         self,
@@ -960,7 +1027,9 @@ class Memory:
             matches_filter(filters, {})  # validate early
         want = (user_id, agent_id, session_id)
         out = []
-        for d in self._records(sorted(int(i) for i in self._store.ids())):
+        with self._lock.read():
+            records = self._records(sorted(int(i) for i in self._store.ids()))
+        for d in records:
             if any(
                 w is not None and w != d.get(k) for w, k in zip(want, ("user_id", "agent_id", "session_id"))
             ):
@@ -1033,7 +1102,6 @@ class Memory:
         scope = {"user_id": user_id, "agent_id": agent_id, "session_id": session_id}
         qv: Optional[np.ndarray] = None
         sims: dict[int, float] = {}
-        kw: dict[int, float] = {}
 
         if mode != "keyword":
             if query_vector is not None:
@@ -1045,86 +1113,97 @@ class Memory:
             else:
                 qv = self._embed([q])[0]
             qv = qv / max(float(np.linalg.norm(qv)), 1e-12)
-            if len(self._store) and mode == "vector" and decay and hasattr(self._store, "recall"):
-                # vector mode with decay: the store's exact top-k under the three-part
-                # score, so a fresh or important memory is not lost behind similar stale
-                # ones. Hybrid pools stay pure similarity (as the BM25 pool is pure BM25)
-                # and take the fast plain search.
-                for h in self._store.recall(
-                    qv,
-                    k=n_cand,
-                    filter=filters,
-                    include_archived=include_archived,
-                    now=t_now,
-                    decay=decay,
-                    weights=tuple(weights),
-                    reinforce=False,
-                    **scope,
-                ):
-                    if not h.expanded:
-                        sims[int(h.id)] = float(h.similarity)
-            elif len(self._store):
-                ids, scores = self._store.search(
-                    qv, k=n_cand, filter=filters, include_archived=include_archived, **scope
+
+        def ranked() -> list[MemoryHit]:
+            # every native read of one search, under the memory's shared lock
+            kw: dict[int, float] = {}
+            if qv is not None:
+                if len(self._store) and mode == "vector" and decay and hasattr(self._store, "recall"):
+                    # vector mode with decay: the store's exact top-k under the three-part
+                    # score, so a fresh or important memory is not lost behind similar stale
+                    # ones. Hybrid pools stay pure similarity (as the BM25 pool is pure BM25)
+                    # and take the fast plain search.
+                    for h in self._store.recall(
+                        qv,
+                        k=n_cand,
+                        filter=filters,
+                        include_archived=include_archived,
+                        now=t_now,
+                        decay=decay,
+                        weights=tuple(weights),
+                        reinforce=False,
+                        **scope,
+                    ):
+                        if not h.expanded:
+                            sims[int(h.id)] = float(h.similarity)
+                elif len(self._store):
+                    ids, scores = self._store.search(
+                        qv, k=n_cand, filter=filters, include_archived=include_archived, **scope
+                    )
+                    for i, s in zip(ids.tolist(), scores.tolist()):
+                        if i != MISSING_ID:
+                            sims[int(i)] = float(s)
+            meta_cache: dict[int, dict[str, Any]] = {}
+
+            def accept(i: int) -> bool:
+                if filters is None:
+                    return True
+                d = meta_cache.get(i)
+                if d is None:
+                    d = _item(self._records([i])[0]).metadata
+                    meta_cache[i] = d
+                return matches_filter(filters, d)
+
+            if mode != "vector":
+                kw = dict(
+                    self._bm25.search(q, n_cand, include_archived=include_archived, accept=accept, **scope)
                 )
-                for i, s in zip(ids.tolist(), scores.tolist()):
-                    if i != MISSING_ID:
-                        sims[int(i)] = float(s)
-        meta_cache: dict[int, dict[str, Any]] = {}
 
-        def accept(i: int) -> bool:
-            if filters is None:
-                return True
-            d = meta_cache.get(i)
-            if d is None:
-                d = _item(self._records([i])[0]).metadata
-                meta_cache[i] = d
-            return matches_filter(filters, d)
+            # relevance in [0, 1]
+            if mode == "vector":
+                rel = dict(sims)
+            elif mode == "keyword":
+                top = max(kw.values(), default=1.0) or 1.0
+                rel = {i: s / top for i, s in kw.items()}
+            elif fusion == "rrf":
+                rel = {}
+                for lst in (sims, kw):
+                    for r, i in enumerate(sorted(lst, key=lambda x: (-lst[x], x))):
+                        rel[i] = rel.get(i, 0.0) + 1.0 / (rrf_k + r + 1)
+                scale = 2.0 / (rrf_k + 1)
+                rel = {i: v / scale for i, v in rel.items()}
+            else:
+                ns, nk = _minmax(sims), _minmax(kw)
+                rel = {i: alpha * ns.get(i, 0.0) + (1 - alpha) * nk.get(i, 0.0) for i in set(ns) | set(kw)}
+            if not rel:
+                return []
 
-        if mode != "vector":
-            kw = dict(self._bm25.search(q, n_cand, include_archived=include_archived, accept=accept, **scope))
+            hits = self._score(rel, sims, kw, qv, t_now, decay, weights)
+            if expand_links > 0:
+                hits = self._expand(
+                    hits,
+                    int(k),
+                    expand_links,
+                    link_discount,
+                    None if link_kinds is None else set(link_kinds),
+                    filters,
+                    scope,
+                    include_archived,
+                    qv,
+                    t_now,
+                    decay,
+                    weights,
+                )
+            hits.sort(key=lambda h: (-h.score, h.id))
+            hits = hits[: int(k)]
+            if min_score is not None:
+                hits = [h for h in hits if h.score >= min_score]
+            if hits and qv is not None:
+                self._fill_similarity(hits, qv)
+            return hits
 
-        # relevance in [0, 1]
-        if mode == "vector":
-            rel = dict(sims)
-        elif mode == "keyword":
-            top = max(kw.values(), default=1.0) or 1.0
-            rel = {i: s / top for i, s in kw.items()}
-        elif fusion == "rrf":
-            rel = {}
-            for lst in (sims, kw):
-                for r, i in enumerate(sorted(lst, key=lambda x: (-lst[x], x))):
-                    rel[i] = rel.get(i, 0.0) + 1.0 / (rrf_k + r + 1)
-            scale = 2.0 / (rrf_k + 1)
-            rel = {i: v / scale for i, v in rel.items()}
-        else:
-            ns, nk = _minmax(sims), _minmax(kw)
-            rel = {i: alpha * ns.get(i, 0.0) + (1 - alpha) * nk.get(i, 0.0) for i in set(ns) | set(kw)}
-        if not rel:
-            return []
-
-        hits = self._score(rel, sims, kw, qv, t_now, decay, weights)
-        if expand_links > 0:
-            hits = self._expand(
-                hits,
-                int(k),
-                expand_links,
-                link_discount,
-                None if link_kinds is None else set(link_kinds),
-                filters,
-                scope,
-                include_archived,
-                qv,
-                t_now,
-                decay,
-                weights,
-            )
-        hits.sort(key=lambda h: (-h.score, h.id))
-        hits = hits[: int(k)]
-        if min_score is not None:
-            hits = [h for h in hits if h.score >= min_score]
-        if hits and qv is not None:
-            self._fill_similarity(hits, qv)
+        with self._lock.read():
+            hits = ranked()
         if reinforce and hits:
             self._reinforce([h.id for h in hits], t_now)
         return hits

@@ -148,12 +148,11 @@ class ContextReader:
         kept: list[Any] = []
         vecs: list[np.ndarray] = []
         seen_text: set[str] = set()
-        store = self.memory.store
         for h in hits:
             norm = " ".join(str(h.text).lower().split())
             if norm in seen_text:
                 continue
-            v = store.get(h.id).vector
+            v = self.memory.vector(h.id)
             if vecs and float(np.max(np.stack(vecs) @ v)) >= self.dedupe_threshold:
                 continue
             seen_text.add(norm)

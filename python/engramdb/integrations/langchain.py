@@ -219,7 +219,7 @@ class EngramVectorStore(VectorStore):
         hits = self._search(None, fetch_k, filter, vector=embedding)
         if not hits:
             return []
-        vecs = [self.memory.store.get(h.id).vector for h in hits]
+        vecs = [self.memory.vector(h.id) for h in hits]
         picked = maximal_marginal_relevance(
             np.asarray(embedding, dtype=np.float32), vecs, lambda_mult=lambda_mult, k=k
         )

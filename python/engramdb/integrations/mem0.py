@@ -252,7 +252,7 @@ class EngramMem0Store(VectorStoreBase):
         if i not in m:
             raise KeyError(f"no memory {vector_id!r}")
         old = m.get(i)
-        vec = m.store.get(i).vector if vector is None else np.asarray(vector, dtype=np.float32)
+        vec = m.vector(i) if vector is None else np.asarray(vector, dtype=np.float32)
         if payload is None:
             payload = {k: v for k, v in old.metadata.items() if k != ID_KEY}
         text, meta, scope = self._split(payload)
