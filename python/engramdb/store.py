@@ -168,6 +168,14 @@ class Store:
 
     Every write is in the write-ahead log, fsync'd (``sync=True``, the
     default), before the call returns: it survives a crash of the process.
+
+    Index: below ``ann_threshold`` records (100,000) every search is exact.
+    From there on, searches without a filter or scope go through an
+    approximate SPANN index held in memory (recall@10 ~0.95 on real
+    sentence embeddings), built by the first such search after opening and
+    kept current by every write; ``search(..., exact=True)`` forces an exact
+    scan, filtered and scoped searches and :meth:`recall` are always exact,
+    and ``ann_threshold=None`` switches the approximate index off.
     """
 
     def __init__(
@@ -179,6 +187,7 @@ class Store:
         read_only: bool = False,
         sync: bool = True,
         checkpoint_bytes: Optional[int] = None,
+        ann_threshold: Optional[int] = 100_000,
     ) -> None:
         if dim is not None and (not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1):
             raise InvalidArgumentError(f"dim must be a positive integer, got {dim!r}")
@@ -190,6 +199,7 @@ class Store:
             read_only=read_only,
             sync=sync,
             checkpoint_bytes=checkpoint_bytes,
+            ann_threshold=(2**63 if ann_threshold is None else int(ann_threshold)),
         )
 
     # -- properties -----------------------------------------------------
@@ -372,8 +382,10 @@ class Store:
         agent_id: Optional[str] = None,
         session_id: Optional[str] = None,
         include_archived: bool = False,
+        exact: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact nearest neighbours.
+        """Nearest neighbours: exact, or approximate past ``ann_threshold``
+        (see the class docstring) unless ``exact=True``.
 
         ``queries`` is one ``(dim,)`` vector or a ``(m, dim)`` batch. Returns
         ``(ids, scores)`` of shape ``(k,)`` or ``(m, k)``, nearest first, with
@@ -395,6 +407,7 @@ class Store:
             agent_id=agent_id,
             session_id=session_id,
             include_archived=include_archived,
+            exact=exact,
         )
         ids = ids.reshape(m.shape[0], kk)
         scores = scores.reshape(m.shape[0], kk)

@@ -17,6 +17,7 @@ use crate::distance::{self, Metric};
 use crate::error::{Error, IoContext, Result};
 use crate::index::flat::FlatIndex;
 use crate::index::lsh::LshTables;
+use crate::index::spann::{SpannIndex, SpannParams};
 use crate::index::VectorIndex;
 use crate::memory::links::{self, DEFAULT_MAX_DEGREE};
 use crate::memory::{DecayPolicy, Filter, Record, Scope, Weights};
@@ -45,6 +46,11 @@ pub struct StoreOptions {
     pub sync: bool,
     /// Checkpoint once the log exceeds this many bytes and the segment size.
     pub checkpoint_bytes: u64,
+    /// From this many records on, unfiltered searches use an approximate
+    /// SPANN index (memory mode) built on first use and kept current by
+    /// every write; below it (and for every filtered or scoped search) the
+    /// search is exact. `usize::MAX` keeps every search exact.
+    pub ann_threshold: usize,
 }
 
 impl Default for StoreOptions {
@@ -55,9 +61,13 @@ impl Default for StoreOptions {
             read_only: false,
             sync: true,
             checkpoint_bytes: 64 << 20,
+            ann_threshold: DEFAULT_ANN_THRESHOLD,
         }
     }
 }
+
+/// Default size from which unfiltered searches go through SPANN.
+pub const DEFAULT_ANN_THRESHOLD: usize = 100_000;
 
 /// One record to insert; `None` fields take their defaults.
 #[derive(Debug, Clone, Default)]
@@ -155,6 +165,8 @@ pub struct SearchOptions {
     pub filter: Option<Filter>,
     pub scope: Scope,
     pub include_archived: bool,
+    /// Force an exact search even above [`StoreOptions::ann_threshold`].
+    pub exact: bool,
 }
 
 /// What [`Store::info`] and [`verify`] report.
@@ -170,6 +182,8 @@ pub struct Info {
     pub wal_frames: usize,
     pub torn_bytes: u64,
     pub kernel: &'static str,
+    /// "exact", "spann" or "spann-pending" (see [`Store::index_kind`]).
+    pub index: &'static str,
 }
 
 pub fn now_seconds() -> f64 {
@@ -375,6 +389,9 @@ pub struct Store {
     subset_cache: std::sync::Mutex<Option<SubsetCache>>,
     /// (write generation, whether any record is archived then).
     archived_cache: std::sync::Mutex<(u64, bool)>,
+    /// The approximate index, once the store is big enough (see
+    /// [`StoreOptions::ann_threshold`]); never persisted, rebuilt on demand.
+    ann: std::sync::RwLock<Option<SpannIndex>>,
 }
 
 #[derive(Debug)]
@@ -468,6 +485,7 @@ impl Store {
             write_gen: 0,
             subset_cache: Default::default(),
             archived_cache: std::sync::Mutex::new((u64::MAX, false)),
+            ann: std::sync::RwLock::new(None),
         })
     }
 
@@ -531,6 +549,7 @@ impl Store {
             write_gen: 0,
             subset_cache: Default::default(),
             archived_cache: std::sync::Mutex::new((u64::MAX, false)),
+            ann: std::sync::RwLock::new(None),
         })
     }
 
@@ -602,7 +621,18 @@ impl Store {
             vectors: &mut self.vectors,
             lsh: self.lsh.as_mut(),
         };
+        let ann = self.ann.get_mut().unwrap();
         for op in ops {
+            if let Some(ann) = ann.as_mut() {
+                match &op {
+                    WalOp::Put { records, vectors } => {
+                        let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
+                        VectorIndex::upsert(ann, &ids, vectors);
+                    }
+                    WalOp::Delete { ids } => ann.remove(ids),
+                    _ => {}
+                }
+            }
             state.apply(op);
         }
         self.maybe_checkpoint()
@@ -939,11 +969,13 @@ impl Store {
         let by_score =
             |a: &RecallHit, b: &RecallHit| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id));
         let mut pool = if opts.decay { (4 * k).max(32) } else { k };
+        // recall is exact at any size: the pool argument relies on it
+        let sopts = SearchOptions {
+            exact: true,
+            ..opts.search.clone()
+        };
         let mut hits = loop {
-            let raw = self
-                .search(&q, 1, pool, &opts.search)?
-                .pop()
-                .unwrap_or_default();
+            let raw = self.search(&q, 1, pool, &sopts)?.pop().unwrap_or_default();
             let exhausted = raw.len() < pool;
             let lowest_sim = raw.last().map_or(f32::NEG_INFINITY, |h| h.score);
             let mut scored: Vec<RecallHit> = raw.iter().map(|h| score_of(h.id, h.score)).collect();
@@ -1117,6 +1149,9 @@ impl Store {
         let q = self.prepare(queries, m)?;
         let hide_archived = !opts.include_archived && self.has_archived();
         if opts.filter.is_none() && opts.scope.is_empty() && !hide_archived {
+            if self.records.len() >= self.opts.ann_threshold && !opts.exact {
+                return self.search_ann(&q, k);
+            }
             return Ok(self.vectors.search(&q, k, None));
         }
         let key = format!("{opts:?}");
@@ -1136,6 +1171,42 @@ impl Store {
         };
         drop(cache);
         Ok(self.vectors.search_rows(&q, k, &rows))
+    }
+
+    /// Search the SPANN index, building it first if this is its first use.
+    fn search_ann(&self, q: &[f32], k: usize) -> Result<Vec<Vec<Hit>>> {
+        {
+            let g = self.ann.read().unwrap();
+            if let Some(ann) = g.as_ref() {
+                return ann.search_prepared(q, k, &ann.params().search, None);
+            }
+        }
+        let mut g = self.ann.write().unwrap();
+        if g.is_none() {
+            let ann = SpannIndex::build(
+                self.vectors.data(),
+                self.dim,
+                Some(self.vectors.ids()),
+                self.metric,
+                SpannParams::default(),
+                None,
+            )?;
+            *g = Some(ann);
+        }
+        let ann = g.as_ref().unwrap();
+        ann.search_prepared(q, k, &ann.params().search, None)
+    }
+
+    /// Which index unfiltered searches use now: "exact", "spann" (built) or
+    /// "spann-pending" (big enough; built by the next unfiltered search).
+    pub fn index_kind(&self) -> &'static str {
+        if self.ann.read().unwrap().is_some() {
+            "spann"
+        } else if self.records.len() >= self.opts.ann_threshold {
+            "spann-pending"
+        } else {
+            "exact"
+        }
     }
 
     /// Whether any record is archived (cached until the next write).
@@ -1215,6 +1286,7 @@ impl Store {
             wal_frames: self.wal_frames,
             torn_bytes: self.torn_bytes,
             kernel: distance::kernel_name(),
+            index: self.index_kind(),
         }
     }
 }
@@ -1293,5 +1365,6 @@ pub fn verify(dir: &Path) -> Result<Info> {
         wal_frames: loaded.replay.ops.len(),
         torn_bytes: loaded.replay.torn_bytes,
         kernel: distance::kernel_name(),
+        index: "exact",
     })
 }

@@ -96,7 +96,8 @@ impl NativeStore {
 #[pymethods]
 impl NativeStore {
     #[new]
-    #[pyo3(signature = (path, dim=None, metric=None, read_only=false, sync=true, checkpoint_bytes=None))]
+    #[pyo3(signature = (path, dim=None, metric=None, read_only=false, sync=true, checkpoint_bytes=None, ann_threshold=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         path: std::path::PathBuf,
@@ -105,6 +106,7 @@ impl NativeStore {
         read_only: bool,
         sync: bool,
         checkpoint_bytes: Option<u64>,
+        ann_threshold: Option<usize>,
     ) -> PyResult<Self> {
         let store = run(py, || {
             let metric = metric.as_deref().map(Metric::parse).transpose()?;
@@ -117,6 +119,9 @@ impl NativeStore {
             };
             if let Some(c) = checkpoint_bytes {
                 opts.checkpoint_bytes = c;
+            }
+            if let Some(t) = ann_threshold {
+                opts.ann_threshold = t;
             }
             Store::open(&path, opts)
         })?;
@@ -230,7 +235,7 @@ impl NativeStore {
 
     /// Exact search. Returns (ids, scores) of shape (m, k); slots past the
     /// matching records hold id 2**64-1 and score NaN.
-    #[pyo3(signature = (queries, k=10, filter=None, user_id=None, agent_id=None, session_id=None, include_archived=false))]
+    #[pyo3(signature = (queries, k=10, filter=None, user_id=None, agent_id=None, session_id=None, include_archived=false, exact=false))]
     #[allow(clippy::too_many_arguments)]
     fn search<'py>(
         &self,
@@ -242,6 +247,7 @@ impl NativeStore {
         agent_id: Option<String>,
         session_id: Option<String>,
         include_archived: bool,
+        exact: bool,
     ) -> PyResult<SearchResult<'py>> {
         let shape = queries.shape();
         let (m, d) = (shape[0], shape[1]);
@@ -253,7 +259,8 @@ impl NativeStore {
                     got: d,
                 });
             }
-            let opts = search_options(filter, user_id, agent_id, session_id, include_archived)?;
+            let mut opts = search_options(filter, user_id, agent_id, session_id, include_archived)?;
+            opts.exact = exact;
             let hits = s.search(data, m, k, &opts)?;
             let kk = k.min(s.len()).max(1);
             let mut ids = vec![MISSING_ID; m * kk];
@@ -558,6 +565,7 @@ fn search_options(
             session_id,
         },
         include_archived,
+        exact: false,
     })
 }
 
@@ -573,6 +581,7 @@ fn info_dict<'py>(py: Python<'py>, i: &store::Info) -> PyResult<Bound<'py, PyDic
     d.set_item("wal_frames", i.wal_frames)?;
     d.set_item("torn_bytes", i.torn_bytes)?;
     d.set_item("kernel", i.kernel)?;
+    d.set_item("index", i.index)?;
     Ok(d)
 }
 
