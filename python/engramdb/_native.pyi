@@ -1,12 +1,12 @@
 """Type stubs of the native extension (checked in CI by mypy.stubtest)."""
 
 import os
-from typing import Any, Optional, Union, final
+from typing import Any, Callable, Optional, Union, final
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["__version__", "NativeStore", "NativeLsh", "get_num_threads", "kernel_name", "set_num_threads", "verify_store"]
+__all__ = ["__version__", "NativeStore", "NativeLsh", "NativeSpann", "get_num_threads", "kernel_name", "set_num_threads", "verify_store"]
 
 __version__: str
 
@@ -131,3 +131,42 @@ class NativeLsh:
     def search(
         self, queries: npt.NDArray[np.float32], k: int = 10
     ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.float32], int]: ...
+
+@final
+class NativeSpann:
+    @staticmethod
+    def build(
+        vectors: npt.NDArray[np.float32],
+        path: Union[str, os.PathLike[str]],
+        metric: str = "cosine",
+        ids: Optional[npt.NDArray[np.uint64]] = None,
+        params: Optional[dict[str, Any]] = None,
+        progress: Optional[Callable[[str, int, int], None]] = None,
+        mode: str = "disk",
+    ) -> NativeSpann: ...
+    @staticmethod
+    def open(path: Union[str, os.PathLike[str]], mode: str = "disk") -> NativeSpann: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def metric(self) -> str: ...
+    def __len__(self) -> int: ...
+    def params(self) -> dict[str, Any]: ...
+    def search(
+        self,
+        queries: npt.NDArray[np.float32],
+        k: int = 10,
+        nprobe: Optional[int] = None,
+        epsilon: Optional[float] = None,
+        coarse_probe: Optional[int] = None,
+        rerank: Optional[int] = None,
+    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.float32], int]: ...
+    def add(self, vectors: npt.NDArray[np.float32], ids: npt.NDArray[np.uint64], upsert: bool = False) -> None: ...
+    def delete(self, ids: npt.NDArray[np.uint64]) -> int: ...
+    def flush(self) -> None: ...
+    def save(self, path: Union[str, os.PathLike[str]]) -> None: ...
+    def compact(self) -> dict[str, Any]: ...
+    def verify(self) -> dict[str, Any]: ...
+    def stats(self) -> dict[str, Any]: ...
+    def set_direct_io(self, on: bool) -> bool: ...
+    def close(self) -> None: ...

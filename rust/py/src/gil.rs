@@ -1,5 +1,11 @@
-//! The one helper every long core call goes through: it releases the GIL,
-//! runs the work on engramdb's rayon pool, and maps errors to Python.
+//! The helpers every long core call goes through: they release the GIL, run
+//! the work on engramdb's rayon pool, and map errors to Python.
+//!
+//! Lock order matters: a handle's lock is taken on the calling thread
+//! *before* entering the pool ([`with_read`], [`with_write`]). Taken inside
+//! the pool, a worker holding a write lock could, while it waits for its own
+//! parallel sub-tasks, steal another call's job that blocks on the same lock,
+//! and both would wait forever.
 
 use engramdb_core::Error;
 use pyo3::prelude::*;
@@ -22,6 +28,36 @@ pub fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send)
     let p = pool();
     py.detach(|| p.install(f))
         .map_err(|e| crate::error::to_py(py, e))
+}
+
+/// Run `f` on the state behind `lock` (shared access) without the GIL.
+pub fn with_read<S: Send + Sync, T: Send>(
+    py: Python<'_>,
+    lock: &RwLock<Option<S>>,
+    f: impl FnOnce(&S) -> Result<T, Error> + Send,
+) -> PyResult<T> {
+    let p = pool();
+    py.detach(|| {
+        let guard = lock.read().unwrap_or_else(|e| e.into_inner());
+        let state = guard.as_ref().ok_or(Error::Closed)?;
+        p.install(|| f(state))
+    })
+    .map_err(|e| crate::error::to_py(py, e))
+}
+
+/// Run `f` on the state behind `lock` (exclusive access) without the GIL.
+pub fn with_write<S: Send + Sync, T: Send>(
+    py: Python<'_>,
+    lock: &RwLock<Option<S>>,
+    f: impl FnOnce(&mut S) -> Result<T, Error> + Send,
+) -> PyResult<T> {
+    let p = pool();
+    py.detach(|| {
+        let mut guard = lock.write().unwrap_or_else(|e| e.into_inner());
+        let state = guard.as_mut().ok_or(Error::Closed)?;
+        p.install(|| f(state))
+    })
+    .map_err(|e| crate::error::to_py(py, e))
 }
 
 /// Set how many threads searches and builds use (default: all cores).

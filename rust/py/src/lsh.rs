@@ -1,6 +1,6 @@
 //! `NativeLsh`: the binding of the standalone cosine LSH index.
 
-use crate::gil::run;
+use crate::gil::{run, with_read, with_write};
 use engramdb_core::index::lsh::LshIndex;
 use engramdb_core::index::VectorIndex;
 use engramdb_core::{distance, Error};
@@ -10,7 +10,7 @@ use std::sync::RwLock;
 
 #[pyclass(module = "engramdb._native", frozen)]
 pub struct NativeLsh {
-    inner: RwLock<LshIndex>,
+    inner: RwLock<Option<LshIndex>>,
     dim: usize,
 }
 
@@ -39,7 +39,7 @@ impl NativeLsh {
     fn new(py: Python<'_>, dim: usize, tables: usize, bits: usize, seed: u64) -> PyResult<Self> {
         let idx = run(py, || LshIndex::new(dim, tables, bits, seed))?;
         Ok(NativeLsh {
-            inner: RwLock::new(idx),
+            inner: RwLock::new(Some(idx)),
             dim,
         })
     }
@@ -51,21 +51,33 @@ impl NativeLsh {
 
     #[getter]
     fn tables(&self) -> usize {
-        self.inner.read().unwrap().params().0
+        self.inner
+            .read()
+            .unwrap()
+            .as_ref()
+            .map_or(0, |i| i.params().0)
     }
 
     #[getter]
     fn bits(&self) -> usize {
-        self.inner.read().unwrap().params().1
+        self.inner
+            .read()
+            .unwrap()
+            .as_ref()
+            .map_or(0, |i| i.params().1)
     }
 
     fn __len__(&self) -> usize {
-        self.inner.read().unwrap().len()
+        self.inner.read().unwrap().as_ref().map_or(0, |i| i.len())
     }
 
     /// Candidates scored by the last search, over all its queries.
     fn last_candidates(&self) -> usize {
-        self.inner.read().unwrap().last_candidates()
+        self.inner
+            .read()
+            .unwrap()
+            .as_ref()
+            .map_or(0, |i| i.last_candidates())
     }
 
     fn add<'py>(
@@ -78,7 +90,7 @@ impl NativeLsh {
         let data = vectors.as_slice()?;
         let ids = ids.as_slice()?;
         let dim = self.dim;
-        run(py, || {
+        with_write(py, &self.inner, |idx| {
             if ids.len() != n {
                 return Err(Error::InvalidArgument(format!(
                     "{} ids for {n} vectors",
@@ -86,14 +98,14 @@ impl NativeLsh {
                 )));
             }
             let v = prepare(data, n, dim, d)?;
-            self.inner.write().unwrap().upsert(ids, &v);
+            idx.upsert(ids, &v);
             Ok(())
         })
     }
 
     fn delete(&self, py: Python<'_>, ids: Vec<u64>) -> PyResult<()> {
-        run(py, || {
-            self.inner.write().unwrap().remove(&ids);
+        with_write(py, &self.inner, |idx| {
+            idx.remove(&ids);
             Ok(())
         })
     }
@@ -110,12 +122,12 @@ impl NativeLsh {
         let (m, d) = (queries.shape()[0], queries.shape()[1]);
         let data = queries.as_slice()?;
         let dim = self.dim;
-        let (ids, scores) = run(py, || {
+        let (ids, scores) = with_read(py, &self.inner, |idx| {
             if k == 0 {
                 return Err(Error::InvalidArgument("k must be at least 1".into()));
             }
             let q = prepare(data, m, dim, d)?;
-            let hits = self.inner.read().unwrap().search(&q, k, None);
+            let hits = idx.search(&q, k, None);
             let mut ids = vec![u64::MAX; m * k];
             let mut scores = vec![f32::NAN; m * k];
             for (i, row) in hits.iter().enumerate() {

@@ -91,10 +91,7 @@ impl NativeSpann {
         py: Python<'_>,
         f: impl FnOnce(&SpannIndex) -> Result<T, Error> + Send,
     ) -> PyResult<T> {
-        run(py, || {
-            let g = self.inner.read().unwrap();
-            f(g.as_ref().ok_or_else(closed)?)
-        })
+        crate::gil::with_read(py, &self.inner, f)
     }
 
     fn write<T: Send>(
@@ -102,10 +99,7 @@ impl NativeSpann {
         py: Python<'_>,
         f: impl FnOnce(&mut SpannIndex) -> Result<T, Error> + Send,
     ) -> PyResult<T> {
-        run(py, || {
-            let mut g = self.inner.write().unwrap();
-            f(g.as_mut().ok_or_else(closed)?)
-        })
+        crate::gil::with_write(py, &self.inner, f)
     }
 }
 

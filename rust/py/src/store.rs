@@ -2,7 +2,7 @@
 //! C-contiguous float32 (the Python layer converts once) and are borrowed as
 //! slices; results leave as new numpy arrays.
 
-use crate::gil::run;
+use crate::gil::{run, with_read, with_write};
 use engramdb_core::memory::Weights;
 use engramdb_core::memory::{Filter, Link, Record, Scope};
 use engramdb_core::storage::wal::Touch;
@@ -22,10 +22,6 @@ type SearchResult<'py> = (Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<f32>>, 
 #[pyclass(module = "engramdb._native", frozen)]
 pub struct NativeStore {
     inner: RwLock<Option<Store>>,
-}
-
-fn closed() -> Error {
-    Error::Closed
 }
 
 fn parse_json(s: Option<String>, what: &str) -> Result<Option<serde_json::Value>, Error> {
@@ -75,10 +71,7 @@ impl NativeStore {
         py: Python<'_>,
         f: impl FnOnce(&Store) -> Result<T, Error> + Send,
     ) -> PyResult<T> {
-        run(py, || {
-            let g = self.inner.read().unwrap();
-            f(g.as_ref().ok_or_else(closed)?)
-        })
+        with_read(py, &self.inner, f)
     }
 
     fn write<T: Send>(
@@ -86,10 +79,7 @@ impl NativeStore {
         py: Python<'_>,
         f: impl FnOnce(&mut Store) -> Result<T, Error> + Send,
     ) -> PyResult<T> {
-        run(py, || {
-            let mut g = self.inner.write().unwrap();
-            f(g.as_mut().ok_or_else(closed)?)
-        })
+        with_write(py, &self.inner, f)
     }
 }
 
@@ -286,28 +276,19 @@ impl NativeStore {
         py: Python<'py>,
         id: u64,
     ) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyDict>)> {
-        let g = self.inner.read().unwrap();
-        let s = g
-            .as_ref()
-            .ok_or_else(closed)
-            .map_err(|e| crate::error::to_py(py, e))?;
-        let (r, v) = s.get(id).map_err(|e| crate::error::to_py(py, e))?;
-        Ok((PyArray1::from_slice(py, v), record_dict(py, r)?))
+        let (r, v) = self.read(py, |s| s.get(id).map(|(r, v)| (r.clone(), v.to_vec())))?;
+        Ok((PyArray1::from_vec(py, v), record_dict(py, &r)?))
     }
 
     /// Record dicts of many ids (unknown ids raise NotFoundError).
     fn get_records<'py>(&self, py: Python<'py>, ids: Vec<u64>) -> PyResult<Bound<'py, PyList>> {
-        let g = self.inner.read().unwrap();
-        let s = g
-            .as_ref()
-            .ok_or_else(closed)
-            .map_err(|e| crate::error::to_py(py, e))?;
+        let recs = self.read(py, |s| {
+            ids.iter()
+                .map(|&id| s.record(id).cloned().ok_or(Error::NotFound(id)))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
         let out = PyList::empty(py);
-        for id in ids {
-            let r = s
-                .record(id)
-                .ok_or(Error::NotFound(id))
-                .map_err(|e| crate::error::to_py(py, e))?;
+        for r in &recs {
             out.append(record_dict(py, r)?)?;
         }
         Ok(out)
