@@ -127,3 +127,31 @@ def test_import_needs_no_torch():
 
     code = "import sys, engramdb, engramdb.cli; assert 'torch' not in sys.modules, 'engramdb imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_concurrent_writes_and_searches_do_not_deadlock(tmp_path):
+    import threading
+
+    rng = np.random.default_rng(0)
+    s = Store(tmp_path / "s", dim=64)
+    s.add(rng.standard_normal((2000, 64)), user_id="u")
+    stop = threading.Event()
+
+    def writer():
+        for _ in range(100):
+            s.add(rng.standard_normal((4, 64)), user_id="u", auto_link=True)
+        stop.set()
+
+    def reader():
+        q = np.random.default_rng(1).standard_normal(64)
+        while not stop.is_set():
+            s.search(q, k=10, user_id="u")
+
+    ts = [threading.Thread(target=writer, daemon=True)] + [threading.Thread(target=reader, daemon=True) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in ts), "deadlock: threads still blocked after 120 s"
+    assert len(s) == 2400
+    s.close()

@@ -1155,13 +1155,21 @@ impl Store {
             return Ok(self.vectors.search(&q, k, None));
         }
         let key = format!("{opts:?}");
-        let mut cache = self.subset_cache.lock().unwrap();
-        let rows = match cache.as_ref() {
-            Some(c) if c.key == key && c.write_gen == self.write_gen => c.rows.clone(),
-            _ => {
+        // never hold the cache lock across parallel work: a rayon worker
+        // waiting on its sub-tasks may run another search that wants it
+        let cached = self
+            .subset_cache
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|c| c.key == key && c.write_gen == self.write_gen)
+            .map(|c| c.rows.clone());
+        let rows = match cached {
+            Some(rows) => rows,
+            None => {
                 let pred = |id: u64| self.records.get(&id).is_some_and(|r| self.visible(r, opts));
                 let rows = std::sync::Arc::new(self.vectors.rows_matching(&pred));
-                *cache = Some(SubsetCache {
+                *self.subset_cache.lock().unwrap() = Some(SubsetCache {
                     key,
                     write_gen: self.write_gen,
                     rows: rows.clone(),
@@ -1169,7 +1177,6 @@ impl Store {
                 rows
             }
         };
-        drop(cache);
         Ok(self.vectors.search_rows(&q, k, &rows))
     }
 
