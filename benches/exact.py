@@ -78,9 +78,9 @@ def main() -> None:
                     nq = sum(len(q) for q in qs)
                     res = {}
                     for name, fn in (
-                        ("engramdb", lambda: [store.search(q, k=k) for q in qs]),
-                        ("faiss", lambda: [index.search(q, k) for q in qs]),
-                        ("numpy", lambda: [np_search(q) for q in qs]),
+                        ("engramdb", lambda qs=qs: [store.search(q, k=k) for q in qs]),
+                        ("faiss", lambda qs=qs: [index.search(q, k) for q in qs]),
+                        ("numpy", lambda qs=qs: [np_search(q) for q in qs]),
                     ):
                         res[name] = nq / timed(fn, args.reps)
                     row = {"threads": threads, "batch": batch, **{f"{k_}_qps": v for k_, v in res.items()}}
