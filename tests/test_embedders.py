@@ -254,8 +254,13 @@ def test_vendored_tokenizer_first_and_checked(monkeypatch, tmp_path):
     good.write_bytes(text.encode("utf-8"))
     monkeypatch.setattr(emb, "VENDORED_TOKENIZER", good)
     assert emb._read_tokenizer()[1] == str(good)
-    good.write_bytes(text.encode("utf-8") + b" ")  # not the upstream file: skipped
-    assert emb._read_tokenizer()[1] != str(good)
+    good.write_bytes(text.encode("utf-8") + b" ")  # not the upstream file: never used
+    try:
+        where = emb._read_tokenizer()[1]
+    except emb.MissingDependencyError as e:  # no other copy installed: a clear error
+        assert str(good) in str(e) and "sha256" in str(e) and "reinstall" in str(e)
+    else:
+        assert where != str(good)
 
 
 def test_model_sha256_checked(tmp_path):

@@ -1,7 +1,7 @@
 """Triton kernels of engramdb.gpu against their torch references.
 
-Without CUDA the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 is set here before the
-kernels are imported (Triton reads it when a kernel is decorated). Shapes are small so the file runs
+Without CUDA the kernels run in Triton's CPU interpreter: conftest.py sets TRITON_INTERPRET=1 before torch
+(which imports triton) is first imported: Triton reads it when a function is decorated. Shapes are small so the file runs
 in well under three minutes on two CPU cores; several are deliberately not multiples of the blocks.
 
 Tolerances:

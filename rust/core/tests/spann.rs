@@ -344,3 +344,35 @@ fn shared_data_recall() {
     idx.save(d.path()).unwrap();
     eprintln!("disk {:?}", idx.stats());
 }
+
+/// Ratio pruning keeps only heads within (1 + epsilon) of the nearest one.
+/// When the query *is* a head its distance is ~0 and nothing else passes;
+/// `epsilon = 0` forces the same cut for every query. The search must then
+/// read on (nearest heads first) until it has k hits instead of returning
+/// fewer.
+#[test]
+fn pruning_never_returns_fewer_than_k() {
+    let f = fixture(5_000);
+    let idx = SpannIndex::build(
+        &f.base,
+        DIM,
+        Some(&f.ids),
+        Metric::Cosine,
+        SpannParams::default(),
+        None,
+    )
+    .unwrap();
+    let k = 300; // more than the nearest posting holds (cap 160)
+    let sp = SearchParams {
+        epsilon: 0.0,
+        ..SearchParams::default()
+    };
+    let got = idx.search(&f.queries, k, &sp, None).unwrap();
+    assert!(got.iter().all(|h| h.len() == k));
+    // and itself first when the query is a stored vector
+    let got = idx.search(&f.base[..50 * DIM], 2, &sp, None).unwrap();
+    for (i, h) in got.iter().enumerate() {
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[0].id, f.ids[i]);
+    }
+}

@@ -205,11 +205,8 @@ impl SpannIndex {
         } else {
             (1.0 + sp.epsilon) * d0.max(1e-6)
         };
-        let sel: Vec<u32> = heads
-            .iter()
-            .take_while(|(d, _)| *d <= limit)
-            .map(|x| x.1)
-            .collect();
+        let near = heads.iter().take_while(|(d, _)| *d <= limit).count();
+        let sel: Vec<u32> = heads[..near].iter().map(|x| x.1).collect();
         // with O_DIRECT every read waits on the device: issue them together
         // on the I/O pool (results are consumed in head order, so the answer
         // is the same as reading one by one)
@@ -231,11 +228,7 @@ impl SpannIndex {
         };
         let mut seen = vec![0u64; self.ids.len().div_ceil(64)];
         let mut cand = TopK::new(sp.rerank.max(k));
-        for (j, &h) in sel.iter().enumerate() {
-            let p = match fetched.get(j) {
-                Some(Some(p)) => Cow::Borrowed(p),
-                _ => self.load_posting(h)?,
-            };
+        let mut scan = |h: u32, p: &PostingData, stats: &mut LastSearch| {
             stats.postings += 1;
             if self.mem[h as usize].is_none() {
                 stats.bytes += self.slots[h as usize].pages as u64 * PAGE as u64;
@@ -256,12 +249,31 @@ impl SpannIndex {
                         continue;
                     }
                 }
-                let s = qc.score(&p, i);
+                let s = qc.score(p, i);
                 if s >= thr {
                     cand.push(r as u64, s);
                     thr = cand.threshold();
                 }
             }
+            cand.len()
+        };
+        let mut found = 0;
+        for (j, &h) in sel.iter().enumerate() {
+            let p = match fetched.get(j) {
+                Some(Some(p)) => Cow::Borrowed(p),
+                _ => self.load_posting(h)?,
+            };
+            found = scan(h, &p, &mut stats);
+        }
+        // Ratio pruning may stop too early: when the query *is* a head, d0 is
+        // ~0 and only that head's posting passes. Read on, nearest first,
+        // until k candidates are found or the probe list ends.
+        for &(_, h) in &heads[near..] {
+            if found >= k {
+                break;
+            }
+            let p = self.load_posting(h)?;
+            found = scan(h, &p, &mut stats);
         }
         let mut top = TopK::new(k);
         let disk_rows = self.arena_first_row;
