@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
+from filter_model import matches_filter
 
 from engramdb.bm25 import BM25Index, tokenize
 from engramdb.errors import (
@@ -18,7 +19,7 @@ from engramdb.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from engramdb.memory import Memory, MemoryHit, matches_filter, to_epoch
+from engramdb.memory import Memory, MemoryHit, to_epoch
 from engramdb.store import Store
 
 DAY = 86400.0
@@ -168,8 +169,9 @@ def test_filters_in_every_mode(mem):
         mem.get_all(filters={"k": {"in": 3}})
 
 
-def test_python_filter_agrees_with_the_store(tmp_path):
-    """The keyword side filters in Python: it must agree exactly with the core's filter."""
+def test_store_filter_agrees_with_a_python_oracle(tmp_path):
+    """The core's filter evaluator (used by search and by Store.ids, hence by Memory's
+    keyword side, get_all and link expansion) against a pure-Python reading of the grammar."""
     rng = np.random.default_rng(7)
     s = Store(tmp_path / "s", dim=4)
     metas = []
@@ -210,6 +212,7 @@ def test_python_filter_agrees_with_the_store(tmp_path):
         want = {int(i) for i in ids if i != np.iinfo(np.uint64).max}
         got = {i for i, m in enumerate(metas) if matches_filter(f, m)}
         assert got == want, f
+        assert s.ids(f).tolist() == sorted(got), f  # the same evaluator without a search
 
 
 # --------------------------------------------------------------------------- update / delete / history

@@ -82,7 +82,7 @@ from .errors import (
 )
 from .store import MISSING_ID, Store
 
-__all__ = ["Memory", "MemoryItem", "MemoryHit", "matches_filter", "to_epoch"]
+__all__ = ["Memory", "MemoryItem", "MemoryHit", "to_epoch"]
 
 CONFIG_FILE = "memory.json"
 STORE_DIR = "store"
@@ -196,90 +196,6 @@ def _clean_texts(texts: Sequence[Any]) -> list[str]:
         raise InvalidArgumentError(msg) from None
 
 
-_OPS = {"eq", "ne", "in", "nin", "gt", "gte", "lt", "lte", "contains"}
-
-
-def _json_eq(a: Any, b: Any) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a == b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return float(a) == float(b)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_json_eq(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_json_eq(v, b[k]) for k, v in a.items())
-    return type(a) is type(b) and a == b
-
-
-def _order(a: Any, b: Any) -> Optional[int]:
-    num = (int, float)
-    if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool) and not isinstance(b, bool):
-        return (a > b) - (a < b)
-    if isinstance(a, str) and isinstance(b, str):
-        return (a > b) - (a < b)
-    return None
-
-
-def _apply(op: str, have: Any, want: Any) -> bool:
-    if op == "eq":
-        return _json_eq(have, want)
-    if op == "ne":
-        return not _json_eq(have, want)
-    if op == "in":
-        return isinstance(want, list) and any(_json_eq(have, w) for w in want)
-    if op == "nin":
-        return not (isinstance(want, list) and any(_json_eq(have, w) for w in want))
-    if op == "contains":
-        if isinstance(have, str) and isinstance(want, str):
-            return want in have
-        return isinstance(have, list) and any(_json_eq(x, want) for x in have)
-    o = _order(have, want)
-    if o is None:
-        return False
-    return {"gt": o > 0, "gte": o >= 0, "lt": o < 0, "lte": o <= 0}[op]
-
-
-def matches_filter(flt: dict[str, Any], metadata: Optional[dict[str, Any]]) -> bool:
-    """Whether ``metadata`` satisfies ``flt``, in the store's filter grammar
-    (``engramdb/rust/core/src/memory/filter.rs``: eq ne in nin gt gte lt lte
-    contains, and / or / not, dotted paths, optional ``$`` prefixes)."""
-    if not isinstance(flt, dict):
-        raise InvalidArgumentError("a filter must be a dict")
-    for key, val in flt.items():
-        k = key[1:] if key.startswith("$") else key
-        kl = k.lower()
-        if kl in ("and", "or"):
-            if not isinstance(val, list):
-                raise InvalidArgumentError(f"bad filter: {key} takes a list of filters")
-            parts = [matches_filter(f, metadata) for f in val]
-            if not (all(parts) if kl == "and" else any(parts)):
-                return False
-            continue
-        if kl == "not":
-            if matches_filter(val, metadata):
-                return False
-            continue
-        if not key:
-            raise InvalidArgumentError("bad filter: empty field name")
-        cur: Any = metadata
-        for p in key.split("."):
-            cur = cur.get(p, _MISSING) if isinstance(cur, dict) else _MISSING
-            if cur is _MISSING:
-                break
-        if isinstance(val, dict) and val and all((o[1:] if o.startswith("$") else o) in _OPS for o in val):
-            ops = [((o[1:] if o.startswith("$") else o), w) for o, w in val.items()]
-        else:
-            ops = [("eq", val)]
-        for op, want in ops:
-            if op in ("in", "nin") and not isinstance(want, list):
-                raise InvalidArgumentError(f"bad filter: {key}: {op} takes a list")
-            ok = op in ("ne", "nin") if cur is _MISSING else _apply(op, cur, want)
-            if not ok:
-                return False
-    return True
-
-
-_MISSING = object()
 
 
 def _item(d: dict[str, Any]) -> MemoryItem:
@@ -1023,23 +939,15 @@ class Memory:
     ) -> list[MemoryItem]:
         """Every memory of a scope (all when no scope is given) matching ``filters``,
         oldest first (by creation time, then id). An unknown scope gives ``[]``."""
-        if filters is not None:
-            matches_filter(filters, {})  # validate early
-        want = (user_id, agent_id, session_id)
-        out = []
         with self._lock.read():
-            records = self._records(sorted(int(i) for i in self._store.ids()))
-        for d in records:
-            if any(
-                w is not None and w != d.get(k) for w, k in zip(want, ("user_id", "agent_id", "session_id"))
-            ):
-                continue
-            if d.get("archived") and not include_archived:
-                continue
-            it = _item(d)
-            if filters is not None and not matches_filter(filters, it.metadata):
-                continue
-            out.append(it)
+            ids = self._store.ids(
+                filters,
+                user_id=user_id,
+                agent_id=agent_id,
+                session_id=session_id,
+                include_archived=include_archived,
+            )
+            out = [_item(d) for d in self._records(ids.tolist())]
         out.sort(key=lambda m: (m.created_at, m.id))
         return out[:limit] if limit is not None else out
 
@@ -1143,20 +1051,17 @@ class Memory:
                     for i, s in zip(ids.tolist(), scores.tolist()):
                         if i != MISSING_ID:
                             sims[int(i)] = float(s)
-            meta_cache: dict[int, dict[str, Any]] = {}
-
-            def accept(i: int) -> bool:
-                if filters is None:
-                    return True
-                d = meta_cache.get(i)
-                if d is None:
-                    d = _item(self._records([i])[0]).metadata
-                    meta_cache[i] = d
-                return matches_filter(filters, d)
-
             if mode != "vector":
+                # the store evaluates the filter (one grammar, in the core)
+                allowed = None if filters is None else self._visible(filters, scope, include_archived)
                 kw = dict(
-                    self._bm25.search(q, n_cand, include_archived=include_archived, accept=accept, **scope)
+                    self._bm25.search(
+                        q,
+                        n_cand,
+                        include_archived=include_archived,
+                        accept=None if allowed is None else allowed.__contains__,
+                        **scope,
+                    )
                 )
 
             # relevance in [0, 1]
@@ -1252,7 +1157,7 @@ class Memory:
         hits.sort(key=lambda h: (-h.score, h.id))
         by_id = {h.id: h for h in hits}
         frontier = hits[:k]
-        want = (scope["user_id"], scope["agent_id"], scope["session_id"])
+        visible: Optional[set[int]] = None  # computed on the first expansion
         for _ in range(hops):
             cand: dict[int, tuple[float, int]] = {}
             for h in frontier:
@@ -1266,20 +1171,14 @@ class Memory:
                         cand[t] = (s, h.id)
             if not cand:
                 break
-            ids = [t for t in cand if t in self._store]
+            if visible is None:
+                visible = self._visible(filters, scope, include_archived)
+            ids = [t for t in cand if t in visible]
             recs = self._records(ids)
             ret = self._retention(ids, recs, now)
             nxt = []
             for t, d, r in zip(ids, recs, ret):
                 it = _item(d)
-                if any(
-                    w is not None and w != v for w, v in zip(want, (it.user_id, it.agent_id, it.session_id))
-                ):
-                    continue
-                if it.archived and not include_archived:
-                    continue
-                if filters is not None and not matches_filter(filters, it.metadata):
-                    continue
                 s, via = cand[t]
                 old = by_id.get(t)
                 if old is not None:
@@ -1306,6 +1205,13 @@ class Memory:
                 nxt.append(hit)
             frontier = nxt
         return hits
+
+    def _visible(
+        self, filters: Optional[dict[str, Any]], scope: dict[str, Any], include_archived: bool
+    ) -> set[int]:
+        """Ids a search with these filters / scope may return, as the store
+        evaluates them."""
+        return set(self._store.ids(filters, include_archived=include_archived, **scope).tolist())
 
     def _fill_similarity(self, hits: list[MemoryHit], qv: np.ndarray) -> None:
         for h in hits:

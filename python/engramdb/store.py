@@ -368,9 +368,27 @@ class Store:
         vec, d = self._native.get(int(id))
         return _record_from(vec, d)
 
-    def ids(self) -> np.ndarray:
-        """Every id, as a ``uint64`` array (in no particular order)."""
-        return self._native.ids()
+    def ids(
+        self,
+        filter: Optional[dict[str, Any]] = None,
+        *,
+        user_id: Optional[str] = None,
+        agent_id: Optional[str] = None,
+        session_id: Optional[str] = None,
+        include_archived: bool = True,
+    ) -> np.ndarray:
+        """Ids as a ``uint64`` array: every id (in no particular order), or,
+        given a ``filter`` / scope / ``include_archived=False``, the ids a
+        :meth:`search` with those arguments may return (ascending)."""
+        if filter is None and user_id is None and agent_id is None and session_id is None and include_archived:
+            return self._native.ids()
+        return self._native.matching_ids(
+            filter=self._filter_json(filter),
+            user_id=user_id,
+            agent_id=agent_id,
+            session_id=session_id,
+            include_archived=include_archived,
+        )
 
     def search(
         self,

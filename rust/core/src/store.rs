@@ -586,6 +586,20 @@ impl Store {
         self.vectors.ids().to_vec()
     }
 
+    /// The ids a search with `opts` may return (its filter, scope and
+    /// archived rule), ascending. The one place callers evaluate a filter
+    /// without searching, so the grammar lives only in [`Filter`].
+    pub fn matching_ids(&self, opts: &SearchOptions) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .records
+            .values()
+            .filter(|r| self.visible(r, opts))
+            .map(|r| r.id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Check a batch of vectors and return them prepared for the index.
     fn prepare(&self, vectors: &[f32], n: usize) -> Result<Vec<f32>> {
         if n == 0 {

@@ -4,6 +4,7 @@
 
 mod error;
 mod gil;
+mod hits;
 mod lsh;
 mod spann;
 mod store;

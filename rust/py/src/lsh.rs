@@ -1,6 +1,7 @@
 //! `NativeLsh`: the binding of the standalone cosine LSH index.
 
 use crate::gil::{run, with_read, with_write};
+use crate::hits;
 use engramdb_core::index::lsh::LshIndex;
 use engramdb_core::index::VectorIndex;
 use engramdb_core::{distance, Error};
@@ -128,15 +129,7 @@ impl NativeLsh {
             }
             let q = prepare(data, m, dim, d)?;
             let hits = idx.search(&q, k, None);
-            let mut ids = vec![u64::MAX; m * k];
-            let mut scores = vec![f32::NAN; m * k];
-            for (i, row) in hits.iter().enumerate() {
-                for (j, h) in row.iter().enumerate() {
-                    ids[i * k + j] = h.id;
-                    scores[i * k + j] = h.score;
-                }
-            }
-            Ok((ids, scores))
+            Ok(hits::pack(&hits, k, |x| x))
         })?;
         Ok((
             PyArray1::from_vec(py, ids),

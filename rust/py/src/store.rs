@@ -3,6 +3,7 @@
 //! slices; results leave as new numpy arrays.
 
 use crate::gil::{run, with_read, with_write};
+use crate::hits;
 use engramdb_core::memory::Weights;
 use engramdb_core::memory::{Filter, Link, Record, Scope};
 use engramdb_core::storage::wal::Touch;
@@ -12,9 +13,6 @@ use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods}
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use std::sync::RwLock;
-
-/// Padding id for result slots beyond the matching records (2**64 - 1).
-pub const MISSING_ID: u64 = u64::MAX;
 
 /// (ids, scores, k) as returned by `search`: flat arrays of m * k entries.
 type SearchResult<'py> = (Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<f32>>, usize);
@@ -253,14 +251,7 @@ impl NativeStore {
             opts.exact = exact;
             let hits = s.search(data, m, k, &opts)?;
             let kk = k.min(s.len()).max(1);
-            let mut ids = vec![MISSING_ID; m * kk];
-            let mut scores = vec![f32::NAN; m * kk];
-            for (qi, row) in hits.iter().enumerate() {
-                for (j, h) in row.iter().take(kk).enumerate() {
-                    ids[qi * kk + j] = h.id;
-                    scores[qi * kk + j] = s.metric().user_score(h.score);
-                }
-            }
+            let (ids, scores) = hits::pack(&hits, kk, |x| s.metric().user_score(x));
             Ok((ids, scores, kk))
         })?;
         Ok((
@@ -296,6 +287,24 @@ impl NativeStore {
 
     fn ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u64>>> {
         let ids = self.read(py, |s| Ok(s.ids()))?;
+        Ok(PyArray1::from_vec(py, ids))
+    }
+
+    /// Ids visible to a search with this filter / scope / archived rule.
+    #[pyo3(signature = (filter=None, user_id=None, agent_id=None, session_id=None, include_archived=true))]
+    fn matching_ids<'py>(
+        &self,
+        py: Python<'py>,
+        filter: Option<String>,
+        user_id: Option<String>,
+        agent_id: Option<String>,
+        session_id: Option<String>,
+        include_archived: bool,
+    ) -> PyResult<Bound<'py, PyArray1<u64>>> {
+        let ids = self.read(py, move |s| {
+            let opts = search_options(filter, user_id, agent_id, session_id, include_archived)?;
+            Ok(s.matching_ids(&opts))
+        })?;
         Ok(PyArray1::from_vec(py, ids))
     }
 
