@@ -35,7 +35,7 @@ py-test:
 	$(BIN)/ruff check python tests benches gpu
 	cd /tmp && $(CURDIR)/$(BIN)/python -m mypy.stubtest engramdb._native
 	# tests import the installed wheel: python/ is never on sys.path here
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=15
 
 bench:
 	$(BIN)/python -m pip install -q "$$(ls dist/engramdb-*.whl)[bench]"
