@@ -15,20 +15,7 @@ from __future__ import annotations
 
 from . import embedders, errors
 from ._native import __version__, get_num_threads, kernel_name, set_num_threads
-from .errors import (
-    CorruptionError,
-    DimensionMismatchError,
-    DuplicateIdError,
-    EmptyInputError,
-    EngramError,
-    FormatVersionError,
-    InvalidArgumentError,
-    InvalidVectorError,
-    NotFoundError,
-    ReadOnlyError,
-    StoreClosedError,
-    StoreLockedError,
-)
+from .errors import *  # noqa: F403  (the typed exceptions, listed in errors.__all__)
 from .lsh import LshIndex
 from .memory import Memory, MemoryHit, MemoryItem
 from .readers import ContextReader, SummaryReader
@@ -54,16 +41,5 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "kernel_name",
-    "EngramError",
-    "DimensionMismatchError",
-    "InvalidVectorError",
-    "EmptyInputError",
-    "InvalidArgumentError",
-    "DuplicateIdError",
-    "NotFoundError",
-    "StoreLockedError",
-    "ReadOnlyError",
-    "StoreClosedError",
-    "CorruptionError",
-    "FormatVersionError",
+    *errors.__all__,
 ]
