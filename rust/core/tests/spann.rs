@@ -111,7 +111,8 @@ fn recall_memory_disk_reopen_agree() {
     let after_save = idx.search(&f.queries, 10, &sp, None).unwrap();
     assert_eq!(mem, after_save);
     for mode in [Mode::Disk, Mode::Memory] {
-        let o = SpannIndex::open(dir.path(), mode).unwrap();
+        // `idx` holds the writer lock: a second handle opens read-only
+        let o = SpannIndex::open_read_only(dir.path(), mode).unwrap();
         let got = o.search(&f.queries, 10, &sp, None).unwrap();
         assert_eq!(got, mem, "{mode:?} differs from the built index");
         let st = o.stats();
@@ -124,12 +125,12 @@ fn recall_memory_disk_reopen_agree() {
         }
     }
     // O_DIRECT reads (issued in parallel) return the same answers
-    let mut od = SpannIndex::open(dir.path(), Mode::Disk).unwrap();
+    let mut od = SpannIndex::open_read_only(dir.path(), Mode::Disk).unwrap();
     if od.set_direct_io(true) {
         assert_eq!(od.search(&f.queries, 10, &sp, None).unwrap(), mem);
         assert!(od.stats().last_bytes_read > 0);
     }
-    let o = SpannIndex::open(dir.path(), Mode::Disk).unwrap();
+    let o = SpannIndex::open_read_only(dir.path(), Mode::Disk).unwrap();
     let rep = o.verify().unwrap();
     assert_eq!(rep.vectors, 20_000);
     // the trait view answers the same as the rich API
@@ -153,7 +154,7 @@ fn wrong_dimension_fails_before_io_and_flipped_byte_is_corruption() {
         SpannIndex::build(&f.base, DIM, None, Metric::L2, SpannParams::default(), None).unwrap();
     let dir = tempfile::tempdir().unwrap();
     idx.save(dir.path()).unwrap();
-    let o = SpannIndex::open(dir.path(), Mode::Disk).unwrap();
+    let o = SpannIndex::open_read_only(dir.path(), Mode::Disk).unwrap();
     let e = o
         .search(&f.queries[..DIM - 1], 10, &SearchParams::default(), None)
         .unwrap_err();
@@ -175,14 +176,14 @@ fn wrong_dimension_fails_before_io_and_flipped_byte_is_corruption() {
         bytes[page * 4096 + 10] ^= 0x40;
     }
     std::fs::write(&pfile, &bytes).unwrap();
-    let o = SpannIndex::open(dir.path(), Mode::Disk).unwrap();
+    let o = SpannIndex::open_read_only(dir.path(), Mode::Disk).unwrap();
     let e = o
         .search(&f.queries, 10, &SearchParams::default(), None)
         .unwrap_err();
     assert!(matches!(e, Error::Corruption { .. }), "{e}");
     assert!(matches!(o.verify(), Err(Error::Corruption { .. })));
     assert!(matches!(
-        SpannIndex::open(dir.path(), Mode::Memory),
+        SpannIndex::open_read_only(dir.path(), Mode::Memory),
         Err(Error::Corruption { .. })
     ));
 }
@@ -202,11 +203,12 @@ fn churn_keeps_recall_and_compaction_bounds_disk() {
     );
     let fresh_disk = idx.stats().disk_bytes;
 
+    drop(idx); // release the writer lock
     let mut idx = SpannIndex::open(dir.path(), Mode::Disk).unwrap();
     // delete half, in two batches, then re-insert them
     let half: Vec<usize> = (0..f.ids.len()).filter(|i| i % 2 == 0).collect();
     let del: Vec<u64> = half.iter().map(|&i| f.ids[i]).collect();
-    assert_eq!(idx.delete(&del), del.len());
+    assert_eq!(idx.delete(&del).unwrap(), del.len());
     assert_eq!(idx.len(), f.ids.len() - del.len());
     let got = ids_of(&idx.search(&f.queries, 10, &sp, None).unwrap());
     assert!(
@@ -257,7 +259,7 @@ fn churn_keeps_recall_and_compaction_bounds_disk() {
     assert!(after.disk_bytes < before);
     assert_eq!(after.live, f.ids.len());
     // compaction survives a reopen with the same answers
-    let o = SpannIndex::open(dir.path(), Mode::Memory).unwrap();
+    let o = SpannIndex::open_read_only(dir.path(), Mode::Memory).unwrap();
     assert_eq!(
         o.search(&f.queries, 10, &sp, None).unwrap(),
         idx.search(&f.queries, 10, &sp, None).unwrap()

@@ -36,11 +36,18 @@
 //! and then issues a query's reads together on an I/O thread pool.
 //!
 //! On disk a directory holds `spann.meta` (everything kept in RAM, one CRC,
-//! replaced atomically), `postings-GEN.dat` and `vectors-GEN.dat`.
+//! replaced atomically), `postings-GEN.dat`, `vectors-GEN.dat`, the update
+//! log `wal-SEQ.log` ([`log`]: every add and delete is appended and fsync'd
+//! there before it returns, and replayed on open) and `LOCK`, held by the
+//! one writer (a second gets [`Error::Locked`]; readers open with
+//! [`OpenOptions::read_only`]).
 
 pub mod builder;
+pub mod log;
 pub mod posting;
 pub mod search;
+#[cfg(test)]
+mod tests;
 pub mod update;
 
 use crate::distance::{self, Metric};
@@ -48,7 +55,9 @@ use crate::error::{Error, IoContext, Result};
 use crate::index::{IdFilter, VectorIndex};
 use crate::storage::codec::{Dec, Enc};
 use crate::storage::format::{Header, Kind, HEADER_LEN};
+use crate::storage::lock::WriterLock;
 use crate::storage::posting::{PostingFile, VectorFile, PAGE};
+use crate::storage::wal::WalWriter;
 use crate::topk::Hit;
 use posting::{PostingData, Quantizer};
 use rayon::prelude::*;
@@ -151,6 +160,38 @@ impl Mode {
     }
 }
 
+/// How to open a saved index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenOptions {
+    pub mode: Mode,
+    /// Open without the writer lock: the log is replayed but never cut or
+    /// appended to, and every write fails with [`Error::ReadOnly`].
+    pub read_only: bool,
+    /// fsync the update log on every add/delete call (default). Without it
+    /// an acknowledged update survives a process crash but not a power loss.
+    pub sync: bool,
+}
+
+impl OpenOptions {
+    pub fn new(mode: Mode) -> Self {
+        OpenOptions {
+            mode,
+            read_only: false,
+            sync: true,
+        }
+    }
+
+    pub fn read_only(mut self, on: bool) -> Self {
+        self.read_only = on;
+        self
+    }
+
+    pub fn sync(mut self, on: bool) -> Self {
+        self.sync = on;
+        self
+    }
+}
+
 /// Stage reports of a build: (stage name, done, total).
 pub type Progress<'a> = &'a (dyn Fn(&str, usize, usize) + Sync);
 
@@ -169,7 +210,10 @@ pub struct SpannStats {
     /// Average postings per live vector.
     pub replicas: f64,
     pub ram_bytes: u64,
+    /// Every file of the index, the update log included.
     pub disk_bytes: u64,
+    /// Bytes of the update log (operations not yet flushed, plus its header).
+    pub log_bytes: u64,
     /// Posting pages no longer referenced (reclaimed by compaction).
     pub garbage_bytes: u64,
     pub last_queries: u64,
@@ -235,9 +279,26 @@ pub struct SpannIndex {
     pub(crate) vfile: Option<VectorFile>,
     pub(crate) garbage_pages: u64,
     pub(crate) last: Mutex<LastSearch>,
+    // durability: the update log named by `log_seq` (see [`log`])
+    pub(crate) read_only: bool,
+    pub(crate) sync: bool,
+    pub(crate) log_seq: u64,
+    pub(crate) log: Option<WalWriter>,
+    pub(crate) log_frames: u64,
+    pub(crate) lock: Option<WriterLock>,
 }
 
 const META: &str = "spann.meta";
+const META_TMP: &str = "spann.meta.tmp";
+
+/// The generation of a file named `{prefix}NNNNNN.dat`.
+fn parse_gen(name: &str, prefix: &str) -> Option<u64> {
+    let d = name.strip_prefix(prefix)?.strip_suffix(".dat")?;
+    if d.len() < 6 || !d.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    d.parse().ok()
+}
 
 fn postings_name(gen: u64) -> String {
     format!("postings-{gen:06}.dat")
@@ -266,6 +327,17 @@ impl SpannIndex {
 
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
+    }
+
+    /// Whether this handle was opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// fsync the update log on every add/delete (default) or not. Takes
+    /// effect for the next log this handle starts (at open, save, flush).
+    pub fn set_sync(&mut self, sync: bool) {
+        self.sync = sync;
     }
 
     /// Live vectors.
@@ -411,6 +483,12 @@ impl SpannIndex {
             garbage_pages: 0,
             last: Mutex::new(LastSearch::default()),
             params,
+            read_only: false,
+            sync: true,
+            log_seq: 0,
+            log: None,
+            log_frames: 0,
+            lock: None,
         };
 
         idx.encode_heads();
@@ -528,9 +606,18 @@ impl SpannIndex {
     }
 
     /// Save everything to the directory `dir` (created if needed) as a new
-    /// generation, and switch this handle to it (keeping its mode).
+    /// generation, and switch this handle to it (keeping its mode). The
+    /// handle takes `dir`'s writer lock (if it does not hold it already) and
+    /// starts a new, empty update log there in the same commit (see [`log`]).
     pub fn save(&mut self, dir: &Path) -> Result<()> {
+        self.writable()?;
         std::fs::create_dir_all(dir).at(dir)?;
+        let same_dir = self.path.as_deref() == Some(dir) && self.lock.is_some();
+        let new_lock = if same_dir {
+            None
+        } else {
+            Some(WriterLock::acquire(dir)?)
+        };
         let gen = self.generation + 1;
         let ppath = dir.join(postings_name(gen));
         let vpath = dir.join(vectors_name(gen));
@@ -564,12 +651,28 @@ impl SpannIndex {
         vf.append(&block)?;
         pf.sync()?;
         vf.sync()?;
+        // the next log: above every log of this handle and of the directory
+        let seq = if same_dir {
+            self.log_seq
+        } else {
+            self.log_seq
+                .max(log::logs_in(dir)?.into_iter().max().unwrap_or(0))
+        } + 1;
         let old = self.path.clone().map(|p| (p, self.generation));
-        self.slots = slots;
+        let old_slots = std::mem::replace(&mut self.slots, slots);
+        let (old_gen, old_garbage) = (self.generation, self.garbage_pages);
         self.generation = gen;
         self.garbage_pages = 0;
-        write_meta(dir, self)?;
-        crate::storage::sync_dir(dir)?;
+        let committed = self.commit_meta(dir, Some(seq), new_lock);
+        if self.log_seq != seq {
+            // not committed: the old files and log stay current
+            self.slots = old_slots;
+            self.generation = old_gen;
+            self.garbage_pages = old_garbage;
+            let _ = std::fs::remove_file(&ppath);
+            let _ = std::fs::remove_file(&vpath);
+            return committed;
+        }
         if let Some((op, og)) = old {
             if op == dir && og != gen {
                 let _ = std::fs::remove_file(dir.join(postings_name(og)));
@@ -583,7 +686,61 @@ impl SpannIndex {
         if self.mode == Mode::Disk {
             self.evict();
         }
-        Ok(())
+        committed
+    }
+
+    /// Commit this handle's metadata to `dir`. With `new_seq`, first create
+    /// that log (empty, fsync'd) and name it in the metadata; once the
+    /// metadata is renamed into place, append to the new log and remove the
+    /// others. On an error before the rename nothing changes (`log_seq`
+    /// keeps its value); after it, the handle is switched and the error (of
+    /// the directory fsync) is still returned.
+    pub(crate) fn commit_meta(
+        &mut self,
+        dir: &Path,
+        new_seq: Option<u64>,
+        new_lock: Option<WriterLock>,
+    ) -> Result<()> {
+        let old_seq = self.log_seq;
+        let mut writer = None;
+        if let Some(seq) = new_seq {
+            writer = Some(WalWriter::create(
+                &dir.join(log::log_name(seq)),
+                seq,
+                self.sync,
+            )?);
+            self.log_seq = seq;
+        }
+        #[cfg(test)]
+        tests::crash_point(1);
+        let renamed = stage_meta(dir, self).and_then(|tmp| {
+            #[cfg(test)]
+            tests::crash_point(2);
+            std::fs::rename(&tmp, dir.join(META)).at(dir.join(META))
+        });
+        if let Err(e) = renamed {
+            if let Some(seq) = new_seq {
+                self.log_seq = old_seq;
+                drop(writer);
+                let _ = std::fs::remove_file(dir.join(log::log_name(seq)));
+            }
+            return Err(e);
+        }
+        // committed: the metadata on disk now names the new log
+        if let Some(w) = writer {
+            self.log = Some(w);
+            self.log_frames = 0;
+        }
+        if let Some(l) = new_lock {
+            self.lock = Some(l);
+        }
+        let synced = crate::storage::sync_dir(dir);
+        #[cfg(test)]
+        tests::crash_point(3);
+        if new_seq.is_some() {
+            log::remove_other_logs(dir, self.log_seq);
+        }
+        synced
     }
 
     /// Drop resident postings and vectors that are safely on disk.
@@ -603,17 +760,56 @@ impl SpannIndex {
         self.arena.shrink_to_fit();
     }
 
-    /// Open a saved index. `Mode::Memory` loads postings and vectors into
-    /// RAM; `Mode::Disk` keeps only heads and the row table resident.
+    /// Open a saved index as its writer (taking the directory's lock; a
+    /// second writer gets [`Error::Locked`]). `Mode::Memory` loads postings
+    /// and vectors into RAM; `Mode::Disk` keeps only heads and the row table
+    /// resident. The update log is replayed in both modes.
     pub fn open(dir: &Path, mode: Mode) -> Result<SpannIndex> {
+        Self::open_with(dir, OpenOptions::new(mode))
+    }
+
+    /// Open a saved index without the writer lock; writes fail with
+    /// [`Error::ReadOnly`].
+    pub fn open_read_only(dir: &Path, mode: Mode) -> Result<SpannIndex> {
+        Self::open_with(dir, OpenOptions::new(mode).read_only(true))
+    }
+
+    pub fn open_with(dir: &Path, opts: OpenOptions) -> Result<SpannIndex> {
+        let meta = dir.join(META);
+        std::fs::metadata(&meta).at(&meta)?;
+        if !opts.read_only {
+            let lock = WriterLock::acquire(dir)?;
+            return Self::open_inner(dir, opts, Some(lock));
+        }
+        // a reader may race a writer's checkpoint, which removes the files
+        // (old log, old generation) the previous metadata names: retry
+        let mut tries = 0;
+        loop {
+            match Self::open_inner(dir, opts, None) {
+                Err(Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound && tries < 5 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20 << tries));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn open_inner(dir: &Path, opts: OpenOptions, lock: Option<WriterLock>) -> Result<SpannIndex> {
+        let mode = opts.mode;
         let mut idx = read_meta(dir)?;
         idx.encode_heads();
         idx.mode = mode;
+        idx.read_only = opts.read_only;
+        idx.sync = opts.sync;
+        idx.lock = lock;
         let ppath = dir.join(postings_name(idx.generation));
         let vpath = dir.join(vectors_name(idx.generation));
-        let pf = PostingFile::open(&ppath, true)?;
+        let pf = PostingFile::open(&ppath, !opts.read_only)?;
         let file_rows = idx.arena_first_row; // read_meta stores the file's row count here
-        let vf = VectorFile::open(&vpath, idx.dim, file_rows as u64, true)?;
+        let vf = VectorFile::open(&vpath, idx.dim, file_rows as u64, !opts.read_only)?;
         idx.pfile = Some(pf);
         idx.vfile = Some(vf);
         idx.path = Some(dir.to_path_buf());
@@ -637,7 +833,38 @@ impl SpannIndex {
             idx.arena = arena;
             idx.arena_first_row = 0;
         }
+        let lpath = dir.join(log::log_name(idx.log_seq));
+        let replay = idx.replay_log(&lpath)?;
+        if !opts.read_only {
+            idx.log = Some(match replay {
+                Some(r) => WalWriter::open_append(&lpath, r.valid_len, opts.sync)?,
+                None => {
+                    let w = WalWriter::create(&lpath, idx.log_seq, opts.sync)?;
+                    crate::storage::sync_dir(dir)?;
+                    w
+                }
+            });
+            idx.remove_stale_files(dir);
+        }
         Ok(idx)
+    }
+
+    /// What a crash mid-checkpoint may leave behind: logs other than the
+    /// current one, a staged metadata file, files of other generations.
+    fn remove_stale_files(&self, dir: &Path) {
+        log::remove_other_logs(dir, self.log_seq);
+        let _ = std::fs::remove_file(dir.join(META_TMP));
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let gen = parse_gen(name, "postings-").or_else(|| parse_gen(name, "vectors-"));
+            if gen.is_some_and(|g| g != self.generation) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Read postings and vectors with `O_DIRECT` (bypassing the page cache)
@@ -763,11 +990,19 @@ impl SpannIndex {
             + self.slots.capacity() * std::mem::size_of::<Slot>()
             + self.arena.capacity() * 4
             + self.quant.lo.len() * 8;
+        let log_bytes = match (&self.log, &self.path) {
+            (Some(w), _) => w.len(),
+            (None, Some(dir)) => {
+                std::fs::metadata(dir.join(log::log_name(self.log_seq))).map_or(0, |m| m.len())
+            }
+            (None, None) => 0,
+        };
         let disk = match &self.path {
             Some(dir) => {
                 let meta = std::fs::metadata(dir.join(META)).map_or(0, |m| m.len());
                 meta + self.pfile.as_ref().map_or(0, |f| f.bytes())
                     + self.vfile.as_ref().map_or(0, |f| f.bytes())
+                    + log_bytes
             }
             None => 0,
         };
@@ -789,6 +1024,7 @@ impl SpannIndex {
             },
             ram_bytes: ram as u64,
             disk_bytes: disk,
+            log_bytes,
             garbage_bytes: self.garbage_pages * PAGE as u64,
             last_queries: last.queries,
             last_postings_read: last.postings,
@@ -826,7 +1062,9 @@ pub(crate) fn prepare(vectors: &[f32], dim: usize, metric: Metric) -> Result<Vec
     Ok(out)
 }
 
-fn write_meta(dir: &Path, idx: &SpannIndex) -> Result<()> {
+/// Write `spann.meta.tmp` and fsync it; [`SpannIndex::commit_meta`] renames
+/// it into place.
+fn stage_meta(dir: &Path, idx: &SpannIndex) -> Result<PathBuf> {
     let p = &idx.params;
     let mut e = Enc::with_capacity(idx.heads.vecs.len() * 4 + idx.ids.len() * 10 + 1024);
     e.u32(idx.dim as u32);
@@ -881,27 +1119,27 @@ fn write_meta(dir: &Path, idx: &SpannIndex) -> Result<()> {
     for &a in &idx.alive {
         e.u8(a as u8);
     }
-    e.u64(
-        idx.vfile
-            .as_ref()
-            .map_or(idx.ids.len() as u64, |f| f.rows()),
-    );
+    // rows in the vector file: all of them, since flush and save both write
+    // every row before the metadata (the file of a handle being saved
+    // elsewhere may hold fewer: it is not the one this metadata names)
+    e.u64(idx.ids.len() as u64);
     e.u64(idx.garbage_pages);
+    // added after format 1.0's first release: older files end before it
+    e.u64(idx.log_seq);
     let body = e.into_inner();
     let mut buf = Vec::with_capacity(HEADER_LEN + body.len() + 12);
     buf.extend_from_slice(&Header::new(Kind::SpannMeta, idx.generation).encode());
     buf.extend_from_slice(&(body.len() as u64).to_le_bytes());
     buf.extend_from_slice(&body);
     buf.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    let tmp = dir.join("spann.meta.tmp");
+    let tmp = dir.join(META_TMP);
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp).at(&tmp)?;
         f.write_all(&buf).at(&tmp)?;
         f.sync_all().at(&tmp)?;
     }
-    std::fs::rename(&tmp, dir.join(META)).at(dir.join(META))?;
-    crate::storage::sync_dir(dir)
+    Ok(tmp)
 }
 
 fn read_meta(dir: &Path) -> Result<SpannIndex> {
@@ -995,6 +1233,11 @@ fn read_meta(dir: &Path) -> Result<SpannIndex> {
     let alive: Vec<bool> = d.take(n).map_err(de)?.iter().map(|&a| a != 0).collect();
     let file_rows = d.u64().map_err(de)? as usize;
     let garbage_pages = d.u64().map_err(de)?;
+    let log_seq = if d.remaining() >= 8 {
+        d.u64().map_err(de)?
+    } else {
+        0
+    };
     if file_rows != n {
         return Err(bad(format!("{n} rows but {file_rows} in the vector file")));
     }
@@ -1033,6 +1276,12 @@ fn read_meta(dir: &Path) -> Result<SpannIndex> {
         vfile: None,
         garbage_pages,
         last: Mutex::new(LastSearch::default()),
+        read_only: false,
+        sync: true,
+        log_seq,
+        log: None,
+        log_frames: 0,
+        lock: None,
     })
 }
 
@@ -1056,8 +1305,12 @@ impl VectorIndex for SpannIndex {
             .expect("spann upsert of prepared vectors");
     }
 
+    /// Panics only if the index has a log and appending to it fails (the
+    /// store's own index has none).
     fn remove(&mut self, ids: &[u64]) {
-        self.delete(ids);
+        if let Err(e) = self.delete(ids) {
+            panic!("spann delete failed: {e}");
+        }
     }
 
     /// The trait has no error channel: a disk read error or a corrupted

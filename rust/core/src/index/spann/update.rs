@@ -26,6 +26,7 @@ use super::posting::PostingData;
 use super::{Mode, Slot, SpannIndex};
 use crate::distance::{self, Metric};
 use crate::error::{Error, Result};
+use crate::storage::wal::WalOp;
 use rayon::prelude::*;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -50,7 +51,9 @@ pub struct CompactReport {
 
 impl SpannIndex {
     /// Insert vectors under new ids (raw vectors: checked and normalised).
+    /// With a directory, durable when it returns (see [`super::log`]).
     pub fn add(&mut self, ids: &[u64], vectors: &[f32]) -> Result<()> {
+        self.writable()?;
         for &id in ids {
             if self.row_of.contains_key(&id) {
                 return Err(Error::DuplicateId(id));
@@ -59,8 +62,10 @@ impl SpannIndex {
         self.upsert(ids, vectors)
     }
 
-    /// Insert vectors, replacing those of ids already present.
+    /// Insert vectors, replacing those of ids already present. With a
+    /// directory, durable when it returns.
     pub fn upsert(&mut self, ids: &[u64], vectors: &[f32]) -> Result<()> {
+        self.writable()?;
         if !vectors.len().is_multiple_of(self.dim) || vectors.len() / self.dim != ids.len() {
             if !vectors.len().is_multiple_of(self.dim) {
                 return Err(Error::DimensionMismatch {
@@ -78,6 +83,8 @@ impl SpannIndex {
         self.upsert_prepared(ids, data)
     }
 
+    /// Upsert prepared vectors: check the batch, append it to the log (if
+    /// the index has one), then apply it.
     pub(crate) fn upsert_prepared(&mut self, ids: &[u64], data: Vec<f32>) -> Result<()> {
         let dim = self.dim;
         if data.len() != ids.len() * dim {
@@ -93,7 +100,21 @@ impl SpannIndex {
                 return Err(Error::DuplicateId(id));
             }
         }
-        self.delete(ids);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        if self.log.is_some() || self.read_only {
+            let ops = super::log::put_ops(ids, &data, dim);
+            self.log_ops(&ops)?;
+        }
+        self.apply_upsert(ids, data)
+    }
+
+    /// Apply a checked upsert (no logging): the common path of a new write
+    /// and of replay, so replay rebuilds exactly what the writer had.
+    pub(crate) fn apply_upsert(&mut self, ids: &[u64], data: Vec<f32>) -> Result<()> {
+        let dim = self.dim;
+        self.tombstone(ids);
         let probe = self.params.search.coarse_probe;
         let prepared: Vec<Prepared> = data
             .par_chunks(dim)
@@ -124,8 +145,23 @@ impl SpannIndex {
         Ok(())
     }
 
-    /// Tombstone `ids`; returns how many were present.
-    pub fn delete(&mut self, ids: &[u64]) -> usize {
+    /// Delete `ids` (unknown ones are ignored); returns how many were
+    /// present. With a directory, durable when it returns.
+    pub fn delete(&mut self, ids: &[u64]) -> Result<usize> {
+        self.writable()?;
+        let live: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| self.row_of.contains_key(id))
+            .collect();
+        if !live.is_empty() {
+            self.log_ops(&[WalOp::Delete { ids: live }])?;
+        }
+        Ok(self.tombstone(ids))
+    }
+
+    /// Tombstone `ids` (no logging); returns how many were present.
+    pub(crate) fn tombstone(&mut self, ids: &[u64]) -> usize {
         let mut n = 0;
         for id in ids {
             if let Some(r) = self.row_of.remove(id) {
@@ -134,6 +170,15 @@ impl SpannIndex {
             }
         }
         n
+    }
+
+    /// `Err(ReadOnly)` for a handle opened read-only.
+    pub(crate) fn writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
+        }
     }
 
     /// The resident, modifiable posting of `h` (read from disk if needed).
@@ -375,7 +420,12 @@ impl SpannIndex {
     /// Write modified postings, new vectors and the metadata to the index's
     /// directory. Modified postings are appended; the pages they replace
     /// become garbage until [`SpannIndex::compact`].
+    ///
+    /// The update log is rotated in the same commit (see [`super::log`]):
+    /// once this returns, the operations it held are in the files and the
+    /// next open replays nothing twice.
     pub fn flush(&mut self) -> Result<()> {
+        self.writable()?;
         let Some(dir) = self.path.clone() else {
             return Err(Error::InvalidArgument(
                 "index has no directory yet: call save(path) first".into(),
@@ -408,7 +458,8 @@ impl SpannIndex {
         }
         self.pfile.as_ref().unwrap().sync()?;
         self.vfile.as_ref().unwrap().sync()?;
-        super::write_meta(&dir, self)?;
+        let rotate = self.log.as_ref().is_none_or(|w| !w.is_empty());
+        self.commit_meta(&dir, rotate.then_some(self.log_seq + 1), None)?;
         if self.mode == Mode::Disk {
             self.evict();
         }

@@ -1,0 +1,188 @@
+//! Crash points inside a checkpoint (flush, compact): whatever step a crash
+//! interrupts, reopening finds every acknowledged update exactly once.
+
+use super::*;
+use std::cell::Cell;
+
+thread_local! {
+    static CRASH_AT: Cell<u8> = const { Cell::new(0) };
+}
+
+/// Called at the numbered steps of [`SpannIndex::commit_meta`]: 1 after the
+/// new log is created, 2 after the metadata is staged (before the rename),
+/// 3 after the rename (before the old log is removed). An armed point
+/// panics: nothing after it runs, as when the process is killed there.
+pub(super) fn crash_point(n: u8) {
+    if CRASH_AT.with(|c| c.get()) == n {
+        panic!("simulated crash at step {n}");
+    }
+}
+
+/// Run `f` with crash point `step` armed; true if it "crashed".
+fn crashing<T>(step: u8, f: impl FnOnce() -> T) -> bool {
+    CRASH_AT.with(|c| c.set(step));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CRASH_AT.with(|c| c.set(0));
+    r.is_err()
+}
+
+const DIM: usize = 16;
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+    };
+    let centers: Vec<f32> = (0..20 * DIM).map(|_| next() * 4.0).collect();
+    let mut out = Vec::with_capacity(n * DIM);
+    for i in 0..n {
+        let c = (i * 7) % 20;
+        for j in 0..DIM {
+            out.push(centers[c * DIM + j] + next());
+        }
+    }
+    out
+}
+
+fn logs(dir: &Path) -> Vec<u64> {
+    let mut v = log::logs_in(dir).unwrap();
+    v.sort();
+    v
+}
+
+/// Build, save, then add/delete/upsert without flushing.
+fn updated(dir: &Path) -> (SpannIndex, Vec<f32>) {
+    let base = data(1500, 1);
+    let params = SpannParams {
+        posting_cap: 40,
+        ..SpannParams::default()
+    };
+    let mut idx = SpannIndex::build(&base, DIM, None, Metric::L2, params, None).unwrap();
+    idx.save(dir).unwrap();
+    let more = data(400, 2);
+    let ids: Vec<u64> = (10_000..10_400).collect();
+    for (c, v) in ids.chunks(50).zip(more.chunks(50 * DIM)) {
+        idx.add(c, v).unwrap();
+    }
+    let gone: Vec<u64> = (0..1500).step_by(3).collect();
+    assert_eq!(idx.delete(&gone).unwrap(), gone.len());
+    idx.upsert(&[10_001, 4], &data(2, 3)).unwrap();
+    let q = data(30, 4);
+    (idx, q)
+}
+
+fn live(idx: &SpannIndex) -> Vec<u64> {
+    let mut v = idx.ids();
+    v.sort();
+    v
+}
+
+fn results(idx: &SpannIndex, q: &[f32]) -> Vec<Vec<crate::topk::Hit>> {
+    idx.search(q, 10, &SearchParams::default(), None).unwrap()
+}
+
+#[test]
+fn a_crash_at_any_step_of_a_flush_loses_nothing_and_applies_nothing_twice() {
+    for step in 1..=3u8 {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut idx, q) = updated(dir.path());
+        let want_ids = live(&idx);
+        let want = results(&idx, &q);
+        assert_eq!(logs(dir.path()), vec![1]);
+        assert!(crashing(step, || idx.flush()), "step {step}");
+        drop(idx); // the process dies here
+        for mode in [Mode::Memory, Mode::Disk] {
+            let o = SpannIndex::open(dir.path(), mode).unwrap();
+            assert_eq!(live(&o), want_ids, "step {step} {mode:?}");
+            assert_eq!(results(&o, &q), want, "step {step} {mode:?}");
+            // committed (step 3): the new log is current and empty
+            let cur = if step == 3 { 2 } else { 1 };
+            assert_eq!(o.log_seq, cur, "step {step}");
+            assert_eq!(logs(dir.path()), vec![cur], "stale logs removed");
+            assert_eq!(o.log_frames > 0, step < 3, "step {step}");
+        }
+        // and the index keeps working: flush, reopen, same answers
+        let mut o = SpannIndex::open(dir.path(), Mode::Disk).unwrap();
+        o.flush().unwrap();
+        drop(o);
+        let o = SpannIndex::open(dir.path(), Mode::Memory).unwrap();
+        assert_eq!(results(&o, &q), want);
+        assert_eq!(o.log_frames, 0);
+    }
+}
+
+#[test]
+fn a_crash_at_any_step_of_a_compaction_loses_nothing() {
+    for step in 1..=3u8 {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut idx, q) = updated(dir.path());
+        let want_ids = live(&idx);
+        let before = results(&idx, &q);
+        assert!(crashing(step, || idx.compact()), "step {step}");
+        drop(idx);
+        let o = SpannIndex::open(dir.path(), Mode::Memory).unwrap();
+        assert_eq!(live(&o), want_ids, "step {step}");
+        if step < 3 {
+            // old generation + full log: exactly the state before
+            assert_eq!(results(&o, &q), before);
+            assert_eq!(o.generation, 1);
+        } else {
+            assert_eq!(o.generation, 2);
+            assert_eq!(o.log_frames, 0);
+            assert_eq!(o.stats().rows, want_ids.len(), "compacted rows");
+        }
+        drop(o);
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let g = if step < 3 { 1 } else { 2 };
+        for n in &names {
+            if let Some(x) = parse_gen(n, "postings-").or_else(|| parse_gen(n, "vectors-")) {
+                assert_eq!(x, g, "stale generation file {n} removed");
+            }
+        }
+        assert!(!names.iter().any(|n| n == META_TMP));
+    }
+}
+
+#[test]
+fn replaying_operations_already_in_the_files_changes_nothing() {
+    // the worst case ordering could produce: the metadata holds the updates
+    // and the current log holds them again
+    let dir = tempfile::tempdir().unwrap();
+    let (mut idx, q) = updated(dir.path());
+    let old_log = std::fs::read(dir.path().join(log::log_name(1))).unwrap();
+    idx.flush().unwrap();
+    let want_ids = live(&idx);
+    let mut vecs = vec![0f32; DIM];
+    let probe: Vec<(u64, Vec<f32>)> = want_ids
+        .iter()
+        .step_by(37)
+        .map(|&id| {
+            idx.read_vector(idx.row_of[&id], &mut vecs).unwrap();
+            (id, vecs.clone())
+        })
+        .collect();
+    drop(idx);
+    let mut again = old_log;
+    again[..HEADER_LEN].copy_from_slice(&Header::new(Kind::Wal, 2).encode());
+    std::fs::write(dir.path().join(log::log_name(2)), &again).unwrap();
+    let o = SpannIndex::open(dir.path(), Mode::Disk).unwrap();
+    assert!(o.log_frames > 0);
+    assert_eq!(live(&o), want_ids);
+    for (id, v) in &probe {
+        let mut got = vec![0f32; DIM];
+        o.read_vector(o.row_of[id], &mut got).unwrap();
+        assert_eq!(&got, v, "id {id}");
+        let hit = &o.search(v, 1, &SearchParams::default(), None).unwrap()[0][0];
+        assert_eq!(hit.id, *id);
+    }
+    let r = results(&o, &q);
+    assert_eq!(r.len(), q.len() / DIM);
+}
