@@ -53,12 +53,13 @@ def test_recall_at_default_params_and_modes_agree(minilm50k, built):
     assert st["mode"] == "disk" and st["last_postings_read"] > 0 and st["last_bytes_read"] > 0
     assert st["heads"] > 0.02 * len(base) and 1.0 <= st["replicas"] <= 8.0
     assert st["ram_bytes"] < base.nbytes * 0.2, st
-    mem = SpannIndex.open(path, mode="memory")
+    # `idx` is the directory's writer: more handles open read-only
+    mem = SpannIndex.open(path, mode="memory", read_only=True)
     mids, mscores = mem.search(q, k=10)
     np.testing.assert_array_equal(mids, ids)
     np.testing.assert_array_equal(mscores, scores)
     assert mem.stats()["last_bytes_read"] == 0
-    again = SpannIndex.open(path)
+    again = SpannIndex.open(path, read_only=True)
     np.testing.assert_array_equal(again.search(q, k=10)[0], ids)
 
 
@@ -143,7 +144,7 @@ def test_updates_delete_reinsert_compact(tmp_path):
     assert st["disk_bytes"] <= 1.5 * fresh_disk, (st, fresh_disk)
     compacted = _recall(idx.search(q)[0], exact)
     assert churned >= fresh - 0.02 and compacted >= fresh - 0.02, (fresh, churned, compacted)
-    reopened = SpannIndex.open(tmp_path / "u", mode="memory")
+    reopened = SpannIndex.open(tmp_path / "u", mode="memory", read_only=True)
     np.testing.assert_array_equal(reopened.search(q)[0], idx.search(q)[0])
 
 

@@ -109,7 +109,7 @@ def query_cmd(index_dir: str, queries: str, k: int, out: str | None, gt: str | N
             raise VectorFileError(f"{gt}: {truth.shape[0]} rows of ground truth for {q.shape[0]} queries")
         if truth is not None and truth.shape[1] < k:
             raise VectorFileError(f"{gt}: {truth.shape[1]} ground-truth ids per query, fewer than k={k}")
-        idx = SpannIndex.open(index_dir, mode=mode)
+        idx = SpannIndex.open(index_dir, mode=mode, read_only=True)
         if q.shape[1] != idx.dim:
             raise VectorFileError(f"{queries}: queries have dimension {q.shape[1]}, the index {idx.dim}")
         kw = dict(nprobe=nprobe, coarse_probe=coarse_probe, epsilon=epsilon, rerank=rerank)
@@ -155,7 +155,7 @@ def info_cmd(index_dir: str, as_json: bool) -> None:
     from .spann import SpannIndex
 
     try:
-        idx = SpannIndex.open(index_dir, mode="disk")
+        idx = SpannIndex.open(index_dir, mode="disk", read_only=True)
         s = idx.stats()
         s["params"] = idx.params()
     except _errors() as e:
@@ -169,6 +169,7 @@ def info_cmd(index_dir: str, as_json: bool) -> None:
     click.echo(f"replicas    {s['replicas']:.2f} postings per vector ({s['entries']} entries)")
     click.echo(f"disk        {_human(s['disk_bytes'])} ({_human(s['garbage_bytes'])} reclaimable by compact)")
     click.echo(f"resident    {_human(s['ram_bytes'])} when opened in disk mode")
+    click.echo(f"log         {_human(s['log_bytes'])} of updates not yet flushed (replayed on open)")
     p = s["params"]
     click.echo(
         f"search      nprobe={p['nprobe']} coarse_probe={p['coarse_probe']} "
@@ -179,11 +180,12 @@ def info_cmd(index_dir: str, as_json: bool) -> None:
 @index.command("verify")
 @click.argument("index_dir", type=click.Path(file_okay=False))
 def verify_cmd(index_dir: str) -> None:
-    """Check every page and record checksum of INDEX_DIR."""
+    """Check every page and record checksum of INDEX_DIR (and its update
+    log, which opening replays)."""
     from .spann import SpannIndex
 
     try:
-        r = SpannIndex.open(index_dir, mode="disk").verify()
+        r = SpannIndex.open(index_dir, mode="disk", read_only=True).verify()
     except _errors() as e:
         raise _fail(e) from None
     click.echo(f"ok: {r['postings']} postings ({r['pages']} pages, {r['entries']} entries), {r['vectors']} vectors")

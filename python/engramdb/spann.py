@@ -10,6 +10,12 @@ Heads (a few percent of the vectors) stay in RAM; postings of int8 codes live
 in 4 KiB checksummed pages on disk (``mode="disk"``) or in RAM
 (``mode="memory"``); candidates are reranked with full-precision vectors.
 Both modes return identical results.
+
+Updates are durable when they return: ``add`` and ``delete`` append to a
+CRC-framed write-ahead log in the index directory (fsync'd per call unless
+``sync=False``), which :meth:`SpannIndex.open` replays; :meth:`SpannIndex.flush`
+folds the log into the index files. One writer per directory (a second gets
+``StoreLockedError``); readers open with ``read_only=True``.
 """
 
 from __future__ import annotations
@@ -90,9 +96,11 @@ class SpannIndex:
     """A SPANN index in a directory. Build with :meth:`build`, reopen with
     :meth:`open`."""
 
-    def __init__(self, native: Any, path: str):
+    def __init__(self, native: Any, path: str, read_only: bool = False):
         self._native = native
         self.path = path
+        #: opened without the writer lock (writes raise ReadOnlyError)
+        self.read_only = read_only
         #: whether reads bypass the page cache (see :meth:`open`)
         self.direct_io = False
 
@@ -107,10 +115,11 @@ class SpannIndex:
         memory_budget: int | str | None = None,
         progress: ProgressArg = True,
         mode: str = "disk",
+        sync: bool = True,
         **params: Any,
     ) -> SpannIndex:
         """Build an index over ``vectors`` (n x dim), save it in ``path`` and
-        return it opened in ``mode``.
+        return it opened in ``mode`` as the directory's writer.
 
         ``memory_budget`` (bytes or a string such as ``"512MB"``) caps the RAM
         the opened disk index keeps resident (heads and the row table) by
@@ -118,6 +127,7 @@ class SpannIndex:
         ``(stage, done, total)``, or False. ``params``: ``head_ratio``,
         ``replicas``, ``posting_cap``, ``rng_factor``, ``nprobe``,
         ``coarse_probe``, ``epsilon``, ``rerank``, ... (see ``params()``).
+        ``sync``: as in :meth:`open`.
         """
         a = np.asarray(vectors)
         if a.ndim != 2:
@@ -148,18 +158,36 @@ class SpannIndex:
             cb = None
         path = os.fspath(path)
         native = _native.NativeSpann.build(
-            a, path, metric=metric, ids=id_arr, params=params or None, progress=cb, mode=mode
+            a, path, metric=metric, ids=id_arr, params=params or None, progress=cb, mode=mode, sync=sync
         )
         return cls(native, path)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: str = "disk", direct_io: bool = False) -> SpannIndex:
+    def open(
+        cls,
+        path: str | os.PathLike,
+        mode: str = "disk",
+        direct_io: bool = False,
+        *,
+        read_only: bool = False,
+        sync: bool = True,
+    ) -> SpannIndex:
         """Open a saved index; ``mode="memory"`` loads postings and vectors.
+        Updates acknowledged since the last :meth:`flush` are replayed from
+        the log in either mode.
+
+        The handle is the directory's one writer (a second writer, in this
+        process or another, gets ``StoreLockedError``); ``read_only=True``
+        opens without the lock, sees what was acknowledged when it opened,
+        and refuses writes with ``ReadOnlyError``. ``sync=True`` (default)
+        fsyncs the log on every ``add``/``delete`` call; with ``False`` an
+        acknowledged update survives a process crash but not a power loss.
         ``direct_io=True`` reads pages with O_DIRECT, bypassing the page
         cache (falls back to cached reads where the file system refuses; see
         :attr:`direct_io`)."""
         path = os.fspath(path)
-        idx = cls(_native.NativeSpann.open(path, mode=mode), path)
+        native = _native.NativeSpann.open(path, mode=mode, read_only=read_only, sync=sync)
+        idx = cls(native, path, read_only=read_only)
         if direct_io:
             idx.direct_io = bool(idx._native.set_direct_io(True))
         return idx
@@ -195,17 +223,21 @@ class SpannIndex:
     # -- updates ------------------------------------------------------------
     def add(self, vectors: Any, ids: Any, *, upsert: bool = False) -> None:
         """Insert vectors under new ids (``upsert=True`` replaces existing
-        ones). Durable after :meth:`flush`."""
+        ones). Durable when it returns: the batch is in the write-ahead log
+        (fsync'd unless opened with ``sync=False``) before it is applied."""
         v = _as_matrix(vectors, "vectors")
         self._native.add(v, _as_ids(ids, v.shape[0]), upsert=upsert)
 
     def delete(self, ids: Any) -> int:
-        """Delete ids (unknown ones are ignored); returns how many existed."""
+        """Delete ids (unknown ones are ignored); returns how many existed.
+        Durable when it returns, like :meth:`add`."""
         a = np.atleast_1d(np.asarray(ids))
         return int(self._native.delete(_as_ids(a, a.shape[0])))
 
     def flush(self) -> None:
-        """Write modified postings, new vectors and metadata to disk."""
+        """Write modified postings, new vectors and metadata to disk and start
+        a new, empty write-ahead log (updates are already durable without
+        it; flushing bounds the log and the replay time of the next open)."""
         self._native.flush()
 
     def compact(self) -> dict:
@@ -219,12 +251,17 @@ class SpannIndex:
         return dict(self._native.verify())
 
     def stats(self) -> dict:
-        """heads, postings, replicas, ram_bytes, disk_bytes and what the last
-        search read (last_postings_read, last_bytes_read, last_queries)."""
+        """heads, postings, replicas, ram_bytes, disk_bytes (log included),
+        log_bytes (updates not yet flushed) and what the last search read
+        (last_postings_read, last_bytes_read, last_queries)."""
         return dict(self._native.stats())
 
     def params(self) -> dict:
         return dict(self._native.params())
+
+    def ids(self) -> np.ndarray:
+        """Ids of the live vectors (uint64)."""
+        return np.asarray(self._native.ids())
 
     @property
     def dim(self) -> int:

@@ -5,7 +5,7 @@
 //! [`crate::gil::run`].
 
 use crate::gil::run;
-use engramdb_core::index::spann::{Mode, SearchParams, SpannIndex, SpannParams};
+use engramdb_core::index::spann::{Mode, OpenOptions, SearchParams, SpannIndex, SpannParams};
 use engramdb_core::{Error, Metric};
 use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -106,10 +106,12 @@ impl NativeSpann {
 #[pymethods]
 impl NativeSpann {
     /// Build an index over `vectors` (n x dim float32), save it to `path`
-    /// and return it opened in `mode`. `progress(stage, done, total)` is
-    /// called from worker threads about a hundred times per stage.
+    /// and return it opened in `mode` as the directory's writer.
+    /// `progress(stage, done, total)` is called from worker threads about a
+    /// hundred times per stage. `sync`: fsync the update log on every
+    /// add/delete.
     #[staticmethod]
-    #[pyo3(signature = (vectors, path, metric="cosine", ids=None, params=None, progress=None, mode="disk"))]
+    #[pyo3(signature = (vectors, path, metric="cosine", ids=None, params=None, progress=None, mode="disk", sync=true))]
     #[allow(clippy::too_many_arguments)]
     fn build<'py>(
         py: Python<'py>,
@@ -120,6 +122,7 @@ impl NativeSpann {
         params: Option<&Bound<'py, PyDict>>,
         progress: Option<Py<PyAny>>,
         mode: &str,
+        sync: bool,
     ) -> PyResult<NativeSpann> {
         let metric = Metric::parse(metric).map_err(|e| crate::error::to_py(py, e))?;
         let mode = Mode::parse(mode).map_err(|e| crate::error::to_py(py, e))?;
@@ -145,12 +148,13 @@ impl NativeSpann {
             let mut idx =
                 SpannIndex::build(data, dim, ids.as_deref(), metric, params, Some(&report))?;
             let full = idx.mode() == Mode::Memory && mode == Mode::Memory;
+            idx.set_sync(sync);
             idx.save(&path)?;
             if full {
                 Ok(idx)
             } else {
-                drop(idx);
-                SpannIndex::open(&path, mode)
+                drop(idx); // releases the lock the reopened handle takes
+                SpannIndex::open_with(&path, OpenOptions::new(mode).sync(sync))
             }
         })?;
         Ok(NativeSpann {
@@ -158,12 +162,21 @@ impl NativeSpann {
         })
     }
 
-    /// Open a saved index; `mode` is "disk" or "memory".
+    /// Open a saved index; `mode` is "disk" or "memory". The update log is
+    /// replayed. A writer takes the directory's lock (a second one gets
+    /// StoreLockedError); `read_only=True` opens without it.
     #[staticmethod]
-    #[pyo3(signature = (path, mode="disk"))]
-    fn open(py: Python<'_>, path: PathBuf, mode: &str) -> PyResult<NativeSpann> {
+    #[pyo3(signature = (path, mode="disk", read_only=false, sync=true))]
+    fn open(
+        py: Python<'_>,
+        path: PathBuf,
+        mode: &str,
+        read_only: bool,
+        sync: bool,
+    ) -> PyResult<NativeSpann> {
         let mode = Mode::parse(mode).map_err(|e| crate::error::to_py(py, e))?;
-        let idx = run(py, || SpannIndex::open(&path, mode))?;
+        let opts = OpenOptions::new(mode).read_only(read_only).sync(sync);
+        let idx = run(py, || SpannIndex::open_with(&path, opts))?;
         Ok(NativeSpann {
             inner: RwLock::new(Some(idx)),
         })
@@ -194,6 +207,12 @@ impl NativeSpann {
 
     fn __len__(&self) -> usize {
         self.inner.read().unwrap().as_ref().map_or(0, |i| i.len())
+    }
+
+    /// Ids of the live vectors (in row order).
+    fn ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u64>>> {
+        let ids = self.read(py, |s| Ok(s.ids()))?;
+        Ok(PyArray1::from_vec(py, ids))
     }
 
     fn params<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -257,7 +276,8 @@ impl NativeSpann {
         ))
     }
 
-    /// Insert vectors under new ids (`upsert=True` replaces existing ones).
+    /// Insert vectors under new ids (`upsert=True` replaces existing ones);
+    /// in the update log (fsync'd per `sync`) when it returns.
     #[pyo3(signature = (vectors, ids, upsert=false))]
     fn add<'py>(
         &self,
@@ -284,10 +304,11 @@ impl NativeSpann {
         })
     }
 
-    /// Tombstone ids; returns how many were present.
+    /// Tombstone ids; returns how many were present. In the update log
+    /// when it returns.
     fn delete<'py>(&self, py: Python<'py>, ids: PyReadonlyArray1<'py, u64>) -> PyResult<usize> {
         let ids = ids.as_slice()?;
-        self.write(py, move |s| Ok(s.delete(ids)))
+        self.write(py, move |s| s.delete(ids))
     }
 
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
@@ -340,6 +361,7 @@ impl NativeSpann {
         d.set_item("replicas", s.replicas)?;
         d.set_item("ram_bytes", s.ram_bytes)?;
         d.set_item("disk_bytes", s.disk_bytes)?;
+        d.set_item("log_bytes", s.log_bytes)?;
         d.set_item("garbage_bytes", s.garbage_bytes)?;
         d.set_item("last_queries", s.last_queries)?;
         d.set_item("last_postings_read", s.last_postings_read)?;
