@@ -68,7 +68,7 @@ def setup_spann(base, work, threads_build):
     grid = [(16, 8), (32, 12), (48, 16), (64, 24), (96, 32), (128, 48), (192, 64)]
     out = []
     for mode in ("memory", "disk"):
-        ix = idx if mode == "memory" else SpannIndex.open(path, mode="disk")
+        ix = idx if mode == "memory" else SpannIndex.open(path, mode="disk", read_only=True)
         st = ix.stats()
         pts = [(f"nprobe={n},coarse={c}", _spann_point(ix, n, c)) for n, c in grid]
         out.append(System(f"spann-{mode}", {
@@ -186,14 +186,14 @@ def disk_extras(results, path, q, gt):
     O_DIRECT reads (no page cache) with latency per query."""
     from engramdb.spann import SpannIndex
 
-    ix = SpannIndex.open(path, mode="disk")
+    ix = SpannIndex.open(path, mode="disk", read_only=True)
     for p in results["spann-disk"]["points"]:
         n, c = [int(v.split("=")[1]) for v in p["param"].split(",")]
         ix.search(q, k=10, nprobe=n, coarse_probe=c)
         st = ix.stats()
         p["postings_per_query"] = st["last_postings_read"] / len(q)
         p["bytes_per_query"] = st["last_bytes_read"] / len(q)
-    d = SpannIndex.open(path, mode="disk", direct_io=True)
+    d = SpannIndex.open(path, mode="disk", direct_io=True, read_only=True)
     if not d.direct_io:
         print("O_DIRECT refused by the file system: no cold-read figures", flush=True)
         return
@@ -289,7 +289,7 @@ def derived_run(base, q, work, n, build_threads):
     out = {"n": n, "build_s": build, "f32_bytes": int(big.nbytes), "queries": len(q)}
     del big
     for mode, direct in (("memory", False), ("disk", False), ("disk-direct", True)):
-        ix = SpannIndex.open(path, mode="memory" if mode == "memory" else "disk", direct_io=direct)
+        ix = SpannIndex.open(path, mode="memory" if mode == "memory" else "disk", direct_io=direct, read_only=True)
         st = ix.stats()
         pts = []
         for nprobe, cp in ((48, 16), (64, 24), (96, 32), (128, 48)):
