@@ -307,7 +307,9 @@ fn without_sync_updates_still_survive_a_process_crash() {
 /// Add throughput with and without the log, same process, same data:
 /// `cargo test --release -p engramdb-core --test spann_wal -- --ignored --nocapture`.
 /// `SPANN_ADD_N` (default 20000 base vectors), `SPANN_ADD_DIM` (384),
-/// `SPANN_ADD_BATCH` (100 vectors per call), `SPANN_ADD_CALLS` (200).
+/// `SPANN_ADD_BATCH` (100 vectors per call), `SPANN_ADD_CALLS` (200),
+/// `SPANN_ADD_ROUNDS` (3; the three variants run one after another in each
+/// round), `SPANN_ADD_DIR` (where the index directories go).
 #[test]
 #[ignore]
 fn add_throughput_with_and_without_the_log() {
@@ -317,11 +319,12 @@ fn add_throughput_with_and_without_the_log() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    let (n, dim, batch, calls) = (
+    let (n, dim, batch, calls, rounds) = (
         env("SPANN_ADD_N", 20_000),
         env("SPANN_ADD_DIM", 384),
         env("SPANN_ADD_BATCH", 100),
         env("SPANN_ADD_CALLS", 200),
+        env("SPANN_ADD_ROUNDS", 3),
     );
     let gen = |n: usize, seed: u64| -> Vec<f32> {
         let mut s = seed;
@@ -359,7 +362,7 @@ fn add_throughput_with_and_without_the_log() {
         }
         (batch * calls) as f64 / t.elapsed().as_secs_f64()
     };
-    for round in 0..2 {
+    for round in 0..rounds {
         // no directory: no log
         let mut a = fresh();
         let none = run(&mut a);

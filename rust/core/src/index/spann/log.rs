@@ -10,7 +10,8 @@
 //!   vectors; only the records' ids are used. A batch bigger than
 //!   [`ROWS_BYTES_PER_FRAME`] spans several frames, written and fsync'd
 //!   together.
-//! - `Delete { ids }`: tombstones (only ids that were live are logged).
+//! - `Delete { ids }`: tombstones (only ids that were live are logged; a
+//!   long list spans frames of [`IDS_PER_FRAME`]).
 //!
 //! ## Files and ordering
 //!
@@ -37,6 +38,10 @@
 //! ignored and cut off by the next writer; a damaged frame followed by more
 //! data is a [`crate::Error::Corruption`] naming the log file.
 //!
+//! A reader (opened read-only) replays the log without cutting it; if a
+//! writer's checkpoint removes the log between the reader's reading of the
+//! metadata and of the log, the reader starts over from the new metadata.
+//!
 //! fsync policy: as the store's, the log is fsync'd once per call (per
 //! batch) by default; with `sync = false` an acknowledged update survives a
 //! process crash but not a power loss.
@@ -51,6 +56,9 @@ use std::path::Path;
 /// Payload bytes of vectors per frame (half the frame limit, leaving room
 /// for the ids' records).
 pub(crate) const ROWS_BYTES_PER_FRAME: usize = MAX_FRAME / 2;
+
+/// Ids per `Delete` frame (8 bytes each, well inside the frame limit).
+pub(crate) const IDS_PER_FRAME: usize = MAX_FRAME / 16;
 
 pub(crate) fn log_name(seq: u64) -> String {
     format!("wal-{seq:06}.log")

@@ -612,7 +612,14 @@ impl SpannIndex {
     pub fn save(&mut self, dir: &Path) -> Result<()> {
         self.writable()?;
         std::fs::create_dir_all(dir).at(dir)?;
-        let same_dir = self.path.as_deref() == Some(dir) && self.lock.is_some();
+        let same_dir = self.lock.is_some()
+            && self.path.as_deref().is_some_and(|p| {
+                p == dir
+                    || matches!(
+                        (std::fs::canonicalize(p), std::fs::canonicalize(dir)),
+                        (Ok(a), Ok(b)) if a == b
+                    )
+            });
         let new_lock = if same_dir {
             None
         } else {
@@ -834,6 +841,14 @@ impl SpannIndex {
             idx.arena_first_row = 0;
         }
         let lpath = dir.join(log::log_name(idx.log_seq));
+        if opts.read_only && !lpath.exists() && read_meta(dir)?.log_seq != idx.log_seq {
+            // a writer's checkpoint removed the log after we read the
+            // metadata: start again from the new metadata
+            return Err(Error::Io {
+                file: lpath,
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
         let replay = idx.replay_log(&lpath)?;
         if !opts.read_only {
             idx.log = Some(match replay {

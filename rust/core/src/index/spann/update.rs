@@ -154,9 +154,11 @@ impl SpannIndex {
             .copied()
             .filter(|id| self.row_of.contains_key(id))
             .collect();
-        if !live.is_empty() {
-            self.log_ops(&[WalOp::Delete { ids: live }])?;
-        }
+        let ops: Vec<WalOp> = live
+            .chunks(super::log::IDS_PER_FRAME)
+            .map(|c| WalOp::Delete { ids: c.to_vec() })
+            .collect();
+        self.log_ops(&ops)?;
         Ok(self.tombstone(ids))
     }
 
