@@ -155,6 +155,9 @@ fn updates_after_compaction_and_save_as_are_logged_too() {
     idx.compact().unwrap();
     idx.add(&[1, 7_000_000], &data(2, 5)).unwrap_err(); // 1 is live
     idx.add(&[0, 7_000_000], &data(2, 5)).unwrap();
+    // its own directory spelled another way is still its own (no self-lock)
+    idx.save(&dir.path().join(".")).unwrap();
+    idx.add(&[7_000_001], &data(1, 6)).unwrap();
     let want = live(&idx);
     // save-as moves the handle (and its lock) to another directory
     let other = tempfile::tempdir().unwrap();
@@ -382,4 +385,42 @@ fn add_throughput_with_and_without_the_log() {
             rates[0], rates[1]
         );
     }
+}
+
+#[test]
+fn readers_open_consistently_while_a_writer_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = built(dir.path(), 800);
+    let path = dir.path().to_path_buf();
+    let writer = std::thread::spawn(move || {
+        for b in 0..30u64 {
+            let ids: Vec<u64> = (1_000_000 + b * 10..1_000_000 + b * 10 + 10).collect();
+            w.add(&ids, &data(10, 200 + b)).unwrap();
+            if b % 3 == 0 {
+                w.flush().unwrap();
+            }
+            if b == 20 {
+                w.compact().unwrap();
+            }
+        }
+        w.len()
+    });
+    let mut last = 800;
+    while !writer.is_finished() {
+        let r = SpannIndex::open_read_only(&path, Mode::Disk).unwrap();
+        // acknowledged adds only ever accumulate; every prefix is whole batches
+        assert!(
+            r.len() >= last && (r.len() - 800).is_multiple_of(10),
+            "{}",
+            r.len()
+        );
+        last = r.len();
+    }
+    let n = writer.join().unwrap();
+    assert_eq!(
+        SpannIndex::open_read_only(&path, Mode::Memory)
+            .unwrap()
+            .len(),
+        n
+    );
 }
