@@ -14,6 +14,8 @@
 
 pub mod distance;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod index;
 pub mod memory;
 pub mod storage;

@@ -97,8 +97,11 @@ impl WalOp {
     pub fn decode(d: &mut Dec, dim: usize) -> Result<WalOp, DecodeError> {
         let op = match d.u8()? {
             OP_PUT => {
-                let n = d.len_prefix(dim * 4)?;
-                let vectors = d.f32s(n * dim)?;
+                let n = d.len_prefix(dim.saturating_mul(4))?;
+                let floats = n
+                    .checked_mul(dim)
+                    .ok_or_else(|| DecodeError("vector count overflow".into()))?;
+                let vectors = d.f32s(floats)?;
                 let records = (0..n)
                     .map(|_| Record::decode(d))
                     .collect::<Result<_, _>>()?;
@@ -157,7 +160,12 @@ pub struct Replay {
 /// Read every valid frame of the log at `path`.
 pub fn replay(path: &Path, dim: usize) -> Result<Replay> {
     let bytes = std::fs::read(path).at(path)?;
-    let header = Header::decode(&bytes, Kind::Wal, path)?;
+    replay_bytes(&bytes, path, dim)
+}
+
+/// [`replay`] of a log already in memory (`path` only names it in errors).
+pub fn replay_bytes(bytes: &[u8], path: &Path, dim: usize) -> Result<Replay> {
+    let header = Header::decode(bytes, Kind::Wal, path)?;
     let mut pos = HEADER_LEN;
     let mut ops = Vec::new();
     let total = bytes.len();

@@ -612,6 +612,15 @@ impl SpannIndex {
         let ppath = dir.join(postings_name(idx.generation));
         let vpath = dir.join(vectors_name(idx.generation));
         let pf = PostingFile::open(&ppath, true)?;
+        if idx.garbage_pages > pf.bytes() / PAGE as u64 {
+            return Err(Error::corruption(
+                dir.join(META),
+                format!(
+                    "{} garbage pages in a smaller posting file",
+                    idx.garbage_pages
+                ),
+            ));
+        }
         let file_rows = idx.arena_first_row; // read_meta stores the file's row count here
         let vf = VectorFile::open(&vpath, idx.dim, file_rows as u64, true)?;
         idx.pfile = Some(pf);
@@ -927,6 +936,9 @@ fn read_meta(dir: &Path) -> Result<SpannIndex> {
     let de = |e: crate::storage::codec::DecodeError| Error::corruption(&path, e.0);
     let mut d = Dec::new(body);
     let dim = d.u32().map_err(de)? as usize;
+    if dim == 0 {
+        return Err(bad("dimension 0".into()));
+    }
     let metric =
         Metric::from_code(d.u8().map_err(de)?).ok_or_else(|| bad("unknown metric code".into()))?;
     let generation = d.u64().map_err(de)?;
