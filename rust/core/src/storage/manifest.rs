@@ -94,8 +94,10 @@ pub fn write_atomic(dir: &Path, m: &Manifest) -> Result<()> {
     f.write_all(&buf).at(&tmp)?;
     f.sync_all().at(&tmp)?;
     drop(f);
+    crate::fault::crash_point("manifest-tmp-written");
     let dst = dir.join(FILE);
     std::fs::rename(&tmp, &dst).at(&dst)?;
+    crate::fault::crash_point("manifest-renamed");
     sync_dir(dir)
 }
 
