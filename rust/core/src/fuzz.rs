@@ -71,7 +71,7 @@ pub fn run(name: &str, data: &[u8]) {
     }
 }
 
-fn fixed(file: &[u8], fix: bool, f: fn(&mut Vec<u8>)) -> Vec<u8> {
+fn fixed(file: &[u8], fix: bool, f: fn(&mut [u8])) -> Vec<u8> {
     let mut b = file.to_vec();
     if fix {
         f(&mut b);
@@ -96,7 +96,7 @@ pub fn fix_header(b: &mut [u8]) {
 }
 
 /// Recompute the CRC of every whole frame of a log (and of its header).
-pub fn fix_wal(b: &mut Vec<u8>) {
+pub fn fix_wal(b: &mut [u8]) {
     fix_header(b);
     let mut pos = HEADER_LEN;
     while pos + 8 <= b.len() {
@@ -111,7 +111,7 @@ pub fn fix_wal(b: &mut Vec<u8>) {
 }
 
 /// Make a segment's trailer agree with its body.
-pub fn fix_segment(b: &mut Vec<u8>) {
+pub fn fix_segment(b: &mut [u8]) {
     fix_header(b);
     if b.len() >= HEADER_LEN + 16 {
         let end = b.len() - 16;
@@ -124,7 +124,7 @@ pub fn fix_segment(b: &mut Vec<u8>) {
 }
 
 /// Make a manifest's length and CRC agree with its JSON.
-pub fn fix_manifest(b: &mut Vec<u8>) {
+pub fn fix_manifest(b: &mut [u8]) {
     fix_header(b);
     if b.len() >= HEADER_LEN + 8 {
         let n = b.len() - HEADER_LEN - 8;
@@ -136,7 +136,7 @@ pub fn fix_manifest(b: &mut Vec<u8>) {
 }
 
 /// Make a SPANN meta file's length and CRC agree with its body.
-pub fn fix_spann_meta(b: &mut Vec<u8>) {
+pub fn fix_spann_meta(b: &mut [u8]) {
     fix_header(b);
     if b.len() >= HEADER_LEN + 12 {
         let n = b.len() - HEADER_LEN - 12;
@@ -159,7 +159,7 @@ pub fn fix_pages(b: &mut [u8], first: u64) {
 }
 
 /// Recompute the CRC of every whole row record of a SPANN vector file.
-pub fn fix_vector_file(b: &mut Vec<u8>, dim: usize) {
+pub fn fix_vector_file(b: &mut [u8], dim: usize) {
     fix_header(b);
     let rl = dim * 4 + 4;
     if b.len() <= PAGE {
@@ -598,7 +598,7 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(seed.max(1))
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -608,7 +608,7 @@ impl Rng {
         if n == 0 {
             0
         } else {
-            (self.next() % n as u64) as usize
+            (self.next_u64() % n as u64) as usize
         }
     }
 }
@@ -654,7 +654,7 @@ pub fn mutate(input: &[u8], other: &[u8], rng: &mut Rng) -> Vec<u8> {
         let pos = body + rng.below(len.saturating_sub(body).max(1));
         match rng.below(13) {
             0 | 1 if len > body => b[pos.min(len - 1)] ^= 1 << rng.below(8),
-            2 if len > body => b[pos.min(len - 1)] = rng.next() as u8,
+            2 if len > body => b[pos.min(len - 1)] = rng.next_u64() as u8,
             3 | 4 => {
                 // an interesting integer, often over what looks like a length field
                 let w = [1usize, 2, 4, 8][rng.below(4)];
@@ -693,7 +693,7 @@ pub fn mutate(input: &[u8], other: &[u8], rng: &mut Rng) -> Vec<u8> {
                     b.push(match fill {
                         0 => 0,
                         1 => 0xff,
-                        _ => rng.next() as u8,
+                        _ => rng.next_u64() as u8,
                     });
                 }
             }
@@ -718,7 +718,7 @@ pub fn mutate(input: &[u8], other: &[u8], rng: &mut Rng) -> Vec<u8> {
                 let n = (1 + rng.below(64)).min(other.len() - from).min(len - pos);
                 b[pos..pos + n].copy_from_slice(&other[from..from + n]);
             }
-            12 if len > 0 => b[0] = rng.next() as u8,
+            12 if len > 0 => b[0] = rng.next_u64() as u8,
             _ => {}
         }
     }
