@@ -451,11 +451,13 @@ impl VectorFile {
     pub fn open(path: &Path, dim: usize, rows: u64, writable: bool) -> Result<Self> {
         let file = open_checked(path, Kind::SpannVectors, writable)?;
         let len = file.metadata().at(path)?.len();
-        let need = PAGE as u64 + rows * Self::rec_len(dim) as u64;
-        if len < need {
+        let need = (Self::rec_len(dim) as u64)
+            .checked_mul(rows)
+            .and_then(|b| b.checked_add(PAGE as u64));
+        if need.is_none_or(|need| len < need) {
             return Err(Error::corruption(
                 path,
-                format!("vector file is {len} bytes, {rows} rows need {need}"),
+                format!("vector file is {len} bytes, too short for {rows} rows of dimension {dim}"),
             ));
         }
         Ok(VectorFile {
