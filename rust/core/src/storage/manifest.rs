@@ -119,6 +119,25 @@ mod tests {
         };
         write_atomic(dir.path(), &m).unwrap();
         assert_eq!(read(dir.path()).unwrap(), m);
+        // names that would reach outside the store are refused
+        for (wal, seg) in [
+            ("../wal-000001.log", None),
+            ("/tmp/wal-000001.log", None),
+            ("wal-000002.log", Some("sub/seg-000002.dat")),
+            ("wal-.log", None),
+        ] {
+            let bad = Manifest {
+                wal: wal.into(),
+                segment: seg.map(Into::into),
+                ..m.clone()
+            };
+            write_atomic(dir.path(), &bad).unwrap();
+            assert!(
+                matches!(read(dir.path()), Err(Error::Corruption { .. })),
+                "{wal} {seg:?}"
+            );
+        }
+        write_atomic(dir.path(), &m).unwrap();
         let p = dir.path().join(FILE);
         let good = std::fs::read(&p).unwrap();
         for i in 0..good.len() {
