@@ -922,7 +922,7 @@ fn read_meta(dir: &Path) -> Result<SpannIndex> {
         return Err(bad("truncated".into()));
     }
     let blen = u64::from_le_bytes(bytes[HEADER_LEN..HEADER_LEN + 8].try_into().unwrap()) as usize;
-    if HEADER_LEN + 8 + blen + 4 != bytes.len() {
+    if blen != bytes.len() - HEADER_LEN - 12 {
         return Err(bad(format!(
             "body length {blen} does not match the file's {} bytes",
             bytes.len()
