@@ -53,10 +53,12 @@ def _read_vecs(path: str, comp: np.dtype) -> np.ndarray:
 def _read_npy(path: str) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
-        raise VectorFileError(f"{path}: not a readable .npy array ({e})") from None
     except OSError as e:
         raise VectorFileError(f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - np.load parses untrusted bytes: any
+        # failure means "not a readable array" (fuzzing found ValueError,
+        # EOFError, SyntaxError and tokenize.TokenError from damaged headers)
+        raise VectorFileError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
     if not isinstance(arr, np.ndarray):
         raise VectorFileError(f"{path}: holds {type(arr).__name__}, expected one array")
     return arr

@@ -5,6 +5,7 @@
 //! | module | concept |
 //! |---|---|
 //! | [`error`] | the one error enum every fallible call returns |
+//! | [`fault`] | crash points for fault-injection tests (off unless `ENGRAMDB_CRASH_AT` is set) |
 //! | [`distance`] | metrics and SIMD distance kernels (run-time CPU detection) |
 //! | [`topk`] | bounded top-k selection shared by every index |
 //! | [`index`] | the [`index::VectorIndex`] trait and its implementations (exact [`index::flat`]) |
@@ -14,6 +15,9 @@
 
 pub mod distance;
 pub mod error;
+pub mod fault;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod index;
 pub mod memory;
 pub mod storage;

@@ -1259,6 +1259,14 @@ impl Store {
             .iter()
             .map(|id| &self.records[id])
             .collect();
+        // Until the manifest names them the new files are garbage: on a
+        // failure (a full disk) remove them at once rather than leave them
+        // holding the space the next attempt needs.
+        let discard = |dir: &Path| {
+            let _ = std::fs::remove_file(dir.join(seg_name(gen)));
+            let _ = std::fs::remove_file(dir.join(wal_name(gen)));
+            let _ = std::fs::remove_file(dir.join("MANIFEST.tmp"));
+        };
         let seg_bytes = segment::write(
             &self.dir.join(&seg),
             gen,
@@ -1266,8 +1274,12 @@ impl Store {
             self.metric,
             &recs,
             self.vectors.data(),
-        )?;
-        let new_wal = WalWriter::create(&self.dir.join(wal_name(gen)), gen, self.opts.sync)?;
+        )
+        .inspect_err(|_| discard(&self.dir))?;
+        crate::fault::crash_point("checkpoint-segment-written");
+        let new_wal = WalWriter::create(&self.dir.join(wal_name(gen)), gen, self.opts.sync)
+            .inspect_err(|_| discard(&self.dir))?;
+        crate::fault::crash_point("checkpoint-wal-created");
         let manifest = Manifest {
             generation: gen,
             segment: Some(seg),
@@ -1276,12 +1288,20 @@ impl Store {
             writer: format!("engramdb {}", env!("CARGO_PKG_VERSION")),
             ..self.manifest.clone()
         };
-        manifest::write_atomic(&self.dir, &manifest)?;
+        if let Err(e) = manifest::write_atomic(&self.dir, &manifest) {
+            // the rename may have happened (only the directory sync failed):
+            // the new files are garbage only if the manifest is still the old one
+            if manifest::read(&self.dir).is_ok_and(|m| m.generation < gen) {
+                discard(&self.dir);
+            }
+            return Err(e);
+        }
         self.manifest = manifest;
         self.wal = Some(new_wal);
         self.wal_frames = 0;
         self.torn_bytes = 0;
         self.segment_bytes = seg_bytes;
+        crate::fault::crash_point("checkpoint-committed");
         remove_unreferenced(&self.dir, &self.manifest)
     }
 

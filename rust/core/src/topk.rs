@@ -49,9 +49,11 @@ pub struct TopK {
 
 impl TopK {
     pub fn new(k: usize) -> Self {
+        // k comes from callers and from index parameters read from disk:
+        // reserve for a bounded start and let the heap grow with its items
         TopK {
             k,
-            heap: BinaryHeap::with_capacity(k + 1),
+            heap: BinaryHeap::with_capacity(k.saturating_add(1).min(4096)),
         }
     }
 

@@ -33,8 +33,13 @@ pub struct Manifest {
 pub fn read(dir: &Path) -> Result<Manifest> {
     let path = dir.join(FILE);
     let bytes = std::fs::read(&path).at(&path)?;
-    Header::decode(&bytes, Kind::Manifest, &path)?;
-    let bad = |d: &str| Error::corruption(&path, d.to_string());
+    decode(&bytes, &path)
+}
+
+/// [`read`] of a manifest already in memory (`path` only names it in errors).
+pub fn decode(bytes: &[u8], path: &Path) -> Result<Manifest> {
+    Header::decode(bytes, Kind::Manifest, path)?;
+    let bad = |d: &str| Error::corruption(path, d.to_string());
     let rest = &bytes[HEADER_LEN..];
     if rest.len() < 8 {
         return Err(bad("truncated"));
@@ -48,7 +53,28 @@ pub fn read(dir: &Path) -> Result<Manifest> {
     if crc != crc32fast::hash(json) {
         return Err(bad("checksum mismatch"));
     }
-    serde_json::from_slice(json).map_err(|e| Error::corruption(&path, format!("bad JSON: {e}")))
+    let m: Manifest = serde_json::from_slice(json)
+        .map_err(|e| Error::corruption(path, format!("bad JSON: {e}")))?;
+    // the names are joined to the store's directory and the log is opened
+    // for writing: a damaged name must not reach a file outside the store
+    let plain = |n: &str, prefix: &str, suffix: &str| {
+        n.starts_with(prefix)
+            && n.ends_with(suffix)
+            && n.len() > prefix.len() + suffix.len()
+            && n.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.')
+            && !n.contains("..")
+    };
+    if !plain(&m.wal, "wal-", ".log") {
+        return Err(bad("log file name is not of the form wal-N.log"));
+    }
+    if m.segment
+        .as_deref()
+        .is_some_and(|s| !plain(s, "seg-", ".dat"))
+    {
+        return Err(bad("segment file name is not of the form seg-N.dat"));
+    }
+    Ok(m)
 }
 
 pub fn write_atomic(dir: &Path, m: &Manifest) -> Result<()> {
@@ -68,8 +94,10 @@ pub fn write_atomic(dir: &Path, m: &Manifest) -> Result<()> {
     f.write_all(&buf).at(&tmp)?;
     f.sync_all().at(&tmp)?;
     drop(f);
+    crate::fault::crash_point("manifest-tmp-written");
     let dst = dir.join(FILE);
     std::fs::rename(&tmp, &dst).at(&dst)?;
+    crate::fault::crash_point("manifest-renamed");
     sync_dir(dir)
 }
 
@@ -91,6 +119,25 @@ mod tests {
         };
         write_atomic(dir.path(), &m).unwrap();
         assert_eq!(read(dir.path()).unwrap(), m);
+        // names that would reach outside the store are refused
+        for (wal, seg) in [
+            ("../wal-000001.log", None),
+            ("/tmp/wal-000001.log", None),
+            ("wal-000002.log", Some("sub/seg-000002.dat")),
+            ("wal-.log", None),
+        ] {
+            let bad = Manifest {
+                wal: wal.into(),
+                segment: seg.map(Into::into),
+                ..m.clone()
+            };
+            write_atomic(dir.path(), &bad).unwrap();
+            assert!(
+                matches!(read(dir.path()), Err(Error::Corruption { .. })),
+                "{wal} {seg:?}"
+            );
+        }
+        write_atomic(dir.path(), &m).unwrap();
         let p = dir.path().join(FILE);
         let good = std::fs::read(&p).unwrap();
         for i in 0..good.len() {

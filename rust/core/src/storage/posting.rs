@@ -183,12 +183,13 @@ impl PostingData {
                 "posting of head {want_head} holds head id {head}"
             )));
         }
-        let need = 8usize
-            .checked_add(
-                n.checked_mul(8 + dim)
-                    .ok_or_else(|| bad("count overflow".into()))?,
-            )
-            .and_then(|x| x.checked_add(4))
+        // ids, versions padded to 4 bytes, aux, codes: exactly what the
+        // slices below take (the version padding is up to 3 bytes more than
+        // `n`, so a bound of `8 + n * (8 + dim) + 4` was short by up to
+        // `n / 4` bytes and let a damaged count slice past the end).
+        let need = n
+            .checked_mul(dim)
+            .and_then(|codes| codes.checked_add(8 + 8 * n + n.div_ceil(4) * 4))
             .ok_or_else(|| bad("count overflow".into()))?;
         if need > payload.len() {
             return Err(bad(format!(
@@ -388,12 +389,12 @@ impl PostingFile {
 
     /// Read and check `n` pages from `first`; returns the payload stream.
     pub fn read(&self, first: u64, n: u32) -> Result<Vec<u8>> {
-        if first == 0 || first + n as u64 > self.pages {
+        if first == 0 || first.saturating_add(n as u64) > self.pages {
             return Err(Error::corruption(
                 &self.path,
                 format!(
                     "posting pages {first}..{} outside the file's {} pages",
-                    first + n as u64,
+                    first.saturating_add(n as u64),
                     self.pages
                 ),
             ));
@@ -450,11 +451,13 @@ impl VectorFile {
     pub fn open(path: &Path, dim: usize, rows: u64, writable: bool) -> Result<Self> {
         let file = open_checked(path, Kind::SpannVectors, writable)?;
         let len = file.metadata().at(path)?.len();
-        let need = PAGE as u64 + rows * Self::rec_len(dim) as u64;
-        if len < need {
+        let need = (Self::rec_len(dim) as u64)
+            .checked_mul(rows)
+            .and_then(|b| b.checked_add(PAGE as u64));
+        if need.is_none_or(|need| len < need) {
             return Err(Error::corruption(
                 path,
-                format!("vector file is {len} bytes, {rows} rows need {need}"),
+                format!("vector file is {len} bytes, too short for {rows} rows of dimension {dim}"),
             ));
         }
         Ok(VectorFile {

@@ -69,7 +69,12 @@ pub fn write(
 /// Read and verify a segment.
 pub fn read(path: &Path) -> Result<Segment> {
     let bytes = std::fs::read(path).at(path)?;
-    Header::decode(&bytes, Kind::Segment, path)?;
+    decode(&bytes, path)
+}
+
+/// [`read`] of a segment already in memory (`path` only names it in errors).
+pub fn decode(bytes: &[u8], path: &Path) -> Result<Segment> {
+    Header::decode(bytes, Kind::Segment, path)?;
     let bad = |d: String| Error::corruption(path, d);
     if bytes.len() < HEADER_LEN + TRAILER_LEN {
         return Err(bad(format!("truncated: {} bytes", bytes.len())));

@@ -97,8 +97,11 @@ impl WalOp {
     pub fn decode(d: &mut Dec, dim: usize) -> Result<WalOp, DecodeError> {
         let op = match d.u8()? {
             OP_PUT => {
-                let n = d.len_prefix(dim * 4)?;
-                let vectors = d.f32s(n * dim)?;
+                let n = d.len_prefix(dim.saturating_mul(4))?;
+                let floats = n
+                    .checked_mul(dim)
+                    .ok_or_else(|| DecodeError("vector count overflow".into()))?;
+                let vectors = d.f32s(floats)?;
                 let records = (0..n)
                     .map(|_| Record::decode(d))
                     .collect::<Result<_, _>>()?;
@@ -157,7 +160,12 @@ pub struct Replay {
 /// Read every valid frame of the log at `path`.
 pub fn replay(path: &Path, dim: usize) -> Result<Replay> {
     let bytes = std::fs::read(path).at(path)?;
-    let header = Header::decode(&bytes, Kind::Wal, path)?;
+    replay_bytes(&bytes, path, dim)
+}
+
+/// [`replay`] of a log already in memory (`path` only names it in errors).
+pub fn replay_bytes(bytes: &[u8], path: &Path, dim: usize) -> Result<Replay> {
+    let header = Header::decode(bytes, Kind::Wal, path)?;
     let mut pos = HEADER_LEN;
     let mut ops = Vec::new();
     let total = bytes.len();
@@ -178,7 +186,21 @@ pub fn replay(path: &Path, dim: usize) -> Result<Replay> {
             ));
         }
         if 8 + n > rest.len() {
-            break; // frame extends past the end: torn tail
+            // Frame extends past the end: a torn tail, unless a whole valid
+            // frame follows inside it, which a torn append cannot leave (its
+            // bytes after this header are this frame's payload prefix) but a
+            // damaged length field can: then replaying only up to here would
+            // silently drop every later acknowledged write.
+            if let Some(at) = next_valid_frame(bytes, pos + 8) {
+                return Err(Error::corruption(
+                    path,
+                    format!(
+                        "frame at offset {pos} claims {n} bytes, past the end of the file, \
+                         but a valid frame follows at offset {at}"
+                    ),
+                ));
+            }
+            break;
         }
         let payload = &rest[8..8 + n];
         if crc32fast::hash(payload) != crc {
@@ -203,6 +225,19 @@ pub fn replay(path: &Path, dim: usize) -> Result<Replay> {
         valid_len: pos as u64,
         torn_bytes: (total - pos) as u64,
         generation: header.generation,
+    })
+}
+
+/// The offset of the first whole frame at or after `from` whose checksum
+/// holds, if any.
+fn next_valid_frame(bytes: &[u8], from: usize) -> Option<usize> {
+    (from..bytes.len().saturating_sub(8)).find(|&off| {
+        let n = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+        n > 0
+            && n <= MAX_FRAME
+            && off + 8 + n <= bytes.len()
+            && crc32fast::hash(&bytes[off + 8..off + 8 + n])
+                == u32::from_le_bytes(bytes[off + 4..off + 8].try_into().unwrap())
     })
 }
 
@@ -272,7 +307,13 @@ impl WalWriter {
             buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
             buf.extend_from_slice(&payload);
         }
+        if crate::fault::armed("wal-append-partial") {
+            let _ = self.file.write_all(&buf[..buf.len() / 2]);
+            let _ = self.file.sync_data();
+            std::process::abort();
+        }
         let res = self.file.write_all(&buf).and_then(|_| {
+            crate::fault::crash_point("wal-append-unsynced");
             if self.sync {
                 self.file.sync_data()
             } else {
@@ -364,6 +405,28 @@ mod tests {
             w.append(&[WalOp::Delete { ids: vec![99] }]).unwrap();
             let r2 = replay(&p, 2).unwrap();
             assert_eq!(r2.ops.len(), whole + 1);
+        }
+    }
+
+    #[test]
+    fn a_length_damaged_past_the_end_is_not_a_torn_tail() {
+        // a flipped high bit in an early frame's length makes it claim more
+        // than the file holds: the later frames must not vanish silently
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("wal.log");
+        let mut w = WalWriter::create(&p, 1, false).unwrap();
+        for op in ops() {
+            w.append(&[op]).unwrap();
+        }
+        let good = std::fs::read(&p).unwrap();
+        for bit in 8..31 {
+            let mut b = good.clone();
+            b[HEADER_LEN + bit / 8] ^= 1 << (bit % 8);
+            std::fs::write(&p, &b).unwrap();
+            assert!(
+                matches!(replay(&p, 2), Err(Error::Corruption { .. })),
+                "length bit {bit}"
+            );
         }
     }
 

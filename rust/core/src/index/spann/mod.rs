@@ -815,6 +815,15 @@ impl SpannIndex {
         let ppath = dir.join(postings_name(idx.generation));
         let vpath = dir.join(vectors_name(idx.generation));
         let pf = PostingFile::open(&ppath, !opts.read_only)?;
+        if idx.garbage_pages > pf.bytes() / PAGE as u64 {
+            return Err(Error::corruption(
+                dir.join(META),
+                format!(
+                    "{} garbage pages in a smaller posting file",
+                    idx.garbage_pages
+                ),
+            ));
+        }
         let file_rows = idx.arena_first_row; // read_meta stores the file's row count here
         let vf = VectorFile::open(&vpath, idx.dim, file_rows as u64, !opts.read_only)?;
         idx.pfile = Some(pf);
@@ -1166,7 +1175,7 @@ fn read_meta(dir: &Path) -> Result<SpannIndex> {
         return Err(bad("truncated".into()));
     }
     let blen = u64::from_le_bytes(bytes[HEADER_LEN..HEADER_LEN + 8].try_into().unwrap()) as usize;
-    if HEADER_LEN + 8 + blen + 4 != bytes.len() {
+    if blen != bytes.len() - HEADER_LEN - 12 {
         return Err(bad(format!(
             "body length {blen} does not match the file's {} bytes",
             bytes.len()
@@ -1180,6 +1189,9 @@ fn read_meta(dir: &Path) -> Result<SpannIndex> {
     let de = |e: crate::storage::codec::DecodeError| Error::corruption(&path, e.0);
     let mut d = Dec::new(body);
     let dim = d.u32().map_err(de)? as usize;
+    if dim == 0 {
+        return Err(bad("dimension 0".into()));
+    }
     let metric =
         Metric::from_code(d.u8().map_err(de)?).ok_or_else(|| bad("unknown metric code".into()))?;
     let generation = d.u64().map_err(de)?;
