@@ -183,6 +183,14 @@ def matches(state: dict[int, int], kind: str, args, result) -> bool:
         text, md, v = result
         return i in state and text == f"{i}:{state[i]}" and md == meta(i, state[i]) and v == vec(i, state[i]).tolist()
     q = np.asarray(args[0], dtype=np.float32)
+    if kind == "search_ann":  # approximate: every hit real in this state, scored from its vector, in order
+        got_ids, got_scores = result
+        if len(got_ids) != min(K, len(state)) or len(set(got_ids)) != len(got_ids):
+            return False
+        if any(i not in state for i in got_ids):
+            return False
+        want = [float(((np.array(_vec(i, state[i])) - q) ** 2).sum()) for i in got_ids]
+        return want == got_scores and want == sorted(want)
     keep = None
     if kind == "search_g1":
         keep = lambda i, ver: i % 3 == 1  # noqa: E731
@@ -199,8 +207,9 @@ def matches(state: dict[int, int], kind: str, args, result) -> bool:
     return got_ids == want_ids + [int(MISSING_ID)] * pad and got_scores[: len(want_ids)] == want_scores
 
 
-def reader_loop(s: Store, w: Writer, obs: list, stop: threading.Event, seed: int) -> None:
+def reader_loop(s: Store, w: Writer, obs: list, stop: threading.Event, seed: int, ann: bool = False) -> None:
     rnd = random.Random(seed)
+    plain = "search_ann" if ann else "search"
     qs = [vec(10**6 + seed * 1000 + t, 0) for t in range(64)]
     while not stop.is_set():
         v0 = len(w.log)
@@ -208,7 +217,7 @@ def reader_loop(s: Store, w: Writer, obs: list, stop: threading.Event, seed: int
         q = rnd.choice(qs)
         if r < 0.3:
             ids, sc = s.search(q, k=K)
-            obs.append((v0, len(w.log), "search", (q.tolist(),), (ids.tolist(), sc.tolist())))
+            obs.append((v0, len(w.log), plain, (q.tolist(),), (ids.tolist(), sc.tolist())))
         elif r < 0.45:
             ids, sc = s.search(q, k=K, filter={"g": 1})
             obs.append((v0, len(w.log), "search_g1", (q.tolist(),), (ids.tolist(), sc.tolist())))
@@ -224,7 +233,7 @@ def reader_loop(s: Store, w: Writer, obs: list, stop: threading.Event, seed: int
             ids, sc = s.search(batch, k=K)
             v1 = len(w.log)
             for qi in range(4):
-                obs.append((v0, v1, "search", (batch[qi].tolist(),), (ids[qi].tolist(), sc[qi].tolist())))
+                obs.append((v0, v1, plain, (batch[qi].tolist(),), (ids[qi].tolist(), sc[qi].tolist())))
         elif r < 0.95:
             i = rnd.randrange(max(1, w.next_id + 4))
             try:
@@ -238,11 +247,20 @@ def reader_loop(s: Store, w: Writer, obs: list, stop: threading.Event, seed: int
             obs.append((v0, len(w.log), "len", (), n))
 
 
-def scenario_threads(path: str, seconds: float, readers: int) -> dict:
-    """One writer thread and ``readers`` reader threads share one handle."""
+def scenario_threads(path: str, seconds: float, readers: int, ann: bool = False) -> dict:
+    """One writer thread and ``readers`` reader threads share one handle.
+    With ``ann``, the store is past ``ann_threshold``: unfiltered searches go
+    through the SPANN index, which every write updates."""
     engramdb.set_num_threads(4)  # several workers even on a 2-core runner
-    s = Store(path, dim=DIM, metric="l2", sync=False, checkpoint_bytes=16 * 1024)
-    w = Writer(s, seed=7)
+    s = Store(path, dim=DIM, metric="l2", sync=False, checkpoint_bytes=16 * 1024,
+              ann_threshold=1000 if ann else None)
+    w = Writer(s, seed=7, live=1400 if ann else 240)
+    if ann:
+        pairs = [(i, 0) for i in range(1300)]
+        w.put(pairs, False)
+        w.next_id = 1300
+        w.state.update(pairs)
+        w.log.append(("add", pairs))
     for _ in range(60):  # something to search from the start
         w.step()
     stop = threading.Event()
@@ -256,7 +274,7 @@ def scenario_threads(path: str, seconds: float, readers: int) -> dict:
             errors.append(e)
             stop.set()
 
-    ts = [threading.Thread(target=guard, args=(reader_loop, s, w, obs_lists[t], stop, t)) for t in range(readers)]
+    ts = [threading.Thread(target=guard, args=(reader_loop, s, w, obs_lists[t], stop, t, ann)) for t in range(readers)]
     for t in ts:
         t.start()
     t0 = time.monotonic()
@@ -282,7 +300,7 @@ def scenario_threads(path: str, seconds: float, readers: int) -> dict:
             assert r.get(i).text == f"{i}:{w.state[i]}"
     flushes = sum(op[0] == "flush" for op in w.log)
     return {"ops": len(w.log), "observations": len(obs), "counts": counts, "flushes": flushes,
-            "generation": info["generation"]}
+            "generation": info["generation"], "index": info["index"]}
 
 
 def scenario_ann_first_search(path: str, reps: int) -> dict:
@@ -424,6 +442,12 @@ def test_reader_threads_see_only_committed_states(tmp_path):
     assert r["observations"] > 1000 and all(c.get(k, 0) > 20 for k in ("search", "search_g1", "get", "len")), r
 
 
+def test_reader_threads_beside_a_writer_past_the_ann_threshold(tmp_path):
+    r = run_child(tmp_path, "threads_ann", str(tmp_path / "s"), "3", "3")
+    assert r["index"] == "spann" and r["ops"] > 200
+    assert r["counts"].get("search_ann", 0) > 100 and r["counts"].get("search_g1", 0) > 20, r
+
+
 def test_concurrent_first_ann_searches_do_not_deadlock(tmp_path):
     r = run_child(tmp_path, "ann", str(tmp_path / "s"), "30")
     assert r["searches"] == 30 * 8
@@ -529,6 +553,8 @@ if __name__ == "__main__":
     name, *rest = argv
     if name == "threads":
         res = scenario_threads(rest[0], float(rest[1]), int(rest[2]))
+    elif name == "threads_ann":
+        res = scenario_threads(rest[0], float(rest[1]), int(rest[2]), ann=True)
     elif name == "ann":
         res = scenario_ann_first_search(rest[0], int(rest[1]))
     elif name == "processes":
