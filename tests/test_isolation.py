@@ -7,9 +7,9 @@ contains, and / or / not, ``$`` prefixes, upper-case combinators, dotted
 paths, several keys per object, missing fields, bools next to numbers,
 ``1 == 1.0``). A pure-Python evaluator written from that grammar is the
 oracle: a search returns exactly the records of its scope that match
-(``k`` covers the store), a recall (with link expansion) and a forget
-report never go outside them, and ``engramdb.memory.matches_filter`` (the
-Python copy the Memory layer uses) agrees. The same checks run on a store
+(``k`` covers the store), ``Store.ids(filter, scope)`` lists exactly them,
+a recall (with link expansion) and a forget report never go outside them,
+and ``tests/filter_model.py`` (the oracle other tests use) agrees. The same checks run on a store
 recovered after ``kill -9`` mid-writes, and after upserts that move records
 between scopes, deletes, flush/compaction and reopening.
 """
@@ -28,11 +28,11 @@ from typing import Any, Optional
 import hypothesis.strategies as st
 import numpy as np
 import pytest
+from filter_model import matches_filter
 from hypothesis import HealthCheck, given, settings
 
 import engramdb
 from engramdb import MISSING_ID, Store
-from engramdb.memory import matches_filter
 
 DIM = 4
 USERS = [None, "ann", "bob", "cy"]
@@ -193,10 +193,12 @@ def check(s: Store, model: dict[int, tuple], flt: Optional[dict], scope: tuple, 
     sc = dict(user_id=user, agent_id=agent, session_id=session)
     in_sc = {i for i, (rs, _) in model.items() if in_scope(rs, scope)}
     want = {i for i in in_sc if flt is None or evaluate(flt, model[i][1])}
-    if flt is not None:  # the Memory layer's Python copy of the grammar agrees
+    if flt is not None:  # the other tests' oracle agrees with this one
         for i in in_sc:
             assert matches_filter(flt, model[i][1]) == (i in want), (flt, model[i][1])
     visible = want - archived
+    assert sorted(s.ids(flt, **sc).tolist()) == sorted(want), "ids(filter, scope) differs from the oracle"
+    assert sorted(s.ids(flt, include_archived=False, **sc).tolist()) == sorted(visible)
     n = len(model)
     ids, _ = s.search(q, k=max(1, n), filter=flt, **sc)
     got = {int(i) for i in ids if i != MISSING_ID}
@@ -246,7 +248,7 @@ def test_search_recall_forget_stay_in_scope_and_filter(tmp_path_factory, recs, l
 @settings(max_examples=300, deadline=None)
 @given(flt=filters, meta=metadata)
 def test_filter_grammar_matches_the_oracle(flt, meta):
-    """The Python copy in the Memory layer and the oracle agree on every filter."""
+    """tests/filter_model.py and this module's oracle agree on every filter."""
     assert matches_filter(flt, meta) == evaluate(flt, meta)
 
 
