@@ -343,6 +343,101 @@ def scenario_ann_first_search(path: str, reps: int) -> dict:
     return {"reps": reps, "searches": searches}
 
 
+def scenario_memory(path: str, seconds: float, readers: int) -> dict:
+    """A Memory shared by a writer thread (add, update, delete, link) and
+    reader threads (hybrid, keyword and vector searches, get). Texts name
+    their id and version, so a hit whose text, vector and keyword entry came
+    from different writes shows; afterwards the keyword index and the store
+    hold the same ids and every memory is found by its own words."""
+    words = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "yuzu"]
+
+    def embed(texts):
+        out = np.zeros((len(texts), 16), dtype=np.float32)
+        for r, t in enumerate(texts):
+            for w in t.split():
+                out[r, sum(map(ord, w)) % 16] += 1.0
+        return out
+
+    engramdb.set_num_threads(4)
+    mem = engramdb.Memory(path, embedder=embed, sync=False)
+    rnd = random.Random(4)
+    live: dict[int, int] = {}  # id -> version
+    ever: set[int] = set()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    counts = {"writes": 0, "searches": 0, "hits": 0}
+
+    def text(i: int, ver: int) -> str:
+        return f"id{i} v{ver} " + " ".join(words[(i * 7 + ver * 3 + j) % len(words)] for j in range(3))
+
+    def write():
+        n = 0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds and not stop.is_set():
+            r = rnd.random()
+            if r < 0.5 or len(live) < 20:
+                ever.add(n)  # ids are assigned in order: this add gets id n
+                i = int(mem.add(text(n, 0), user_id=f"u{n % 3}"))
+                assert i == n
+                live[i] = 0
+                n += 1
+            elif r < 0.75:
+                i = rnd.choice(sorted(live))
+                live[i] += 1
+                mem.update(i, text(i, live[i]))
+            elif r < 0.9:
+                i = rnd.choice(sorted(live))
+                del live[i]
+                mem.delete(i)
+            else:
+                a, b = rnd.sample(sorted(live), 2)
+                mem.link(a, b, "rel", 0.5)
+            counts["writes"] += 1
+
+    def read(seed):
+        rr = random.Random(seed)
+        while not stop.is_set():
+            q = " ".join(rr.choice(words) for _ in range(2))
+            mode = rr.choice(["hybrid", "keyword", "vector"])
+            user = rr.choice([None, "u0", "u1", "u2"])
+            hits = mem.search(q, k=8, mode=mode, user_id=user, expand_links=1, decay=False)
+            counts["searches"] += 1
+            for h in hits:
+                counts["hits"] += 1
+                assert h.id in ever, f"{mode} search returned an id never written: {h.id}"
+                assert h.text.startswith(f"id{h.id} v"), f"hit {h.id} carries another memory's text: {h.text!r}"
+                assert user is None or h.user_id == user
+            if hits and rr.random() < 0.3:
+                try:
+                    it = mem.get(hits[0].id)
+                    assert it.text.startswith(f"id{it.id} v")
+                except engramdb.NotFoundError:
+                    pass  # deleted since
+
+    def guard(fn, *a):
+        try:
+            fn(*a)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            stop.set()
+
+    ts = [threading.Thread(target=guard, args=(read, t)) for t in range(readers)]
+    for t in ts:
+        t.start()
+    guard(write)
+    for t in ts:
+        t.join()
+    if errors:
+        raise errors[0]
+    assert set(mem.keyword_index.ids()) == set(int(i) for i in mem.store.ids()) == set(live)
+    for i, ver in live.items():
+        got = mem.search(f"id{i}", k=1, mode="keyword")
+        assert got and got[0].id == i and got[0].text == text(i, ver)
+    mem.close()
+    return {**counts, "live": len(live)}
+
+
 # -- processes ------------------------------------------------------------------
 def proc_writer(path: str, ops: int, log_path: str) -> None:
     s = Store(path, dim=DIM, metric="l2", sync=False, checkpoint_bytes=8 * 1024)
@@ -446,6 +541,11 @@ def test_reader_threads_beside_a_writer_past_the_ann_threshold(tmp_path):
     r = run_child(tmp_path, "threads_ann", str(tmp_path / "s"), "3", "3")
     assert r["index"] == "spann" and r["ops"] > 200
     assert r["counts"].get("search_ann", 0) > 100 and r["counts"].get("search_g1", 0) > 20, r
+
+
+def test_memory_shared_between_threads(tmp_path):
+    r = run_child(tmp_path, "memory", str(tmp_path / "m"), "3", "3")
+    assert r["writes"] > 50 and r["searches"] > 50, r
 
 
 def test_concurrent_first_ann_searches_do_not_deadlock(tmp_path):
@@ -555,6 +655,8 @@ if __name__ == "__main__":
         res = scenario_threads(rest[0], float(rest[1]), int(rest[2]))
     elif name == "threads_ann":
         res = scenario_threads(rest[0], float(rest[1]), int(rest[2]), ann=True)
+    elif name == "memory":
+        res = scenario_memory(rest[0], float(rest[1]), int(rest[2]))
     elif name == "ann":
         res = scenario_ann_first_search(rest[0], int(rest[1]))
     elif name == "processes":
