@@ -450,12 +450,12 @@ def proc_writer(path: str, ops: int, log_path: str) -> None:
 
 def proc_reader(path: str, seconds: float, out_path: str, seed: int) -> None:
     """Open read-only again and again while the writer runs (until its log
-    appears, or ``seconds``); note what each snapshot holds."""
+    appears, ``seconds`` pass or 4,000 opens); note what each snapshot holds."""
     rnd = random.Random(seed)
     snaps = []
     t0 = time.monotonic()
     done = Path(path).parent / "log.json"
-    while time.monotonic() - t0 < seconds and not done.exists():
+    while time.monotonic() - t0 < seconds and not done.exists() and len(snaps) < 4000:
         with Store(path, read_only=True) as r:
             ids = sorted(r.ids().tolist())
             assert len(r) == len(ids)
