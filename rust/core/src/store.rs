@@ -391,7 +391,11 @@ pub struct Store {
     archived_cache: std::sync::Mutex<(u64, bool)>,
     /// The approximate index, once the store is big enough (see
     /// [`StoreOptions::ann_threshold`]); never persisted, rebuilt on demand.
-    ann: std::sync::RwLock<Option<SpannIndex>>,
+    /// Searches read it without locking; only `commit` (with `&mut self`)
+    /// changes it after it is set.
+    ann: std::sync::OnceLock<SpannIndex>,
+    /// Held (only ever with `try_lock`) by the one search building `ann`.
+    ann_building: std::sync::Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -485,7 +489,8 @@ impl Store {
             write_gen: 0,
             subset_cache: Default::default(),
             archived_cache: std::sync::Mutex::new((u64::MAX, false)),
-            ann: std::sync::RwLock::new(None),
+            ann: std::sync::OnceLock::new(),
+            ann_building: std::sync::Mutex::new(()),
         })
     }
 
@@ -549,7 +554,8 @@ impl Store {
             write_gen: 0,
             subset_cache: Default::default(),
             archived_cache: std::sync::Mutex::new((u64::MAX, false)),
-            ann: std::sync::RwLock::new(None),
+            ann: std::sync::OnceLock::new(),
+            ann_building: std::sync::Mutex::new(()),
         })
     }
 
@@ -635,9 +641,9 @@ impl Store {
             vectors: &mut self.vectors,
             lsh: self.lsh.as_mut(),
         };
-        let ann = self.ann.get_mut().unwrap();
+        let mut ann = self.ann.get_mut();
         for op in ops {
-            if let Some(ann) = ann.as_mut() {
+            if let Some(ann) = ann.as_deref_mut() {
                 match &op {
                     WalOp::Put { records, vectors } => {
                         let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
@@ -1195,15 +1201,24 @@ impl Store {
     }
 
     /// Search the SPANN index, building it first if this is its first use.
+    ///
+    /// Never blocks on another search: this runs inside the rayon pool, and
+    /// a worker blocked on a lock whose holder waits for parallel sub-tasks
+    /// (the build, or a search) can be the worker those sub-tasks need, so
+    /// both would wait forever. While one search builds the index, the others
+    /// scan exactly instead of waiting for it.
     fn search_ann(&self, q: &[f32], k: usize) -> Result<Vec<Vec<Hit>>> {
-        {
-            let g = self.ann.read().unwrap();
-            if let Some(ann) = g.as_ref() {
-                return ann.search_prepared(q, k, &ann.params().search, None);
-            }
+        if let Some(ann) = self.ann.get() {
+            return ann.search_prepared(q, k, &ann.params().search, None);
         }
-        let mut g = self.ann.write().unwrap();
-        if g.is_none() {
+        let _building = match self.ann_building.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Ok(self.vectors.search(q, k, None));
+            }
+        };
+        if self.ann.get().is_none() {
             let ann = SpannIndex::build(
                 self.vectors.data(),
                 self.dim,
@@ -1212,16 +1227,17 @@ impl Store {
                 SpannParams::default(),
                 None,
             )?;
-            *g = Some(ann);
+            // only the holder of `ann_building` sets it: this never waits
+            let _ = self.ann.set(ann);
         }
-        let ann = g.as_ref().unwrap();
+        let ann = self.ann.get().expect("set above");
         ann.search_prepared(q, k, &ann.params().search, None)
     }
 
     /// Which index unfiltered searches use now: "exact", "spann" (built) or
     /// "spann-pending" (big enough; built by the next unfiltered search).
     pub fn index_kind(&self) -> &'static str {
-        if self.ann.read().unwrap().is_some() {
+        if self.ann.get().is_some() {
             "spann"
         } else if self.records.len() >= self.opts.ann_threshold {
             "spann-pending"
