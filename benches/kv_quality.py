@@ -250,6 +250,9 @@ def main(argv=None):
             qt = sum(b["quantized_tokens"] for b in nb)
             row["quantized_bytes_per_token_layer"] = qb / qt if qt else float("nan")
             row["window_tokens"] = nb[0]["window_tokens"]
+            # the window as it would be held on a GPU (fp16), not float32 as in this CPU run
+            wb16 = sum(b["window"] // cache.layers[0].keys.element_size() * 2 for b in nb)
+            row["bytes_per_token_layer_fp16_window"] = (qb + wb16) / (n_layers * cached)
         row["x_smaller_than_fp16"] = fp16_per_token / row["bytes_per_token_layer"]
         results.append(row)
         if name == "fp32" and args.reference and not os.path.exists(args.reference):
@@ -258,7 +261,9 @@ def main(argv=None):
         extra = ""
         if "quantized_bytes_per_token_layer" in row:
             q = row["quantized_bytes_per_token_layer"]
-            extra = f"  quantized part {q:.1f} B/tok/layer ({fp16_per_token / q:.2f}x < fp16), window {row['window_tokens']} tok"
+            w16 = row["bytes_per_token_layer_fp16_window"]
+            extra = (f"  quantized part {q:.1f} B/tok/layer ({fp16_per_token / q:.2f}x < fp16), window "
+                     f"{row['window_tokens']} tok; with an fp16 window {w16:.1f} ({fp16_per_token / w16:.2f}x)")
         print(f"{name:20s} ppl {row['ppl']:8.3f}  top1 {row['top1_agreement']:.4f}  "
               f"{row['bytes_per_token_layer']:8.1f} B/tok/layer ({row['x_smaller_than_fp16']:.2f}x < fp16){extra}"
               f"  [{row['seconds']:.0f}s]", flush=True)
