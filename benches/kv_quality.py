@@ -159,6 +159,20 @@ def settings(model, which):
                                                              sink_tokens=4),
         "engramdb-k2v4": lambda: QuantizedKVCache(cfg, key_bits=2, value_bits=4, group_size=32, residual_length=32),
         "engramdb-k4v2": lambda: QuantizedKVCache(cfg, key_bits=4, value_bits=2, group_size=32, residual_length=32),
+        # 8-bit scale/minimum codes against an fp16 super-scale per (head, token group): memory rows
+        "engramdb-4bit-m8": lambda: QuantizedKVCache(cfg, bits=4, group_size=32, residual_length=32, meta_bits=8),
+        "engramdb-2bit-m8": lambda: QuantizedKVCache(cfg, bits=2, group_size=32, residual_length=32, meta_bits=8),
+        "engramdb-2bit-sink4-m8": lambda: QuantizedKVCache(cfg, bits=2, group_size=32, residual_length=32,
+                                                           sink_tokens=4, meta_bits=8),
+        # mixed precision (MiKV-style, SnapKV's importance rule): needs the engramdb attention function
+        "engramdb-2bit-mikv25": lambda: QuantizedKVCache(cfg, bits=2, group_size=32, residual_length=32,
+                                                         meta_bits=8, important_ratio=0.25, extra_bits=2),
+        "engramdb-2bit-sink4-mikv25": lambda: QuantizedKVCache(cfg, bits=2, group_size=32, residual_length=32,
+                                                               sink_tokens=4, meta_bits=8, important_ratio=0.25,
+                                                               extra_bits=2),
+        "engramdb-2bit-sink4-mikv12e4": lambda: QuantizedKVCache(cfg, bits=2, group_size=32, residual_length=32,
+                                                                 sink_tokens=4, meta_bits=8, important_ratio=0.125,
+                                                                 extra_bits=4),
         "quanto-4bit": lambda: QuantizedCache(backend="quanto", config=cfg, nbits=4),
         "quanto-2bit": lambda: QuantizedCache(backend="quanto", config=cfg, nbits=2),
     }
@@ -174,6 +188,8 @@ def main(argv=None):
     ap.add_argument("--decode", type=int, default=384)
     ap.add_argument("--settings", default=",".join(DEFAULT))
     ap.add_argument("--json", help="write the figures to this file")
+    ap.add_argument("--reference", help="fp32 reference file: read the fp32 row (perplexity, argmax per "
+                    "position) from it if it exists, else run fp32 first and write it")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -193,7 +209,25 @@ def main(argv=None):
           f"{n_layers} layers, {n_kv} kv heads, head size {hd}; fp16 KV = {fp16_per_token} B/token/layer\n", flush=True)
     results = []
     ref_top1 = None
-    for name, make in settings(model, args.settings.split(",")):
+    which = args.settings.split(",")
+    if args.reference and os.path.exists(args.reference):
+        with open(args.reference) as f:
+            saved = json.load(f)
+        if saved["tokens"] != ids.shape[1] or saved["prefill"] != args.prefill:
+            raise SystemExit(f"{args.reference} was made for another protocol")
+        ref_top1 = torch.tensor(saved["top1"])
+        results.append(saved["row"])
+        print(f"fp32 reference from {args.reference}: ppl {saved['row']['ppl']:.3f}", flush=True)
+        which = [w for w in which if w != "fp32"]
+    elif args.reference and "fp32" not in which:
+        which = ["fp32", *which]
+    if "mikv" in args.settings:  # mixed precision reads the queries through engramdb's attention function
+        try:
+            from engramdb.gpu import register_attention
+        except Exception:
+            from gpu import register_attention
+        model.set_attn_implementation(register_attention())  # falls back to SDPA for every other cache
+    for name, make in settings(model, which):
         t1 = time.time()
         cache = make()
         nll, top1 = run(model, ids, cache, args.prefill)
@@ -216,12 +250,20 @@ def main(argv=None):
             qt = sum(b["quantized_tokens"] for b in nb)
             row["quantized_bytes_per_token_layer"] = qb / qt if qt else float("nan")
             row["window_tokens"] = nb[0]["window_tokens"]
+            # the window as it would be held on a GPU (fp16), not float32 as in this CPU run
+            wb16 = sum(b["window"] // cache.layers[0].keys.element_size() * 2 for b in nb)
+            row["bytes_per_token_layer_fp16_window"] = (qb + wb16) / (n_layers * cached)
         row["x_smaller_than_fp16"] = fp16_per_token / row["bytes_per_token_layer"]
         results.append(row)
+        if name == "fp32" and args.reference and not os.path.exists(args.reference):
+            with open(args.reference, "w") as f:
+                json.dump({"tokens": ids.shape[1], "prefill": args.prefill, "row": row, "top1": top1.tolist()}, f)
         extra = ""
         if "quantized_bytes_per_token_layer" in row:
             q = row["quantized_bytes_per_token_layer"]
-            extra = f"  quantized part {q:.1f} B/tok/layer ({fp16_per_token / q:.2f}x < fp16), window {row['window_tokens']} tok"
+            w16 = row["bytes_per_token_layer_fp16_window"]
+            extra = (f"  quantized part {q:.1f} B/tok/layer ({fp16_per_token / q:.2f}x < fp16), window "
+                     f"{row['window_tokens']} tok; with an fp16 window {w16:.1f} ({fp16_per_token / w16:.2f}x)")
         print(f"{name:20s} ppl {row['ppl']:8.3f}  top1 {row['top1_agreement']:.4f}  "
               f"{row['bytes_per_token_layer']:8.1f} B/tok/layer ({row['x_smaller_than_fp16']:.2f}x < fp16){extra}"
               f"  [{row['seconds']:.0f}s]", flush=True)

@@ -65,7 +65,8 @@ def unpack(q) -> torch.Tensor:
 
 
 def step_of(q) -> torch.Tensor:
-    s = q.scale.float().cpu()
+    """The effective quantization step of every element (8-bit metadata: code x super-scale)."""
+    s = kv_quant.effective_meta(_cpu(q))[0]
     return s.repeat_interleave(q.group_size, dim=-2 if q.axis == "token" else -1)
 
 
@@ -74,44 +75,70 @@ def step_of(q) -> torch.Tensor:
 QUANT_SHAPES = [(1, 1, 32, 32, 32), (2, 3, 64, 64, 32), (1, 2, 48, 80, 16), (1, 1, 96, 48, 16)]
 
 
+@pytest.mark.parametrize("meta_bits", [16, 8])
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("axis", ["token", "channel"])
 @pytest.mark.parametrize("shape", QUANT_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_quantize_pack_matches_reference(bits, axis, shape):
+def test_quantize_pack_matches_reference(bits, axis, shape, meta_bits):
     b, h, t, d, g = shape
     x = (torch.randn(b, h, t, d, generator=gen(sum(shape) + bits)) * 2.5 + 0.7).to(DEVICE)
     x[..., 0] *= 20  # an outlier channel, as keys have
     fn = kv_quant.quantize_keys if axis == "token" else kv_quant.quantize_values
-    got = fn(x, bits, g, backend="triton")
-    ref = fn(x.cpu(), bits, g, backend="torch")
+    got = fn(x, bits, g, meta_bits=meta_bits, backend="triton")
+    ref = fn(x.cpu(), bits, g, meta_bits=meta_bits, backend="torch")
     assert got.packed.dtype == torch.int32
     assert got.packed.shape == ref.packed.shape and got.scale.shape == ref.scale.shape
     assert torch.equal(got.scale.cpu(), ref.scale) and torch.equal(got.minimum.cpu(), ref.minimum)
+    if meta_bits == 8:
+        assert got.scale.dtype == torch.uint8 and got.sup.shape == (b, h, t // g, 3)
+        assert torch.equal(got.sup.cpu(), ref.sup)
+        # measured bytes = the formula: codes + 8-bit scale/minimum + 3 fp16 per (head, token group)
+        assert got.nbytes() * 8 == b * h * t * d * kv_quant.bits_per_element(bits, g, d, 8)
+    else:
+        assert got.nbytes() * 8 == b * h * t * d * kv_quant.bits_per_element(bits, g, d, 16)
     diff = (unpack(got) - unpack(ref)).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() <= 1e-3
     err = (kv_quant.dequantize(got, torch.float32, backend="torch").cpu() - x.cpu()).abs()
     assert (err <= 0.5 * step_of(got) * (1 + 1e-4) + 1e-6).all(), float((err / step_of(got)).max())
 
 
+@pytest.mark.parametrize("meta_bits", [16, 8])
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("axis", ["token", "channel"])
-def test_dequantize_kernel_matches_reference(bits, axis):
+def test_dequantize_kernel_matches_reference(bits, axis, meta_bits):
     x = torch.randn(1, 2, 64, 48, generator=gen(bits)).to(DEVICE)
     fn = kv_quant.quantize_keys if axis == "token" else kv_quant.quantize_values
-    q = fn(x, bits, 16, backend="torch")
+    q = fn(x, bits, 16, meta_bits=meta_bits, backend="torch")
     got = kv_quant.dequantize(q, torch.float32, backend="triton").cpu()
     ref = kv_quant.dequantize(q, torch.float32, backend="torch").cpu()
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
     assert kv_quant.dequantize(q, torch.float16, backend="triton").dtype == torch.float16
 
 
-def test_constant_group_keeps_its_value():
+@pytest.mark.parametrize("meta_bits", [16, 8])
+def test_constant_group_keeps_its_value(meta_bits):
     # zero range: the minimum is stored rounded down (to fp16, by |x| * 2**-10), the step covers the gap
     x = torch.full((1, 1, 32, 32), 3.25, device=DEVICE)
     for fn in (kv_quant.quantize_keys, kv_quant.quantize_values):
-        q = fn(x, 2, 32, backend="triton")
+        q = fn(x, 2, 32, meta_bits=meta_bits, backend="triton")
         err = (kv_quant.dequantize(q, torch.float32, backend="torch").cpu() - 3.25).abs()
         assert err.max() <= 3.25 * 2**-10, float(err.max())
+
+
+def test_8bit_metadata_costs_half_and_keeps_the_error_close():
+    """meta_bits=8: about half the metadata bytes; the effective step is at most a few % coarser."""
+    x = torch.randn(1, 3, 256, 64, generator=gen(11)) * 2
+    x[..., 3] = x[..., 3] * 15 + 4  # outlier channel with an offset
+    for fn in (kv_quant.quantize_keys, kv_quant.quantize_values):
+        for bits in (2, 4):
+            a = fn(x.to(DEVICE), bits, 32, backend="triton")
+            b = fn(x.to(DEVICE), bits, 32, meta_bits=8, backend="triton")
+            meta_a = a.nbytes() - a.packed.numel() * 4
+            meta_b = b.nbytes() - b.packed.numel() * 4
+            assert meta_b < 0.53 * meta_a
+            ea = (kv_quant.dequantize(a, backend="torch").cpu() - x).pow(2).mean()
+            eb = (kv_quant.dequantize(b, backend="torch").cpu() - x).pow(2).mean()
+            assert eb < 1.25 * ea, (fn.__name__, bits, float(ea), float(eb))
 
 
 def test_quantize_rejects_bad_shapes():
@@ -132,14 +159,17 @@ DECODE_CASES = [
     (1, 2, 2, 64, 0, 128, 2, 4, 32, 2),       # quantized only, mixed key/value bits
     (1, 6, 2, 48, 40, 80, 4, 2, 16, 4),       # head size 80 (padded to 128 in the kernel), 4 splits
 ]
+# the same with 8-bit scale/minimum codes (meta_bits=8)
+DECODE_CASES_DQ = [DECODE_CASES[0], DECODE_CASES[1], DECODE_CASES[3], DECODE_CASES[4]]
 
 
 @pytest.mark.parametrize(
-    "case,dtype",
-    [(c, torch.float32) for c in DECODE_CASES] + [(c, torch.float16) for c in DECODE_CASES[:2]],
+    "case,dtype,meta_bits",
+    [(c, torch.float32, 16) for c in DECODE_CASES] + [(c, torch.float16, 16) for c in DECODE_CASES[:2]]
+    + [(c, torch.float32, 8) for c in DECODE_CASES_DQ] + [(DECODE_CASES[1], torch.float16, 8)],
     ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else str(c).replace("torch.", ""),
 )
-def test_decode_attention_matches_reference(case, dtype):
+def test_decode_attention_matches_reference(case, dtype, meta_bits):
     b, hq, hkv, tq, tr, d, bk, bv, g, splits = case
     r = gen(hash(case) % 1000)
     q = torch.randn(b, hq, d, generator=r).to(DEVICE, dtype)
@@ -147,8 +177,9 @@ def test_decode_attention_matches_reference(case, dtype):
     if tq:
         k = torch.randn(b, hkv, tq, d, generator=r) * 2
         v = torch.randn(b, hkv, tq, d, generator=r)
-        kq = kv_quant.quantize_keys(k.to(DEVICE, dtype), bk, g)
-        vq = kv_quant.quantize_values(v.to(DEVICE, dtype), bv, g)
+        kq = kv_quant.quantize_keys(k.to(DEVICE, dtype), bk, g, meta_bits=meta_bits)
+        vq = kv_quant.quantize_values(v.to(DEVICE, dtype), bv, g, meta_bits=meta_bits)
+        assert kq.meta_bits == meta_bits
     k_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE, dtype)
     v_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE, dtype)
     got = G.kivi_decode_attention(q, kq, vq, k_res, v_res, num_splits=splits, backend="triton")
@@ -162,7 +193,7 @@ def _cpu(q):
     if q is None:
         return None
     return kv_quant.QuantizedTensor(q.packed.cpu(), q.scale.cpu(), q.minimum.cpu(), q.bits, q.group_size, q.axis,
-                                    q.shape)
+                                    q.shape, None if q.sup is None else q.sup.cpu())
 
 
 def test_decode_attention_error_shrinks_with_bits():

@@ -87,6 +87,77 @@ def test_sink_tokens_stay_exact_and_in_order():
     assert 0 < err.max() < 1.5  # quantized at 2 bits, in place
 
 
+@pytest.mark.parametrize("meta_bits", [16, 8])
+@pytest.mark.parametrize("extra_bits", [2, 4])
+def test_refinement_codes_within_half_step_of_their_width(meta_bits, extra_bits):
+    """Mixed precision: tokens with refinement codes dequantize within step / 2**(extra_bits + 1) of their
+    input, i.e. the half step of a (bits + extra_bits)-bit code over the same range."""
+    kvq = sys.modules[G.__name__ + ".kv_quant"]
+    r = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 64, 64, generator=r) * 3
+    x[..., 5] += 12
+    idx = torch.stack([torch.randperm(64, generator=r)[:20].sort().values for _ in range(6)]).reshape(2, 3, 20)
+    for quant in (G.quantize_keys, G.quantize_values):
+        q = quant(x, 2, 32, meta_bits=meta_bits, backend="torch")
+        xhat = G.dequantize(q, torch.float32, backend="torch")
+        g = idx.long()[..., None].expand(-1, -1, -1, 64)
+        sel, base = torch.gather(x, 2, g), torch.gather(xhat, 2, g)
+        step = kvq.step_at(q, idx)
+        assert ((sel - base).abs() <= step / 2 * (1 + 1e-4) + 1e-6).all()
+        codes = kvq.refine_encode(sel, base, step, extra_bits)
+        assert codes.dtype == torch.int32 and codes.shape == (2, 3, 20, 64 * extra_bits // 32)
+        err = (base + kvq.refine_decode(codes, step, extra_bits) - sel).abs()
+        assert (err <= step / 2 ** (extra_bits + 1) * (1 + 1e-4) + 1e-6).all(), float((err / step).max())
+
+
+def test_mixed_precision_importance_and_bytes():
+    """SnapKV's rule picks the tokens the observation queries attend to; bytes = codes + ids + refinements."""
+    h, d = 2, 32
+    layer = G.QuantizedKVLayer(bits=2, group_size=32, residual_length=32, backend="torch", meta_bits=8,
+                               important_ratio=0.25, extra_bits=2, observation_window=8, pool_kernel=1)
+    r = torch.Generator().manual_seed(8)
+    k = torch.randn(1, h, 96, d, generator=r)
+    v = torch.randn(1, h, 96, d, generator=r)
+    hot = torch.tensor([3, 17, 40, 41, 50, 60])  # tokens the observation window attends to
+    layer.update(k, v)
+    q = k[:, :, hot].sum(2, keepdim=True).repeat_interleave(2, 1).expand(-1, -1, 8, -1) * 3  # (1, 2h, 8, d)
+    layer.observe(q, None)
+    with pytest.raises(RuntimeError, match="queries"):
+        G.QuantizedKVLayer(bits=2, important_ratio=0.5, backend="torch").importance(0, 1)
+    out_k, _ = layer.update(k[:, :, :1], v[:, :, :1])  # flushes the 64 oldest tokens: 16 important per head
+    assert layer.ref_idx.shape == (1, h, 16)
+    for head in range(h):
+        assert set(hot.tolist()) <= set(layer.ref_idx[0, head].tolist())
+    # refined tokens are closer to their inputs than at plain 2 bits
+    plain = G.QuantizedKVLayer(bits=2, group_size=32, residual_length=32, backend="torch", meta_bits=8)
+    plain.update(k, v)
+    plain_k, _ = plain.update(k[:, :, :1], v[:, :, :1])
+    sel = layer.ref_idx[0, 0].long()
+    assert (out_k[0, 0, sel] - k[0, 0, sel]).abs().mean() < 0.5 * (plain_k[0, 0, sel] - k[0, 0, sel]).abs().mean()
+    nb = layer.nbytes()
+    kvq = sys.modules[G.__name__ + ".kv_quant"]
+    per_token = h * d * (kvq.bits_per_element(2, 32, d, 8) * 2) / 8  # keys + values, codes + 8-bit metadata
+    assert nb["quantized_tokens"] == 64
+    assert nb["quantized"] == 64 * per_token + h * 16 * (4 + 2 * d * 2 // 8)  # + int32 id, 2 x D 2-bit codes
+
+
+def test_mixed_precision_in_a_model():
+    name = G.register_attention()
+    model = tiny_llama(attn=name)
+    ids = torch.randint(0, 101, (1, 130), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    err = {}
+    with torch.no_grad():
+        full = model(ids).logits[0, 64:]
+        for ratio in (0.0, 1.0):
+            cache = G.QuantizedKVCache(model.config, bits=2, group_size=32, residual_length=32, backend="torch",
+                                       meta_bits=8, important_ratio=ratio)
+            model(ids[:, :64], cache=cache, use_cache=True)
+            steps = [model(ids[:, t:t + 1], cache=cache, use_cache=True).logits[0, -1] for t in range(64, 130)]
+            err[ratio] = float((torch.stack(steps) - full).abs().max() / full.abs().max())
+        assert cache.layers[0].ref_idx.shape[-1] == cache.layers[0].qkeys.shape[2]  # ratio 1: every token
+    assert err[1.0] < 0.5 * err[0.0], err
+
+
 def test_residual_must_be_whole_groups():
     with pytest.raises(ValueError, match="multiple of group_size"):
         G.QuantizedKVCache(None, bits=4, group_size=32, residual_length=48)

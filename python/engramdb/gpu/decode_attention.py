@@ -47,16 +47,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _kivi_decode_kernel(
-        Q, KP, KS, KM, VP, VS, VM, KR, VR, OA, OML,
+        Q, KP, KS, KM, VP, VS, VM, KU, VU, KR, VR, OA, OML,
         Tq, Tr, chunk_q, chunk_r, qk_scale, H_KV,
         sq_b, sq_h,
         skp_b, skp_h, skp_w, sks_b, sks_h, sks_g,
         svp_b, svp_h, svp_t, svs_b, svs_h, svs_t,
+        sku_b, sku_h, sku_g, svu_b, svu_h, svu_g,
         skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
         soa_b, soa_h, soa_s, soml_b, soml_h, soml_s,
         D: tl.constexpr, BLOCK_D: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr,
         BITS_K: tl.constexpr, BITS_V: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
-        DOT_DTYPE: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, DQ: tl.constexpr,
     ):
         PWK: tl.constexpr = 32 // BITS_K
         PWV: tl.constexpr = 32 // BITS_V
@@ -86,6 +87,8 @@ if HAS_TRITON:
         vp = VP + b * svp_b + hk * svp_h
         vs = VS + b * svs_b + hk * svs_h
         vm = VM + b * svs_b + hk * svs_h
+        ku = KU + b * sku_b + hk * sku_h
+        vu = VU + b * svu_b + hk * svu_h
         for start in range(lo, hi, BLOCK_T):
             t = start + tl.arange(0, BLOCK_T)
             tmask = t < hi
@@ -94,7 +97,14 @@ if HAS_TRITON:
             kw = tl.load(kp + (t // PWK)[:, None] * skp_w + d[None, :], mask=m2, other=0)
             kc = ((kw >> ((t % PWK) * BITS_K)[:, None]) & MASK_K).to(tl.float32)
             goff = (t // G)[:, None] * sks_g + d[None, :]
-            k = kc * tl.load(ks + goff, mask=m2, other=0.0).to(tl.float32) + tl.load(km + goff, mask=m2, other=0.0).to(tl.float32)
+            k_s = tl.load(ks + goff, mask=m2, other=0).to(tl.float32)
+            k_m = tl.load(km + goff, mask=m2, other=0).to(tl.float32)
+            if DQ:  # 8-bit codes against the super-block of token group t // G
+                up = ku + (t // G) * sku_g
+                k_s = k_s * tl.load(up, mask=tmask, other=0.0).to(tl.float32)[:, None]
+                k_m = (tl.load(up + 1, mask=tmask, other=0.0).to(tl.float32)[:, None]
+                       + k_m * tl.load(up + 2, mask=tmask, other=0.0).to(tl.float32)[:, None])
+            k = kc * k_s + k_m
             s = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * qk_scale
             s = tl.where(tmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -105,7 +115,14 @@ if HAS_TRITON:
             vw = tl.load(vp + t[:, None] * svp_t + (d // PWV)[None, :], mask=m2, other=0)
             vc = ((vw >> ((d % PWV) * BITS_V)[None, :]) & MASK_V).to(tl.float32)
             voff = t[:, None] * svs_t + (d // G)[None, :]
-            v = vc * tl.load(vs + voff, mask=m2, other=0.0).to(tl.float32) + tl.load(vm + voff, mask=m2, other=0.0).to(tl.float32)
+            v_s = tl.load(vs + voff, mask=m2, other=0).to(tl.float32)
+            v_m = tl.load(vm + voff, mask=m2, other=0).to(tl.float32)
+            if DQ:
+                up = vu + (t // G) * svu_g
+                v_s = v_s * tl.load(up, mask=tmask, other=0.0).to(tl.float32)[:, None]
+                v_m = (tl.load(up + 1, mask=tmask, other=0.0).to(tl.float32)[:, None]
+                       + v_m * tl.load(up + 2, mask=tmask, other=0.0).to(tl.float32)[:, None])
+            v = vc * v_s + v_m
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
             m_i = m_new
 
@@ -143,12 +160,15 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t):
         tq = kq.shape[2]
         bits_k, bits_v, g = kq.bits, vq.bits, kq.group_size
         kp, ks, km, vp, vs, vm = kq.packed, kq.scale, kq.minimum, vq.packed, vq.scale, vq.minimum
+        dq = kq.sup is not None
+        ku, vu = (kq.sup, vq.sup) if dq else (ks, vs)
     else:
         h_kv = k_res.shape[1]
         tq, bits_k, bits_v, g = 0, 4, 4, 32
         z = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=dev)
         zf = torch.zeros(1, 1, 1, 1, dtype=torch.float16, device=dev)
         kp, ks, km, vp, vs, vm = z, zf, zf, z, zf, zf
+        ku, vu, dq = zf, zf, False
     if k_res is None or k_res.shape[-2] == 0:
         tr = 0
         k_res = v_res = torch.zeros(b, h_kv, 1, d, dtype=q.dtype, device=dev)
@@ -169,15 +189,17 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t):
     dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(q.dtype, tl.float32)
     grid = (b * h_kv, num_splits)
     _kivi_decode_kernel[grid](
-        q, kp, ks, km, vp, vs, vm, k_res, v_res, oa, oml,
+        q, kp, ks, km, vp, vs, vm, ku, vu, k_res, v_res, oa, oml,
         tq, tr, chunk_q, chunk_r, scale * 1.4426950408889634, h_kv,
         q.stride(0), q.stride(1),
         kp.stride(0), kp.stride(1), kp.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vp.stride(0), vp.stride(1), vp.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        ku.stride(0), ku.stride(1), ku.stride(2), vu.stride(0), vu.stride(1), vu.stride(2),
         k_res.stride(0), k_res.stride(1), k_res.stride(2), v_res.stride(0), v_res.stride(1), v_res.stride(2),
         oa.stride(0), oa.stride(1), oa.stride(2), oml.stride(0), oml.stride(1), oml.stride(2),
         D=d, BLOCK_D=max(16, next_pow2(d)), N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)),
         BITS_K=bits_k, BITS_V=bits_v, G=g, BLOCK_T=block_t, DOT_DTYPE=dot_dtype,
+        DQ=dq,
     )
     m = oml[..., 0]
     l_ = oml[..., 1]
@@ -209,6 +231,8 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
         raise ValueError("quantized keys and values must cover the same tokens")
     if kq is not None and kq.group_size != vq.group_size:
         raise ValueError("keys and values must share one group size")
+    if kq is not None and kq.meta_bits != vq.meta_bits:
+        raise ValueError("keys and values must share one metadata format (meta_bits)")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if pick_backend(backend, q) == "triton":
         out = _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t)

@@ -36,7 +36,15 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ._triton import pick_backend
 from .decode_attention import kivi_decode_attention
-from .kv_quant import QuantizedTensor, dequantize, quantize_keys, quantize_values
+from .kv_quant import (
+    QuantizedTensor,
+    dequantize,
+    quantize_keys,
+    quantize_values,
+    refine_decode,
+    refine_encode,
+    step_at,
+)
 
 __all__ = ["QuantizedKVCache", "QuantizedKVLayer", "register_attention", "ATTENTION_NAME", "kivi_attention_forward"]
 
@@ -51,6 +59,7 @@ def _cat_quantized(a: Optional[QuantizedTensor], b: QuantizedTensor) -> Quantize
     return QuantizedTensor(
         torch.cat([a.packed, b.packed], 2), torch.cat([a.scale, b.scale], 2), torch.cat([a.minimum, b.minimum], 2),
         a.bits, a.group_size, a.axis, (a.shape[0], a.shape[1], a.shape[2] + b.shape[2], a.shape[3]),
+        None if a.sup is None else torch.cat([a.sup, b.sup], 2),
     )
 
 
@@ -58,7 +67,8 @@ def _index_quantized(q: Optional[QuantizedTensor], fn) -> Optional[QuantizedTens
     if q is None:
         return None
     packed, scale, minimum = fn(q.packed), fn(q.scale), fn(q.minimum)
-    return QuantizedTensor(packed, scale, minimum, q.bits, q.group_size, q.axis, (packed.shape[0], *q.shape[1:]))
+    return QuantizedTensor(packed, scale, minimum, q.bits, q.group_size, q.axis, (packed.shape[0], *q.shape[1:]),
+                           None if q.sup is None else fn(q.sup))
 
 
 class QuantizedKVLayer(CacheLayerMixin):
@@ -71,8 +81,25 @@ class QuantizedKVLayer(CacheLayerMixin):
     def __init__(self, bits: int = 4, group_size: int = 32, residual_length: int = 32, *,
                  key_bits: Optional[int] = None, value_bits: Optional[int] = None,
                  meta_dtype: torch.dtype = torch.float16, backend: str = "auto", fused_attention: bool = False,
-                 sink_tokens: int = 0):
+                 sink_tokens: int = 0, meta_bits: int = 16, important_ratio: float = 0.0, extra_bits: int = 2,
+                 observation_window: int = 32, pool_kernel: int = 5):
         super().__init__()
+        if meta_bits not in (8, 16):
+            raise ValueError(f"meta_bits must be 8 or 16, got {meta_bits}")
+        if not 0.0 <= important_ratio <= 1.0:
+            raise ValueError("important_ratio must be in [0, 1]")
+        if extra_bits not in (2, 4, 8):
+            raise ValueError(f"extra_bits must be 2, 4 or 8, got {extra_bits}")
+        self.meta_bits = meta_bits
+        self.important_ratio = important_ratio
+        self.extra_bits = extra_bits
+        self.observation_window = observation_window
+        self.pool_kernel = pool_kernel
+        self.obs_q: Optional[torch.Tensor] = None  # the last `observation_window` queries (mixed precision)
+        self.obs_scale: Optional[float] = None
+        self.ref_idx: Optional[torch.Tensor] = None  # (B, H, N) int32: important tokens (index in the quantized part)
+        self.ref_k: Optional[torch.Tensor] = None  # (B, H, N, D // (32 // extra_bits)) int32: their refinement codes
+        self.ref_v: Optional[torch.Tensor] = None
         if sink_tokens < 0:
             raise ValueError("sink_tokens must be >= 0")
         if residual_length % group_size:
@@ -107,20 +134,82 @@ class QuantizedKVLayer(CacheLayerMixin):
         if n <= 0:
             return
         k_old, v_old = self.keys[:, :, s : s + n], self.values[:, :, s : s + n]
-        kq = quantize_keys(k_old, self.key_bits, self.group_size, meta_dtype=self.meta_dtype, backend=self.backend)
-        vq = quantize_values(v_old, self.value_bits, self.group_size, meta_dtype=self.meta_dtype, backend=self.backend)
+        kw = dict(meta_dtype=self.meta_dtype, meta_bits=self.meta_bits, backend=self.backend)
+        kq = quantize_keys(k_old, self.key_bits, self.group_size, **kw)
+        vq = quantize_values(v_old, self.value_bits, self.group_size, **kw)
+        n_imp = int(round(self.important_ratio * n))
+        if n_imp > 0:
+            self._refine(k_old, v_old, kq, vq, n_imp)
         self.qkeys = _cat_quantized(self.qkeys, kq)
         self.qvalues = _cat_quantized(self.qvalues, vq)
         self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + n :]], -2)
         self.values = torch.cat([self.values[:, :, :s], self.values[:, :, s + n :]], -2)
+
+    # -- mixed precision (MiKV's idea with SnapKV's importance rule)
+    def observe(self, query: torch.Tensor, scaling: Optional[float]) -> None:
+        """Keep the last ``observation_window`` queries (called by the registered attention function)."""
+        q = query.detach()
+        self.obs_q = q if self.obs_q is None else torch.cat([self.obs_q, q], 2)
+        self.obs_q = self.obs_q[:, :, -self.observation_window :]
+        self.obs_scale = scaling
+
+    def importance(self, start: int, n: int) -> torch.Tensor:
+        """SnapKV's rule for the window-buffer tokens ``[start, start + n)``: attention they receive from the
+        last ``observation_window`` queries (softmax over the whole cache, causal within the window, summed
+        over the observation queries and the query heads of each kv head), smoothed by an average pool.
+        Returns ``(B, H_kv, n)``."""
+        if self.obs_q is None:
+            raise RuntimeError("important_ratio > 0 needs the queries: set the model's attention to "
+                               "engramdb.gpu.register_attention() (attn_implementation)")
+        k_all, _ = self.dequantized()
+        b, h, t, d = k_all.shape
+        q = self.obs_q.float()
+        w = q.shape[2]
+        rep = q.shape[1] // h
+        q = q.reshape(b, h, rep * w, d)
+        scale = self.obs_scale if self.obs_scale is not None else d**-0.5
+        scores = torch.einsum("bhqd,bhtd->bhqt", q, k_all.float()) * scale
+        qpos = (t - w + torch.arange(w, device=q.device)).repeat(rep)  # query i of the window sits at t - w + i
+        scores = scores.masked_fill(torch.arange(t, device=q.device)[None, :] > qpos[:, None], float("-inf"))
+        attn = scores.softmax(-1).sum(2)  # (B, H, T)
+        first = self.sink_tokens + (self.qkeys.shape[2] if self.qkeys is not None else 0) + (start - self.sink_tokens)
+        imp = attn[..., first : first + n].reshape(b * h, 1, n)
+        if self.pool_kernel > 1:
+            imp = torch.nn.functional.avg_pool1d(imp, self.pool_kernel, 1, self.pool_kernel // 2,
+                                                 count_include_pad=False)
+        return imp.reshape(b, h, n)
+
+    def _refine(self, k_old, v_old, kq, vq, n_imp) -> None:
+        top = self.importance(self.sink_tokens, k_old.shape[-2]).topk(n_imp, -1).indices.sort(-1).values
+        codes = []
+        for x, q in ((k_old, kq), (v_old, vq)):
+            sel = torch.gather(x, 2, top[..., None].expand(-1, -1, -1, x.shape[-1]))
+            xhat = torch.gather(dequantize(q, torch.float32, backend=self.backend), 2,
+                                top[..., None].expand(-1, -1, -1, x.shape[-1]))
+            codes.append(refine_encode(sel, xhat, step_at(q, top), self.extra_bits))
+        idx = (top + (self.qkeys.shape[2] if self.qkeys is not None else 0)).to(torch.int32)
+        if self.ref_idx is None:
+            self.ref_idx, self.ref_k, self.ref_v = idx, codes[0], codes[1]
+        else:
+            self.ref_idx = torch.cat([self.ref_idx, idx], 2)
+            self.ref_k = torch.cat([self.ref_k, codes[0]], 2)
+            self.ref_v = torch.cat([self.ref_v, codes[1]], 2)
+
+    def _dequantize_refined(self, q: QuantizedTensor, codes: Optional[torch.Tensor]) -> torch.Tensor:
+        if codes is None:
+            return dequantize(q, self.dtype, backend=self.backend)
+        x = dequantize(q, torch.float32, backend=self.backend)
+        idx = self.ref_idx.long()[..., None].expand(-1, -1, -1, x.shape[-1])
+        x = x.scatter_add(2, idx, refine_decode(codes, step_at(q, self.ref_idx), self.extra_bits))
+        return x.to(self.dtype)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole cache in the model's dtype and in token order: sinks, quantized part, window."""
         if self.qkeys is None:
             return self.keys, self.values
         s = self.sink_tokens
-        k = dequantize(self.qkeys, self.dtype, backend=self.backend)
-        v = dequantize(self.qvalues, self.dtype, backend=self.backend)
+        k = self._dequantize_refined(self.qkeys, self.ref_k)
+        v = self._dequantize_refined(self.qvalues, self.ref_v)
         return (torch.cat([self.keys[:, :, :s], k, self.keys[:, :, s:]], -2),
                 torch.cat([self.values[:, :, :s], v, self.values[:, :, s:]], -2))
 
@@ -131,16 +220,22 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.cumulative_length += key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], -2)
         self.values = torch.cat([self.values, value_states], -2)
-        if (self.fused_attention and key_states.shape[-2] == 1 and self.qkeys is not None
+        if (self.fused_attention and key_states.shape[-2] == 1 and self.qkeys is not None and self.ref_idx is None
                 and pick_backend(self.backend, key_states) == "triton"):
             marker = key_states.new_empty((key_states.shape[0], key_states.shape[1], 0, key_states.shape[3]))
             setattr(marker, _LAYER_ATTR, self)
             return marker, marker
-        return self.dequantized()
+        k, v = self.dequantized()
+        if self.important_ratio > 0:  # the attention function records the queries for the importance rule
+            k = k.view_as(k)  # a fresh tensor object: the attribute must not stick to the stored window
+            setattr(k, _LAYER_ATTR, self)
+        return k, v
 
     def nbytes(self) -> dict:
         """Bytes held, measured from the tensors: quantized part, window, and the token count of each."""
         q = (self.qkeys.nbytes() + self.qvalues.nbytes()) if self.qkeys is not None else 0
+        if self.ref_idx is not None:  # mixed precision: token ids + refinement codes of the important tokens
+            q += sum(t.numel() * t.element_size() for t in (self.ref_idx, self.ref_k, self.ref_v))
         r = 0
         if self.is_initialized:
             r = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
@@ -160,6 +255,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self.qkeys = self.qvalues = None
+        self.obs_q = self.ref_idx = self.ref_k = self.ref_v = None
         self.is_initialized = False
         self.cumulative_length = 0
 
@@ -168,6 +264,8 @@ class QuantizedKVLayer(CacheLayerMixin):
             return
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.qkeys, self.qvalues = _index_quantized(self.qkeys, fn), _index_quantized(self.qvalues, fn)
+        self.obs_q, self.ref_idx, self.ref_k, self.ref_v = (
+            None if t is None else fn(t) for t in (self.obs_q, self.ref_idx, self.ref_k, self.ref_v))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -187,17 +285,21 @@ class QuantizedKVCache(Cache):
 
     ``bits`` (2 or 4; ``key_bits``/``value_bits`` override it per tensor), ``group_size`` (default 32),
     ``residual_length`` (recent tokens kept in full precision, a multiple of ``group_size``),
-    ``sink_tokens`` (first tokens kept in full precision; 0 by default).
+    ``sink_tokens`` (first tokens kept in full precision; 0 by default), ``meta_bits`` (16: fp16 scale and
+    minimum per group; 8: 8-bit codes against an fp16 super-scale per token group and head, see
+    :mod:`kv_quant`).
     Without ``config`` the layers are created as the model first reaches them.
     """
 
     def __init__(self, config=None, bits: int = 4, group_size: int = 32, residual_length: int = 32, *,
                  key_bits: Optional[int] = None, value_bits: Optional[int] = None,
                  meta_dtype: torch.dtype = torch.float16, backend: str = "auto", fused_attention: bool = False,
-                 sink_tokens: int = 0):
+                 sink_tokens: int = 0, meta_bits: int = 16, important_ratio: float = 0.0, extra_bits: int = 2,
+                 observation_window: int = 32, pool_kernel: int = 5):
         kw = dict(bits=bits, group_size=group_size, residual_length=residual_length, key_bits=key_bits,
                   value_bits=value_bits, meta_dtype=meta_dtype, backend=backend, fused_attention=fused_attention,
-                  sink_tokens=sink_tokens)
+                  sink_tokens=sink_tokens, meta_bits=meta_bits, important_ratio=important_ratio,
+                  extra_bits=extra_bits, observation_window=observation_window, pool_kernel=pool_kernel)
         QuantizedKVLayer(**kw)  # validate the arguments now rather than at the first forward
         if config is not None:
             n_layers = config.get_text_config(decoder=True).num_hidden_layers
@@ -220,7 +322,9 @@ def kivi_attention_forward(module, query, key, value, attention_mask, dropout: f
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     layer = getattr(key, _LAYER_ATTR, None)
-    if layer is None:
+    if layer is not None and layer.important_ratio > 0:
+        layer.observe(query, scaling)
+    if layer is None or key.shape[-2] > 0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     masked = False

@@ -19,15 +19,35 @@ minimum    ``(B, H, T // G, D)``    ``(B, H, T, D // G)``   ``meta_dtype`` (fp16
 ``x ≈ code * scale + minimum``. The stored minimum is rounded down and the scale up before they
 are cast to ``meta_dtype`` and the codes are computed from the rounded values, so every element
 dequantizes to within half a step (``scale / 2``) of its input, up to float32 rounding.
+
+**8-bit metadata (``meta_bits=8``, double quantization).** fp16 scale and minimum cost 32 bits per
+group, i.e. 1 bit per element at ``G = 32``. With ``meta_bits=8`` they are stored as uint8 codes
+against three fp16 numbers per *super-block*, the ``D`` groups that cover one group of ``G`` tokens of
+one head (keys: one token group x all ``D`` channels; values: ``G`` tokens x ``D // G`` channel groups):
+
+=========  =======================  ======================  =====================================
+tensor     keys                     values                  dtype
+=========  =======================  ======================  =====================================
+scale      ``(B, H, T // G, D)``    ``(B, H, T, D // G)``   uint8 code ``s8``
+minimum    ``(B, H, T // G, D)``    ``(B, H, T, D // G)``   uint8 code ``m8``
+sup        ``(B, H, T // G, 3)``    ``(B, H, T // G, 3)``   fp16 ``(sstep, mbase, mstep)``
+=========  =======================  ======================  =====================================
+
+effective ``minimum = mbase + m8 * mstep`` (``mbase`` the block's smallest group minimum rounded
+down, ``m8 = floor(...)`` so it never exceeds the group's minimum) and effective ``scale = s8 *
+sstep`` with ``s8 = ceil((max - minimum) / qmax / sstep)``, so the group's range stays covered and the
+half-step bound holds against the *effective* scale. Cost: ``16 / G + 48 / (G * D)`` bits per element
+instead of ``32 / G`` (0.52 instead of 1 at ``G = 32, D = 64``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from ._triton import HAS_TRITON, pick_backend, tl, triton
+from ._triton import HAS_TRITON, next_pow2, pick_backend, tl, triton
 
 __all__ = [
     "QuantizedTensor",
@@ -35,6 +55,11 @@ __all__ = [
     "quantize_values",
     "dequantize",
     "quantize_grouped_ref",
+    "effective_meta",
+    "bits_per_element",
+    "step_at",
+    "refine_encode",
+    "refine_decode",
 ]
 
 
@@ -49,9 +74,24 @@ class QuantizedTensor:
     group_size: int
     axis: str
     shape: tuple  # (B, H, T, D) of the dequantized tensor
+    sup: Optional[torch.Tensor] = None  # (B, H, T // G, 3) fp16 when scale/minimum are 8-bit codes
+
+    @property
+    def meta_bits(self) -> int:
+        return 16 if self.sup is None else 8
+
+    def tensors(self) -> tuple:
+        return (self.packed, self.scale, self.minimum) + (() if self.sup is None else (self.sup,))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.minimum))
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def bits_per_element(bits: int, group_size: int, head_dim: int, meta_bits: int = 16) -> float:
+    """Storage cost of the quantized part per element: codes + metadata (the formula ``nbytes`` meets)."""
+    if meta_bits == 16:
+        return bits + 32 / group_size
+    return bits + 16 / group_size + 48 / (group_size * head_dim)
 
 
 def _check(bits: int, group_size: int) -> int:
@@ -83,6 +123,106 @@ def quantize_grouped_ref(x: torch.Tensor, bits: int, group_size: int, meta_dtype
     return q.to(torch.uint8).reshape(*lead, c), scale_r, mn_r
 
 
+_UP = 1.0 + 2.0**-10  # widen before rounding to fp16, so that rounding to nearest never narrows
+
+
+def _dq_meta_ref(mn: torch.Tensor, mx: torch.Tensor, qmax: int):
+    """8-bit metadata for per-group ``mn``/``mx`` of shape ``(..., blocks, E)`` (E groups per super-block).
+
+    Returns ``(s8, m8, sup, scale_eff, min_eff)``; the same float32 operations, in the same order, as
+    the Triton kernel, so both give identical codes.
+    """
+    lo = mn.amin(-1, keepdim=True)
+    hi = mn.amax(-1, keepdim=True)
+    mbase_h = (lo - lo.abs() * 2.0**-10).to(torch.float16)
+    mbase = mbase_h.float()
+    mstep_h = ((hi - mbase) / 255.0 * _UP).to(torch.float16)
+    mstep = mstep_h.float()
+    inv_m = torch.where(mstep > 0, 1.0 / torch.where(mstep > 0, mstep, torch.ones_like(mstep)),
+                        torch.zeros_like(mstep))
+    m8 = torch.floor((mn - mbase) * inv_m).clamp_(0, 255)
+    min_eff = mbase + m8 * mstep
+    need = (mx - min_eff) / qmax
+    sstep_h = (need.amax(-1, keepdim=True) / 255.0 * _UP).to(torch.float16)
+    sstep = sstep_h.float()
+    inv_s = torch.where(sstep > 0, 1.0 / torch.where(sstep > 0, sstep, torch.ones_like(sstep)),
+                        torch.zeros_like(sstep))
+    s8 = torch.ceil(need * inv_s).clamp_(0, 255)
+    scale_eff = s8 * sstep
+    sup = torch.cat([sstep_h, mbase_h, mstep_h], -1)
+    return s8.to(torch.uint8), m8.to(torch.uint8), sup, scale_eff, min_eff
+
+
+def _codes_ref(xg, mnf, sf, qmax):
+    inv = torch.where(sf > 0, 1.0 / torch.where(sf > 0, sf, torch.ones_like(sf)), torch.zeros_like(sf))
+    return torch.floor((xg - mnf) * inv + 0.5).clamp_(0, qmax)
+
+
+def _quantize_dq_ref(x, bits, group_size, axis):
+    """``meta_bits=8``: returns ``(packed, s8, m8, sup)`` in the layouts of the module docstring."""
+    qmax = (1 << bits) - 1
+    g = group_size
+    b, h, t, d = x.shape
+    if axis == "token":
+        xg = x.float().transpose(-1, -2).reshape(b, h, d, t // g, g)  # (B, H, D, T/G, G)
+        mn = xg.amin(-1).transpose(-1, -2)  # (B, H, T/G, D): one super-block per row
+        mx = xg.amax(-1).transpose(-1, -2)
+        s8, m8, sup, se, me = _dq_meta_ref(mn, mx, qmax)
+        q = _codes_ref(xg, me.transpose(-1, -2)[..., None], se.transpose(-1, -2)[..., None], qmax)
+        packed = _pack_last_ref(q.to(torch.uint8).reshape(b, h, d, t), bits).transpose(-1, -2).contiguous()
+        return packed, s8.contiguous(), m8.contiguous(), sup.contiguous()
+    xg = x.float().reshape(b, h, t, d // g, g)
+    mn = xg.amin(-1).reshape(b, h, t // g, d)  # G tokens x D/G groups per super-block
+    mx = xg.amax(-1).reshape(b, h, t // g, d)
+    s8, m8, sup, se, me = _dq_meta_ref(mn, mx, qmax)
+    q = _codes_ref(xg, me.reshape(b, h, t, d // g)[..., None], se.reshape(b, h, t, d // g)[..., None], qmax)
+    packed = _pack_last_ref(q.to(torch.uint8).reshape(b, h, t, d), bits)
+    return packed, s8.reshape(b, h, t, d // g), m8.reshape(b, h, t, d // g), sup
+
+
+def effective_meta(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Effective (float32) scale and minimum, in the layout of ``q.scale``."""
+    if q.sup is None:
+        return q.scale.float(), q.minimum.float()
+    sup = q.sup.float()
+    if q.axis == "channel":  # values: one super-block per G tokens
+        sup = sup.repeat_interleave(q.group_size, dim=2)
+    sstep, mbase, mstep = sup[..., 0:1], sup[..., 1:2], sup[..., 2:3]
+    return q.scale.float() * sstep, mbase + q.minimum.float() * mstep
+
+
+def step_at(q: QuantizedTensor, idx: torch.Tensor) -> torch.Tensor:
+    """Effective quantization step of every element of tokens ``idx`` ``(B, H, N)``: ``(B, H, N, D)`` float32."""
+    scale, _ = effective_meta(q)
+    if q.axis == "token":  # keys: scale (B, H, T // G, D), one row per token group
+        rows = torch.div(idx.long(), q.group_size, rounding_mode="floor")
+        return torch.gather(scale, 2, rows[..., None].expand(-1, -1, -1, scale.shape[-1]))
+    s = torch.gather(scale, 2, idx.long()[..., None].expand(-1, -1, -1, scale.shape[-1]))  # (B, H, N, D // G)
+    return s.repeat_interleave(q.group_size, dim=-1)
+
+
+def refine_encode(x: torch.Tensor, xhat: torch.Tensor, step: torch.Tensor, extra_bits: int) -> torch.Tensor:
+    """Mixed precision: ``extra_bits`` more bits for some tokens, as a code for the residual ``x - xhat``.
+
+    ``xhat`` is the base dequantization, so ``|x - xhat| <= step / 2``; the residual's half-step interval
+    is cut into ``2**extra_bits`` cells and the cell index is stored (packed along the last axis), so
+    ``xhat + refine_decode(...)`` is within ``step / 2**(extra_bits + 1)`` of ``x``: the half step of a
+    ``bits + extra_bits`` code over the same range, with no extra scale or minimum.
+    """
+    lv = 1 << extra_bits
+    xf, step = x.float(), step.float()
+    inv = torch.where(step > 0, 1.0 / torch.where(step > 0, step, torch.ones_like(step)), torch.zeros_like(step))
+    c = torch.floor(((xf - xhat.float()) * inv + 0.5) * lv).clamp_(0, lv - 1)
+    return _pack_last_ref(c.to(torch.uint8), extra_bits)
+
+
+def refine_decode(packed: torch.Tensor, step: torch.Tensor, extra_bits: int) -> torch.Tensor:
+    """The residual correction encoded by :func:`refine_encode` (float32, shape of ``step``)."""
+    lv = 1 << extra_bits
+    c = _unpack_last_ref(packed, extra_bits).float()
+    return ((c + 0.5) / lv - 0.5) * step
+
+
 def _pack_last_ref(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per_word = 32 // bits
     *lead, c = codes.shape
@@ -110,14 +250,15 @@ def _quantize_ref(x, bits, group_size, axis, meta_dtype):
 
 def _dequantize_ref(q: QuantizedTensor, dtype) -> torch.Tensor:
     g = q.group_size
+    scale, minimum = effective_meta(q)
     if q.axis == "token":
         codes = _unpack_last_ref(q.packed.transpose(-1, -2), q.bits).float()  # (B, H, D, T)
-        s = q.scale.transpose(-1, -2).float().repeat_interleave(g, dim=-1)
-        m = q.minimum.transpose(-1, -2).float().repeat_interleave(g, dim=-1)
+        s = scale.transpose(-1, -2).repeat_interleave(g, dim=-1)
+        m = minimum.transpose(-1, -2).repeat_interleave(g, dim=-1)
         return (codes * s + m).transpose(-1, -2).to(dtype)
     codes = _unpack_last_ref(q.packed, q.bits).float()
-    s = q.scale.float().repeat_interleave(g, dim=-1)
-    m = q.minimum.float().repeat_interleave(g, dim=-1)
+    s = scale.repeat_interleave(g, dim=-1)
+    m = minimum.repeat_interleave(g, dim=-1)
     return (codes * s + m).to(dtype)
 
 
@@ -162,10 +303,83 @@ if HAS_TRITON:
         tl.store(M + n * smn + rows * smr + g * smc, mn_s, mask=rmask)
 
     @triton.jit
-    def _dequant_kernel(
-        Y, P, S, M, R,
-        syn, syr, syc, spn, spr, spc, smn, smr, smc,
+    def _quant_pack_dq_kernel(
+        X, P, S, M, SUP, NROWS,
+        sxn, sxr, sxc, spn, spr, spc, smn, smr, smc, sun, suk,
+        ROW_STEP: tl.constexpr, COL_STEP: tl.constexpr, NG: tl.constexpr,
         BITS: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # One program: one super-block of the (N, R, C) view = NROWS rows starting at k * ROW_STEP x NG
+        # groups of G columns starting at k * COL_STEP (keys: all D channels x one token group; values:
+        # G tokens x all D // G channel groups). Three passes over the block (the loads hit the cache):
+        # range of the group minimums -> their 8-bit codes; largest needed scale -> 8-bit scale codes;
+        # element codes, packed.
+        PW: tl.constexpr = 32 // BITS
+        NW: tl.constexpr = G // PW
+        QMAX: tl.constexpr = (1 << BITS) - 1
+        n = tl.program_id(0)
+        k = tl.program_id(1)
+        r = tl.arange(0, BLOCK_R)
+        rmask = r < NROWS
+        rows = k * ROW_STEP + r
+        xbase = X + n * sxn + rows[:, None] * sxr
+        cg = tl.arange(0, G)
+        lo = tl.full([BLOCK_R], float("inf"), tl.float32)
+        hi = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for j in tl.static_range(NG):
+            cols = k * COL_STEP + j * G + cg
+            x = tl.load(xbase + cols[None, :] * sxc, mask=rmask[:, None], other=0.0).to(tl.float32)
+            mn = tl.min(x, axis=1)
+            lo = tl.minimum(lo, tl.where(rmask, mn, float("inf")))
+            hi = tl.maximum(hi, tl.where(rmask, mn, float("-inf")))
+        lo_b = tl.min(lo, axis=0)
+        hi_b = tl.max(hi, axis=0)
+        mbase_s = (lo_b - tl.abs(lo_b) * 0.0009765625).to(tl.float16)
+        mbase = mbase_s.to(tl.float32)
+        mstep_s = ((hi_b - mbase) / 255.0 * 1.0009765625).to(tl.float16)
+        mstep = mstep_s.to(tl.float32)
+        inv_m = tl.where(mstep > 0, 1.0 / tl.where(mstep > 0, mstep, 1.0), 0.0)
+        need_max = tl.zeros([BLOCK_R], tl.float32)
+        for j in tl.static_range(NG):
+            cols = k * COL_STEP + j * G + cg
+            x = tl.load(xbase + cols[None, :] * sxc, mask=rmask[:, None], other=0.0).to(tl.float32)
+            m8 = tl.minimum(tl.maximum(tl.floor((tl.min(x, axis=1) - mbase) * inv_m), 0.0), 255.0)
+            need = (tl.max(x, axis=1) - (mbase + m8 * mstep)) / QMAX
+            need_max = tl.maximum(need_max, tl.where(rmask, need, 0.0))
+        sstep_s = (tl.max(need_max, axis=0) / 255.0 * 1.0009765625).to(tl.float16)
+        sstep = sstep_s.to(tl.float32)
+        inv_s = tl.where(sstep > 0, 1.0 / tl.where(sstep > 0, sstep, 1.0), 0.0)
+        w = tl.arange(0, NW)
+        for j in tl.static_range(NG):
+            g = k * COL_STEP // G + j  # group index along the columns
+            cols = g * G + cg
+            x = tl.load(xbase + cols[None, :] * sxc, mask=rmask[:, None], other=0.0).to(tl.float32)
+            m8 = tl.minimum(tl.maximum(tl.floor((tl.min(x, axis=1) - mbase) * inv_m), 0.0), 255.0)
+            mn = mbase + m8 * mstep
+            need = (tl.max(x, axis=1) - mn) / QMAX
+            s8 = tl.minimum(tl.maximum(tl.ceil(need * inv_s), 0.0), 255.0)
+            scale = s8 * sstep
+            pos = scale > 0
+            inv = tl.where(pos, 1.0 / tl.where(pos, scale, 1.0), 0.0)
+            acc = tl.zeros([BLOCK_R, NW], dtype=tl.int32)
+            for jj in tl.static_range(PW):
+                c = g * G + w * PW + jj
+                xj = tl.load(xbase + c[None, :] * sxc, mask=rmask[:, None], other=0.0).to(tl.float32)
+                q = tl.floor((xj - mn[:, None]) * inv[:, None] + 0.5)
+                q = tl.minimum(tl.maximum(q, 0.0), QMAX).to(tl.int32)
+                acc = acc | (q << (jj * BITS))
+            tl.store(P + n * spn + rows[:, None] * spr + (g * NW + w)[None, :] * spc, acc, mask=rmask[:, None])
+            tl.store(S + n * smn + rows * smr + g * smc, s8.to(tl.uint8), mask=rmask)
+            tl.store(M + n * smn + rows * smr + g * smc, m8.to(tl.uint8), mask=rmask)
+        tl.store(SUP + n * sun + k * suk, sstep_s)
+        tl.store(SUP + n * sun + k * suk + 1, mbase_s)
+        tl.store(SUP + n * sun + k * suk + 2, mstep_s)
+
+    @triton.jit
+    def _dequant_kernel(
+        Y, P, S, M, SUP, R,
+        syn, syr, syc, spn, spr, spc, smn, smr, smc, sun, suk,
+        BITS: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, DQ: tl.constexpr, ROWS_ARE_TOKENS: tl.constexpr,
     ):
         PW: tl.constexpr = 32 // BITS
         NW: tl.constexpr = G // PW
@@ -176,8 +390,19 @@ if HAS_TRITON:
         rmask = rows < R
         w = tl.arange(0, NW)
         words = tl.load(P + n * spn + rows[:, None] * spr + (g * NW + w)[None, :] * spc, mask=rmask[:, None], other=0)
-        scale = tl.load(S + n * smn + rows * smr + g * smc, mask=rmask, other=0.0).to(tl.float32)
-        mn = tl.load(M + n * smn + rows * smr + g * smc, mask=rmask, other=0.0).to(tl.float32)
+        scale = tl.load(S + n * smn + rows * smr + g * smc, mask=rmask, other=0).to(tl.float32)
+        mn = tl.load(M + n * smn + rows * smr + g * smc, mask=rmask, other=0).to(tl.float32)
+        if DQ:  # 8-bit codes against the super-block's (sstep, mbase, mstep)
+            if ROWS_ARE_TOKENS:
+                blk = rows // G
+            else:
+                blk = rows * 0 + g
+            sp = SUP + n * sun + blk * suk
+            sstep = tl.load(sp, mask=rmask, other=0.0).to(tl.float32)
+            mbase = tl.load(sp + 1, mask=rmask, other=0.0).to(tl.float32)
+            mstep = tl.load(sp + 2, mask=rmask, other=0.0).to(tl.float32)
+            scale = scale * sstep
+            mn = mbase + mn * mstep
         for j in tl.static_range(PW):
             code = ((words >> (j * BITS)) & MASK).to(tl.float32)
             y = code * scale[:, None] + mn[:, None]
@@ -214,6 +439,33 @@ def _quantize_triton(x, bits, group_size, axis, meta_dtype):
             mn.reshape(b, h, *mn.shape[1:]))
 
 
+def _quantize_dq_triton(x, bits, group_size, axis):
+    b, h, t, d = x.shape
+    n = b * h
+    x3 = x.reshape(n, t, d)
+    per_word = 32 // bits
+    g = group_size
+    sup = torch.empty(n, t // g, 3, dtype=torch.float16, device=x.device)
+    if axis == "token":  # rows = channels (all D in one block), columns = tokens (one group per block)
+        packed = torch.empty(n, t // per_word, d, dtype=torch.int32, device=x.device)
+        scale = torch.empty(n, t // g, d, dtype=torch.uint8, device=x.device)
+        sx = (x3.stride(0), x3.stride(2), x3.stride(1))
+        sp = (packed.stride(0), packed.stride(2), packed.stride(1))
+        sm = (scale.stride(0), scale.stride(2), scale.stride(1))
+        nrows, row_step, col_step, ng, block_r = d, 0, g, 1, next_pow2(d)
+    else:  # rows = tokens (G per block), columns = channels (all D // G groups per block)
+        packed = torch.empty(n, t, d // per_word, dtype=torch.int32, device=x.device)
+        scale = torch.empty(n, t, d // g, dtype=torch.uint8, device=x.device)
+        sx, sp, sm = x3.stride(), packed.stride(), scale.stride()
+        nrows, row_step, col_step, ng, block_r = g, g, 0, d // g, g
+    mn = torch.empty_like(scale)
+    _quant_pack_dq_kernel[(n, t // g)](
+        x3, packed, scale, mn, sup, nrows, *sx, *sp, *sm, sup.stride(0), sup.stride(1),
+        ROW_STEP=row_step, COL_STEP=col_step, NG=ng, BITS=bits, G=g, BLOCK_R=block_r)
+    return (packed.reshape(b, h, *packed.shape[1:]), scale.reshape(b, h, *scale.shape[1:]),
+            mn.reshape(b, h, *mn.shape[1:]), sup.reshape(b, h, t // g, 3))
+
+
 def _dequantize_triton(q: QuantizedTensor, dtype):
     b, h, t, d = q.shape
     n = b * h
@@ -221,6 +473,8 @@ def _dequantize_triton(q: QuantizedTensor, dtype):
     p = q.packed.reshape(n, *q.packed.shape[2:])
     s = q.scale.reshape(n, *q.scale.shape[2:])
     m = q.minimum.reshape(n, *q.minimum.shape[2:])
+    dq = q.sup is not None
+    u = q.sup.reshape(n, t // q.group_size, 3) if dq else s
     if q.axis == "token":
         rows, cols = d, t
         sy, sp, sm = (y.stride(0), y.stride(2), y.stride(1)), (p.stride(0), p.stride(2), p.stride(1)), (
@@ -229,12 +483,13 @@ def _dequantize_triton(q: QuantizedTensor, dtype):
         rows, cols = t, d
         sy, sp, sm = y.stride(), p.stride(), s.stride()
     grid = (n, triton.cdiv(rows, _BLOCK_R), cols // q.group_size)
-    _dequant_kernel[grid](y, p, s, m, rows, *sy, *sp, *sm, BITS=q.bits, G=q.group_size, BLOCK_R=_BLOCK_R)
+    _dequant_kernel[grid](y, p, s, m, u, rows, *sy, *sp, *sm, u.stride(0), u.stride(1),
+                          BITS=q.bits, G=q.group_size, BLOCK_R=_BLOCK_R, DQ=dq, ROWS_ARE_TOKENS=q.axis == "channel")
     return y.reshape(b, h, t, d)
 
 
 # --------------------------------------------------------------------------- public API
-def _quantize(x, bits, group_size, axis, meta_dtype, backend):
+def _quantize(x, bits, group_size, axis, meta_dtype, backend, meta_bits=16):
     if x.dim() != 4:
         raise ValueError(f"expected (batch, heads, tokens, head_dim), got shape {tuple(x.shape)}")
     _check(bits, group_size)
@@ -243,7 +498,14 @@ def _quantize(x, bits, group_size, axis, meta_dtype, backend):
     if along % group_size:
         raise ValueError(f"the {'token' if axis == 'token' else 'channel'} count {along} is not a multiple "
                          f"of group_size {group_size}")
-    if pick_backend(backend, x) == "triton":
+    if meta_bits not in (8, 16):
+        raise ValueError(f"meta_bits must be 8 or 16, got {meta_bits}")
+    triton_path = pick_backend(backend, x) == "triton"
+    if meta_bits == 8:
+        fn = _quantize_dq_triton if triton_path else _quantize_dq_ref
+        packed, scale, mn, sup = fn(x, bits, group_size, axis)
+        return QuantizedTensor(packed, scale, mn, bits, group_size, axis, tuple(x.shape), sup)
+    if triton_path:
         packed, scale, mn = _quantize_triton(x, bits, group_size, axis, meta_dtype)
     else:
         packed, scale, mn = _quantize_ref(x, bits, group_size, axis, meta_dtype)
@@ -251,15 +513,19 @@ def _quantize(x, bits, group_size, axis, meta_dtype, backend):
 
 
 def quantize_keys(k: torch.Tensor, bits: int = 4, group_size: int = 32, *, meta_dtype=torch.float16,
-                  backend: str = "auto") -> QuantizedTensor:
-    """Per-channel quantization of keys ``(B, H, T, D)``; ``T`` must be a multiple of ``group_size``."""
-    return _quantize(k, bits, group_size, "token", meta_dtype, backend)
+                  meta_bits: int = 16, backend: str = "auto") -> QuantizedTensor:
+    """Per-channel quantization of keys ``(B, H, T, D)``; ``T`` must be a multiple of ``group_size``.
+
+    ``meta_bits=8`` stores scale and minimum as 8-bit codes (see the module docstring)."""
+    return _quantize(k, bits, group_size, "token", meta_dtype, backend, meta_bits)
 
 
 def quantize_values(v: torch.Tensor, bits: int = 4, group_size: int = 32, *, meta_dtype=torch.float16,
-                    backend: str = "auto") -> QuantizedTensor:
-    """Per-token quantization of values ``(B, H, T, D)``; ``D`` must be a multiple of ``group_size``."""
-    return _quantize(v, bits, group_size, "channel", meta_dtype, backend)
+                    meta_bits: int = 16, backend: str = "auto") -> QuantizedTensor:
+    """Per-token quantization of values ``(B, H, T, D)``; ``D`` must be a multiple of ``group_size``.
+
+    ``meta_bits=8`` stores scale and minimum as 8-bit codes (see the module docstring)."""
+    return _quantize(v, bits, group_size, "channel", meta_dtype, backend, meta_bits)
 
 
 def dequantize(q: QuantizedTensor, dtype=torch.float32, *, backend: str = "auto") -> torch.Tensor:
