@@ -1,6 +1,12 @@
 //! Search results as the flat numpy-ready arrays every `search` returns.
 
 use engramdb_core::topk::Hit;
+use numpy::PyArray1;
+use pyo3::prelude::*;
+
+/// What a binding's `search` returns: flat ids, flat scores (row-major
+/// `(m, k)`), and the row width k.
+pub type SearchResult<'py> = (Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<f32>>, usize);
 
 /// The id of an empty result slot (`engramdb.MISSING_ID`); its score is NaN.
 pub const MISSING_ID: u64 = u64::MAX;

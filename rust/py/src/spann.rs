@@ -5,6 +5,7 @@
 //! [`crate::gil::run`].
 
 use crate::gil::run;
+use crate::hits::{self, SearchResult};
 use engramdb_core::index::spann::{Mode, OpenOptions, SearchParams, SpannIndex, SpannParams};
 use engramdb_core::{Error, Metric};
 use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
@@ -13,12 +14,6 @@ use pyo3::types::PyDict;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::RwLock;
-
-/// Flat ids, flat scores and the row width k'.
-type SearchResult<'py> = (Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<f32>>, usize);
-
-/// Padding id for result slots beyond the live vectors (2**64 - 1).
-const MISSING_ID: u64 = u64::MAX;
 
 #[pyclass(module = "engramdb._native", frozen)]
 pub struct NativeSpann {
@@ -237,8 +232,7 @@ impl NativeSpann {
         coarse_probe: Option<usize>,
         rerank: Option<usize>,
     ) -> PyResult<SearchResult<'py>> {
-        let shape = queries.shape();
-        let (m, d) = (shape[0], shape[1]);
+        let d = queries.shape()[1];
         let data = queries.as_slice()?;
         let (ids, scores, kk) = self.read(py, move |s| {
             if d != s.dim() {
@@ -259,14 +253,7 @@ impl NativeSpann {
             };
             let hits = s.search(data, k, &sp, None)?;
             let kk = k.min(s.len()).max(1);
-            let mut ids = vec![MISSING_ID; m * kk];
-            let mut scores = vec![f32::NAN; m * kk];
-            for (qi, row) in hits.iter().enumerate() {
-                for (j, h) in row.iter().take(kk).enumerate() {
-                    ids[qi * kk + j] = h.id;
-                    scores[qi * kk + j] = s.metric().user_score(h.score);
-                }
-            }
+            let (ids, scores) = hits::pack(&hits, kk, |x| s.metric().user_score(x));
             Ok((ids, scores, kk))
         })?;
         Ok((

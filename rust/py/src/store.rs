@@ -3,7 +3,7 @@
 //! slices; results leave as new numpy arrays.
 
 use crate::gil::{run, with_read, with_write};
-use crate::hits;
+use crate::hits::{self, SearchResult};
 use engramdb_core::memory::Weights;
 use engramdb_core::memory::{Filter, Link, Record, Scope};
 use engramdb_core::storage::wal::Touch;
@@ -13,9 +13,6 @@ use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods}
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use std::sync::RwLock;
-
-/// (ids, scores, k) as returned by `search`: flat arrays of m * k entries.
-type SearchResult<'py> = (Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<f32>>, usize);
 
 #[pyclass(module = "engramdb._native", frozen)]
 pub struct NativeStore {
