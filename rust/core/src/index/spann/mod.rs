@@ -40,7 +40,7 @@
 //! log `wal-SEQ.log` ([`log`]: every add and delete is appended and fsync'd
 //! there before it returns, and replayed on open) and `LOCK`, held by the
 //! one writer (a second gets [`Error::Locked`]; readers open with
-//! [`OpenOptions::read_only`]).
+//! [`OpenOptions`] with `read_only`).
 
 pub mod builder;
 pub mod log;
