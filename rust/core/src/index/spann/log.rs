@@ -25,6 +25,8 @@
 //!    `spann.meta` and fsync the directory: the commit point;
 //! 4. append to the new log from now on and remove the old one.
 //!
+//! (A flush whose log is still empty keeps it and skips step 2.)
+//!
 //! A crash before the rename leaves the old metadata and the old, full log
 //! (the unused new log is removed by the next writer); a crash after it
 //! leaves the new metadata, whose log is empty, and a stale old log that is
@@ -36,7 +38,10 @@
 //! order written and batch by batch, so the index ends up exactly as the
 //! crashed writer left it. A torn tail (a frame cut short by the crash) is
 //! ignored and cut off by the next writer; a damaged frame followed by more
-//! data is a [`crate::Error::Corruption`] naming the log file.
+//! data is a [`crate::Error::Corruption`] naming the log file. Known limit
+//! of the shared frame format: a frame's length field has no checksum of
+//! its own, so damage that makes it point past the end of the file reads as
+//! a torn tail (the frames after it are dropped, not misread).
 //!
 //! A reader (opened read-only) replays the log without cutting it; if a
 //! writer's checkpoint removes the log between the reader's reading of the
