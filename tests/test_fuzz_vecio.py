@@ -10,6 +10,7 @@ under ``rust/fuzz/corpus/vecio/``."""
 from __future__ import annotations
 
 import io
+import os
 import struct
 import subprocess
 import sys
@@ -24,7 +25,9 @@ from hypothesis import strategies as st
 from engramdb._vecio import VectorFileError, read_ids, read_vectors
 
 CORPUS = Path(__file__).resolve().parents[1] / "rust" / "fuzz" / "corpus" / "vecio"
-SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# ENGRAMDB_FUZZ_EXAMPLES raises the example count for a long run outside CI
+SETTINGS = settings(max_examples=int(os.environ.get("ENGRAMDB_FUZZ_EXAMPLES", "250")), deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:

@@ -50,7 +50,27 @@ def _read_vecs(path: str, comp: np.dtype) -> np.ndarray:
     return recs[:, 4:].copy().view(comp).reshape(n, dim)
 
 
+def _check_npy_header_length(path: str) -> None:
+    """np.load reads the header length from the file and asks for that many
+    bytes before checking it: a 176-byte file claiming a 600 MB header made it
+    allocate 600 MB (found by fuzzing). Refuse a length the file cannot hold."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if len(head) < 10 or head[:6] != b"\x93NUMPY":
+        return  # not an .npy: np.load refuses it without reading a header
+    if head[6] == 1:
+        start, hlen = 10, int.from_bytes(head[8:10], "little")
+    elif len(head) == 12:
+        start, hlen = 12, int.from_bytes(head[8:12], "little")
+    else:
+        raise VectorFileError(f"{path}: truncated .npy header")
+    if start + hlen > size:
+        raise VectorFileError(f"{path}: .npy header claims {hlen} bytes, the file holds {size}")
+
+
 def _read_npy(path: str) -> np.ndarray:
+    _check_npy_header_length(path)
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except OSError as e:
