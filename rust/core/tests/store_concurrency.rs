@@ -49,7 +49,18 @@ fn simultaneous_first_ann_searches_finish() {
             .unwrap(),
     );
     let queries = data(8, dim, 2);
-    for round in 0..12 {
+    // under valgrind: ENGRAMDB_TEST_ROUNDS=2 ENGRAMDB_TEST_TIMEOUT_S=3000
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (rounds, limit) = (
+        env("ENGRAMDB_TEST_ROUNDS", 12),
+        env("ENGRAMDB_TEST_TIMEOUT_S", 60),
+    );
+    for round in 0..rounds {
         let store = Arc::new(
             Store::open(
                 dir.path(),
@@ -72,7 +83,7 @@ fn simultaneous_first_ann_searches_finish() {
         drop(tx);
         for _ in 0..8 {
             let got = rx
-                .recv_timeout(Duration::from_secs(60))
+                .recv_timeout(Duration::from_secs(limit))
                 .unwrap_or_else(|_| panic!("round {round}: searches deadlocked"));
             assert_eq!(got.unwrap(), 5);
         }
