@@ -8,7 +8,7 @@ Queries run on one thread, in batches (every library gets the same batch
 calls, so Python overhead is the same); builds use every core. Figures:
 recall@10 against queries/s curves, build time, resident RAM of the index,
 disk bytes, postings and bytes read per query. Writes benches/ann.json and
-benches/ann.png; RESULTS-ann.md quotes them.
+benches/ann.png; benches/RESULTS.md quotes them.
 """
 
 from __future__ import annotations

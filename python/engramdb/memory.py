@@ -980,7 +980,7 @@ class Memory:
         for the score). ``mode``: ``"hybrid"`` (default), ``"vector"`` or ``"keyword"``;
         ``fusion``: ``"sum"`` (default: ``alpha`` x min-max similarity + (1 - alpha) x
         min-max BM25, over each retriever's candidates) or ``"rrf"`` (1 / (rrf_k + rank)
-        summed, scaled so rank 1 in both lists is 1). On LoCoMo (benches/RESULTS-memory.md)
+        summed, scaled so rank 1 in both lists is 1). On LoCoMo (benches/RESULTS.md)
         "sum" beat "rrf": the weaker retriever's ranks count as much as the stronger's
         under RRF. ``query_vector`` replaces the query's embedding (for embedders
         with a separate query side); with it ``query`` may be ``None`` in vector mode.

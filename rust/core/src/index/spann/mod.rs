@@ -10,7 +10,7 @@
 //! | row table: external id, version, tombstone | RAM | this module |
 //!
 //! Why 5% heads rather than SPTAG's 10-20%: on the 200k MiniLM set it read
-//! fewer bytes per query at equal recall (see `benches/RESULTS-ann.md`).
+//! fewer bytes per query at equal recall (see `benches/RESULTS.md`).
 //!
 //! Search: nearest heads through the coarse level (scored by their int8
 //! codes), query-aware pruning
