@@ -17,7 +17,7 @@
 //! | `manifest` | a manifest file | [`manifest::decode`] |
 //! | `posting` | byte 0 `dim`, bytes 1..5 head id, then posting pages numbered from 1 | [`posting::unpaginate`], [`PostingData::decode`] (also on the raw stream); re-encoding is checked |
 //! | `store` | one file of a small store (mode bits 1-2 pick manifest, segment or log), the others intact | [`Store::open`], `get`/`search` of every record, [`store::verify`], a write and a checkpoint |
-//! | `spann` | one file of a small saved SPANN index (mode bits 1-2 pick meta, postings or vectors; bit 3 memory mode) | [`SpannIndex::open`], `verify`, `search` |
+//! | `spann` | one file of a small saved SPANN index (mode bits 1-2 pick meta, postings, vectors or update log; bit 3 memory mode) | [`SpannIndex::open`] (update-log replay included), `verify`, `search`, an add, a flush and a reopen |
 //!
 //! Also here: the mutation engine the replay test uses. It is **not**
 //! coverage-guided (stable Rust has no libFuzzer); it mutates the committed
@@ -421,6 +421,13 @@ pub fn base_spann() -> &'static [(String, Vec<u8>)] {
         let dir = scratch("base-spann");
         idx.save(&dir).expect("save");
         drop(idx);
+        // a few updates after the save, so the update log has frames to mutate
+        let mut idx = SpannIndex::open(&dir, Mode::Disk).expect("reopen");
+        idx.add(&[1000, 1001], &v[..2 * BASE_DIM]).expect("add");
+        idx.upsert(&[5], &v[8 * BASE_DIM..9 * BASE_DIM])
+            .expect("upsert");
+        idx.delete(&[7, 1000]).expect("delete");
+        drop(idx);
         let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| {
@@ -431,8 +438,8 @@ pub fn base_spann() -> &'static [(String, Vec<u8>)] {
                 )
             })
             .collect();
-        // meta, postings, vectors first (the ones the target mutates), then
-        // the rest as saved (the empty update log, the lock file)
+        // meta, postings, vectors, update log (the ones the target mutates),
+        // then the rest as saved (the lock file)
         let rank = |n: &str| {
             if n == "spann.meta" {
                 0
@@ -440,15 +447,17 @@ pub fn base_spann() -> &'static [(String, Vec<u8>)] {
                 1
             } else if n.starts_with("vectors") {
                 2
-            } else {
+            } else if n.starts_with("wal-") {
                 3
+            } else {
+                4
             }
         };
         files.sort_by_key(|(n, _)| rank(n));
         let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
         assert!(
-            names.len() >= 3 && (0..3).all(|i| rank(names[i]) == i),
-            "a saved index has meta, postings and vectors files: {names:?}"
+            names.len() >= 4 && (0..4).all(|i| rank(names[i]) == i),
+            "a saved index has meta, postings, vectors and log files: {names:?}"
         );
         let _ = std::fs::remove_dir_all(&dir);
         files
@@ -457,7 +466,7 @@ pub fn base_spann() -> &'static [(String, Vec<u8>)] {
 
 fn spann_target(file: &[u8], mode: u8) {
     let base = base_spann();
-    let which = ((mode >> 1) & 3) as usize % 3;
+    let which = ((mode >> 1) & 3) as usize;
     let mut b = file.to_vec();
     if mode & 1 == 1 {
         match which {
@@ -468,7 +477,8 @@ fn spann_target(file: &[u8], mode: u8) {
                     fix_pages(&mut b[PAGE..], 1);
                 }
             }
-            _ => fix_vector_file(&mut b, BASE_DIM),
+            2 => fix_vector_file(&mut b, BASE_DIM),
+            _ => fix_wal(&mut b),
         }
     }
     let dir = scratch("spann");
@@ -510,6 +520,15 @@ pub fn exercise_spann(dir: &Path, mode: Mode) {
         }
     }
     let _ = idx.search(&q, 3, &idx.params().search, None);
+    // a write, a checkpoint and a reopen: what a flush commits must reopen
+    let mut idx = idx;
+    if idx.add(&[1 << 40], &q[..dim]).is_ok() && idx.flush().is_ok() {
+        let n = idx.len();
+        drop(idx);
+        let again = SpannIndex::open(dir, mode).expect("an index reopens after its own flush");
+        assert_eq!(again.len(), n);
+        assert!(again.contains(1 << 40));
+    }
 }
 
 /// The seed inputs of a target: valid files of every kind it reads, each
@@ -586,6 +605,7 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
             .collect(),
         "spann" => base_spann()
             .iter()
+            .take(4)
             .enumerate()
             .flat_map(|(i, (_, b))| {
                 let m = (i as u8) << 1;

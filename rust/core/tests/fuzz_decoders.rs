@@ -7,8 +7,8 @@
 //! truncations, splices...) but **not coverage-guided**; the AFL++ runs in
 //! `rust/fuzz/` are. A single allocation above 64 MiB aborts the run with
 //! the input in hex (a length field trusted too far), an input that takes
-//! more than 10 s fails it (a hang), and a panic fails it with the input
-//! saved under `target/fuzz-failures/`.
+//! more than 10 s fails it (30 s: a watchdog saves it and aborts: a hang),
+//! and a panic fails it with the input saved under `target/fuzz-failures/`.
 //!
 //! `ENGRAMDB_FUZZ_INPUT=target/fuzz-failures/<target>-<hash>` reruns one
 //! saved input alone. `ENGRAMDB_FUZZ_WRITE_SEEDS=1` (re)writes the generated seeds into the
@@ -19,7 +19,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const ALLOC_LIMIT: usize = 64 << 20;
@@ -106,12 +106,56 @@ fn fnv(b: &[u8]) -> u64 {
     })
 }
 
+/// When the running input started (ms since the epoch; 0: none running).
+static EXEC_START: AtomicU64 = AtomicU64::new(0);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A hang never returns, so a watchdog saves the input and aborts after 30 s.
+fn start_watchdog() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::thread::spawn(|| loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let t = EXEC_START.load(Ordering::SeqCst);
+            if t != 0 && now_ms().saturating_sub(t) > 30_000 {
+                let (p, n) = (
+                    CURRENT_PTR.load(Ordering::SeqCst),
+                    CURRENT_LEN.load(Ordering::SeqCst),
+                );
+                let dir =
+                    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/fuzz-failures");
+                let _ = std::fs::create_dir_all(&dir);
+                if !p.is_null() {
+                    // SAFETY: the harness points CURRENT at a live input around each run
+                    let input = unsafe { std::slice::from_raw_parts(p, n) };
+                    let f = dir.join(format!("hang-{:016x}", fnv(input)));
+                    let _ = std::fs::write(&f, input);
+                    eprintln!(
+                        "\nfuzz: an input ran for 30 s (a hang), saved to {}",
+                        f.display()
+                    );
+                }
+                std::process::abort();
+            }
+        });
+    });
+}
+
 /// Run one input; a panic or a hang fails the test with the input saved.
 fn exec(target: &str, input: &[u8], origin: &str) {
+    start_watchdog();
     set_current(input);
+    EXEC_START.store(now_ms(), Ordering::SeqCst);
     let t = Instant::now();
     let r = catch_unwind(AssertUnwindSafe(|| fuzz::run(target, input)));
     CURRENT_PTR.store(std::ptr::null_mut(), Ordering::SeqCst);
+    EXEC_START.store(0, Ordering::SeqCst);
     let took = t.elapsed();
     let failure = match r {
         Err(e) => Some(format!(

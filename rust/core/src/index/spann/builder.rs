@@ -267,7 +267,8 @@ pub(crate) fn rng_select(
     rng_factor: f32,
     head_dist: impl Fn(u32, u32) -> f32,
 ) -> Vec<(f32, u32)> {
-    let mut chosen: Vec<(f32, u32)> = Vec::with_capacity(max);
+    // `max` can come from a damaged meta file: never reserve past the candidates
+    let mut chosen: Vec<(f32, u32)> = Vec::with_capacity(max.min(cands.len()));
     for &(d, c) in cands {
         if chosen.len() >= max {
             break;

@@ -1217,6 +1217,22 @@ fn read_meta(dir: &Path) -> Result<SpannIndex> {
         coarse_probe: d.u32().map_err(de)? as usize,
         rerank: d.u32().map_err(de)? as usize,
     };
+    // the parameters drive loops and reservations of later updates: refuse
+    // values no build writes, so a damaged (checksum-valid) file cannot make
+    // an add spin in k-means for hours (found by fuzzing)
+    let sizes = [
+        p.replicas,
+        p.assign_candidates,
+        p.posting_cap,
+        p.merge_below,
+        p.branch,
+        p.sample_per_centroid,
+        p.coarse_leaf,
+        p.build_coarse_probe,
+    ];
+    if p.kmeans_iters > 1000 || sizes.iter().any(|&x| x > 1 << 20) {
+        return Err(bad(format!("implausible index parameters {p:?}")));
+    }
     let lo = d.f32s(dim).map_err(de)?;
     let scale = d.f32s(dim).map_err(de)?;
     let h = d.len_prefix(1 + dim * 4).map_err(de)?;
