@@ -13,11 +13,15 @@ pub struct Hit {
     pub score: f32,
 }
 
-/// Total order "better first": higher score, then smaller id.
+/// Total order "better first": higher score, then smaller id. A NaN score
+/// (only damaged index files can produce one) ranks worst: treating it as
+/// equal to everything broke the total order, and the standard sort panics
+/// on that (found by fuzzing the SPANN files).
 #[inline]
 pub fn better(a: &Hit, b: &Hit) -> Ordering {
-    b.score
-        .partial_cmp(&a.score)
+    let key = |s: f32| if s.is_nan() { f32::NEG_INFINITY } else { s };
+    key(b.score)
+        .partial_cmp(&key(a.score))
         .unwrap_or(Ordering::Equal)
         .then(a.id.cmp(&b.id))
 }
