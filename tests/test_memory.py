@@ -213,6 +213,8 @@ def test_store_filter_agrees_with_a_python_oracle(tmp_path):
         got = {i for i, m in enumerate(metas) if matches_filter(f, m)}
         assert got == want, f
         assert s.ids(f).tolist() == sorted(got), f  # the same evaluator without a search
+        some = [7, 3, 10**9, 250, 0]  # an unknown id is dropped, the order kept
+        assert s.ids(f, among=some).tolist() == [i for i in some if i in got], f
 
 
 # --------------------------------------------------------------------------- update / delete / history

@@ -1052,14 +1052,17 @@ class Memory:
                         if i != MISSING_ID:
                             sims[int(i)] = float(s)
             if mode != "vector":
-                # the store evaluates the filter (one grammar, in the core)
-                allowed = None if filters is None else self._visible(filters, scope, include_archived)
+                # the store evaluates the filter (one grammar, in the core),
+                # lazily, on the keyword candidates in score order
+                def accept(i: int) -> bool:
+                    return bool(self._visible([i], filters, scope, include_archived))
+
                 kw = dict(
                     self._bm25.search(
                         q,
                         n_cand,
                         include_archived=include_archived,
-                        accept=None if allowed is None else allowed.__contains__,
+                        accept=None if filters is None else accept,
                         **scope,
                     )
                 )
@@ -1157,7 +1160,6 @@ class Memory:
         hits.sort(key=lambda h: (-h.score, h.id))
         by_id = {h.id: h for h in hits}
         frontier = hits[:k]
-        visible: Optional[set[int]] = None  # computed on the first expansion
         for _ in range(hops):
             cand: dict[int, tuple[float, int]] = {}
             for h in frontier:
@@ -1171,9 +1173,7 @@ class Memory:
                         cand[t] = (s, h.id)
             if not cand:
                 break
-            if visible is None:
-                visible = self._visible(filters, scope, include_archived)
-            ids = [t for t in cand if t in visible]
+            ids = self._visible(list(cand), filters, scope, include_archived)
             recs = self._records(ids)
             ret = self._retention(ids, recs, now)
             nxt = []
@@ -1207,11 +1207,11 @@ class Memory:
         return hits
 
     def _visible(
-        self, filters: Optional[dict[str, Any]], scope: dict[str, Any], include_archived: bool
-    ) -> set[int]:
-        """Ids a search with these filters / scope may return, as the store
-        evaluates them."""
-        return set(self._store.ids(filters, include_archived=include_archived, **scope).tolist())
+        self, ids: list[int], filters: Optional[dict[str, Any]], scope: dict[str, Any], include_archived: bool
+    ) -> list[int]:
+        """Those of ``ids`` a search with these filters / scope may return, as
+        the store evaluates them (only these records are looked at)."""
+        return self._store.ids(filters, include_archived=include_archived, among=ids, **scope).tolist()
 
     def _fill_similarity(self, hits: list[MemoryHit], qv: np.ndarray) -> None:
         for h in hits:

@@ -376,11 +376,15 @@ class Store:
         agent_id: Optional[str] = None,
         session_id: Optional[str] = None,
         include_archived: bool = True,
+        among: Optional[Iterable[int]] = None,
     ) -> np.ndarray:
         """Ids as a ``uint64`` array: every id (in no particular order), or,
         given a ``filter`` / scope / ``include_archived=False``, the ids a
-        :meth:`search` with those arguments may return (ascending)."""
-        if filter is None and user_id is None and agent_id is None and session_id is None and include_archived:
+        :meth:`search` with those arguments may return (ascending). With
+        ``among``, only those of the given ids (in their order; unknown ids
+        dropped), without scanning the whole store."""
+        everything = filter is None and user_id is None and agent_id is None and session_id is None
+        if everything and include_archived and among is None:
             return self._native.ids()
         return self._native.matching_ids(
             filter=self._filter_json(filter),
@@ -388,6 +392,7 @@ class Store:
             agent_id=agent_id,
             session_id=session_id,
             include_archived=include_archived,
+            among=None if among is None else [int(i) for i in among],
         )
 
     def search(

@@ -606,6 +606,16 @@ impl Store {
         ids
     }
 
+    /// Those of `ids` a search with `opts` may return, in their given order
+    /// (unknown ids are dropped): [`Store::matching_ids`] for a few
+    /// candidates, without a scan of every record.
+    pub fn matching_among(&self, ids: &[u64], opts: &SearchOptions) -> Vec<u64> {
+        ids.iter()
+            .copied()
+            .filter(|id| self.records.get(id).is_some_and(|r| self.visible(r, opts)))
+            .collect()
+    }
+
     /// Check a batch of vectors and return them prepared for the index.
     fn prepare(&self, vectors: &[f32], n: usize) -> Result<Vec<f32>> {
         if n == 0 {

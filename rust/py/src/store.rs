@@ -287,8 +287,10 @@ impl NativeStore {
         Ok(PyArray1::from_vec(py, ids))
     }
 
-    /// Ids visible to a search with this filter / scope / archived rule.
-    #[pyo3(signature = (filter=None, user_id=None, agent_id=None, session_id=None, include_archived=true))]
+    /// Ids visible to a search with this filter / scope / archived rule:
+    /// all of them (ascending), or only those of `among` (in its order).
+    #[pyo3(signature = (filter=None, user_id=None, agent_id=None, session_id=None, include_archived=true, among=None))]
+    #[allow(clippy::too_many_arguments)]
     fn matching_ids<'py>(
         &self,
         py: Python<'py>,
@@ -297,10 +299,14 @@ impl NativeStore {
         agent_id: Option<String>,
         session_id: Option<String>,
         include_archived: bool,
+        among: Option<Vec<u64>>,
     ) -> PyResult<Bound<'py, PyArray1<u64>>> {
         let ids = self.read(py, move |s| {
             let opts = search_options(filter, user_id, agent_id, session_id, include_archived)?;
-            Ok(s.matching_ids(&opts))
+            Ok(match &among {
+                Some(ids) => s.matching_among(ids, &opts),
+                None => s.matching_ids(&opts),
+            })
         })?;
         Ok(PyArray1::from_vec(py, ids))
     }
