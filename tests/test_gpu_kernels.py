@@ -189,6 +189,26 @@ def test_decode_attention_matches_reference(case, dtype, meta_bits):
     torch.testing.assert_close(got.float().cpu(), ref.float(), atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("block_t,expand", [(16, True), (64, True), (128, True), (64, False)])
+@pytest.mark.parametrize("case,meta_bits", [(DECODE_CASES[1], 16), (DECODE_CASES[4], 16), (DECODE_CASES[1], 8)],
+                         ids=["gqa-2bit", "d80-g16", "gqa-2bit-m8"])
+def test_decode_attention_tiles(case, meta_bits, block_t, expand):
+    """Every tile size and both ways of unpacking (spread in registers, or one gather per element) agree:
+    tiles larger or smaller than a group, several word rows per tile, tails shorter than a tile."""
+    b, hq, hkv, tq, tr, d, bk, bv, g, splits = case
+    r = gen(block_t + meta_bits)
+    q = torch.randn(b, hq, d, generator=r)
+    kq = kv_quant.quantize_keys((torch.randn(b, hkv, tq + 64, d, generator=r) * 2).to(DEVICE), bk, g,
+                                meta_bits=meta_bits)
+    vq = kv_quant.quantize_values(torch.randn(b, hkv, tq + 64, d, generator=r).to(DEVICE), bv, g, meta_bits=meta_bits)
+    k_res = torch.randn(b, hkv, tr, d, generator=r)
+    v_res = torch.randn(b, hkv, tr, d, generator=r)
+    got = G.kivi_decode_attention(q.to(DEVICE), kq, vq, k_res.to(DEVICE), v_res.to(DEVICE), num_splits=splits,
+                                  block_t=block_t, expand=expand, backend="triton")
+    ref = G.kivi_decode_attention_ref(q, _cpu(kq), _cpu(vq), k_res, v_res)
+    torch.testing.assert_close(got.cpu(), ref, atol=2e-5, rtol=0)
+
+
 def _cpu(q):
     if q is None:
         return None
@@ -326,3 +346,21 @@ def test_search_torch_path_matches_published_ground_truth():
     s, i = G.search_topk(queries, base, 100, "ip", chunk_rows=30000, backend="torch")
     full = queries.double() @ base.double().T
     _assert_same_ranking(i, gts.double(), gt, full, tol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the smoke run is for CPU-only machines; on a GPU run the benchmark")
+def test_gpu_bench_smoke_run(tmp_path):
+    """benches/gpu_bench.py stays runnable without a GPU: every step on tiny CPU shapes, outputs checked."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benches" / "gpu_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "smoke.json"
+    assert bench.main(["--smoke", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    kinds = {r["kernel"] for r in rows}
+    assert kinds == {"kivi_decode", "search_fp16", "search_int8"}
+    assert all(r["ms"] > 0 for r in rows)
+    assert all(r["max_err"] < 1e-2 for r in rows if r["kernel"] == "kivi_decode")

@@ -57,7 +57,7 @@ if HAS_TRITON:
         soa_b, soa_h, soa_s, soml_b, soml_h, soml_s,
         D: tl.constexpr, BLOCK_D: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr,
         BITS_K: tl.constexpr, BITS_V: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, DQ: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, DQ: tl.constexpr, EXPAND: tl.constexpr,
     ):
         PWK: tl.constexpr = 32 // BITS_K
         PWV: tl.constexpr = 32 // BITS_V
@@ -93,37 +93,80 @@ if HAS_TRITON:
             t = start + tl.arange(0, BLOCK_T)
             tmask = t < hi
             m2 = tmask[:, None] & dmask[None, :]
-            # keys: word row t // PWK, code at bit (t % PWK) * BITS_K; scale/min of group t // G, channel d
-            kw = tl.load(kp + (t // PWK)[:, None] * skp_w + d[None, :], mask=m2, other=0)
-            kc = ((kw >> ((t % PWK) * BITS_K)[:, None]) & MASK_K).to(tl.float32)
-            goff = (t // G)[:, None] * sks_g + d[None, :]
-            k_s = tl.load(ks + goff, mask=m2, other=0).to(tl.float32)
-            k_m = tl.load(km + goff, mask=m2, other=0).to(tl.float32)
-            if DQ:  # 8-bit codes against the super-block of token group t // G
-                up = ku + (t // G) * sku_g
-                k_s = k_s * tl.load(up, mask=tmask, other=0.0).to(tl.float32)[:, None]
-                k_m = (tl.load(up + 1, mask=tmask, other=0.0).to(tl.float32)[:, None]
-                       + k_m * tl.load(up + 2, mask=tmask, other=0.0).to(tl.float32)[:, None])
+            if EXPAND:
+                # each packed word and each scale/minimum is loaded once and spread over its tokens or
+                # channels in registers (tiles start on word and group boundaries: BLOCK_T and G are
+                # powers of two, and Tq and every split's range are multiples of both)
+                NW: tl.constexpr = BLOCK_T // PWK
+                NG: tl.constexpr = BLOCK_T // G if BLOCK_T >= G else 1
+                GT: tl.constexpr = G if BLOCK_T >= G else BLOCK_T
+                w = start // PWK + tl.arange(0, NW)
+                wm = (w * PWK < hi)[:, None] & dmask[None, :]
+                kw = tl.load(kp + w[:, None] * skp_w + d[None, :], mask=wm, other=0)
+                kc = (kw[:, None, :] >> (tl.arange(0, PWK) * BITS_K)[None, :, None]) & MASK_K
+                kc = tl.reshape(kc, (BLOCK_T, BLOCK_D)).to(tl.float32)
+                gr = start // G + tl.arange(0, NG)
+                gm = (gr * G < hi)[:, None] & dmask[None, :]
+                goff = gr[:, None] * sks_g + d[None, :]
+                k_s = tl.load(ks + goff, mask=gm, other=0).to(tl.float32)
+                k_m = tl.load(km + goff, mask=gm, other=0).to(tl.float32)
+                if DQ:
+                    up = ku + gr * sku_g
+                    gv = gr * G < hi
+                    k_s = k_s * tl.load(up, mask=gv, other=0.0).to(tl.float32)[:, None]
+                    k_m = (tl.load(up + 1, mask=gv, other=0.0).to(tl.float32)[:, None]
+                           + k_m * tl.load(up + 2, mask=gv, other=0.0).to(tl.float32)[:, None])
+                k_s = tl.reshape(tl.broadcast_to(k_s[:, None, :], (NG, GT, BLOCK_D)), (BLOCK_T, BLOCK_D))
+                k_m = tl.reshape(tl.broadcast_to(k_m[:, None, :], (NG, GT, BLOCK_D)), (BLOCK_T, BLOCK_D))
+            else:
+                # keys: word row t // PWK, code at bit (t % PWK) * BITS_K; scale/min of group t // G, channel d
+                kw = tl.load(kp + (t // PWK)[:, None] * skp_w + d[None, :], mask=m2, other=0)
+                kc = ((kw >> ((t % PWK) * BITS_K)[:, None]) & MASK_K).to(tl.float32)
+                goff = (t // G)[:, None] * sks_g + d[None, :]
+                k_s = tl.load(ks + goff, mask=m2, other=0).to(tl.float32)
+                k_m = tl.load(km + goff, mask=m2, other=0).to(tl.float32)
+                if DQ:  # 8-bit codes against the super-block of token group t // G
+                    up = ku + (t // G) * sku_g
+                    k_s = k_s * tl.load(up, mask=tmask, other=0.0).to(tl.float32)[:, None]
+                    k_m = (tl.load(up + 1, mask=tmask, other=0.0).to(tl.float32)[:, None]
+                           + k_m * tl.load(up + 2, mask=tmask, other=0.0).to(tl.float32)[:, None])
             k = kc * k_s + k_m
-            s = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * qk_scale
+            s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale
             s = tl.where(tmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            # values: word column d // PWV of token t, code at bit (d % PWV) * BITS_V; scale/min of group d // G
-            vw = tl.load(vp + t[:, None] * svp_t + (d // PWV)[None, :], mask=m2, other=0)
-            vc = ((vw >> ((d % PWV) * BITS_V)[None, :]) & MASK_V).to(tl.float32)
-            voff = t[:, None] * svs_t + (d // G)[None, :]
-            v_s = tl.load(vs + voff, mask=m2, other=0).to(tl.float32)
-            v_m = tl.load(vm + voff, mask=m2, other=0).to(tl.float32)
+            if EXPAND:
+                NC: tl.constexpr = BLOCK_D // PWV
+                NGD: tl.constexpr = BLOCK_D // G
+                c = tl.arange(0, NC)
+                vw = tl.load(vp + t[:, None] * svp_t + c[None, :], mask=tmask[:, None] & (c * PWV < D)[None, :],
+                             other=0)
+                vc = (vw[:, :, None] >> (tl.arange(0, PWV) * BITS_V)[None, None, :]) & MASK_V
+                vc = tl.reshape(vc, (BLOCK_T, BLOCK_D)).to(tl.float32)
+                gc = tl.arange(0, NGD)
+                voff = t[:, None] * svs_t + gc[None, :]
+                vmask = tmask[:, None] & (gc * G < D)[None, :]
+                v_s = tl.load(vs + voff, mask=vmask, other=0).to(tl.float32)
+                v_m = tl.load(vm + voff, mask=vmask, other=0).to(tl.float32)
+            else:
+                # values: word column d // PWV of token t, code at bit (d % PWV) * BITS_V; scale/min of group d // G
+                vw = tl.load(vp + t[:, None] * svp_t + (d // PWV)[None, :], mask=m2, other=0)
+                vc = ((vw >> ((d % PWV) * BITS_V)[None, :]) & MASK_V).to(tl.float32)
+                voff = t[:, None] * svs_t + (d // G)[None, :]
+                v_s = tl.load(vs + voff, mask=m2, other=0).to(tl.float32)
+                v_m = tl.load(vm + voff, mask=m2, other=0).to(tl.float32)
             if DQ:
                 up = vu + (t // G) * svu_g
                 v_s = v_s * tl.load(up, mask=tmask, other=0.0).to(tl.float32)[:, None]
                 v_m = (tl.load(up + 1, mask=tmask, other=0.0).to(tl.float32)[:, None]
                        + v_m * tl.load(up + 2, mask=tmask, other=0.0).to(tl.float32)[:, None])
+            if EXPAND:
+                v_s = tl.reshape(tl.broadcast_to(v_s[:, :, None], (BLOCK_T, NGD, G)), (BLOCK_T, BLOCK_D))
+                v_m = tl.reshape(tl.broadcast_to(v_m[:, :, None], (BLOCK_T, NGD, G)), (BLOCK_T, BLOCK_D))
             v = vc * v_s + v_m
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
             m_i = m_new
 
         # ---- full-precision recent tokens of this split
@@ -136,14 +179,14 @@ if HAS_TRITON:
             tmask = t < hi
             m2 = tmask[:, None] & dmask[None, :]
             k = tl.load(kr + t[:, None] * skr_t + d[None, :], mask=m2, other=0.0).to(DOT_DTYPE)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             s = tl.where(tmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(vr + t[:, None] * svr_t + d[None, :], mask=m2, other=0.0).to(DOT_DTYPE)
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
             m_i = m_new
 
         tl.store(OA + b * soa_b + heads[:, None] * soa_h + split * soa_s + d[None, :], acc,
@@ -152,7 +195,32 @@ if HAS_TRITON:
         tl.store(OML + b * soml_b + heads * soml_h + split * soml_s + 1, l_i, mask=hmask)
 
 
-def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t):
+    @triton.jit
+    def _merge_splits_kernel(OA, OML, OUT, S, soa_r, soa_s, soml_r, soml_s, so_r,
+                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CH: tl.constexpr):
+        """Combine the per-split partial softmax results of one (sequence, query head) row."""
+        r = tl.program_id(0)
+        sp = tl.arange(0, BLOCK_S)
+        m_all = tl.load(OML + r * soml_r + sp * soml_s, mask=sp < S, other=float("-inf"))
+        mmax = tl.max(m_all, axis=0)
+        d = tl.arange(0, BLOCK_D)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        den = tl.zeros([CH], tl.float32)
+        for s0 in range(0, S, CH):
+            sc = s0 + tl.arange(0, CH)
+            smask = sc < S
+            m = tl.load(OML + r * soml_r + sc * soml_s, mask=smask, other=float("-inf"))
+            l_ = tl.load(OML + r * soml_r + sc * soml_s + 1, mask=smask, other=0.0)
+            w = tl.where(m > float("-inf"), tl.exp2(m - mmax), 0.0)  # empty splits weigh 0
+            a = tl.load(OA + r * soa_r + sc[:, None] * soa_s + d[None, :], mask=smask[:, None] & (d < D)[None, :],
+                        other=0.0)
+            acc += tl.sum(a * w[:, None], axis=0)
+            den += l_ * w
+        out = acc / tl.sum(den, axis=0)
+        tl.store(OUT + r * so_r + d, out.to(OUT.dtype.element_ty), mask=d < D)
+
+
+def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warps, expand):
     b, hq, d = q.shape
     dev = q.device
     if kq is not None:
@@ -187,6 +255,9 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t):
     oa = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=dev)
     oml = torch.empty(b, hq, num_splits, 2, dtype=torch.float32, device=dev)
     dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(q.dtype, tl.float32)
+    # fp32 caches get fp32 products (the default for fp32 dots on a GPU is tf32, ~1e-3 relative)
+    precision = "ieee" if dot_dtype == tl.float32 else "tf32"
+    block_d = max(16, next_pow2(d))
     grid = (b * h_kv, num_splits)
     _kivi_decode_kernel[grid](
         q, kp, ks, km, vp, vs, vm, ku, vu, k_res, v_res, oa, oml,
@@ -197,28 +268,32 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t):
         ku.stride(0), ku.stride(1), ku.stride(2), vu.stride(0), vu.stride(1), vu.stride(2),
         k_res.stride(0), k_res.stride(1), k_res.stride(2), v_res.stride(0), v_res.stride(1), v_res.stride(2),
         oa.stride(0), oa.stride(1), oa.stride(2), oml.stride(0), oml.stride(1), oml.stride(2),
-        D=d, BLOCK_D=max(16, next_pow2(d)), N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)),
-        BITS_K=bits_k, BITS_V=bits_v, G=g, BLOCK_T=block_t, DOT_DTYPE=dot_dtype,
-        DQ=dq,
+        D=d, BLOCK_D=block_d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)),
+        BITS_K=bits_k, BITS_V=bits_v, G=g, BLOCK_T=block_t, DOT_DTYPE=dot_dtype, PRECISION=precision,
+        DQ=dq, EXPAND=expand and block_t >= 32 // min(bits_k, bits_v), num_warps=num_warps,
     )
-    m = oml[..., 0]
-    l_ = oml[..., 1]
-    mmax = m.amax(-1, keepdim=True)
-    w = torch.exp2(m - mmax)  # empty splits carry m = -inf and weigh 0
-    out = (oa * w[..., None]).sum(-2) / (l_ * w).sum(-1)[..., None]
-    return out.to(q.dtype)
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
+    _merge_splits_kernel[(b * hq,)](
+        oa, oml, out, num_splits, oa.stride(1), oa.stride(2), oml.stride(1), oml.stride(2), out.stride(1),
+        D=d, BLOCK_D=block_d, BLOCK_S=next_pow2(num_splits), CH=16,
+    )
+    return out
 
 
 def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Optional[QuantizedTensor],
                           k_res: Optional[torch.Tensor], v_res: Optional[torch.Tensor], *,
                           sm_scale: Optional[float] = None, num_splits: Optional[int] = None,
-                          block_t: int = 32, backend: str = "auto") -> torch.Tensor:
+                          block_t: int = 32, num_warps: int = 4, expand: bool = True,
+                          backend: str = "auto") -> torch.Tensor:
     """Attention of one query token per sequence over a KIVI cache.
 
     ``q``: ``(B, Hq, D)`` or ``(B, Hq, 1, D)``; ``kq``/``vq``: quantized keys and values over the same
     ``Tq`` oldest tokens (or ``None``); ``k_res``/``v_res``: ``(B, Hkv, Tr, D)`` recent tokens in full
     precision (or ``None``). ``Hq`` must be a multiple of ``Hkv`` (grouped-query attention). Returns
     ``(B, Hq, D)`` (or ``(B, Hq, 1, D)``) in ``q``'s dtype. No mask: every cached token is attended to.
+    Tuning knobs of the Triton kernel: ``num_splits`` (sequence slices; default fills the GPU),
+    ``block_t`` (tokens per tile, a power of two), ``num_warps``, and ``expand`` (load each packed word
+    and scale once and spread it in registers, instead of one gather per element).
     """
     squeeze = q.dim() == 4
     if squeeze:
@@ -235,7 +310,7 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
         raise ValueError("keys and values must share one metadata format (meta_bits)")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if pick_backend(backend, q) == "triton":
-        out = _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t)
+        out = _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warps, expand)
     else:
         out = kivi_decode_attention_ref(q, kq, vq, k_res, v_res, scale)
     return out[:, :, None] if squeeze else out

@@ -1,10 +1,12 @@
 """Brute-force top-k embedding search over an fp16 or int8 ``(n, d)`` matrix for a batch of queries.
 
 Two stages. Stage 1: a Triton kernel computes the scores of a chunk of rows against every query
-(tensor-core dot products, int8 dequantization and the L2 correction fused in), and ``torch.topk``
-keeps the best ``k`` of the chunk. Stage 2: the per-chunk candidates are merged with one more top-k.
-Both top-k steps rank a 64-bit key (score bits, then the complement of the row id), so equal scores
-come out in ascending row id order, deterministically, on every backend.
+(tensor-core dot products, int8 dequantization and the L2 correction fused in) and writes each one
+as a 64-bit order key (monotone score bits, then the complement of the row id); ``torch.topk`` keeps
+the best ``k`` keys of the chunk. Stage 2: one more top-k over the chunks' candidates, and the keys
+are decoded back into scores and ids. Ranking keys rather than floats makes equal scores come out
+in ascending row id order, deterministically, on every backend. A chunk holds about 32 MiB of keys
+(``4M / m`` rows), so on a GPU its top-k reads them back from L2 rather than from memory.
 
 Metrics: ``"ip"`` returns inner products, best first; ``"l2"`` returns squared Euclidean distances,
 nearest first (ranked internally by ``2 q.x - |x|^2``). For int8 matrices the rows are
@@ -45,12 +47,6 @@ def _order_key(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (bits << 32) | (0xFFFFFFFF - ids)
 
 
-def _topk_with_ids(scores: torch.Tensor, ids: torch.Tensor, k: int):
-    key = _order_key(scores, ids)
-    _, pos = torch.topk(key, k, dim=1, sorted=True)
-    return scores.gather(1, pos), ids.gather(1, pos)
-
-
 def search_topk_ref(queries, base, k, metric="ip", base_scale=None):
     """Exact float64 reference with a stable sort: ties in ascending id order."""
     x = _dequant_rows(base, base_scale)
@@ -68,12 +64,13 @@ def search_topk_ref(queries, base, k, metric="ip", base_scale=None):
 if HAS_TRITON:
 
     @triton.jit
-    def _scores_kernel(
-        Q, X, XS, XN, OUT, M, N, D,
+    def _keys_kernel(
+        Q, X, XS, XN, KEYS, M, N, D, row0,
         sq_m, sx_n, so_m,
         IS_L2: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
+        """Scores of a block of rows against a block of queries, written as 64-bit order keys."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -91,49 +88,70 @@ if HAS_TRITON:
             acc = acc * tl.load(XS + rn, mask=nmask, other=0.0)[None, :]
         if IS_L2:
             acc = 2.0 * acc - tl.load(XN + rn, mask=nmask, other=0.0)[None, :]
-        tl.store(OUT + rm[:, None] * so_m + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
+        # the key of _order_key, computed here so the full score matrix is never ranked by a float sort:
+        # score bits made monotone (-0.0 folded into +0.0) in the high word, complement of the row id low
+        acc = tl.where(acc == 0.0, 0.0, acc)
+        bits = acc.to(tl.int32, bitcast=True)
+        bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        ids = (row0 + rn).to(tl.int64)
+        key = (bits.to(tl.int64) << 32) | (0xFFFFFFFF - ids)
+        tl.store(KEYS + rm[:, None] * so_m + rn[None, :], key, mask=mmask[:, None] & nmask[None, :])
 
 
-def _chunk_scores_triton(q, xc, xs, xn, is_l2):
+def _decode_keys(keys: torch.Tensor):
+    """Inverse of :func:`_order_key`: ``(scores float32, ids int64)``."""
+    bits = (keys >> 32).to(torch.int32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return bits.view(torch.float32), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+
+
+def _chunk_keys_triton(q, xc, xs, xn, is_l2, row0, tile):
     m, d = q.shape
     n = xc.shape[0]
-    out = torch.empty(m, n, dtype=torch.float32, device=q.device)
+    keys = torch.empty(m, n, dtype=torch.int64, device=q.device)
     if q.dtype == torch.float16:
         dot_dtype, precision = tl.float16, "ieee"
-    else:  # fp32 queries: exact fp32 products (int8 and fp16 rows are exact in fp32)
-        dot_dtype, precision = tl.float32, "ieee"
+    else:  # fp32 queries: int8 and fp16 rows are exact in tf32, and tf32x3 carries the query's low bits
+        dot_dtype, precision = tl.float32, ("tf32x3" if q.is_cuda else "ieee")
+    block_n, num_warps = tile
     block_m = min(64, max(16, next_pow2(m)))
-    block_n = 128
     block_k = 64 if d >= 64 else max(16, next_pow2(d))
-    dummy = out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _scores_kernel[grid](
-        q, xc, xs if xs is not None else dummy, xn if xn is not None else dummy, out, m, n, d,
-        q.stride(0), xc.stride(0), out.stride(0),
+    _keys_kernel[grid](
+        q, xc, xs if xs is not None else keys, xn if xn is not None else keys, keys, m, n, d, row0,
+        q.stride(0), xc.stride(0), keys.stride(0),
         IS_L2=is_l2, HAS_SCALE=xs is not None, DOT_DTYPE=dot_dtype, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )
-    return out
+    return keys
 
 
-def _chunk_scores_torch(q, xc, xs, xn, is_l2):
+def _chunk_keys_torch(q, xc, xs, xn, is_l2, row0, tile):
     s = q.float() @ xc.float().T
     if xs is not None:
         s = s * xs[None, :]
     if is_l2:
         s = 2.0 * s - xn[None, :]
-    return s
+    ids = torch.arange(row0, row0 + xc.shape[0], device=s.device, dtype=torch.int64).expand(q.shape[0], -1)
+    return _order_key(s, ids)
+
+
+# keys of one chunk held at once: m * chunk_rows * 8 bytes, about 32 MiB (stays in a GPU's L2 for the top-k)
+_CHUNK_KEYS = 1 << 22
+_TILE = (128, 4)  # (rows per program, warps)
 
 
 def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str = "ip", *,
                 base_scale: Optional[torch.Tensor] = None, base_sq_norms: Optional[torch.Tensor] = None,
-                chunk_rows: int = 1 << 16, backend: str = "auto"):
+                chunk_rows: Optional[int] = None, backend: str = "auto",
+                tile: Optional[tuple] = None):
     """Top-``k`` rows of ``base`` for each query; returns ``(scores float32 (m, k), ids int64 (m, k))``.
 
     ``queries``: ``(m, d)`` float32 or float16. ``base``: ``(n, d)`` float16/float32, or int8 with
     ``base_scale`` ``(n,)``. ``metric``: ``"ip"`` or ``"l2"``; for L2 pass ``base_sq_norms`` (the
     squared norms of the dequantized rows) to avoid recomputing them on every call.
-    ``k`` is capped at ``n``; at most 1024.
+    ``k`` is capped at ``n``; at most 1024. ``chunk_rows`` (rows scored per stage-1 step; default about
+    ``4M / m``) and ``tile`` (``(rows per program, warps)`` of the Triton kernel) are tuning knobs.
     """
     if metric not in ("ip", "l2"):
         raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
@@ -161,17 +179,19 @@ def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str =
             base_sq_norms = (xd * xd).sum(1)
         xn = base_sq_norms.float().contiguous()
     use_triton = pick_backend(backend, base) == "triton"
-    scores_fn = _chunk_scores_triton if use_triton else _chunk_scores_torch
+    keys_fn = _chunk_keys_triton if use_triton else _chunk_keys_torch
+    if chunk_rows is None:
+        chunk_rows = max(1 << 14, _CHUNK_KEYS // m)
     chunk = max(chunk_rows, k)
-    cand_s, cand_i = [], []
+    tile = tile or _TILE
+    cand = []
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
-        s = scores_fn(queries, base[r0:r1], None if xs is None else xs[r0:r1], None if xn is None else xn[r0:r1], is_l2)
-        ids = torch.arange(r0, r1, device=s.device, dtype=torch.int64).expand(m, -1)
-        s, i = _topk_with_ids(s, ids, min(k, r1 - r0))
-        cand_s.append(s)
-        cand_i.append(i)
-    s, i = _topk_with_ids(torch.cat(cand_s, 1), torch.cat(cand_i, 1), k)
+        keys = keys_fn(queries, base[r0:r1], None if xs is None else xs[r0:r1], None if xn is None else xn[r0:r1],
+                       is_l2, r0, tile)
+        cand.append(keys if r1 - r0 <= k else torch.topk(keys, k, dim=1, sorted=False).values)
+    keys = cand[0] if len(cand) == 1 else torch.cat(cand, 1)
+    s, i = _decode_keys(torch.topk(keys, k, dim=1, sorted=True).values)
     if is_l2:
         qn = (queries.float() ** 2).sum(1, keepdim=True)
         s = qn - s
