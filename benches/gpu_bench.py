@@ -61,6 +61,7 @@ def main(argv=None) -> int:
         import gpu as G
     kv_quant, search_topk, search_topk_ref = G.kv_quant, G.search_topk, G.search_topk_ref
     quantize_rows_int8 = G.quantize_rows_int8
+    search_mod = sys.modules[G.__name__ + ".search"]
     kivi_decode_attention, kivi_decode_attention_ref = G.kivi_decode_attention, G.kivi_decode_attention_ref
 
     dev = "cpu" if args.smoke else "cuda"
@@ -85,9 +86,10 @@ def main(argv=None) -> int:
 
     try:
         # ---- decode attention: the shipped defaults plus a sweep of the kernel's tuning knobs
-        # (block_t, num_warps, expand); the defaults' row is marked, the best of the sweep reported beside it
-        configs = [(32, 4, False), (32, 4, True), (64, 4, True), (64, 8, True), (128, 4, True), (128, 8, True),
-                   (64, 4, False)]
+        # (block_t, num_warps, unpack, splits: None = the default, "x4" = four times as many, "x16");
+        # the default's row is marked, the best of the sweep reported beside it
+        configs = [(32, 4, "fold", None), (32, 4, "expand", None), (32, 4, "gather", None), (64, 4, "fold", None),
+                   (32, 8, "fold", None), (32, 4, "fold", "x4"), (32, 4, "fold", "x16"), (32, 4, "expand", "x4")]
         if args.quick:
             configs = configs[:3]
         shapes = [(1, 32, 8, 128, 32768), (8, 32, 8, 128, 8192), (4, 9, 3, 64, 16384)]
@@ -111,17 +113,21 @@ def main(argv=None) -> int:
                     kr, vr = k[:, :, tq:].contiguous(), v[:, :, tq:].contiguous()
                     ref = kivi_decode_attention_ref(q[:, :, 0], kq, vq, kr, vr)
                     nbytes = kq.nbytes() + vq.nbytes() + 2 * kr.numel() * 2 + q.numel() * 2
-                    for bt, nw, ex in configs if meta_bits == 16 else configs[:3]:
-                        out = kivi_decode_attention(q, kq, vq, kr, vr, block_t=bt, num_warps=nw, expand=ex)
+                    for bt, nw, ex, sp in configs if meta_bits == 16 else configs[:2] + configs[5:6]:
+                        # the kernel's default split count, times 4 or 16 (at least 32 tokens per split)
+                        ns = max(1, min(max(1, 512 // (b * hkv)), triton.cdiv(t, 256)))
+                        ns = None if sp is None else min(ns * int(sp[1:]), triton.cdiv(t, 32))
+                        kw = dict(block_t=bt, num_warps=nw, unpack=ex, num_splits=ns)
+                        out = kivi_decode_attention(q, kq, vq, kr, vr, **kw)
                         err = (out[:, :, 0].float() - ref.float()).abs().max().item()
                         assert err < 1e-2, f"decode attention differs from the reference by {err}"
-                        ms = bench(kivi_decode_attention, q, kq, vq, kr, vr, block_t=bt, num_warps=nw, expand=ex)
+                        ms = bench(kivi_decode_attention, q, kq, vq, kr, vr, **kw)
                         row = {"kernel": "kivi_decode", "bits": bits, "meta_bits": meta_bits, "shape": shape,
-                               "block_t": bt, "num_warps": nw, "expand": ex, "ms": ms, "bytes": nbytes,
+                               "block_t": bt, "num_warps": nw, "unpack": ex, "num_splits": ns, "ms": ms, "bytes": nbytes,
                                "GB/s": nbytes / ms / 1e6, "frac_bw": nbytes / (ms * 1e-3) / bw,
                                "sdpa_fp16_ms": sdpa_ms, "sdpa_frac_bw": sdpa_bytes / (sdpa_ms * 1e-3) / bw, "max_err": err}
                         rows.append(row)
-                        print(f"decode {shape:28s} {bits}b m{meta_bits:<2d} bt{bt:<3d} w{nw} {'exp' if ex else 'gat'}: "
+                        print(f"decode {shape:28s} {bits}b m{meta_bits:<2d} bt{bt:<3d} w{nw} {ex:6s} s{ns}: "
                               f"{ms * 1e3:8.1f} us {row['frac_bw']:6.1%} bw | SDPA fp16 {sdpa_ms * 1e3:8.1f} us "
                               f"({row['sdpa_frac_bw']:5.1%}); {sdpa_ms / ms:.2f}x", flush=True)
             del q, k, v, kq, vq, kr, vr
@@ -150,6 +156,13 @@ def main(argv=None) -> int:
             agree = (i.cpu() == ri).float().mean().item()
             assert agree > 0.99, f"search ids agree with the reference on only {agree:.2%}"
             q16 = q.half()
+            # the stage-1 kernel alone over all rows (scores written, no top-k): what the top-k adds on top
+            for kind, x, xs in (("fp16", x16, None), ("int8", codes, scale)):
+                ms = bench(search_mod._chunk_scores_triton, q, x, xs, None, False, search_mod._TILE)
+                nbytes = x.numel() * x.element_size() + (xs.numel() * 4 if xs is not None else 0)
+                rows.append({"kernel": f"scores_only_{kind}", "queries": "q32", "shape": f"n{n} d{d} m{m}", "ms": ms,
+                             "bytes": nbytes, "frac_bw": nbytes / (ms * 1e-3) / bw})
+                print(f"stage-1 kernel only {kind} m{m}: {ms * 1e3:8.1f} us {rows[-1]['frac_bw']:6.1%} bw", flush=True)
             base_ms = bench(_matmul_topk, x16, q16, k_)
             base_bytes = x16.numel() * 2
             for kind, x, xs in (("fp16", x16, None), ("int8", codes, scale)):
@@ -178,9 +191,11 @@ def main(argv=None) -> int:
     for key, rs in groups.items():
         best = max(rs, key=lambda r: r["frac_bw"])
         dflt = next((r for r in rs if r.get("block_t", 32) == 32 and r.get("num_warps", 4) == 4
-                     and r.get("expand", True) and r.get("chunk_rows") is None and r.get("tile") is None), rs[0])
-        peer = rs[0].get("sdpa_frac_bw", rs[0].get("torch_frac_bw"))
-        cfg = {c: best[c] for c in ("block_t", "num_warps", "expand", "chunk_rows", "tile") if c in best}
+                     and r.get("unpack", "fold") == "fold" and r.get("num_splits") is None
+                     and r.get("chunk_rows") is None and r.get("tile") is None),
+                    rs[0])
+        peer = rs[0].get("sdpa_frac_bw", rs[0].get("torch_frac_bw", float("nan")))
+        cfg = {c: best[c] for c in ("block_t", "num_warps", "unpack", "num_splits", "chunk_rows", "tile") if c in best}
         print(f"{' '.join(str(x) for x in key if x is not None):60s} default {dflt['frac_bw']:6.1%} "
               f"({dflt['ms'] * 1e3:7.1f} us)  best {best['frac_bw']:6.1%} ({best['ms'] * 1e3:7.1f} us) {cfg} "
               f"peer {peer:6.1%}")

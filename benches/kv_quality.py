@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -126,10 +127,12 @@ def cache_bytes(cache) -> int:
 @torch.inference_mode()
 def run(model, ids: torch.Tensor, cache, prefill: int):
     """Teacher-forced run: returns (nll per predicted token, argmax per position)."""
-    out = model(ids[:, :prefill], cache=cache, use_cache=True)
+    # transformers renamed the forward keyword past_key_values to cache during 5.x (see gpu.cache_kwargs)
+    kw = {"cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values": cache}
+    out = model(ids[:, :prefill], **kw, use_cache=True)
     logits = [out.logits[:, -1]]
     for t in range(prefill, ids.shape[1] - 1):
-        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        out = model(ids[:, t : t + 1], **kw, use_cache=True)
         logits.append(out.logits[:, -1])
     logits = torch.cat(logits).float()
     targets = ids[0, prefill:]

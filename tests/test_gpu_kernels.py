@@ -189,10 +189,11 @@ def test_decode_attention_matches_reference(case, dtype, meta_bits):
     torch.testing.assert_close(got.float().cpu(), ref.float(), atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("block_t,expand", [(16, True), (64, True), (128, True), (64, False)])
+@pytest.mark.parametrize("block_t,unpack", [(16, "expand"), (64, "expand"), (128, "expand"), (64, "gather"),
+                                            (16, "fold"), (128, "fold")])
 @pytest.mark.parametrize("case,meta_bits", [(DECODE_CASES[1], 16), (DECODE_CASES[4], 16), (DECODE_CASES[1], 8)],
                          ids=["gqa-2bit", "d80-g16", "gqa-2bit-m8"])
-def test_decode_attention_tiles(case, meta_bits, block_t, expand):
+def test_decode_attention_tiles(case, meta_bits, block_t, unpack):
     """Every tile size and both ways of unpacking (spread in registers, or one gather per element) agree:
     tiles larger or smaller than a group, several word rows per tile, tails shorter than a tile."""
     b, hq, hkv, tq, tr, d, bk, bv, g, splits = case
@@ -204,7 +205,7 @@ def test_decode_attention_tiles(case, meta_bits, block_t, expand):
     k_res = torch.randn(b, hkv, tr, d, generator=r)
     v_res = torch.randn(b, hkv, tr, d, generator=r)
     got = G.kivi_decode_attention(q.to(DEVICE), kq, vq, k_res.to(DEVICE), v_res.to(DEVICE), num_splits=splits,
-                                  block_t=block_t, expand=expand, backend="triton")
+                                  block_t=block_t, unpack=unpack, backend="triton")
     ref = G.kivi_decode_attention_ref(q, _cpu(kq), _cpu(vq), k_res, v_res)
     torch.testing.assert_close(got.cpu(), ref, atol=2e-5, rtol=0)
 
@@ -265,6 +266,30 @@ def test_search_ties_and_ids_exact(case, metric, kind):
     # the torch fallback path ranks the same way
     s2, i2 = G.search_topk(q, base, k, metric, base_scale=scale, chunk_rows=chunk, backend="torch")
     assert torch.equal(i2, ri)
+
+
+def test_search_reruns_on_keys_only_when_ties_straddle_a_cut(monkeypatch):
+    """Float top-k per chunk is the fast path; the (score, id) key path runs only when equal scores cross a
+    chunk's cut, and both give the exact ranking."""
+    search = import_module(G.__name__ + ".search")
+    calls = []
+    real = search._search_chunks
+
+    def spy(*args, exact_ties):
+        calls.append(exact_ties)
+        return real(*args, exact_ties=exact_ties)
+
+    monkeypatch.setattr(search, "_search_chunks", spy)
+    r = gen(21)
+    base = torch.randn(2000, 48, generator=r).half()  # continuous scores: no ties
+    q = torch.randn(3, 48, generator=r)
+    _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), 25, chunk_rows=300, backend="triton")
+    assert torch.equal(i.cpu(), G.search_topk_ref(q, base, 25)[1]) and calls == [False]
+    calls.clear()
+    base[700:800] = base[100]  # 101 equal rows: equal scores straddle the cut of several chunks
+    q[:] = base[100].float()
+    _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), 25, chunk_rows=300, backend="triton")
+    assert torch.equal(i.cpu(), G.search_topk_ref(q, base, 25)[1]) and calls == [False, True]
 
 
 def test_search_fp16_queries():
@@ -361,6 +386,6 @@ def test_gpu_bench_smoke_run(tmp_path):
     assert bench.main(["--smoke", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     kinds = {r["kernel"] for r in rows}
-    assert kinds == {"kivi_decode", "search_fp16", "search_int8"}
+    assert kinds == {"kivi_decode", "search_fp16", "search_int8", "scores_only_fp16", "scores_only_int8"}
     assert all(r["ms"] > 0 for r in rows)
     assert all(r["max_err"] < 1e-2 for r in rows if r["kernel"] == "kivi_decode")

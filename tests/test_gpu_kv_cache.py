@@ -151,8 +151,8 @@ def test_mixed_precision_in_a_model():
         for ratio in (0.0, 1.0):
             cache = G.QuantizedKVCache(model.config, bits=2, group_size=32, residual_length=32, backend="torch",
                                        meta_bits=8, important_ratio=ratio)
-            model(ids[:, :64], cache=cache, use_cache=True)
-            steps = [model(ids[:, t:t + 1], cache=cache, use_cache=True).logits[0, -1] for t in range(64, 130)]
+            model(ids[:, :64], **G.cache_kwargs(model, cache), use_cache=True)
+            steps = [model(ids[:, t:t + 1], **G.cache_kwargs(model, cache), use_cache=True).logits[0, -1] for t in range(64, 130)]
             err[ratio] = float((torch.stack(steps) - full).abs().max() / full.abs().max())
         assert cache.layers[0].ref_idx.shape[-1] == cache.layers[0].qkeys.shape[2]  # ratio 1: every token
     assert err[1.0] < 0.5 * err[0.0], err
@@ -167,9 +167,9 @@ def test_cache_in_generate_matches_dynamic_cache_at_8_bits():
     model = tiny_llama()
     ids = torch.randint(0, 101, (2, 70), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     kw = dict(max_new_tokens=12, do_sample=False, min_new_tokens=12)
-    ref = model.generate(ids, cache=transformers.DynamicCache(config=model.config), **kw)
+    ref = model.generate(ids, **G.cache_kwargs(model, transformers.DynamicCache(config=model.config)), **kw)
     cache = G.QuantizedKVCache(model.config, bits=8, group_size=32, residual_length=32, backend="torch")
-    out = model.generate(ids, cache=cache, **kw)
+    out = model.generate(ids, **G.cache_kwargs(model, cache), **kw)
     assert out.shape == ref.shape
     assert (out == ref).float().mean() > 0.95
     assert cache.get_seq_length() == 70 + 11
@@ -182,8 +182,8 @@ def test_logits_close_to_full_precision(bits):
     with torch.no_grad():
         full = model(ids).logits[0, 64:]
         cache = G.QuantizedKVCache(model.config, bits=bits, group_size=32, residual_length=32, backend="torch")
-        model(ids[:, :64], cache=cache, use_cache=True)
-        steps = [model(ids[:, t:t + 1], cache=cache, use_cache=True).logits[0, -1] for t in range(64, 100)]
+        model(ids[:, :64], **G.cache_kwargs(model, cache), use_cache=True)
+        steps = [model(ids[:, t:t + 1], **G.cache_kwargs(model, cache), use_cache=True).logits[0, -1] for t in range(64, 100)]
     err = (torch.stack(steps) - full).abs().max() / full.abs().max()
     assert err < (0.05 if bits == 4 else 0.2), float(err)
 
@@ -197,8 +197,8 @@ def test_fused_attention_matches_dequantize_path():
         for fused in (False, True):  # same quantized data: the quantize kernel equals the torch path
             cache = G.QuantizedKVCache(model.config, bits=4, fused_attention=fused,
                                        backend="triton" if fused else "torch")
-            model(ids[:, :70], cache=cache, use_cache=True)
-            outs.append(torch.stack([model(ids[:, t:t + 1], cache=cache, use_cache=True).logits[0, -1]
+            model(ids[:, :70], **G.cache_kwargs(model, cache), use_cache=True)
+            outs.append(torch.stack([model(ids[:, t:t + 1], **G.cache_kwargs(model, cache), use_cache=True).logits[0, -1]
                                      for t in range(70, 76)]))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
 
@@ -216,3 +216,19 @@ def test_kv_quality_4bit_within_budget():
     fp32, ours = rows["fp32"], rows["engramdb-4bit"]
     assert ours["ppl"] - fp32["ppl"] <= 0.2, (ours["ppl"], fp32["ppl"])
     assert ours["top1_agreement"] >= 0.9
+
+
+def test_cache_kwargs_names_the_keyword_the_model_takes():
+    """transformers renamed past_key_values to cache in 5.x; a model ignores an unknown keyword silently."""
+
+    class Recent:
+        def forward(self, input_ids, cache=None, use_cache=None):
+            pass
+
+    class Older:
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            pass
+
+    assert G.cache_kwargs(Recent(), "c") == {"cache": "c"}
+    assert G.cache_kwargs(Older(), "c") == {"past_key_values": "c"}
+    assert set(G.cache_kwargs(tiny_llama(), "c")) <= {"cache", "past_key_values"}

@@ -280,8 +280,19 @@ class QuantizedKVLayer(CacheLayerMixin):
         raise NotImplementedError("a quantized cache cannot be cropped")
 
 
+def cache_kwargs(model, cache) -> dict:
+    """The keyword that hands ``cache`` to ``model(...)`` / ``model.generate(...)``: transformers renamed
+    ``past_key_values`` to ``cache`` during 5.x, and an unknown keyword is silently ignored by a model's
+    forward, so pass ``**cache_kwargs(model, cache)`` to work with either."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
 class QuantizedKVCache(Cache):
-    """KIVI-quantized KV cache for ``model.generate(..., past_key_values=QuantizedKVCache(model.config))``.
+    """KIVI-quantized KV cache: ``model.generate(..., **cache_kwargs(model, QuantizedKVCache(model.config)))``
+    (the keyword is ``cache`` in recent transformers, ``past_key_values`` before).
 
     ``bits`` (2 or 4; ``key_bits``/``value_bits`` override it per tensor), ``group_size`` (default 32),
     ``residual_length`` (recent tokens kept in full precision, a multiple of ``group_size``),

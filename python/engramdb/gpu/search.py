@@ -1,12 +1,12 @@
 """Brute-force top-k embedding search over an fp16 or int8 ``(n, d)`` matrix for a batch of queries.
 
 Two stages. Stage 1: a Triton kernel computes the scores of a chunk of rows against every query
-(tensor-core dot products, int8 dequantization and the L2 correction fused in) and writes each one
-as a 64-bit order key (monotone score bits, then the complement of the row id); ``torch.topk`` keeps
-the best ``k`` keys of the chunk. Stage 2: one more top-k over the chunks' candidates, and the keys
-are decoded back into scores and ids. Ranking keys rather than floats makes equal scores come out
-in ascending row id order, deterministically, on every backend. A chunk holds about 32 MiB of keys
-(``4M / m`` rows), so on a GPU its top-k reads them back from L2 rather than from memory.
+(tensor-core dot products, int8 dequantization and the L2 correction fused in), and ``torch.topk``
+keeps the best ``k`` of the chunk. Stage 2: the candidates of all chunks are ranked by a 64-bit key
+(monotone score bits, then the complement of the row id), so equal scores come out in ascending row
+id order, deterministically, on every backend. If equal scores straddle a chunk's cut (the float
+top-k then kept an arbitrary few of them) the search reruns ranking keys within the chunks too.
+A chunk holds about 32 MiB of scores (``8M / m`` rows), so on a GPU its top-k reads them from L2.
 
 Metrics: ``"ip"`` returns inner products, best first; ``"l2"`` returns squared Euclidean distances,
 nearest first (ranked internally by ``2 q.x - |x|^2``). For int8 matrices the rows are
@@ -64,13 +64,12 @@ def search_topk_ref(queries, base, k, metric="ip", base_scale=None):
 if HAS_TRITON:
 
     @triton.jit
-    def _keys_kernel(
-        Q, X, XS, XN, KEYS, M, N, D, row0,
+    def _scores_kernel(
+        Q, X, XS, XN, OUT, M, N, D,
         sq_m, sx_n, so_m,
         IS_L2: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """Scores of a block of rows against a block of queries, written as 64-bit order keys."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -88,27 +87,19 @@ if HAS_TRITON:
             acc = acc * tl.load(XS + rn, mask=nmask, other=0.0)[None, :]
         if IS_L2:
             acc = 2.0 * acc - tl.load(XN + rn, mask=nmask, other=0.0)[None, :]
-        # the key of _order_key, computed here so the full score matrix is never ranked by a float sort:
-        # score bits made monotone (-0.0 folded into +0.0) in the high word, complement of the row id low
-        acc = tl.where(acc == 0.0, 0.0, acc)
-        bits = acc.to(tl.int32, bitcast=True)
-        bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        ids = (row0 + rn).to(tl.int64)
-        key = (bits.to(tl.int64) << 32) | (0xFFFFFFFF - ids)
-        tl.store(KEYS + rm[:, None] * so_m + rn[None, :], key, mask=mmask[:, None] & nmask[None, :])
+        tl.store(OUT + rm[:, None] * so_m + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
 
 
-def _decode_keys(keys: torch.Tensor):
-    """Inverse of :func:`_order_key`: ``(scores float32, ids int64)``."""
-    bits = (keys >> 32).to(torch.int32)
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return bits.view(torch.float32), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+def _topk_with_ids(scores: torch.Tensor, ids: torch.Tensor, k: int):
+    key = _order_key(scores, ids)
+    _, pos = torch.topk(key, k, dim=1, sorted=True)
+    return scores.gather(1, pos), ids.gather(1, pos)
 
 
-def _chunk_keys_triton(q, xc, xs, xn, is_l2, row0, tile):
+def _chunk_scores_triton(q, xc, xs, xn, is_l2, tile):
     m, d = q.shape
     n = xc.shape[0]
-    keys = torch.empty(m, n, dtype=torch.int64, device=q.device)
+    out = torch.empty(m, n, dtype=torch.float32, device=q.device)
     if q.dtype == torch.float16:
         dot_dtype, precision = tl.float16, "ieee"
     else:  # fp32 queries: int8 and fp16 rows are exact in tf32, and tf32x3 carries the query's low bits
@@ -117,27 +108,53 @@ def _chunk_keys_triton(q, xc, xs, xn, is_l2, row0, tile):
     block_m = min(64, max(16, next_pow2(m)))
     block_k = 64 if d >= 64 else max(16, next_pow2(d))
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _keys_kernel[grid](
-        q, xc, xs if xs is not None else keys, xn if xn is not None else keys, keys, m, n, d, row0,
-        q.stride(0), xc.stride(0), keys.stride(0),
+    _scores_kernel[grid](
+        q, xc, xs if xs is not None else out, xn if xn is not None else out, out, m, n, d,
+        q.stride(0), xc.stride(0), out.stride(0),
         IS_L2=is_l2, HAS_SCALE=xs is not None, DOT_DTYPE=dot_dtype, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )
-    return keys
+    return out
 
 
-def _chunk_keys_torch(q, xc, xs, xn, is_l2, row0, tile):
+def _chunk_scores_torch(q, xc, xs, xn, is_l2, tile):
     s = q.float() @ xc.float().T
     if xs is not None:
         s = s * xs[None, :]
     if is_l2:
         s = 2.0 * s - xn[None, :]
-    ids = torch.arange(row0, row0 + xc.shape[0], device=s.device, dtype=torch.int64).expand(q.shape[0], -1)
-    return _order_key(s, ids)
+    return s
 
 
-# keys of one chunk held at once: m * chunk_rows * 8 bytes, about 32 MiB (stays in a GPU's L2 for the top-k)
-_CHUNK_KEYS = 1 << 22
+def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, exact_ties):
+    """Stage 1 per chunk, then the merge. With ``exact_ties=False`` a chunk's top-k ranks floats (fast) and
+    reports whether equal scores straddled its cut, where which of them the float top-k kept is arbitrary;
+    with ``exact_ties=True`` it ranks the 64-bit order keys (score, then id)."""
+    m = queries.shape[0]
+    cand_s, cand_i, cut_ties = [], [], []
+    for r0 in range(0, base.shape[0], chunk):
+        r1 = min(base.shape[0], r0 + chunk)
+        s = scores_fn(queries, base[r0:r1], None if xs is None else xs[r0:r1], None if xn is None else xn[r0:r1],
+                      is_l2, tile)
+        kk = min(k, r1 - r0)
+        if exact_ties:
+            ids = torch.arange(r0, r1, device=s.device, dtype=torch.int64).expand(m, -1)
+            s, i = _topk_with_ids(s, ids, kk)
+        else:
+            s_all = s
+            s, i = torch.topk(s_all, kk, dim=1, sorted=False)
+            i = i + r0
+            if kk < r1 - r0:
+                cut_ties.append((s_all >= s.amin(1, keepdim=True)).sum(1) > kk)
+        cand_s.append(s)
+        cand_i.append(i)
+    if cut_ties and bool(torch.stack(cut_ties).any()):
+        return None
+    return _topk_with_ids(torch.cat(cand_s, 1), torch.cat(cand_i, 1), k)
+
+
+# scores of one chunk held at once: m * chunk_rows * 4 bytes, about 32 MiB (stays in a GPU's L2 for the top-k)
+_CHUNK_SCORES = 1 << 23
 _TILE = (128, 4)  # (rows per program, warps)
 
 
@@ -179,19 +196,16 @@ def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str =
             base_sq_norms = (xd * xd).sum(1)
         xn = base_sq_norms.float().contiguous()
     use_triton = pick_backend(backend, base) == "triton"
-    keys_fn = _chunk_keys_triton if use_triton else _chunk_keys_torch
+    scores_fn = _chunk_scores_triton if use_triton else _chunk_scores_torch
     if chunk_rows is None:
-        chunk_rows = max(1 << 14, _CHUNK_KEYS // m)
+        chunk_rows = max(1 << 14, _CHUNK_SCORES // m)
     chunk = max(chunk_rows, k)
     tile = tile or _TILE
-    cand = []
-    for r0 in range(0, n, chunk):
-        r1 = min(n, r0 + chunk)
-        keys = keys_fn(queries, base[r0:r1], None if xs is None else xs[r0:r1], None if xn is None else xn[r0:r1],
-                       is_l2, r0, tile)
-        cand.append(keys if r1 - r0 <= k else torch.topk(keys, k, dim=1, sorted=False).values)
-    keys = cand[0] if len(cand) == 1 else torch.cat(cand, 1)
-    s, i = _decode_keys(torch.topk(keys, k, dim=1, sorted=True).values)
+    args = (scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile)
+    # float top-k first; only when equal scores straddle a chunk's cut (duplicate rows, integer data) the
+    # search runs again ranking (score, id) keys, so ties always come out in ascending id order
+    found = _search_chunks(*args, exact_ties=False)
+    s, i = found if found is not None else _search_chunks(*args, exact_ties=True)
     if is_l2:
         qn = (queries.float() ** 2).sum(1, keepdim=True)
         s = qn - s
