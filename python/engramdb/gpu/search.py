@@ -5,7 +5,7 @@ Two stages. Stage 1: a Triton kernel computes the scores of a chunk of rows agai
 keeps the best ``k`` of the chunk. Stage 2: the candidates of all chunks are ranked by a 64-bit key
 (monotone score bits, then the complement of the row id), so equal scores come out in ascending row
 id order, deterministically, on every backend. If equal scores straddle a chunk's cut (the float
-top-k then kept an arbitrary few of them) the search reruns ranking keys within the chunks too.
+top-k then kept an arbitrary few of them) that chunk is ranked again by keys.
 A chunk holds about 32 MiB of scores (``8M / m`` rows), so on a GPU its top-k reads them from L2.
 
 Metrics: ``"ip"`` returns inner products, best first; ``"l2"`` returns squared Euclidean distances,
@@ -126,31 +126,32 @@ def _chunk_scores_torch(q, xc, xs, xn, is_l2, tile):
     return s
 
 
-def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, exact_ties):
-    """Stage 1 per chunk, then the merge. With ``exact_ties=False`` a chunk's top-k ranks floats (fast) and
-    reports whether equal scores straddled its cut, where which of them the float top-k kept is arbitrary;
-    with ``exact_ties=True`` it ranks the 64-bit order keys (score, then id)."""
-    m = queries.shape[0]
-    cand_s, cand_i, cut_ties = [], [], []
-    for r0 in range(0, base.shape[0], chunk):
-        r1 = min(base.shape[0], r0 + chunk)
-        s = scores_fn(queries, base[r0:r1], None if xs is None else xs[r0:r1], None if xn is None else xn[r0:r1],
-                      is_l2, tile)
-        kk = min(k, r1 - r0)
-        if exact_ties:
-            ids = torch.arange(r0, r1, device=s.device, dtype=torch.int64).expand(m, -1)
-            s, i = _topk_with_ids(s, ids, kk)
-        else:
-            s_all = s
-            s, i = torch.topk(s_all, kk, dim=1, sorted=False)
-            i = i + r0
-            if kk < r1 - r0:
-                cut_ties.append((s_all >= s.amin(1, keepdim=True)).sum(1) > kk)
-        cand_s.append(s)
-        cand_i.append(i)
-    if cut_ties and bool(torch.stack(cut_ties).any()):
-        return None
-    return _topk_with_ids(torch.cat(cand_s, 1), torch.cat(cand_i, 1), k)
+def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_ties):
+    """Stage 1 over rows ``[r0, r1)``: ``(scores, ids, tied)``. With ``exact_ties=False`` the chunk's top-k
+    ranks floats (fast) and ``tied`` flags the queries where equal scores straddle the cut (which of them a
+    float top-k keeps is arbitrary); with ``exact_ties=True`` it ranks the (score, id) keys."""
+    s = scores_fn(queries, base[r0:r1], None if xs is None else xs[r0:r1], None if xn is None else xn[r0:r1],
+                  is_l2, tile)
+    kk = min(k, r1 - r0)
+    if exact_ties:
+        ids = torch.arange(r0, r1, device=s.device, dtype=torch.int64).expand(queries.shape[0], -1)
+        return (*_topk_with_ids(s, ids, kk), None)
+    top, pos = torch.topk(s, kk, dim=1, sorted=False)
+    tied = (s >= top.amin(1, keepdim=True)).sum(1) > kk if kk < r1 - r0 else None
+    return top, pos + r0, tied
+
+
+def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile):
+    n = base.shape[0]
+    bounds = [(r0, min(n, r0 + chunk)) for r0 in range(0, n, chunk)]
+    parts = [_chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, False) for r0, r1 in bounds]
+    flags = [p[2] for p in parts if p[2] is not None]
+    if flags:  # one host sync per search; a chunk with ties at its cut is scored again, ranking keys
+        redo = torch.stack([p[2].any() if p[2] is not None else p[0].new_zeros((), dtype=torch.bool)
+                            for p in parts]).tolist()
+        parts = [_chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, True) if again else p
+                 for p, (r0, r1), again in zip(parts, bounds, redo)]
+    return _topk_with_ids(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1), k)
 
 
 # scores of one chunk held at once: m * chunk_rows * 4 bytes, about 32 MiB (stays in a GPU's L2 for the top-k)
@@ -201,11 +202,9 @@ def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str =
         chunk_rows = max(1 << 14, _CHUNK_SCORES // m)
     chunk = max(chunk_rows, k)
     tile = tile or _TILE
-    args = (scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile)
-    # float top-k first; only when equal scores straddle a chunk's cut (duplicate rows, integer data) the
-    # search runs again ranking (score, id) keys, so ties always come out in ascending id order
-    found = _search_chunks(*args, exact_ties=False)
-    s, i = found if found is not None else _search_chunks(*args, exact_ties=True)
+    # float top-k per chunk; a chunk where equal scores straddle the cut (duplicate rows, integer data) is
+    # ranked again by (score, id) keys, so ties always come out in ascending id order
+    s, i = _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile)
     if is_l2:
         qn = (queries.float() ** 2).sum(1, keepdim=True)
         s = qn - s
