@@ -237,7 +237,8 @@ def test_decode_attention_error_shrinks_with_bits():
 
 # --------------------------------------------------------------------------------------- search
 # (m queries, n rows, d, k, chunk_rows): n and d not multiples of the 128-row / 64-column blocks
-SEARCH_CASES = [(5, 1000, 32, 10, 1 << 16), (3, 3000, 24, 1024, 1024), (17, 777, 40, 50, 300), (2, 130, 16, 1, 64)]
+SEARCH_CASES = [(5, 1000, 32, 10, 1 << 16), (3, 3000, 24, 1024, 1024), (17, 777, 40, 50, 300), (2, 130, 16, 1, 64),
+                (4, 5000, 24, 3, 1 << 16)]  # the last: 40 tiles of 128 rows for k=3, so only the best tiles are ranked
 
 
 @pytest.mark.parametrize("case", SEARCH_CASES, ids=lambda c: "-".join(map(str, c)))
@@ -268,8 +269,9 @@ def test_search_ties_and_ids_exact(case, metric, kind):
 
 
 def test_search_reranks_only_chunks_whose_cut_splits_ties(monkeypatch):
-    """Float top-k per chunk is the fast path; a chunk is ranked again by (score, id) keys only when equal
-    scores cross its cut, and both give the exact ranking."""
+    """The fast path ranks floats, and only the scores of each chunk's best tiles of rows; a chunk is ranked
+    again by (score, id) keys over all its scores only when equal values cross a cut, and both paths give
+    the exact ranking."""
     search = import_module(G.__name__ + ".search")
     calls = []
     real = search._chunk_topk
@@ -282,15 +284,38 @@ def test_search_reranks_only_chunks_whose_cut_splits_ties(monkeypatch):
     r = gen(21)
     base = torch.randn(2000, 48, generator=r).half()  # continuous scores: no ties
     q = torch.randn(3, 48, generator=r)
-    _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), 25, chunk_rows=300, backend="triton")
-    assert torch.equal(i.cpu(), G.search_topk_ref(q, base, 25)[1])
-    assert [e for _, e in calls] == [False] * 7
+    for k in (1, 5, 25):  # 8 tiles of 128 rows per chunk: k < 8 ranks only the best tiles' rows
+        _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), k, chunk_rows=1000, backend="triton")
+        assert torch.equal(i.cpu(), G.search_topk_ref(q, base, k)[1])
+    assert [e for _, e in calls] == [False] * 6
     calls.clear()
-    base[700:800] = base[100]  # 101 equal rows: equal scores straddle the cuts of chunks 600 and 300
+    base[700:800] = base[100]  # 101 equal rows in chunk 0: equal scores straddle its cut
     q[:] = base[100].float()
-    _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), 25, chunk_rows=300, backend="triton")
-    assert torch.equal(i.cpu(), G.search_topk_ref(q, base, 25)[1])
-    assert sorted(r0 for r0, exact in calls if exact) == [600]
+    _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), 5, chunk_rows=1000, backend="triton")
+    assert torch.equal(i.cpu(), G.search_topk_ref(q, base, 5)[1])
+    assert sorted(r0 for r0, exact in calls if exact) == [0]
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+@pytest.mark.parametrize("qdtype", [torch.float32, torch.float16], ids=["q32", "q16"])
+def test_search_random_floats_exact_ids(metric, kind, qdtype):
+    """Continuous data through the fast path (best tiles only, fp32 queries as two fp16 halves): ids equal
+    the float64 ranking of the same (fp16-rounded) queries."""
+    r = gen(33)
+    base = torch.randn(6000, 40, generator=r)
+    q = torch.randn(4, 40, generator=r).to(qdtype)
+    scale = None
+    if kind == "int8":
+        base, scale = G.quantize_rows_int8(base)
+    else:
+        base = base.half()
+    for k in (1, 10, 100):
+        s, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), k, metric,
+                             base_scale=None if scale is None else scale.to(DEVICE), backend="triton")
+        rs, ri = G.search_topk_ref(q, base, k, metric, base_scale=scale)
+        assert torch.equal(i.cpu(), ri), (k, (i.cpu() != ri).sum())
+        torch.testing.assert_close(s.double().cpu(), rs, atol=1e-4, rtol=1e-5)
 
 
 def test_search_fp16_queries():

@@ -292,7 +292,7 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
 def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Optional[QuantizedTensor],
                           k_res: Optional[torch.Tensor], v_res: Optional[torch.Tensor], *,
                           sm_scale: Optional[float] = None, num_splits: Optional[int] = None,
-                          block_t: int = 32, num_warps: int = 4, unpack: str = "expand",
+                          block_t: int = 64, num_warps: int = 4, unpack: str = "expand",
                           backend: str = "auto") -> torch.Tensor:
     """Attention of one query token per sequence over a KIVI cache.
 

@@ -1,12 +1,13 @@
 """Brute-force top-k embedding search over an fp16 or int8 ``(n, d)`` matrix for a batch of queries.
 
 Two stages. Stage 1: a Triton kernel computes the scores of a chunk of rows against every query
-(tensor-core dot products, int8 dequantization and the L2 correction fused in), and ``torch.topk``
-keeps the best ``k`` of the chunk. Stage 2: the candidates of all chunks are ranked by a 64-bit key
-(monotone score bits, then the complement of the row id), so equal scores come out in ascending row
-id order, deterministically, on every backend. If equal scores straddle a chunk's cut (the float
-top-k then kept an arbitrary few of them) that chunk is ranked again by keys.
-A chunk holds about 32 MiB of scores (``8M / m`` rows), so on a GPU its top-k reads them from L2.
+(fp16 tensor-core dot products; fp32 queries as two fp16 halves; int8 dequantization and the L2
+correction fused in) and, per query, the best score of each tile of 128 rows. The chunk's top ``k``
+lies in the ``k`` tiles with the highest best scores, so ``torch.topk`` ranks only those tiles' scores.
+Stage 2: the candidates of all chunks are ranked by a 64-bit key (monotone score bits, then the
+complement of the row id), so equal scores come out in ascending row id order, deterministically, on
+every backend. If equal values straddle a cut in stage 1 (the float top-k then kept an arbitrary few
+of them) that chunk is ranked again by keys over all its scores.
 
 Metrics: ``"ip"`` returns inner products, best first; ``"l2"`` returns squared Euclidean distances,
 nearest first (ranked internally by ``2 q.x - |x|^2``). For int8 matrices the rows are
@@ -65,11 +66,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _scores_kernel(
-        Q, X, XS, XN, OUT, M, N, D,
-        sq_m, sx_n, so_m,
-        IS_L2: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        Q, QL, X, XS, XN, OUT, TMAX, M, N, D,
+        sq_m, sx_n, so_m, st_m,
+        IS_L2: tl.constexpr, HAS_SCALE: tl.constexpr, SPLIT_Q: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
+        """Scores of BLOCK_N rows against BLOCK_M queries, and each query's best score in the tile.
+        SPLIT_Q: fp32 queries come as two fp16 halves (hi + lo) and take two fp16 dots, exact to ~2^-22."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -80,14 +83,21 @@ if HAS_TRITON:
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             kmask = kk < D
-            q = tl.load(Q + rm[:, None] * sq_m + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            qmask = mmask[:, None] & kmask[None, :]
             x = tl.load(X + rn[:, None] * sx_n + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
-            acc += tl.dot(q.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)), input_precision=PRECISION)
+            xt = tl.trans(x.to(DOT_DTYPE))
+            q = tl.load(Q + rm[:, None] * sq_m + kk[None, :], mask=qmask, other=0.0)
+            acc += tl.dot(q.to(DOT_DTYPE), xt, input_precision=PRECISION)
+            if SPLIT_Q:
+                ql = tl.load(QL + rm[:, None] * sq_m + kk[None, :], mask=qmask, other=0.0)
+                acc += tl.dot(ql, xt)
         if HAS_SCALE:
             acc = acc * tl.load(XS + rn, mask=nmask, other=0.0)[None, :]
         if IS_L2:
             acc = 2.0 * acc - tl.load(XN + rn, mask=nmask, other=0.0)[None, :]
         tl.store(OUT + rm[:, None] * so_m + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
+        best = tl.max(tl.where(nmask[None, :], acc, float("-inf")), axis=1)
+        tl.store(TMAX + rm * st_m + pid_n, best, mask=mmask)
 
 
 def _topk_with_ids(scores: torch.Tensor, ids: torch.Tensor, k: int):
@@ -97,24 +107,31 @@ def _topk_with_ids(scores: torch.Tensor, ids: torch.Tensor, k: int):
 
 
 def _chunk_scores_triton(q, xc, xs, xn, is_l2, tile):
+    """``(scores (m, n) float32, best score per query and tile of rows (m, tiles), rows per tile)``."""
     m, d = q.shape
     n = xc.shape[0]
-    out = torch.empty(m, n, dtype=torch.float32, device=q.device)
-    if q.dtype == torch.float16:
-        dot_dtype, precision = tl.float16, "ieee"
-    else:  # fp32 queries: int8 and fp16 rows are exact in tf32, and tf32x3 carries the query's low bits
-        dot_dtype, precision = tl.float32, ("tf32x3" if q.is_cuda else "ieee")
     block_n, num_warps = tile
+    out = torch.empty(m, n, dtype=torch.float32, device=q.device)
+    tmax = torch.empty(m, triton.cdiv(n, block_n), dtype=torch.float32, device=q.device)
+    ql = q
+    split = False
+    if xc.dtype == torch.float32:  # fp32 rows: fp32 products (tf32x3 on a GPU, ~fp32 accurate)
+        dot_dtype, precision = tl.float32, ("tf32x3" if q.is_cuda else "ieee")
+    else:  # fp16 and int8 rows are exact in fp16: fp16 tensor-core dots
+        dot_dtype, precision = tl.float16, "ieee"
+        if q.dtype == torch.float32:
+            hi = q.half()
+            ql, q, split = (q - hi.float()).half(), hi, True
     block_m = min(64, max(16, next_pow2(m)))
     block_k = 64 if d >= 64 else max(16, next_pow2(d))
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _scores_kernel[grid](
-        q, xc, xs if xs is not None else out, xn if xn is not None else out, out, m, n, d,
-        q.stride(0), xc.stride(0), out.stride(0),
-        IS_L2=is_l2, HAS_SCALE=xs is not None, DOT_DTYPE=dot_dtype, PRECISION=precision,
+        q, ql, xc, xs if xs is not None else out, xn if xn is not None else out, out, tmax, m, n, d,
+        q.stride(0), xc.stride(0), out.stride(0), tmax.stride(0),
+        IS_L2=is_l2, HAS_SCALE=xs is not None, SPLIT_Q=split, DOT_DTYPE=dot_dtype, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )
-    return out
+    return out, tmax, block_n
 
 
 def _chunk_scores_torch(q, xc, xs, xn, is_l2, tile):
@@ -123,22 +140,42 @@ def _chunk_scores_torch(q, xc, xs, xn, is_l2, tile):
         s = s * xs[None, :]
     if is_l2:
         s = 2.0 * s - xn[None, :]
-    return s
+    return s, None, None
+
+
+def _float_topk(s, pos, kk):
+    """Top ``kk`` of ``s`` by float value, the row ids ``pos`` of them, and whether equal scores straddle
+    the cut (then which of them a float top-k keeps is arbitrary)."""
+    top, j = torch.topk(s, kk, dim=1, sorted=False)
+    tied = (s >= top.amin(1, keepdim=True)).sum(1) > kk if kk < s.shape[1] else None
+    return top, pos.gather(1, j) if pos is not None else j, tied
 
 
 def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_ties):
-    """Stage 1 over rows ``[r0, r1)``: ``(scores, ids, tied)``. With ``exact_ties=False`` the chunk's top-k
-    ranks floats (fast) and ``tied`` flags the queries where equal scores straddle the cut (which of them a
-    float top-k keeps is arbitrary); with ``exact_ties=True`` it ranks the (score, id) keys."""
-    s = scores_fn(queries, base[r0:r1], None if xs is None else xs[r0:r1], None if xn is None else xn[r0:r1],
-                  is_l2, tile)
-    kk = min(k, r1 - r0)
+    """Stage 1 over rows ``[r0, r1)``: ``(scores, ids, tied)``.
+
+    Fast path (``exact_ties=False``): the kernel also returns each query's best score per tile of rows.
+    The chunk's top ``kk`` all lie in the ``kk`` tiles with the highest best scores (the ``kk``-th best tile
+    maximum is a score no higher than the ``kk``-th best score), so only those tiles' scores are ranked.
+    ``tied`` flags queries where equal values straddle a cut (tile maxima or scores). ``exact_ties=True``
+    ranks every score of the chunk by its (score, id) key instead."""
+    s, tmax, bn = scores_fn(queries, base[r0:r1], None if xs is None else xs[r0:r1],
+                            None if xn is None else xn[r0:r1], is_l2, tile)
+    m, n = s.shape
+    kk = min(k, n)
     if exact_ties:
-        ids = torch.arange(r0, r1, device=s.device, dtype=torch.int64).expand(queries.shape[0], -1)
+        ids = torch.arange(r0, r1, device=s.device, dtype=torch.int64).expand(m, -1)
         return (*_topk_with_ids(s, ids, kk), None)
-    top, pos = torch.topk(s, kk, dim=1, sorted=False)
-    tied = (s >= top.amin(1, keepdim=True)).sum(1) > kk if kk < r1 - r0 else None
-    return top, pos + r0, tied
+    if tmax is None or kk >= tmax.shape[1]:
+        top, i, tied = _float_topk(s, None, kk)
+        return top, i + r0, tied
+    tv, ti = torch.topk(tmax, kk, dim=1, sorted=False)
+    tile_tied = (tmax >= tv.amin(1, keepdim=True)).sum(1) > kk
+    pos = (ti[:, :, None] * bn + torch.arange(bn, device=s.device)).reshape(m, -1)
+    cand = s.gather(1, pos.clamp(max=n - 1))
+    cand = cand.masked_fill_(pos >= n, float("-inf"))  # the last tile's rows past the end
+    top, i, tied = _float_topk(cand, pos, kk)
+    return top, i + r0, tile_tied if tied is None else tied | tile_tied
 
 
 def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile):
@@ -146,7 +183,7 @@ def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile):
     bounds = [(r0, min(n, r0 + chunk)) for r0 in range(0, n, chunk)]
     parts = [_chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, False) for r0, r1 in bounds]
     flags = [p[2] for p in parts if p[2] is not None]
-    if flags:  # one host sync per search; a chunk with ties at its cut is scored again, ranking keys
+    if flags:  # one host sync per search; a chunk with ties at a cut is scored again, ranking keys
         redo = torch.stack([p[2].any() if p[2] is not None else p[0].new_zeros((), dtype=torch.bool)
                             for p in parts]).tolist()
         parts = [_chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, True) if again else p
@@ -154,8 +191,8 @@ def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile):
     return _topk_with_ids(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1), k)
 
 
-# scores of one chunk held at once: m * chunk_rows * 4 bytes, about 32 MiB (stays in a GPU's L2 for the top-k)
-_CHUNK_SCORES = 1 << 23
+# scores of one chunk held at once: m * chunk_rows * 4 bytes, at most 256 MiB
+_CHUNK_SCORES = 1 << 26
 _TILE = (128, 4)  # (rows per program, warps)
 
 
@@ -168,8 +205,8 @@ def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str =
     ``queries``: ``(m, d)`` float32 or float16. ``base``: ``(n, d)`` float16/float32, or int8 with
     ``base_scale`` ``(n,)``. ``metric``: ``"ip"`` or ``"l2"``; for L2 pass ``base_sq_norms`` (the
     squared norms of the dequantized rows) to avoid recomputing them on every call.
-    ``k`` is capped at ``n``; at most 1024. ``chunk_rows`` (rows scored per stage-1 step; default about
-    ``4M / m``) and ``tile`` (``(rows per program, warps)`` of the Triton kernel) are tuning knobs.
+    ``k`` is capped at ``n``; at most 1024. ``chunk_rows`` (rows scored per stage-1 step; default
+    ``64M / m``, i.e. 256 MiB of scores) and ``tile`` (``(rows per program, warps)`` of the Triton kernel) are tuning knobs.
     """
     if metric not in ("ip", "l2"):
         raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
