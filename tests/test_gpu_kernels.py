@@ -318,6 +318,32 @@ def test_search_random_floats_exact_ids(metric, kind, qdtype):
         torch.testing.assert_close(s.double().cpu(), rs, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_brute_force_index_matches_search_topk(metric):
+    """The index (CUDA-graph replay on a GPU, eager on the CPU) gives search_topk's answers, for new queries
+    on every call, records one graph per shape, and still ranks ties by id."""
+    r = gen(44)
+    base, scale = G.quantize_rows_int8(torch.randn(3000, 40, generator=r))
+    index = G.BruteForceIndex(base.to(DEVICE), metric, base_scale=scale.to(DEVICE))
+    for seed in (1, 2, 3):
+        q = torch.randn(3, 40, generator=gen(seed))
+        s, i = index.search(q.to(DEVICE), 7)
+        rs, ri = G.search_topk(q.to(DEVICE), base.to(DEVICE), 7, metric, base_scale=scale.to(DEVICE),
+                               backend="triton")
+        assert torch.equal(i, ri) and torch.equal(s, rs)
+        assert torch.equal(i.cpu(), G.search_topk_ref(q, base, 7, metric, base_scale=scale)[1])
+    assert index.recorded_shapes == ([(3, 7, torch.float32)] if DEVICE == "cuda" else [])
+    tied, tscale = base.clone(), scale.clone()
+    tied[1000:1100], tscale[1000:1100] = tied[5], scale[5]  # 101 equal rows: the cut splits equal scores
+    index = G.BruteForceIndex(tied.to(DEVICE), metric, base_scale=tscale.to(DEVICE))
+    q = (tied[5].float() * scale[5]).repeat(2, 1)
+    ref = G.search_topk_ref(q, tied, 5, metric, base_scale=tscale)[1]
+    assert set(ref[0].tolist()) <= {5, *range(1000, 1100)}  # the tie really is at the cut
+    for _ in range(2):
+        _, i = index.search(q.to(DEVICE), 5)
+        assert torch.equal(i.cpu(), ref)
+
+
 def test_search_fp16_queries():
     r = gen(11)
     base = torch.randint(-3, 4, (500, 64), generator=r).half()
@@ -412,6 +438,7 @@ def test_gpu_bench_smoke_run(tmp_path):
     assert bench.main(["--smoke", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     kinds = {r["kernel"] for r in rows}
-    assert kinds == {"kivi_decode", "search_fp16", "search_int8", "scores_only_fp16", "scores_only_int8"}
+    assert kinds == {"kivi_decode", "search_fp16", "search_int8", "scores_only_fp16", "scores_only_int8", "index_fp16",
+                     "index_int8"}
     assert all(r["ms"] > 0 for r in rows)
     assert all(r["max_err"] < 1e-2 for r in rows if r["kernel"] == "kivi_decode")

@@ -22,7 +22,7 @@ import torch
 
 from ._triton import HAS_TRITON, next_pow2, pick_backend, tl, triton
 
-__all__ = ["search_topk", "search_topk_ref", "quantize_rows_int8"]
+__all__ = ["search_topk", "search_topk_ref", "quantize_rows_int8", "BruteForceIndex"]
 
 MAX_K = 1024
 
@@ -95,9 +95,9 @@ if HAS_TRITON:
             acc = acc * tl.load(XS + rn, mask=nmask, other=0.0)[None, :]
         if IS_L2:
             acc = 2.0 * acc - tl.load(XN + rn, mask=nmask, other=0.0)[None, :]
-        tl.store(OUT + rm[:, None] * so_m + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
-        best = tl.max(tl.where(nmask[None, :], acc, float("-inf")), axis=1)
-        tl.store(TMAX + rm * st_m + pid_n, best, mask=mmask)
+        acc = tl.where(nmask[None, :], acc, float("-inf"))  # OUT is padded to whole tiles: pad rows rank last
+        tl.store(OUT + rm[:, None] * so_m + rn[None, :], acc, mask=mmask[:, None])
+        tl.store(TMAX + rm * st_m + pid_n, tl.max(acc, axis=1), mask=mmask)
 
 
 def _topk_with_ids(scores: torch.Tensor, ids: torch.Tensor, k: int):
@@ -107,12 +107,14 @@ def _topk_with_ids(scores: torch.Tensor, ids: torch.Tensor, k: int):
 
 
 def _chunk_scores_triton(q, xc, xs, xn, is_l2, tile):
-    """``(scores (m, n) float32, best score per query and tile of rows (m, tiles), rows per tile)``."""
+    """``(scores (m, tiles * rows per tile) float32, -inf past row n; best score per query and tile of rows
+    (m, tiles); rows per tile)``."""
     m, d = q.shape
     n = xc.shape[0]
     block_n, num_warps = tile
-    out = torch.empty(m, n, dtype=torch.float32, device=q.device)
-    tmax = torch.empty(m, triton.cdiv(n, block_n), dtype=torch.float32, device=q.device)
+    tiles = triton.cdiv(n, block_n)
+    out = torch.empty(m, tiles * block_n, dtype=torch.float32, device=q.device)
+    tmax = torch.empty(m, tiles, dtype=torch.float32, device=q.device)
     ql = q
     split = False
     if xc.dtype == torch.float32:  # fp32 rows: fp32 products (tf32x3 on a GPU, ~fp32 accurate)
@@ -143,52 +145,71 @@ def _chunk_scores_torch(q, xc, xs, xn, is_l2, tile):
     return s, None, None
 
 
-def _float_topk(s, pos, kk):
-    """Top ``kk`` of ``s`` by float value, the row ids ``pos`` of them, and whether equal scores straddle
-    the cut (then which of them a float top-k keeps is arbitrary)."""
-    top, j = torch.topk(s, kk, dim=1, sorted=False)
-    tied = (s >= top.amin(1, keepdim=True)).sum(1) > kk if kk < s.shape[1] else None
-    return top, pos.gather(1, j) if pos is not None else j, tied
+def _float_topk(s, kk):
+    """Top ``kk`` of each row of ``s`` by float value (sorted), their positions, and whether equal values
+    straddle the cut (the ``kk``-th and ``kk+1``-th values are equal: which of them a float top-k keeps is
+    arbitrary); ``None`` when the row has no more than ``kk`` values."""
+    if kk >= s.shape[1]:
+        top, pos = torch.topk(s, kk, dim=1, sorted=True)
+        return top, pos, None
+    top, pos = torch.topk(s, kk + 1, dim=1, sorted=True)
+    return top[:, :kk], pos[:, :kk], top[:, kk - 1] == top[:, kk]
 
 
 def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_ties):
-    """Stage 1 over rows ``[r0, r1)``: ``(scores, ids, tied)``.
+    """Stage 1 over rows ``[r0, r1)``: ``(scores, ids, tied)``, ``tied`` a bool per query or ``None``.
 
     Fast path (``exact_ties=False``): the kernel also returns each query's best score per tile of rows.
     The chunk's top ``kk`` all lie in the ``kk`` tiles with the highest best scores (the ``kk``-th best tile
     maximum is a score no higher than the ``kk``-th best score), so only those tiles' scores are ranked.
     ``tied`` flags queries where equal values straddle a cut (tile maxima or scores). ``exact_ties=True``
-    ranks every score of the chunk by its (score, id) key instead."""
+    ranks every score of the chunk by its (score, id) key instead. No host synchronisation."""
     s, tmax, bn = scores_fn(queries, base[r0:r1], None if xs is None else xs[r0:r1],
                             None if xn is None else xn[r0:r1], is_l2, tile)
-    m, n = s.shape
+    m, n = s.shape[0], r1 - r0
     kk = min(k, n)
     if exact_ties:
         ids = torch.arange(r0, r1, device=s.device, dtype=torch.int64).expand(m, -1)
-        return (*_topk_with_ids(s, ids, kk), None)
+        return (*_topk_with_ids(s[:, :n], ids, kk), None)
     if tmax is None or kk >= tmax.shape[1]:
-        top, i, tied = _float_topk(s, None, kk)
+        top, i, tied = _float_topk(s[:, :n], kk)
         return top, i + r0, tied
-    tv, ti = torch.topk(tmax, kk, dim=1, sorted=False)
-    tile_tied = (tmax >= tv.amin(1, keepdim=True)).sum(1) > kk
-    pos = (ti[:, :, None] * bn + torch.arange(bn, device=s.device)).reshape(m, -1)
-    cand = s.gather(1, pos.clamp(max=n - 1))
-    cand = cand.masked_fill_(pos >= n, float("-inf"))  # the last tile's rows past the end
-    top, i, tied = _float_topk(cand, pos, kk)
-    return top, i + r0, tile_tied if tied is None else tied | tile_tied
+    _, ti, tile_tied = _float_topk(tmax, kk)
+    pos = (ti[:, :, None] * bn + torch.arange(r0, r0 + bn, device=s.device)).reshape(m, -1)
+    top, j, tied = _float_topk(s.gather(1, pos - r0), kk)
+    return top, pos.gather(1, j), tied | tile_tied
 
 
-def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile):
+def _merge(parts, k):
+    return _topk_with_ids(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1), k)
+
+
+def _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile):
+    """Every chunk by the fast path, merged; no host synchronisation (so a CUDA graph can hold it).
+    Returns ``(scores, ids, tied, parts)``: ``tied`` a bool per chunk (its cut split equal values) and
+    ``parts`` each chunk's candidates."""
+    n = base.shape[0]
+    parts = [_chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, min(n, r0 + chunk), tile, False)
+             for r0 in range(0, n, chunk)]
+    none = torch.zeros((), dtype=torch.bool, device=queries.device)
+    tied = torch.stack([none if p[2] is None else p[2].any() for p in parts])
+    return (*_merge(parts, k), tied, parts)
+
+
+def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, fast=None):
+    """The fast path (or its result ``fast``), then, after one host synchronisation, the chunks whose cut
+    split equal values scored again and ranked by (score, id) keys."""
+    if fast is None:
+        fast = _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile)
+    s, i, tied, parts = fast
+    redo = tied.tolist()
+    if not any(redo):
+        return s, i
     n = base.shape[0]
     bounds = [(r0, min(n, r0 + chunk)) for r0 in range(0, n, chunk)]
-    parts = [_chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, False) for r0, r1 in bounds]
-    flags = [p[2] for p in parts if p[2] is not None]
-    if flags:  # one host sync per search; a chunk with ties at a cut is scored again, ranking keys
-        redo = torch.stack([p[2].any() if p[2] is not None else p[0].new_zeros((), dtype=torch.bool)
-                            for p in parts]).tolist()
-        parts = [_chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, True) if again else p
-                 for p, (r0, r1), again in zip(parts, bounds, redo)]
-    return _topk_with_ids(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1), k)
+    parts = [_chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, True) if again else p
+             for p, (r0, r1), again in zip(parts, bounds, redo)]
+    return _merge(parts, k)
 
 
 # scores of one chunk held at once: m * chunk_rows * 4 bytes, at most 256 MiB
@@ -196,18 +217,8 @@ _CHUNK_SCORES = 1 << 26
 _TILE = (128, 4)  # (rows per program, warps)
 
 
-def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str = "ip", *,
-                base_scale: Optional[torch.Tensor] = None, base_sq_norms: Optional[torch.Tensor] = None,
-                chunk_rows: Optional[int] = None, backend: str = "auto",
-                tile: Optional[tuple] = None):
-    """Top-``k`` rows of ``base`` for each query; returns ``(scores float32 (m, k), ids int64 (m, k))``.
-
-    ``queries``: ``(m, d)`` float32 or float16. ``base``: ``(n, d)`` float16/float32, or int8 with
-    ``base_scale`` ``(n,)``. ``metric``: ``"ip"`` or ``"l2"``; for L2 pass ``base_sq_norms`` (the
-    squared norms of the dequantized rows) to avoid recomputing them on every call.
-    ``k`` is capped at ``n``; at most 1024. ``chunk_rows`` (rows scored per stage-1 step; default
-    ``64M / m``, i.e. 256 MiB of scores) and ``tile`` (``(rows per program, warps)`` of the Triton kernel) are tuning knobs.
-    """
+def _prepare(queries, base, k, metric, base_scale, base_sq_norms):
+    """Checked, contiguous inputs: ``(queries, base, scale or None, squared norms or None, k, is_l2)``."""
     if metric not in ("ip", "l2"):
         raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
     if queries.dim() == 1:
@@ -233,16 +244,95 @@ def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str =
             xd = base.float() * xs[:, None] if xs is not None else base.float()
             base_sq_norms = (xd * xd).sum(1)
         xn = base_sq_norms.float().contiguous()
+    return queries, base, xs, xn, k, is_l2
+
+
+def _plan(queries, base, k, chunk_rows, tile, backend):
     use_triton = pick_backend(backend, base) == "triton"
-    scores_fn = _chunk_scores_triton if use_triton else _chunk_scores_torch
     if chunk_rows is None:
-        chunk_rows = max(1 << 14, _CHUNK_SCORES // m)
-    chunk = max(chunk_rows, k)
-    tile = tile or _TILE
+        chunk_rows = max(1 << 14, _CHUNK_SCORES // queries.shape[0])
+    return (_chunk_scores_triton if use_triton else _chunk_scores_torch), max(chunk_rows, k), tile or _TILE
+
+
+def _finish(queries, s, is_l2):
+    return ((queries.float() ** 2).sum(1, keepdim=True) - s) if is_l2 else s
+
+
+def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str = "ip", *,
+                base_scale: Optional[torch.Tensor] = None, base_sq_norms: Optional[torch.Tensor] = None,
+                chunk_rows: Optional[int] = None, backend: str = "auto",
+                tile: Optional[tuple] = None):
+    """Top-``k`` rows of ``base`` for each query; returns ``(scores float32 (m, k), ids int64 (m, k))``.
+
+    ``queries``: ``(m, d)`` float32 or float16. ``base``: ``(n, d)`` float16/float32, or int8 with
+    ``base_scale`` ``(n,)``. ``metric``: ``"ip"`` or ``"l2"``; for L2 pass ``base_sq_norms`` (the
+    squared norms of the dequantized rows) to avoid recomputing them on every call.
+    ``k`` is capped at ``n``; at most 1024. ``chunk_rows`` (rows scored per stage-1 step; default
+    ``64M / m``, i.e. 256 MiB of scores) and ``tile`` (``(rows per program, warps)`` of the Triton kernel)
+    are tuning knobs. For many searches over one matrix, :class:`BruteForceIndex` replays a CUDA graph.
+    """
+    queries, base, xs, xn, k, is_l2 = _prepare(queries, base, k, metric, base_scale, base_sq_norms)
+    scores_fn, chunk, tile = _plan(queries, base, k, chunk_rows, tile, backend)
     # float top-k per chunk; a chunk where equal scores straddle the cut (duplicate rows, integer data) is
     # ranked again by (score, id) keys, so ties always come out in ascending id order
     s, i = _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile)
-    if is_l2:
-        qn = (queries.float() ** 2).sum(1, keepdim=True)
-        s = qn - s
-    return s, i
+    return _finish(queries, s, is_l2), i
+
+
+class BruteForceIndex:
+    """Rows searched by brute force, for many searches over the same matrix.
+
+    ``base``, ``metric``, ``base_scale`` as in :func:`search_topk` (the squared norms for L2 are computed
+    once here). On CUDA, the first search for each (number of queries, ``k``, query dtype) records the
+    search into a CUDA graph, and later searches of that shape copy the queries in and replay it: one
+    launch instead of some thirty, which matters when a search takes well under a millisecond. Each
+    recorded shape keeps its own buffers (``m x n x 4`` bytes of scores at most 256 MiB). A search whose
+    chunk cut splits equal scores is finished eagerly, ranking (score, id) keys, as in ``search_topk``.
+    ``use_graphs=False`` (or a CPU tensor) always searches eagerly.
+    """
+
+    def __init__(self, base: torch.Tensor, metric: str = "ip", *, base_scale: Optional[torch.Tensor] = None,
+                 use_graphs: bool = True, chunk_rows: Optional[int] = None, tile: Optional[tuple] = None,
+                 backend: str = "auto"):
+        probe = torch.zeros(1, base.shape[1], dtype=torch.float32, device=base.device)
+        _, self.base, self.scale, self.sq_norms, _, self.is_l2 = _prepare(probe, base, 1, metric, base_scale, None)
+        self.metric = metric
+        self.use_graphs = use_graphs and base.is_cuda
+        self._options = (chunk_rows, tile, backend)
+        self._graphs: dict = {}
+
+    @property
+    def recorded_shapes(self) -> list:
+        """The (queries, k, dtype) shapes with a recorded CUDA graph."""
+        return list(self._graphs)
+
+    def search(self, queries: torch.Tensor, k: int):
+        """Top-``k`` rows for each query: ``(scores float32 (m, k), ids int64 (m, k))``."""
+        queries, base, xs, xn, k, is_l2 = _prepare(queries, self.base, k, self.metric, self.scale, self.sq_norms)
+        scores_fn, chunk, tile = _plan(queries, base, k, *self._options)
+        args = (scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile)
+        if not (self.use_graphs and queries.is_cuda):
+            s, i = _search_chunks(*args)
+            return _finish(queries, s, is_l2), i
+        key = (queries.shape[0], k, queries.dtype)
+        if key not in self._graphs:
+            self._graphs[key] = self._record(queries, args)
+        graph, static_q, out = self._graphs[key]
+        static_q.copy_(queries)
+        graph.replay()
+        s, i = _search_chunks(*args, fast=out)
+        return _finish(queries, s, is_l2).clone(), i.clone()  # the graph's outputs change at the next replay
+
+    @staticmethod
+    def _record(queries, args):
+        static_q = queries.clone()
+        rec_args = (args[0], static_q, *args[2:])
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile the kernels and warm the allocator outside the capture
+            _fast_search(*rec_args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = _fast_search(*rec_args)
+        return graph, static_q, out
