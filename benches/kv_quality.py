@@ -167,6 +167,8 @@ def settings(model, which):
         "engramdb-2bit-m8": lambda: QuantizedKVCache(cfg, bits=2, group_size=32, residual_length=32, meta_bits=8),
         "engramdb-2bit-sink4-m8": lambda: QuantizedKVCache(cfg, bits=2, group_size=32, residual_length=32,
                                                            sink_tokens=4, meta_bits=8),
+        "engramdb-4bit-sink4-m8": lambda: QuantizedKVCache(cfg, bits=4, group_size=32, residual_length=32,
+                                                           sink_tokens=4, meta_bits=8),
         # mixed precision (MiKV-style, SnapKV's importance rule): needs the engramdb attention function
         "engramdb-2bit-mikv25": lambda: QuantizedKVCache(cfg, bits=2, group_size=32, residual_length=32,
                                                          meta_bits=8, important_ratio=0.25, extra_bits=2),
