@@ -718,6 +718,49 @@ def derived_run(base, q, work, n, build_threads):
     return out
 
 
+def derived_peers(base, q, work, n, names, build_threads, rounds, results):
+    """Peers on the derived set (`--derived N --only usearch,faiss-ondisk,...`):
+    same set and brute-force ground truth as derived_run, the set written to a
+    scratch folder (child-process builds read it from there), builds cached
+    under ANN_CACHE with N in their names; same interleaved best-of-rounds
+    timing as the 200k run. Stored under results["derived-N-peers"]."""
+    big = derive(base, n)
+    sims = np.concatenate([q @ big[s:s + 200_000].T for s in range(0, len(big), 200_000)], axis=1)
+    gt = np.argsort(-sims, axis=1)[:, :10]
+    del sims
+    data = os.path.join(work, "derived-data")
+    os.makedirs(data)
+    np.save(os.path.join(data, "base.npy"), big)
+    np.save(os.path.join(data, "queries.npy"), q)
+    prev = results.get(f"derived-{n}-peers", {})
+    systems = []
+    for name in names:
+        if name == "usearch":
+            systems += setup_usearch(big, work, build_threads, prev)
+        elif name == "faiss-ondisk":
+            systems += setup_faiss_ondisk(big, work, build_threads, prev)
+        elif name == "lancedb":
+            systems += setup_lancedb(big, work, build_threads, prev, data, 0)
+        elif name == "diskann":
+            systems += setup_diskann(big, work, build_threads, prev, data, len(q), 0)
+        else:
+            raise SystemExit(f"{name}: not available with --derived")
+    del big
+    best = measure(systems, q, gt, rounds)
+    out = dict(prev, n=n, queries=len(q))
+    for s in systems:
+        out[s.name] = dict(s.info, points=[best[(s.name, label)] for label, _ in s.points])
+        if s.name == "diskann-ssd":
+            s.extra["server"].close()
+        elif s.name.startswith("faiss-IVF") and s.name.endswith("-ondisk"):
+            ondisk_extras(out, s, q, gt)
+        elif s.name == "lancedb-IVF_PQ":
+            lance_extras(out, s, q)
+    print("derived peers", json.dumps({k: {a: b for a, b in v.items() if a != "points"} if isinstance(v, dict) else v
+                                       for k, v in out.items()}), flush=True)
+    return out
+
+
 def plot(results, out_png):
     import matplotlib
 
@@ -747,10 +790,12 @@ def main() -> None:
     ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mixed-minilm-384"))
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--queries", type=int, default=1000)
-    ap.add_argument("--only", default="spann,hnswlib,faiss")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated systems (default: all; with --derived: spann)")
     ap.add_argument("--build-threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N base vectors (smoke test)")
-    ap.add_argument("--derived", type=int, default=0, help="run SPANN only on a derived set of N vectors")
+    ap.add_argument("--derived", type=int, default=0,
+                    help="a derived set of N vectors: SPANN with --only spann, else the peers named in --only")
     ap.add_argument("--churn", action="store_true", help="run only the delete/re-insert/compact experiment")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds (best of) per point")
     ap.add_argument("--lance-build", default="", help=argparse.SUPPRESS)  # child process of setup_lancedb
@@ -777,6 +822,15 @@ def main() -> None:
     }
     work = tempfile.mkdtemp(prefix="ann-bench-", dir=os.environ.get("BENCH_TMP", "/tmp"))
     try:
+        if a.only is None:
+            a.only = "spann" if a.derived else "spann,hnswlib,faiss,usearch,faiss-ondisk,lancedb,diskann"
+        if a.derived and a.only != "spann":
+            names = [v for v in a.only.split(",") if v]
+            results[f"derived-{a.derived}-peers"] = derived_peers(base, q[:200], work, a.derived, names,
+                                                                  a.build_threads, a.rounds, results)
+            with open(out_json, "w") as f:
+                json.dump(results, f, indent=1)
+            return
         if a.derived:
             results[f"derived-{a.derived}"] = derived_run(base, q[:200], work, a.derived, a.build_threads)
             with open(out_json, "w") as f:
