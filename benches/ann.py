@@ -802,8 +802,9 @@ def plot(results, out_png):
                 pts.append(p)
                 top = p["qps"]
         pts.reverse()
-        # SPANN solid and thick; peers thinner; page-cache-cold series dashed
-        style = "--" if ("direct" in name or "cold" in name) else "-"
+        # SPANN solid and thick; peers thinner; series whose every read goes to the device dashed
+        # (O_DIRECT: SPANN direct, DiskANN; faiss on-disk with the page cache dropped per query)
+        style = "--" if ("direct" in name or "cold" in name or name.startswith("diskann")) else "-"
         lw = 2.2 if name.startswith("spann") else 1.2
         ax.plot([p["recall"] for p in pts], [p["qps"] for p in pts], marker=markers[i % len(markers)], ms=4,
                 ls=style, lw=lw, color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], label=name)
