@@ -791,7 +791,7 @@ def plot(results, out_png):
 
     fig, ax = plt.subplots(figsize=(9, 6.5))
     series = [(name, r) for name, r in results.items() if isinstance(r, dict) and "points" in r]
-    colors = plt.get_cmap("tab20").colors
+    colors = list(plt.get_cmap("tab10").colors) + ["#000000", "#e6194b", "#3cb44b", "#911eb4", "#f58231"]
     markers = "osD^v<>pPX*h"
     for i, (name, r) in enumerate(series):
         # the Pareto frontier (a point is drawn unless another is both faster and at least as accurate), as
@@ -807,7 +807,7 @@ def plot(results, out_png):
         style = "--" if ("direct" in name or "cold" in name or name.startswith("diskann")) else "-"
         lw = 2.2 if name.startswith("spann") else 1.2
         ax.plot([p["recall"] for p in pts], [p["qps"] for p in pts], marker=markers[i % len(markers)], ms=4,
-                ls=style, lw=lw, color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], label=name)
+                ls=style, lw=lw, color=colors[i % len(colors)], label=name)
     ax.set_xlabel("recall@10")
     ax.set_ylabel("queries/s (1 thread, log; Pareto frontier of each index)")
     ax.set_yscale("log")
