@@ -482,8 +482,21 @@ def setup_lancedb(base, work, threads_build, results, data, limit):
                 _pin_all_threads(every)
         return run
 
-    pts = [(f"nprobes={n},refine={r}", at(n, r)) for n, r in
-           ((1, 1), (24, 1), (4, 20), (8, 20), (16, 20), (8, 40), (16, 40), (24, 40))]
+    # the grid is set for the 24 partitions LanceDB's defaults make at 200k and scaled to the count it made
+    # (about n / 8,200: 122 at 1M)
+    import re
+
+    probe = tab.search(np.asarray(base[0])).distance_type("cosine").limit(10).select(["id", "_distance"])
+    found = re.findall(r"partitions_ranked=(\d+)", probe.analyze_plan())
+    parts = int(found[0]) if found else 24
+    info["partitions"] = parts
+
+    def scaled(n):
+        return n if n == 1 else max(1, round(n * parts / 24))
+
+    grid = dict.fromkeys((scaled(n), r) for n, r in
+                         ((1, 1), (24, 1), (4, 20), (8, 20), (16, 20), (8, 40), (16, 40), (24, 40)))
+    pts = [(f"nprobes={n},refine={r}", at(n, r)) for n, r in grid]
     # warm Lance's index cache the way a long-running process would have it (the defaults made 24
     # partitions on the 200k set: nprobes 24 searches all of them)
     at(1024, 1)(np.asarray(base[:200]))
