@@ -11,7 +11,9 @@ interpreter from ANN_DISKANN_PYTHON, default /tmp/diskann-venv/bin/python) as
 a subprocess that ann.py drives point by point, interleaved like the rest.
 
 Queries run on one thread, in batches (every library gets the same batch
-calls, so Python overhead is the same); builds use every core. Figures:
+calls, so Python overhead is the same), except LanceDB, searched one query
+per call as an embedded store's caller does, with its thread pools set to
+one thread and pinned to one CPU; builds use every core. Figures:
 recall@10 against queries/s curves, build time, resident RAM of the index,
 disk bytes, postings and bytes read per query. Writes benches/ann.json and
 benches/ann.png; benches/RESULTS.md quotes them.
