@@ -30,27 +30,15 @@ import time
 
 import numpy as np
 
+# the harness's /proc readers (ann.py needs only numpy and the standard library at import)
+from ann import io_read_bytes as read_bytes
+from ann import rss
+
 # metric l2 on unit vectors orders neighbours exactly as cosine does
 METRIC = "l2"
 GRAPH_DEGREE = 32
 BUILD_COMPLEXITY = 100
 PQ_BYTES = 96  # in-memory PQ code per vector (384 dims -> 4 dims per byte)
-
-
-def read_bytes() -> int:
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    return 0
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def main() -> None:
