@@ -207,22 +207,38 @@ fn posting_target(file: &[u8], fix: bool) {
     }
     let p = Path::new("postings");
     // the raw stream decoder, with no page checksums in front of it
-    check_posting(PostingData::decode(&pages, dim, head, p), dim, head);
-    if let Ok(payload) = posting::unpaginate(&pages, 1, p) {
-        assert_eq!(payload.len(), pages.len() / PAGE * PAGE_PAYLOAD);
-        check_posting(PostingData::decode(&payload, dim, head, p), dim, head);
+    // streams with and without the 1-bit filter columns (posting files of
+    // minor version 1 and 0)
+    for filter in [true, false] {
+        check_posting(
+            PostingData::decode(&pages, dim, head, p, filter),
+            dim,
+            head,
+            filter,
+        );
+        if let Ok(payload) = posting::unpaginate(&pages, 1, p) {
+            assert_eq!(payload.len(), pages.len() / PAGE * PAGE_PAYLOAD);
+            check_posting(
+                PostingData::decode(&payload, dim, head, p, filter),
+                dim,
+                head,
+                filter,
+            );
+        }
     }
 }
 
-fn check_posting(r: Result<PostingData>, dim: usize, head: u32) {
+fn check_posting(r: Result<PostingData>, dim: usize, head: u32, filter: bool) {
     let Ok(pd) = r else { return };
     let n = pd.len();
     assert!(pd.versions.len() == n && pd.aux.len() == n && pd.codes.len() == n * dim);
-    let enc = pd.encode(head, dim);
-    assert_eq!(enc.len(), pd.encoded_len(dim));
-    let back = PostingData::decode(&enc, dim, head, Path::new("x")).expect("re-encoded decodes");
+    assert_eq!(pd.has_filter(dim), filter || n == 0);
+    let enc = pd.encode(head, dim, filter);
+    assert_eq!(enc.len(), pd.encoded_len(dim, filter));
+    let back =
+        PostingData::decode(&enc, dim, head, Path::new("x"), filter).expect("re-encoded decodes");
     assert_eq!(
-        back.encode(head, dim),
+        back.encode(head, dim, filter),
         enc,
         "posting encoding is not stable"
     );
@@ -589,11 +605,19 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
                 let mut pd = PostingData::default();
                 for i in 0..n {
                     let code: Vec<i8> = (0..dim).map(|j| (i * 3 + j) as i8).collect();
-                    pd.push(i as u32 * 2, (i % 3) as u8, i as f32 * 0.25, &code);
+                    let f = [i as f32, 0.5, 0.125];
+                    pd.push(
+                        i as u32 * 2,
+                        (i % 3) as u8,
+                        i as f32 * 0.25,
+                        &code,
+                        &[i as u8],
+                        f,
+                    );
                 }
                 let mut file = vec![(dim - 1) as u8];
                 file.extend_from_slice(&42u32.to_le_bytes());
-                file.extend_from_slice(&posting::paginate(&pd.encode(42, dim), 1));
+                file.extend_from_slice(&posting::paginate(&pd.encode(42, dim, true), 1));
                 out.extend(with_modes(&file, &[0, 1]));
             }
             out

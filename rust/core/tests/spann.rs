@@ -269,6 +269,19 @@ fn churn_keeps_recall_and_compaction_bounds_disk() {
 /// Recall and speed on the shared 200k set, prepared as raw files by
 /// `python3 -c "..."` (see benches/ann.py). Run with
 /// `cargo test --release --test spann -- --ignored --nocapture`.
+/// CPU seconds used by this thread (user + system, from /proc; 0 where
+/// unavailable): on a shared machine a steadier measure than wall time.
+fn thread_cpu_s() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/thread-self/stat") else {
+        return 0.0;
+    };
+    // fields after the parenthesised command name; utime and stime are 14 and 15
+    let rest = s.rsplit_once(')').map_or("", |x| x.1);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
 #[test]
 #[ignore]
 fn shared_data_recall() {
@@ -314,32 +327,37 @@ fn shared_data_recall() {
         }
     }
     eprintln!("build {:.1}s {:?}", t.elapsed().as_secs_f64(), idx.stats());
-    let grid: Vec<(usize, usize, usize, f32)> = std::env::var("GRID")
+    let grid: Vec<(usize, usize, usize, f32, f32)> = std::env::var("GRID")
         .unwrap_or("16,8,32;32,12,48;64,24,64;96,32,100;128,48,128".into())
         .split(';')
         .map(|t| {
             let v: Vec<f32> = t.split(',').map(|x| x.parse().unwrap()).collect();
             let eps = v.get(3).copied().unwrap_or(10.0);
-            (v[0] as usize, v[1] as usize, v[2] as usize, eps)
+            let filter = v.get(4).copied().unwrap_or(SearchParams::default().filter);
+            (v[0] as usize, v[1] as usize, v[2] as usize, eps, filter)
         })
         .collect();
-    for (nprobe, coarse, rerank, epsilon) in grid {
+    for (nprobe, coarse, rerank, epsilon, filter) in grid {
         let sp = SearchParams {
             nprobe,
             coarse_probe: coarse,
             rerank,
             epsilon,
+            filter,
         };
         let t = Instant::now();
+        let cpu0 = thread_cpu_s();
         let mut got = Vec::new();
         for q in queries.chunks_exact(dim) {
             got.push(idx.search(q, 10, &sp, None).unwrap().remove(0));
         }
         let dt = t.elapsed().as_secs_f64();
+        let cpu = thread_cpu_s() - cpu0;
         eprintln!(
-            "nprobe {nprobe} coarse {coarse} rerank {rerank} eps {epsilon}: recall {:.4} qps(1 query/call) {:.0}",
+            "nprobe {nprobe} coarse {coarse} rerank {rerank} eps {epsilon} filter {filter}: recall {:.4} qps(1 query/call) {:.0} (per CPU second {:.0})",
             recall(&ids_of(&got), &truth),
-            (queries.len() / dim) as f64 / dt
+            (queries.len() / dim) as f64 / dt,
+            (queries.len() / dim) as f64 / cpu
         );
     }
     let d = tempfile::tempdir().unwrap();

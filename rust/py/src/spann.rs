@@ -250,6 +250,7 @@ impl NativeSpann {
                 epsilon: epsilon.unwrap_or(dp.epsilon),
                 coarse_probe: coarse_probe.unwrap_or(dp.coarse_probe),
                 rerank: rerank.unwrap_or(dp.rerank),
+                filter: dp.filter,
             };
             let hits = s.search(data, k, &sp, None)?;
             let kk = k.min(s.len()).max(1);

@@ -22,6 +22,12 @@
 //! | row versions | `n` x u8, padded to 4 bytes |
 //! | aux (squared norm of the decoded code, for L2) | `n` x f32 |
 //! | int8 codes | `n` x `dim` bytes |
+//! | 1-bit filter codes (files of minor version >= 1) | `n` x `ceil(dim / 8)` bytes |
+//! | filter factors `f, k, e` (files of minor version >= 1) | `n` x 3 x f32 |
+//!
+//! The filter columns (see `index::spann::bits`) come after the codes, so a
+//! reader of minor 0 still reads such a stream (and ignores them); a file of
+//! minor 0 has none, and its postings get them computed when read.
 //!
 //! **Vector file** (`vectors-GEN.dat`, kind `SPVC`): the header padded to
 //! [`PAGE`], then one record per row at `PAGE + row * (4 * dim + 4)`: the
@@ -91,14 +97,23 @@ pub fn unpaginate(pages: &[u8], first_page: u64, file: &Path) -> Result<Vec<u8>>
 }
 
 /// One posting list in columnar form: row ids, the version each row had when
-/// the entry was written, an auxiliary float per entry and `dim` int8 codes
-/// per entry.
+/// the entry was written, an auxiliary float per entry, `dim` int8 codes
+/// per entry, and the entry's 1-bit filter code (`dim / 8` bytes, rounded up)
+/// with its three factors (see `index::spann::bits`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PostingData {
     pub rows: Vec<u32>,
     pub versions: Vec<u8>,
     pub aux: Vec<f32>,
     pub codes: Vec<i8>,
+    pub bits: Vec<u8>,
+    /// `(f, k, e)` per entry.
+    pub filt: Vec<[f32; 3]>,
+}
+
+/// Bytes of one entry's 1-bit filter code.
+pub fn bit_bytes(dim: usize) -> usize {
+    dim.div_ceil(8)
 }
 
 impl PostingData {
@@ -110,15 +125,32 @@ impl PostingData {
         self.rows.is_empty()
     }
 
-    pub fn push(&mut self, row: u32, version: u8, aux: f32, code: &[i8]) {
+    pub fn push(
+        &mut self,
+        row: u32,
+        version: u8,
+        aux: f32,
+        code: &[i8],
+        bits: &[u8],
+        filt: [f32; 3],
+    ) {
         self.rows.push(row);
         self.versions.push(version);
         self.aux.push(aux);
         self.codes.extend_from_slice(code);
+        self.bits.extend_from_slice(bits);
+        self.filt.push(filt);
+    }
+
+    /// Whether the filter columns cover every entry.
+    pub fn has_filter(&self, dim: usize) -> bool {
+        self.filt.len() == self.rows.len() && self.bits.len() == self.rows.len() * bit_bytes(dim)
     }
 
     /// Keep only the entries for which `keep(i)` is true.
     pub fn retain_idx(&mut self, dim: usize, mut keep: impl FnMut(usize) -> bool) {
+        let nb = bit_bytes(dim);
+        let filt = self.has_filter(dim);
         let mut w = 0;
         for r in 0..self.rows.len() {
             if keep(r) {
@@ -127,6 +159,10 @@ impl PostingData {
                     self.versions[w] = self.versions[r];
                     self.aux[w] = self.aux[r];
                     self.codes.copy_within(r * dim..(r + 1) * dim, w * dim);
+                    if filt {
+                        self.bits.copy_within(r * nb..(r + 1) * nb, w * nb);
+                        self.filt[w] = self.filt[r];
+                    }
                 }
                 w += 1;
             }
@@ -135,6 +171,13 @@ impl PostingData {
         self.versions.truncate(w);
         self.aux.truncate(w);
         self.codes.truncate(w * dim);
+        if filt {
+            self.bits.truncate(w * nb);
+            self.filt.truncate(w);
+        } else {
+            self.bits.clear();
+            self.filt.clear();
+        }
     }
 
     /// Bytes this posting holds in RAM.
@@ -143,18 +186,27 @@ impl PostingData {
             + self.versions.capacity()
             + self.aux.capacity() * 4
             + self.codes.capacity()
+            + self.bits.capacity()
+            + self.filt.capacity() * 12
     }
 
     /// Length of the encoded stream.
-    pub fn encoded_len(&self, dim: usize) -> usize {
+    pub fn encoded_len(&self, dim: usize, filter: bool) -> usize {
         let n = self.rows.len();
-        8 + 4 * n + n.div_ceil(4) * 4 + 4 * n + n * dim
+        let extra = if filter { n * (bit_bytes(dim) + 12) } else { 0 };
+        8 + 4 * n + n.div_ceil(4) * 4 + 4 * n + n * dim + extra
     }
 
-    /// Encode as the columnar stream described in the module docs.
-    pub fn encode(&self, head: u32, dim: usize) -> Vec<u8> {
+    /// Encode as the columnar stream described in the module docs; with
+    /// `filter`, the filter columns follow the codes (the posting must hold
+    /// them: see [`PostingData::has_filter`]).
+    pub fn encode(&self, head: u32, dim: usize, filter: bool) -> Vec<u8> {
+        assert!(
+            !filter || self.has_filter(dim),
+            "posting lacks its filter codes"
+        );
         let n = self.rows.len();
-        let mut b = Vec::with_capacity(self.encoded_len(dim));
+        let mut b = Vec::with_capacity(self.encoded_len(dim, filter));
         b.extend_from_slice(&(n as u32).to_le_bytes());
         b.extend_from_slice(&head.to_le_bytes());
         for r in &self.rows {
@@ -166,12 +218,26 @@ impl PostingData {
             b.extend_from_slice(&a.to_le_bytes());
         }
         b.extend(self.codes.iter().map(|&c| c as u8));
+        if filter {
+            b.extend_from_slice(&self.bits);
+            for f in &self.filt {
+                for x in f {
+                    b.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+        }
         b
     }
 
     /// Decode a stream (possibly followed by page padding); checks the count
     /// against the bytes present and the head id against `want_head`.
-    pub fn decode(payload: &[u8], dim: usize, want_head: u32, file: &Path) -> Result<PostingData> {
+    pub fn decode(
+        payload: &[u8],
+        dim: usize,
+        want_head: u32,
+        file: &Path,
+        filter: bool,
+    ) -> Result<PostingData> {
         let bad = |d: String| Error::corruption(file, d);
         if payload.len() < 8 {
             return Err(bad("posting stream shorter than its 8-byte prefix".into()));
@@ -187,8 +253,9 @@ impl PostingData {
         // slices below take (the version padding is up to 3 bytes more than
         // `n`, so a bound of `8 + n * (8 + dim) + 4` was short by up to
         // `n / 4` bytes and let a damaged count slice past the end).
+        let per = dim + if filter { bit_bytes(dim) + 12 } else { 0 };
         let need = n
-            .checked_mul(dim)
+            .checked_mul(per)
             .and_then(|codes| codes.checked_add(8 + 8 * n + n.div_ceil(4) * 4))
             .ok_or_else(|| bad("count overflow".into()))?;
         if need > payload.len() {
@@ -211,22 +278,51 @@ impl PostingData {
             .collect();
         p += 4 * n;
         let codes = payload[p..p + n * dim].iter().map(|&c| c as i8).collect();
+        p += n * dim;
+        let (mut bits, mut filt) = (Vec::new(), Vec::new());
+        if filter {
+            let nb = bit_bytes(dim);
+            bits = payload[p..p + n * nb].to_vec();
+            p += n * nb;
+            filt = payload[p..p + 12 * n]
+                .chunks_exact(12)
+                .map(|c| {
+                    let f = |i: usize| f32::from_le_bytes(c[i..i + 4].try_into().unwrap());
+                    [f(0), f(4), f(8)]
+                })
+                .collect();
+        }
         Ok(PostingData {
             rows,
             versions,
             aux,
             codes,
+            bits,
+            filt,
         })
     }
 }
 
+/// Minor format version of posting files whose streams carry the 1-bit
+/// filter columns after the codes (files of minor 0 lack them: their
+/// postings get the columns computed when read).
+pub const POSTINGS_MINOR_FILTER: u16 = 1;
+
 fn pad_header(kind: Kind, generation: u64) -> Vec<u8> {
     let mut b = vec![0u8; PAGE];
-    b[..HEADER_LEN].copy_from_slice(&Header::new(kind, generation).encode());
+    let mut h = Header::new(kind, generation);
+    if kind == Kind::SpannPostings {
+        h.minor = h.minor.max(POSTINGS_MINOR_FILTER);
+    }
+    b[..HEADER_LEN].copy_from_slice(&h.encode());
     b
 }
 
 fn open_checked(path: &Path, kind: Kind, writable: bool) -> Result<File> {
+    open_header(path, kind, writable).map(|x| x.0)
+}
+
+fn open_header(path: &Path, kind: Kind, writable: bool) -> Result<(File, Header)> {
     let file = OpenOptions::new()
         .read(true)
         .write(writable)
@@ -234,8 +330,8 @@ fn open_checked(path: &Path, kind: Kind, writable: bool) -> Result<File> {
         .at(path)?;
     let mut h = [0u8; HEADER_LEN];
     let got = file.read_at(&mut h, 0).at(path)?;
-    Header::decode(&h[..got], kind, path)?;
-    Ok(file)
+    let h = Header::decode(&h[..got], kind, path)?;
+    Ok((file, h))
 }
 
 /// `O_DIRECT` for this target (Linux), so reads bypass the page cache.
@@ -323,6 +419,8 @@ pub struct PostingFile {
     path: PathBuf,
     /// Pages in the file, header page included.
     pages: u64,
+    /// Streams carry the filter columns (minor >= [`POSTINGS_MINOR_FILTER`]).
+    filter: bool,
 }
 
 impl PostingFile {
@@ -341,18 +439,26 @@ impl PostingFile {
             direct: None,
             path: path.to_path_buf(),
             pages: 1,
+            filter: true,
         })
     }
 
     pub fn open(path: &Path, writable: bool) -> Result<Self> {
-        let file = open_checked(path, Kind::SpannPostings, writable)?;
+        let (file, h) = open_header(path, Kind::SpannPostings, writable)?;
         let len = file.metadata().at(path)?.len();
         Ok(PostingFile {
             file,
             direct: None,
             path: path.to_path_buf(),
             pages: len / PAGE as u64,
+            filter: h.minor >= POSTINGS_MINOR_FILTER,
         })
+    }
+
+    /// Whether this file's posting streams carry the filter columns (every
+    /// posting of a file has them or none does).
+    pub fn has_filter(&self) -> bool {
+        self.filter
     }
 
     /// Whether reads go through an `O_DIRECT` handle.
@@ -568,23 +674,41 @@ mod tests {
         let mut p = PostingData::default();
         for i in 0..7u32 {
             let code: Vec<i8> = (0..dim).map(|j| (i as i8) * 3 - j as i8).collect();
-            p.push(i * 10, i as u8, i as f32 * 0.5, &code);
+            let f = [i as f32, -(i as f32), 0.25 * i as f32];
+            p.push(i * 10, i as u8, i as f32 * 0.5, &code, &[i as u8 * 17], f);
         }
-        let s = p.encode(42, dim);
-        assert_eq!(s.len(), p.encoded_len(dim));
-        let mut padded = s.clone();
-        padded.resize(PAGE_PAYLOAD, 0);
-        assert_eq!(
-            PostingData::decode(&padded, dim, 42, Path::new("x")).unwrap(),
-            p
-        );
-        assert!(PostingData::decode(&padded, dim, 41, Path::new("x")).is_err());
-        let mut huge = s.clone();
-        huge[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(PostingData::decode(&huge, dim, 42, Path::new("x")).is_err());
+        for filter in [true, false] {
+            let s = p.encode(42, dim, filter);
+            assert_eq!(s.len(), p.encoded_len(dim, filter));
+            let mut padded = s.clone();
+            padded.resize(PAGE_PAYLOAD, 0);
+            let back = PostingData::decode(&padded, dim, 42, Path::new("x"), filter).unwrap();
+            if filter {
+                assert_eq!(back, p);
+            } else {
+                assert_eq!((&back.rows, &back.codes), (&p.rows, &p.codes));
+                assert!(back.bits.is_empty() && back.filt.is_empty());
+            }
+            // a stream with the filter columns also reads without them
+            let old = PostingData::decode(&padded, dim, 42, Path::new("x"), false).unwrap();
+            assert_eq!(
+                (&old.rows, &old.aux, &old.codes),
+                (&p.rows, &p.aux, &p.codes)
+            );
+            assert!(PostingData::decode(&padded, dim, 41, Path::new("x"), filter).is_err());
+            let mut huge = s.clone();
+            huge[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+            assert!(PostingData::decode(&huge, dim, 42, Path::new("x"), filter).is_err());
+        }
+        // a stream cut inside its filter columns is refused, not misread
+        let s = p.encode(42, dim, true);
+        let cut = &s[..s.len() - 1];
+        assert!(PostingData::decode(cut, dim, 42, Path::new("x"), true).is_err());
         p.retain_idx(dim, |i| i % 2 == 0);
         assert_eq!(p.rows, vec![0, 20, 40, 60]);
         assert_eq!(&p.codes[dim..2 * dim], &[6, 5, 4, 3, 2]);
+        assert_eq!(p.bits, vec![0, 34, 68, 102]);
+        assert_eq!(p.filt[3], [6.0, -6.0, 1.5]);
     }
 
     #[test]

@@ -42,6 +42,7 @@
 //! one writer (a second gets [`Error::Locked`]; readers open with
 //! [`OpenOptions`] with `read_only`).
 
+pub mod bits;
 pub mod builder;
 pub mod log;
 pub mod posting;
@@ -107,7 +108,16 @@ pub struct SearchParams {
     pub coarse_probe: usize,
     /// Candidates reranked with full-precision vectors (at least k).
     pub rerank: usize,
+    /// Width of the 1-bit filter's margin, in units of its error bound: an
+    /// entry is scored with its int8 code only when its 1-bit estimate plus
+    /// `filter` bounds reaches the rerank threshold. Larger is safer and
+    /// slower; `f32::INFINITY` scores every entry (see [`bits`]). Not stored
+    /// with the index.
+    pub filter: f32,
 }
+
+/// Default [`SearchParams::filter`].
+pub const DEFAULT_FILTER: f32 = 2.0;
 
 impl Default for SearchParams {
     fn default() -> Self {
@@ -116,6 +126,7 @@ impl Default for SearchParams {
             epsilon: 10.0,
             coarse_probe: 32,
             rerank: 64,
+            filter: DEFAULT_FILTER,
         }
     }
 }
@@ -257,6 +268,8 @@ pub struct SpannIndex {
     pub(crate) metric: Metric,
     pub(crate) params: SpannParams,
     pub(crate) quant: Quantizer,
+    /// Rotation of the 1-bit filter codes (from `params.seed`).
+    pub(crate) rot: bits::Rotation,
     pub(crate) heads: Heads,
     // rows
     pub(crate) ids: Vec<u64>,
@@ -458,6 +471,7 @@ impl SpannIndex {
             dim,
             metric,
             quant,
+            rot: bits::Rotation::new(dim, params.seed),
             heads: Heads {
                 vecs: hv,
                 codes: Vec::new(),
@@ -522,7 +536,8 @@ impl SpannIndex {
         let q = &idx.quant;
         let built: Vec<PostingData> = per_head
             .into_par_iter()
-            .map(|mut list| {
+            .enumerate()
+            .map(|(h, mut list)| {
                 if list.len() > cap {
                     list.sort_by(|a, b| {
                         a.0.cmp(&b.0)
@@ -535,10 +550,17 @@ impl SpannIndex {
                 list.sort_by_key(|e| e.2);
                 let mut p = PostingData::default();
                 let mut code = vec![0i8; dim];
+                let head = idx.head(h as u32);
+                let mut rc = vec![0f32; dim];
+                idx.rot.apply(head, &mut rc);
+                let mut x = vec![0f32; dim];
+                let mut b = vec![0u8; bits::code_bytes(dim)];
                 for &(_, _, r) in &list {
                     let v = &data[r as usize * dim..(r as usize + 1) * dim];
                     let aux = q.encode(v, &mut code);
-                    p.push(r, 0, aux, &code);
+                    q.decode(&code, &mut x);
+                    let f = bits::encode(&idx.rot, &x, head, &rc, &mut b);
+                    p.push(r, 0, aux, &code, &b, f);
                 }
                 p
             })
@@ -636,7 +658,7 @@ impl SpannIndex {
                 continue;
             }
             let p = self.load_posting(h as u32)?;
-            let stream = p.encode(h as u32, self.dim);
+            let stream = p.encode(h as u32, self.dim, pf.has_filter());
             let (first, pages) = pf.append(&stream)?;
             *slot = Slot {
                 first_page: first,
@@ -909,7 +931,7 @@ impl SpannIndex {
             return Ok(PostingData::default());
         }
         let payload = pf.read(s.first_page, s.pages)?;
-        let p = PostingData::decode(&payload, self.dim, h, pf.path())?;
+        let mut p = PostingData::decode(&payload, self.dim, h, pf.path(), pf.has_filter())?;
         if p.len() != s.len as usize {
             return Err(Error::corruption(
                 pf.path(),
@@ -929,7 +951,42 @@ impl SpannIndex {
                 ),
             ));
         }
+        if !pf.has_filter() {
+            // a file written before the filter columns existed
+            self.fill_filter(h, &mut p);
+        }
         Ok(p)
+    }
+
+    /// 1-bit filter code and factors of an entry with int8 `code` in the
+    /// posting of head `h` (a function of the code and the head's vector).
+    pub(crate) fn entry_filter(&self, h: u32, code: &[i8]) -> (Vec<u8>, [f32; 3]) {
+        let dim = self.dim;
+        let head = self.head(h);
+        let mut rc = vec![0f32; dim];
+        self.rot.apply(head, &mut rc);
+        let mut x = vec![0f32; dim];
+        self.quant.decode(code, &mut x);
+        let mut b = vec![0u8; bits::code_bytes(dim)];
+        let f = bits::encode(&self.rot, &x, head, &rc, &mut b);
+        (b, f)
+    }
+
+    /// (Re)compute the filter columns of every entry of `p`, the posting of
+    /// head `h`.
+    pub(crate) fn fill_filter(&self, h: u32, p: &mut PostingData) {
+        let dim = self.dim;
+        let nb = bits::code_bytes(dim);
+        let head = self.head(h);
+        let mut rc = vec![0f32; dim];
+        self.rot.apply(head, &mut rc);
+        let mut x = vec![0f32; dim];
+        p.bits = vec![0u8; p.len() * nb];
+        p.filt = vec![[0f32; 3]; p.len()];
+        for i in 0..p.len() {
+            self.quant.decode(&p.codes[i * dim..(i + 1) * dim], &mut x);
+            p.filt[i] = bits::encode(&self.rot, &x, head, &rc, &mut p.bits[i * nb..(i + 1) * nb]);
+        }
     }
 
     /// The posting of head `h`, resident or read from disk.
@@ -1216,6 +1273,7 @@ fn read_meta(dir: &Path) -> Result<SpannIndex> {
         epsilon: d.f32().map_err(de)?,
         coarse_probe: d.u32().map_err(de)? as usize,
         rerank: d.u32().map_err(de)? as usize,
+        filter: DEFAULT_FILTER,
     };
     // the parameters drive loops and reservations of later updates: refuse
     // values no build writes, so a damaged (checksum-valid) file cannot make
@@ -1293,6 +1351,7 @@ fn read_meta(dir: &Path) -> Result<SpannIndex> {
     Ok(SpannIndex {
         dim,
         metric,
+        rot: bits::Rotation::new(dim, p.seed),
         params: p,
         quant: Quantizer { lo, scale },
         heads: Heads {

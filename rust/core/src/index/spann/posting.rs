@@ -320,7 +320,7 @@ mod tests {
         let mut code = vec![0i8; dim];
         for v in data.chunks_exact(dim) {
             let aux = q.encode(v, &mut code);
-            p.push(0, 0, aux, &code);
+            p.push(0, 0, aux, &code, &[], [0.0; 3]);
         }
         let query = &data[3 * dim..4 * dim];
         for metric in [Metric::Ip, Metric::L2] {

@@ -7,6 +7,7 @@
 //! is an exact SIMD scan over a few percent of the heads in place of SPTAG's
 //! graph over heads: cheaper to build and to keep up to date under splits.
 
+use super::bits::{self, QueryBits};
 use super::builder;
 use super::posting::{PostingData, QueryCodes};
 use super::{LastSearch, SearchParams, SpannIndex, SpannParams};
@@ -32,6 +33,34 @@ fn io_pool() -> &'static rayon::ThreadPool {
             .build()
             .expect("spann I/O thread pool")
     })
+}
+
+/// Hint the CPU to load `bytes` into cache (no effect on other targets).
+#[inline]
+fn prefetch<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let p = data.as_ptr() as *const i8;
+        let n = std::mem::size_of_val(data);
+        let mut o = 0;
+        while o < n {
+            // SAFETY: prefetch never faults, and the address is inside `data`
+            unsafe { _mm_prefetch(p.add(o), _MM_HINT_T0) };
+            o += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
+/// Prefetch what the scan of `p` reads first for every entry.
+#[inline]
+fn prefetch_posting(p: &PostingData) {
+    prefetch(&p.rows);
+    prefetch(&p.bits);
+    prefetch(&p.filt);
+    prefetch(&p.versions);
 }
 
 /// Build the coarse level over `heads`: (centroids, member lists).
@@ -228,19 +257,53 @@ impl SpannIndex {
         };
         let mut seen = vec![0u64; self.ids.len().div_ceil(64)];
         let mut cand = TopK::new(sp.rerank.max(k));
+        let dim = self.dim;
+        let nb = bits::code_bytes(dim);
+        let use_filter = sp.filter.is_finite();
+        let qb = use_filter.then(|| QueryBits::new(&self.rot, q));
+        let qnorm = distance::dot(q, q);
+        let l2 = self.metric == Metric::L2;
         let mut scan = |h: u32, p: &PostingData, stats: &mut LastSearch| {
             stats.postings += 1;
             if self.mem[h as usize].is_none() {
                 stats.bytes += self.slots[h as usize].pages as u64 * PAGE as u64;
             }
+            // the 1-bit estimate: <q, x> ~ <q, c> + f <s, Pq> + k, off by
+            // at most ~ e |q - c| (see `bits`)
+            let filt = match &qb {
+                Some(qb) if p.has_filter(dim) => {
+                    let c = self.head(h);
+                    let qc_ = distance::dot(q, c);
+                    let yperp = (qnorm - 2.0 * qc_ + distance::dot(c, c)).max(0.0).sqrt();
+                    let w = sp.filter * yperp * if l2 { 2.0 } else { 1.0 };
+                    Some((qb, qc_, w))
+                }
+                _ => None,
+            };
             let mut thr = cand.threshold();
             for i in 0..p.len() {
                 let r = p.rows[i] as usize;
-                if !self.alive[r] || self.versions[r] != p.versions[i] {
-                    continue;
-                }
                 let (w, b) = (r / 64, 1u64 << (r % 64));
                 if seen[w] & b != 0 {
+                    continue;
+                }
+                // the 1-bit estimate first: it reads this posting's own
+                // bytes, while the row checks below read the row table at
+                // random (an entry it skips is not marked seen, so a copy in
+                // a later posting gets its own estimate)
+                if let Some((qb, qc_, w)) = filt {
+                    let [f, kk, e] = p.filt[i];
+                    let ip = qc_ + f * qb.dot_signs(&p.bits[i * nb..(i + 1) * nb]) + kk;
+                    let est = if l2 {
+                        -(qnorm - 2.0 * ip + p.aux[i])
+                    } else {
+                        ip
+                    };
+                    if est + w * e < thr {
+                        continue;
+                    }
+                }
+                if !self.alive[r] || self.versions[r] != p.versions[i] {
                     continue;
                 }
                 seen[w] |= b;
@@ -259,6 +322,11 @@ impl SpannIndex {
         };
         let mut found = 0;
         for (j, &h) in sel.iter().enumerate() {
+            // a resident posting is a handful of short arrays somewhere in
+            // RAM: ask for the next one's while this one is scanned
+            if let Some(Some(next)) = sel.get(j + 1).map(|&n| self.mem[n as usize].as_ref()) {
+                prefetch_posting(next);
+            }
             let p = match fetched.get(j) {
                 Some(Some(p)) => Cow::Borrowed(p),
                 _ => self.load_posting(h)?,
@@ -278,7 +346,6 @@ impl SpannIndex {
         let mut top = TopK::new(k);
         let disk_rows = self.arena_first_row;
         let cands = cand.into_sorted();
-        let dim = self.dim;
         let mut vecs = vec![0f32; cands.len() * dim];
         if parallel {
             io_pool().install(|| {

@@ -134,8 +134,9 @@ impl SpannIndex {
             self.arena.extend_from_slice(&data[i * dim..(i + 1) * dim]);
             let (heads, code, aux) = &prepared[i];
             for &(_, h) in heads {
+                let (b, f) = self.entry_filter(h, code);
                 let p = self.posting_mut(h)?;
-                p.push(r, 0, *aux, code);
+                p.push(r, 0, *aux, code, &b, f);
                 if p.len() > self.params.posting_cap {
                     over.insert(h);
                 }
@@ -283,8 +284,9 @@ impl SpannIndex {
         let ver = self.versions[r as usize].wrapping_add(1);
         self.versions[r as usize] = ver;
         for (_, h) in heads {
+            let (b, f) = self.entry_filter(h, code);
             let p = self.posting_mut(h)?;
-            p.push(r, ver, aux, code);
+            p.push(r, ver, aux, code, &b, f);
             if p.len() > self.params.posting_cap {
                 over.insert(h);
             }
@@ -353,8 +355,13 @@ impl SpannIndex {
                 p.versions[i],
                 p.aux[i],
                 &p.codes[i * dim..(i + 1) * dim],
+                &[],
+                [0.0; 3],
             );
         }
+        // the filter codes are relative to the head: both heads are new
+        self.fill_filter(h, &mut a);
+        self.fill_filter(h2, &mut b);
         self.mem[h as usize] = Some(a);
         self.mem[h2 as usize] = Some(b);
         self.dirty[h as usize] = true;
@@ -438,8 +445,11 @@ impl SpannIndex {
             if !self.dirty[h] || !self.heads.alive[h] {
                 continue;
             }
-            let stream = self.mem[h].as_ref().unwrap().encode(h as u32, dim);
             let pf = self.pfile.as_mut().unwrap();
+            let stream = self.mem[h]
+                .as_ref()
+                .unwrap()
+                .encode(h as u32, dim, pf.has_filter());
             let (first, pages) = pf.append(&stream)?;
             let old = self.slots[h];
             self.garbage_pages += old.pages as u64;
