@@ -712,6 +712,44 @@ mod tests {
     }
 
     #[test]
+    fn filter_columns_are_under_the_page_checksums() {
+        let dim = 16;
+        let mut p = PostingData::default();
+        for i in 0..20u32 {
+            let code = vec![i as i8; dim];
+            p.push(i, 0, 1.0, &code, &[i as u8, 1], [0.5, 0.25, i as f32]);
+        }
+        let s = p.encode(3, dim, true);
+        let pages = paginate(&s, 1);
+        // every byte of the filter columns (after the codes)
+        let start = p.encoded_len(dim, false);
+        for off in [start, start + 7, s.len() - 1] {
+            let mut bad = pages.clone();
+            let at = (off / PAGE_PAYLOAD) * PAGE + off % PAGE_PAYLOAD;
+            bad[at] ^= 0x10;
+            assert!(matches!(
+                unpaginate(&bad, 1, Path::new("p")),
+                Err(Error::Corruption { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_minor_0_posting_file_has_no_filter_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let pp = dir.path().join("p.dat");
+        drop(PostingFile::create(&pp, 1).unwrap());
+        assert!(PostingFile::open(&pp, false).unwrap().has_filter());
+        // rewrite the header as an older writer did
+        let mut b = std::fs::read(&pp).unwrap();
+        let mut h = Header::new(Kind::SpannPostings, 1);
+        h.minor = 0;
+        b[..HEADER_LEN].copy_from_slice(&h.encode());
+        std::fs::write(&pp, &b).unwrap();
+        assert!(!PostingFile::open(&pp, false).unwrap().has_filter());
+    }
+
+    #[test]
     fn files_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let pp = dir.path().join("p.dat");

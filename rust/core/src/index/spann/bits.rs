@@ -3,7 +3,7 @@
 //!
 //! An entry of the posting of head `c` whose decoded int8 vector is `x` has
 //! the residual `r = x - c`. Rotated by a fixed random orthogonal `P`
-//! ([`Rotation`]), the signs `s = sign(P r)` are its code (`dim / 8` bytes).
+//! ([`Rotation`], a randomised Hadamard transform), the signs `s = sign(P r)` are its code (`dim / 8` bytes).
 //! With `L1 = sum |(P r)_i|`, the inner product of the residual with any `y`
 //! is estimated by
 //!
@@ -23,28 +23,29 @@
 //! ```
 //!
 //! So an entry stores `s` and `(f, k, e)`; a query rotates `q` once and
-//! turns `P q` into per-byte lookup tables ([`QueryBits`]), so `<s, P q>`
-//! costs `dim / 8` table reads. The estimate only decides which entries get
+//! quantizes `P q` to 6-bit bit planes ([`QueryBits`]), so `<s, P q>`
+//! costs 7 popcounts per 64 coordinates. The estimate only decides which entries get
 //! the int8 score: an entry whose estimate plus `kappa * e * |q - c|` stays
 //! below the current rerank threshold is skipped.
 
-use crate::distance;
+/// Rounds of the rotation (each: random signs, then a Walsh-Hadamard
+/// transform of one window).
+const ROUNDS: usize = 4;
 
-/// Largest block of the block-diagonal rotation.
-const BLOCK: usize = 128;
-
-/// A random orthogonal transform: a random permutation of the coordinates
-/// followed by independent random orthogonal blocks of at most [`BLOCK`]
-/// coordinates. Generated from a seed with integer and f64 arithmetic only,
-/// so every build and every open of an index get the same matrix.
+/// A random orthogonal transform that needs no matrix: [`ROUNDS`] rounds of
+/// random sign flips followed by a normalised fast Walsh-Hadamard transform
+/// of the largest power-of-two window, alternately the first and the last
+/// `2^m` coordinates (so when `dim` is not a power of two the windows overlap
+/// and every coordinate is mixed). About `4 * dim * log2(dim)` additions per
+/// vector and `ROUNDS * dim` bytes of state; f32 additions only, in a fixed
+/// order, so every build and every open compute the same codes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rotation {
     dim: usize,
-    perm: Vec<u32>,
-    /// (offset, size) of each block.
-    blocks: Vec<(usize, usize)>,
-    /// Row-major block matrices, one after the other.
-    mats: Vec<f32>,
+    /// Window length (a power of two, at most `dim`).
+    win: usize,
+    /// `ROUNDS x dim` random signs (+1 or -1).
+    flips: Vec<f32>,
 }
 
 struct SplitMix(u64);
@@ -57,72 +58,66 @@ impl SplitMix {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Approximately normal (sum of 12 uniforms): no transcendental functions,
-    /// so the result is the same on every platform.
+    #[cfg(test)]
     fn gauss(&mut self) -> f64 {
-        (0..12).map(|_| self.unit()).sum::<f64>() - 6.0
+        (0..12)
+            .map(|_| (self.next() >> 11) as f64 / (1u64 << 53) as f64)
+            .sum::<f64>()
+            - 6.0
+    }
+}
+
+/// In-place normalised Walsh-Hadamard transform of `x` (length a power of 2).
+fn fwht(x: &mut [f32]) {
+    let n = x.len();
+    let mut h = 1;
+    while h < n {
+        for blk in x.chunks_exact_mut(2 * h) {
+            let (a, b) = blk.split_at_mut(h);
+            for (u, v) in a.iter_mut().zip(b.iter_mut()) {
+                let (s, d) = (*u + *v, *u - *v);
+                *u = s;
+                *v = d;
+            }
+        }
+        h *= 2;
+    }
+    let norm = 1.0 / (n as f32).sqrt();
+    for v in x.iter_mut() {
+        *v *= norm;
     }
 }
 
 impl Rotation {
     pub fn new(dim: usize, seed: u64) -> Rotation {
         let mut rng = SplitMix(seed ^ 0x5EED_B175_0000_0001);
-        let mut perm: Vec<u32> = (0..dim as u32).collect();
-        for i in (1..dim).rev() {
-            let j = (rng.next() % (i as u64 + 1)) as usize;
-            perm.swap(i, j);
-        }
-        let nb = dim.div_ceil(BLOCK).max(1);
-        let mut blocks = Vec::with_capacity(nb);
-        let mut mats = Vec::new();
-        let mut off = 0;
-        for b in 0..nb {
-            let size = (dim - off) / (nb - b);
-            blocks.push((off, size));
-            // modified Gram-Schmidt on a Gaussian matrix, in f64
-            let mut m: Vec<f64> = (0..size * size).map(|_| rng.gauss()).collect();
-            for i in 0..size {
-                for j in 0..i {
-                    let d: f64 = (0..size).map(|t| m[i * size + t] * m[j * size + t]).sum();
-                    for t in 0..size {
-                        m[i * size + t] -= d * m[j * size + t];
-                    }
-                }
-                let n = (0..size)
-                    .map(|t| m[i * size + t] * m[i * size + t])
-                    .sum::<f64>()
-                    .sqrt();
-                for t in 0..size {
-                    m[i * size + t] /= n;
-                }
-            }
-            mats.extend(m.iter().map(|&x| x as f32));
-            off += size;
-        }
-        Rotation {
-            dim,
-            perm,
-            blocks,
-            mats,
-        }
+        let win = if dim == 0 {
+            0
+        } else {
+            1usize << (usize::BITS - 1 - dim.leading_zeros())
+        };
+        let flips = (0..ROUNDS * dim)
+            .map(|_| if rng.next() >> 63 == 1 { -1.0 } else { 1.0 })
+            .collect();
+        Rotation { dim, win, flips }
     }
 
     /// `out = P x`.
     pub fn apply(&self, x: &[f32], out: &mut [f32]) {
-        let mut px = vec![0f32; self.dim];
-        for (i, &p) in self.perm.iter().enumerate() {
-            px[i] = x[p as usize];
+        let dim = self.dim;
+        out[..dim].copy_from_slice(&x[..dim]);
+        if dim == 0 {
+            return;
         }
-        let mut m = 0;
-        for &(off, size) in &self.blocks {
-            let src = &px[off..off + size];
-            for i in 0..size {
-                out[off + i] = distance::dot(&self.mats[m + i * size..m + (i + 1) * size], src);
+        for r in 0..ROUNDS {
+            for (v, &f) in out.iter_mut().zip(&self.flips[r * dim..(r + 1) * dim]) {
+                *v *= f;
             }
-            m += size * size;
+            if r % 2 == 0 {
+                fwht(&mut out[..self.win]);
+            } else {
+                fwht(&mut out[dim - self.win..dim]);
+            }
         }
     }
 }
@@ -156,7 +151,8 @@ pub fn encode(rot: &Rotation, x: &[f32], c: &[f32], rot_c: &[f32], bits: &mut [u
     }
     if l1 <= 0.0 || n2 <= 0.0 {
         // the entry is the head: its residual is exactly zero
-        return [0.0, distance::dot(&r, c), 0.0];
+        let rc: f64 = r.iter().zip(c).map(|(a, b)| *a as f64 * *b as f64).sum();
+        return [0.0, rc as f32, 0.0];
     }
     let f = n2 / l1;
     let rc: f64 = r.iter().zip(c).map(|(a, b)| *a as f64 * *b as f64).sum();
@@ -167,12 +163,20 @@ pub fn encode(rot: &Rotation, x: &[f32], c: &[f32], rot_c: &[f32], bits: &mut [u
     [f as f32, k as f32, e as f32]
 }
 
-/// A query rotated and cut into per-byte lookup tables: `dot_signs(s)`
-/// returns `<s, P q>` for a sign code `s`.
+/// Bits per coordinate of the rotated query in [`QueryBits`].
+const QUERY_BITS: usize = 6;
+
+/// A query rotated and quantized to [`QUERY_BITS`]-bit unsigned integers,
+/// stored as bit planes: `<s, P q>` for a sign code `s` is then a few
+/// AND + popcount operations per 64 coordinates.
 pub struct QueryBits {
-    tables: Vec<i16>,
-    sum: i32,
+    /// `planes[w * QUERY_BITS + j]`: bit `j` of the quantized coordinates
+    /// `64 w .. 64 w + 63`.
+    planes: Vec<u64>,
+    lo: f32,
     step: f32,
+    /// Sum of the dequantized coordinates.
+    sum: f32,
 }
 
 impl QueryBits {
@@ -180,56 +184,91 @@ impl QueryBits {
         let dim = q.len();
         let mut pq = vec![0f32; dim];
         rot.apply(q, &mut pq);
-        // 8 values of at most 4095 per table entry fit an i16
-        let amax = pq.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let step = if amax > 0.0 { amax / 4095.0 } else { 1.0 };
-        let qq: Vec<i32> = pq.iter().map(|x| (x / step).round() as i32).collect();
-        let nb = code_bytes(dim);
-        let mut tables = vec![0i16; nb * 256];
-        for j in 0..nb {
-            let t = &mut tables[j * 256..(j + 1) * 256];
-            for b in 1..256usize {
-                let low = b.trailing_zeros() as usize;
-                let d = j * 8 + low;
-                let v = if d < dim { qq[d] } else { 0 };
-                t[b] = t[b & (b - 1)] + v as i16;
+        let lo = pq.iter().fold(f32::INFINITY, |m, &x| m.min(x));
+        let hi = pq.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let levels = ((1u32 << QUERY_BITS) - 1) as f32;
+        let (lo, step) = if dim > 0 && hi > lo {
+            (lo, (hi - lo) / levels)
+        } else {
+            (if dim > 0 { lo } else { 0.0 }, 1.0)
+        };
+        let words = code_bytes(dim).div_ceil(8);
+        let mut planes = vec![0u64; QUERY_BITS * words];
+        let mut qsum = 0u64;
+        for (i, &x) in pq.iter().enumerate() {
+            // x >= lo, so truncating after + 0.5 rounds (and is a single
+            // instruction, where `round` is a libm call on baseline x86-64)
+            let u = ((x - lo) / step + 0.5).min(levels) as u64;
+            qsum += u;
+            let pl = &mut planes[(i / 64) * QUERY_BITS..(i / 64 + 1) * QUERY_BITS];
+            for (j, p) in pl.iter_mut().enumerate() {
+                *p |= (u >> j & 1) << (i % 64);
             }
         }
         QueryBits {
-            tables,
-            sum: qq.iter().sum(),
+            planes,
+            lo,
             step,
+            sum: dim as f32 * lo + step * qsum as f32,
         }
     }
 
-    /// `<s, P q>` for the sign code `bits` (bit set: +1, clear: -1).
+    /// `<s, P q>` for the sign code `bits` (bit set: +1, clear: -1; the
+    /// bits past `dim` must be clear, as [`encode`] leaves them).
     #[inline]
     pub fn dot_signs(&self, bits: &[u8]) -> f32 {
-        let t = &self.tables;
-        let mut acc = [0i32; 4];
-        let mut ch = bits.chunks_exact(4);
-        let mut j = 0;
-        for c in &mut ch {
-            // SAFETY-free indexing: j * 256 + byte < tables.len() since
-            // bits.len() == tables.len() / 256
-            acc[0] += t[j * 256 + c[0] as usize] as i32;
-            acc[1] += t[(j + 1) * 256 + c[1] as usize] as i32;
-            acc[2] += t[(j + 2) * 256 + c[2] as usize] as i32;
-            acc[3] += t[(j + 3) * 256 + c[3] as usize] as i32;
-            j += 4;
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("popcnt") {
+                // SAFETY: the CPU has popcnt (checked just above)
+                return unsafe { self.dot_signs_popcnt(bits) };
+            }
         }
-        for &b in ch.remainder() {
-            acc[0] += t[j * 256 + b as usize] as i32;
-            j += 1;
+        self.dot_signs_any(bits)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "popcnt")]
+    unsafe fn dot_signs_popcnt(&self, bits: &[u8]) -> f32 {
+        self.dot_signs_any(bits)
+    }
+
+    #[inline(always)]
+    fn dot_signs_any(&self, bits: &[u8]) -> f32 {
+        let mut ones = 0u32;
+        let mut acc = [0u32; QUERY_BITS];
+        let mut add = |b: u64, pl: &[u64]| {
+            ones += b.count_ones();
+            for j in 0..QUERY_BITS {
+                acc[j] += (b & pl[j]).count_ones();
+            }
+        };
+        let mut planes = self.planes.chunks_exact(QUERY_BITS);
+        let mut ch = bits.chunks_exact(8);
+        for (c, pl) in (&mut ch).zip(&mut planes) {
+            add(u64::from_le_bytes(c.try_into().unwrap()), pl);
         }
-        let s = acc[0] + acc[1] + acc[2] + acc[3];
-        (2 * s - self.sum) as f32 * self.step
+        let rest = ch.remainder();
+        if !rest.is_empty() {
+            if let Some(pl) = planes.next() {
+                let mut b = [0u8; 8];
+                b[..rest.len()].copy_from_slice(rest);
+                add(u64::from_le_bytes(b), pl);
+            }
+        }
+        let mut u = 0u32;
+        for (j, a) in acc.iter().enumerate() {
+            u += a << j;
+        }
+        // sum over set bits of (lo + step * u_i), twice, minus the total
+        2.0 * (self.lo * ones as f32 + self.step * u as f32) - self.sum
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distance;
 
     fn vecs(n: usize, dim: usize, seed: u64) -> Vec<f32> {
         let mut r = SplitMix(seed);
@@ -294,7 +333,11 @@ mod tests {
             let mut pq = vec![0f32; dim];
             rot.apply(&q, &mut pq);
             let mut r = SplitMix(11);
-            let bits: Vec<u8> = (0..code_bytes(dim)).map(|_| r.next() as u8).collect();
+            let mut bits: Vec<u8> = (0..code_bytes(dim)).map(|_| r.next() as u8).collect();
+            // codes keep the bits past `dim` clear (see `encode`)
+            if dim % 8 != 0 {
+                *bits.last_mut().unwrap() &= (1u8 << (dim % 8)) - 1;
+            }
             let want: f32 = (0..dim)
                 .map(|i| {
                     if bits[i / 8] >> (i % 8) & 1 == 1 {
@@ -304,8 +347,50 @@ mod tests {
                     }
                 })
                 .sum();
-            let amax = pq.iter().fold(0f32, |m, x| m.max(x.abs()));
-            assert!((qb.dot_signs(&bits) - want).abs() < amax * 1e-3 * dim as f32);
+            // each coordinate is off by at most half a quantization step
+            let lo = pq.iter().fold(f32::INFINITY, |m, &x| m.min(x));
+            let hi = pq.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let step = (hi - lo) / ((1 << QUERY_BITS) - 1) as f32;
+            let got = qb.dot_signs(&bits);
+            assert!(
+                (got - want).abs() <= 0.5 * step * dim as f32 + 1e-4,
+                "{dim}: {got} {want}"
+            );
         }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn dot_signs_speed() {
+        let dim = 384;
+        let rot = Rotation::new(dim, 1);
+        let q: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.37).sin()).collect();
+        let qb = QueryBits::new(&rot, &q);
+        let codes: Vec<u8> = (0..48 * 4096)
+            .map(|i| (i * 2654435761usize >> 7) as u8)
+            .collect();
+        let t = std::time::Instant::now();
+        let mut s = 0f32;
+        for _ in 0..200 {
+            for c in codes.chunks_exact(48) {
+                s += qb.dot_signs(c);
+            }
+        }
+        eprintln!(
+            "{:.1} ns per code ({s})",
+            t.elapsed().as_nanos() as f64 / (200.0 * 4096.0)
+        );
+        let t = std::time::Instant::now();
+        for _ in 0..1000 {
+            s += QueryBits::new(&rot, &q).sum;
+        }
+        eprintln!(
+            "{:.1} us per QueryBits::new ({s})",
+            t.elapsed().as_micros() as f64 / 1000.0
+        );
     }
 }

@@ -260,6 +260,23 @@ pub(crate) struct Heads {
     pub alive: Vec<bool>,
     pub coarse: Vec<f32>,
     pub lists: Vec<Vec<u32>>,
+    /// Per coarse list, its heads' codes laid out contiguously (derived from
+    /// `codes` and `lists`, kept in step by [`SpannIndex::sync_list`]).
+    pub lcodes: Vec<ListCodes>,
+    /// int8 codes of the coarse centroids and their decoded squared norms
+    /// (the query-time coarse scan reads these; kept in step with `coarse`).
+    pub ccodes: Vec<i8>,
+    pub caux: Vec<f32>,
+}
+
+/// The codes of one coarse list's heads, in list order: int8 codes and their
+/// aux, and 1-bit filter codes of each head relative to the list's centroid.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct ListCodes {
+    pub codes: Vec<i8>,
+    pub aux: Vec<f32>,
+    pub bits: Vec<u8>,
+    pub filt: Vec<[f32; 3]>,
 }
 
 /// The SPANN index.
@@ -479,6 +496,9 @@ impl SpannIndex {
                 alive: vec![true; h],
                 coarse: heads.0,
                 lists: heads.1,
+                lcodes: Vec::new(),
+                ccodes: Vec::new(),
+                caux: Vec::new(),
             },
             ids,
             versions: vec![0; n],
@@ -604,6 +624,83 @@ impl SpannIndex {
                 &mut self.heads.codes[h * dim..(h + 1) * dim],
             );
         }
+        self.sync_lists();
+    }
+
+    /// Rebuild the contiguous codes of every coarse list.
+    pub(crate) fn sync_lists(&mut self) {
+        let all: Vec<ListCodes> = (0..self.heads.lists.len())
+            .into_par_iter()
+            .map(|c| self.list_codes(c))
+            .collect();
+        self.heads.lcodes = all;
+        let dim = self.dim;
+        let nc = self.heads.lists.len();
+        self.heads.ccodes = vec![0i8; nc * dim];
+        self.heads.caux = vec![0f32; nc];
+        for c in 0..nc {
+            self.encode_centroid(c);
+        }
+    }
+
+    fn encode_centroid(&mut self, c: usize) {
+        let dim = self.dim;
+        self.heads.caux[c] = self.quant.encode(
+            &self.heads.coarse[c * dim..(c + 1) * dim],
+            &mut self.heads.ccodes[c * dim..(c + 1) * dim],
+        );
+    }
+
+    /// Rebuild the contiguous codes of coarse list `c`.
+    pub(crate) fn sync_list(&mut self, c: usize) {
+        let lc = self.list_codes(c);
+        let nc = self.heads.lists.len();
+        self.heads.lcodes.resize_with(nc, ListCodes::default);
+        self.heads.lcodes[c] = lc;
+        self.heads.ccodes.resize(nc * self.dim, 0);
+        self.heads.caux.resize(nc, 0.0);
+        self.encode_centroid(c);
+    }
+
+    /// Rebuild the contiguous codes of the list(s) holding head `h`.
+    pub(crate) fn sync_lists_of(&mut self, h: u32) {
+        let cs: Vec<usize> = (0..self.heads.lists.len())
+            .filter(|&c| self.heads.lists[c].contains(&h))
+            .collect();
+        for c in cs {
+            self.sync_list(c);
+        }
+    }
+
+    fn list_codes(&self, c: usize) -> ListCodes {
+        let dim = self.dim;
+        let nb = bits::code_bytes(dim);
+        let list = &self.heads.lists[c];
+        let cent = &self.heads.coarse[c * dim..(c + 1) * dim];
+        let mut rc = vec![0f32; dim];
+        self.rot.apply(cent, &mut rc);
+        let mut x = vec![0f32; dim];
+        let mut lc = ListCodes {
+            codes: Vec::with_capacity(list.len() * dim),
+            aux: Vec::with_capacity(list.len()),
+            bits: vec![0u8; list.len() * nb],
+            filt: Vec::with_capacity(list.len()),
+        };
+        for (i, &h) in list.iter().enumerate() {
+            let h = h as usize;
+            let code = &self.heads.codes[h * dim..(h + 1) * dim];
+            lc.codes.extend_from_slice(code);
+            lc.aux.push(self.heads.code_aux[h]);
+            self.quant.decode(code, &mut x);
+            lc.filt.push(bits::encode(
+                &self.rot,
+                &x,
+                cent,
+                &rc,
+                &mut lc.bits[i * nb..(i + 1) * nb],
+            ));
+        }
+        lc
     }
 
     /// Re-encode head `h` after its vector changed (or was appended).
@@ -617,6 +714,7 @@ impl SpannIndex {
             &self.heads.vecs[h * dim..(h + 1) * dim],
             &mut self.heads.codes[h * dim..(h + 1) * dim],
         );
+        self.sync_lists_of(h as u32);
     }
 
     pub(crate) fn head(&self, h: u32) -> &[f32] {
@@ -1018,6 +1116,16 @@ impl SpannIndex {
         for h in 0..self.heads.alive.len() {
             if self.heads.alive[h] && self.slots[h].pages > 0 {
                 let p = self.read_posting(h as u32)?;
+                // the filter columns are a function of the codes and the
+                // head: a mismatch (checksums intact) means a bad writer
+                let mut again = p.clone();
+                self.fill_filter(h as u32, &mut again);
+                if again != p {
+                    return Err(Error::corruption(
+                        self.pfile.as_ref().unwrap().path(),
+                        format!("posting {h}: filter codes do not match its int8 codes"),
+                    ));
+                }
                 rep.postings += 1;
                 rep.entries += p.len() as u64;
                 rep.pages += self.slots[h].pages as u64;
@@ -1054,7 +1162,20 @@ impl SpannIndex {
         let ram = self.heads.vecs.capacity() * 4
             + self.heads.codes.capacity()
             + self.heads.code_aux.capacity() * 4
+            + self
+                .heads
+                .lcodes
+                .iter()
+                .map(|l| {
+                    l.codes.capacity()
+                        + l.aux.capacity() * 4
+                        + l.bits.capacity()
+                        + l.filt.capacity() * 12
+                })
+                .sum::<usize>()
             + self.heads.coarse.capacity() * 4
+            + self.heads.ccodes.capacity()
+            + self.heads.caux.capacity() * 4
             + self
                 .heads
                 .lists
@@ -1361,6 +1482,9 @@ fn read_meta(dir: &Path) -> Result<SpannIndex> {
             alive: halive,
             coarse,
             lists,
+            lcodes: Vec::new(),
+            ccodes: Vec::new(),
+            caux: Vec::new(),
         },
         ids,
         versions,

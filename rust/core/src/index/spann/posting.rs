@@ -119,6 +119,17 @@ impl QueryCodes {
         }
     }
 
+    /// Approximate inner product of the query with one code.
+    #[inline]
+    pub fn ip_code(&self, code: &[i8]) -> f32 {
+        self.base + self.qscale * dot_i16_i8(&self.q16, code) as f32
+    }
+
+    /// Squared norm of the query.
+    pub fn qnorm(&self) -> f32 {
+        self.qnorm
+    }
+
     /// Approximate head distance (see `SpannIndex::dist`) of one code:
     /// 1 - similarity for cosine, squared L2 otherwise.
     #[inline]

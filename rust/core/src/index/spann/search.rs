@@ -125,35 +125,70 @@ impl SpannIndex {
     }
 
     /// Like [`SpannIndex::nearest_heads`] but scoring heads by their int8
-    /// codes against the prepared query (the query-time path).
+    /// codes against the prepared query (the query-time path). With `qb`,
+    /// a head is scored only when its 1-bit estimate (relative to its coarse
+    /// list's centroid) plus `filter` error bounds reaches the current n-th
+    /// best score (see [`bits`]).
     pub(crate) fn nearest_heads_coded(
         &self,
-        q: &[f32],
         qc: &QueryCodes,
+        qb: Option<&QueryBits>,
+        filter: f32,
         n: usize,
         coarse_probe: usize,
     ) -> Vec<(f32, u32)> {
         let dim = self.dim;
+        let nb = bits::code_bytes(dim);
         let lists = &self.heads.lists;
+        // the coarse centroids by their int8 codes: <q, C> and |q - C|^2
+        let qnorm = qc.qnorm();
         let mut ctop = TopK::new(coarse_probe.max(1));
-        for (c, cv) in self.heads.coarse.chunks_exact(dim).enumerate() {
+        let mut cip = vec![0f32; lists.len()];
+        for (c, code) in self.heads.ccodes.chunks_exact(dim).enumerate() {
             if !lists[c].is_empty() {
-                ctop.push(c as u64, -distance::l2_squared(q, cv));
+                let ip = qc.ip_code(code);
+                cip[c] = ip;
+                ctop.push(c as u64, -(qnorm - 2.0 * ip + self.heads.caux[c]));
             }
         }
+        // head distances: 1 - cos for cosine, squared L2 otherwise
+        let l2 = self.metric != Metric::Cosine;
         let mut top = TopK::new(n);
-        let codes = &self.heads.codes;
-        for hit in ctop.into_sorted() {
+        let probed = ctop.into_sorted();
+        for (j, hit) in probed.iter().enumerate() {
+            let c = hit.id as usize;
+            if let Some(next) = probed.get(j + 1) {
+                let lc = &self.heads.lcodes[next.id as usize];
+                prefetch(&lc.bits);
+                prefetch(&lc.filt);
+            }
+            let lc = &self.heads.lcodes[c];
+            let filt = qb.map(|qb| {
+                let yperp = (-hit.score).max(0.0).sqrt();
+                let w = filter * yperp * if l2 { 2.0 } else { 1.0 };
+                (qb, cip[c], w)
+            });
             let mut thr = top.threshold();
-            for &h in &lists[hit.id as usize] {
-                let hu = h as usize;
-                if self.heads.alive[hu] {
-                    let s =
-                        -qc.dist_code(&codes[hu * dim..(hu + 1) * dim], self.heads.code_aux[hu]);
-                    if s >= thr {
-                        top.push(h as u64, s);
-                        thr = top.threshold();
+            for (i, &h) in lists[c].iter().enumerate() {
+                if !self.heads.alive[h as usize] {
+                    continue;
+                }
+                if let Some((qb, qcv, w)) = filt {
+                    let [f, kk, e] = lc.filt[i];
+                    let ip = qcv + f * qb.dot_signs(&lc.bits[i * nb..(i + 1) * nb]) + kk;
+                    let est = if l2 {
+                        -(qnorm - 2.0 * ip + lc.aux[i])
+                    } else {
+                        ip - 1.0
+                    };
+                    if est + w * e < thr {
+                        continue;
                     }
+                }
+                let s = -qc.dist_code(&lc.codes[i * dim..(i + 1) * dim], lc.aux[i]);
+                if s >= thr {
+                    top.push(h as u64, s);
+                    thr = top.threshold();
                 }
             }
         }
@@ -225,7 +260,14 @@ impl SpannIndex {
             return Ok((Vec::new(), stats));
         }
         let qc = QueryCodes::new(q, &self.quant, self.metric);
-        let heads = self.nearest_heads_coded(q, &qc, sp.nprobe.max(1), sp.coarse_probe);
+        let qb = sp.filter.is_finite().then(|| QueryBits::new(&self.rot, q));
+        let heads = self.nearest_heads_coded(
+            &qc,
+            qb.as_ref(),
+            sp.filter,
+            sp.nprobe.max(1),
+            sp.coarse_probe,
+        );
         let Some(&(d0, _)) = heads.first() else {
             return Ok((Vec::new(), stats));
         };
@@ -259,10 +301,9 @@ impl SpannIndex {
         let mut cand = TopK::new(sp.rerank.max(k));
         let dim = self.dim;
         let nb = bits::code_bytes(dim);
-        let use_filter = sp.filter.is_finite();
-        let qb = use_filter.then(|| QueryBits::new(&self.rot, q));
         let qnorm = distance::dot(q, q);
         let l2 = self.metric == Metric::L2;
+        let mut pass: Vec<u32> = Vec::with_capacity(256);
         let mut scan = |h: u32, p: &PostingData, stats: &mut LastSearch| {
             stats.postings += 1;
             if self.mem[h as usize].is_none() {
@@ -280,17 +321,16 @@ impl SpannIndex {
                 }
                 _ => None,
             };
-            let mut thr = cand.threshold();
+            // pass 1: the 1-bit estimate of every entry not seen yet; it
+            // reads only this posting's own bytes (an entry it skips is not
+            // marked seen, so a copy in a later posting gets its own test)
+            let thr0 = cand.threshold();
+            pass.clear();
             for i in 0..p.len() {
                 let r = p.rows[i] as usize;
-                let (w, b) = (r / 64, 1u64 << (r % 64));
-                if seen[w] & b != 0 {
+                if seen[r / 64] & (1u64 << (r % 64)) != 0 {
                     continue;
                 }
-                // the 1-bit estimate first: it reads this posting's own
-                // bytes, while the row checks below read the row table at
-                // random (an entry it skips is not marked seen, so a copy in
-                // a later posting gets its own estimate)
                 if let Some((qb, qc_, w)) = filt {
                     let [f, kk, e] = p.filt[i];
                     let ip = qc_ + f * qb.dot_signs(&p.bits[i * nb..(i + 1) * nb]) + kk;
@@ -299,11 +339,27 @@ impl SpannIndex {
                     } else {
                         ip
                     };
-                    if est + w * e < thr {
+                    if est + w * e < thr0 {
                         continue;
                     }
+                    prefetch(&p.codes[i * dim..(i + 1) * dim]);
                 }
-                if !self.alive[r] || self.versions[r] != p.versions[i] {
+                pass.push(i as u32);
+            }
+            // pass 2: the int8 score of the survivors; the row table (read
+            // at random) is checked only for an entry that would enter the
+            // candidates. One left out keeps a score below the threshold,
+            // which only rises: a copy of it elsewhere cannot enter either.
+            let mut thr = cand.threshold();
+            for &i in pass.iter() {
+                let i = i as usize;
+                let s = qc.score(p, i);
+                if s < thr {
+                    continue;
+                }
+                let r = p.rows[i] as usize;
+                let (w, b) = (r / 64, 1u64 << (r % 64));
+                if seen[w] & b != 0 || !self.alive[r] || self.versions[r] != p.versions[i] {
                     continue;
                 }
                 seen[w] |= b;
@@ -312,11 +368,8 @@ impl SpannIndex {
                         continue;
                     }
                 }
-                let s = qc.score(p, i);
-                if s >= thr {
-                    cand.push(r as u64, s);
-                    thr = cand.threshold();
-                }
+                cand.push(r as u64, s);
+                thr = cand.threshold();
             }
             cand.len()
         };

@@ -186,3 +186,103 @@ fn replaying_operations_already_in_the_files_changes_nothing() {
     let r = results(&o, &q);
     assert_eq!(r.len(), q.len() / DIM);
 }
+
+/// Every posting's 1-bit filter columns and every coarse list's contiguous
+/// codes equal what a fresh computation from the int8 codes gives.
+fn assert_filter_consistent(idx: &SpannIndex) {
+    for h in 0..idx.heads.alive.len() {
+        if !idx.heads.alive[h] {
+            continue;
+        }
+        let p = idx.load_posting(h as u32).unwrap().into_owned();
+        assert!(p.has_filter(idx.dim), "posting {h} lacks its filter codes");
+        let mut again = p.clone();
+        again.bits.clear();
+        again.filt.clear();
+        idx.fill_filter(h as u32, &mut again);
+        assert_eq!(again, p, "posting {h}: stale filter codes");
+    }
+    assert_eq!(idx.heads.lcodes.len(), idx.heads.lists.len());
+    for c in 0..idx.heads.lists.len() {
+        assert_eq!(idx.list_codes(c), idx.heads.lcodes[c], "coarse list {c}");
+        let mut code = vec![0i8; idx.dim];
+        let aux = idx
+            .quant
+            .encode(&idx.heads.coarse[c * idx.dim..(c + 1) * idx.dim], &mut code);
+        assert_eq!(&idx.heads.ccodes[c * idx.dim..(c + 1) * idx.dim], &code[..]);
+        assert_eq!(idx.heads.caux[c], aux);
+    }
+}
+
+#[test]
+fn filter_codes_stay_consistent_through_updates_compaction_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut idx, q) = updated(dir.path());
+    assert!(idx.heads.alive.len() > 1500 / 20, "the adds split postings");
+    assert_filter_consistent(&idx);
+    idx.flush().unwrap();
+    assert_filter_consistent(&idx);
+    let before = results(&idx, &q);
+    for mode in [Mode::Memory, Mode::Disk] {
+        let o = SpannIndex::open(dir.path(), mode).err().unwrap();
+        assert!(matches!(o, Error::Locked(_)), "{o}");
+        let o = SpannIndex::open_read_only(dir.path(), mode).unwrap();
+        assert_filter_consistent(&o);
+        assert_eq!(results(&o, &q), before, "{mode:?}");
+        o.verify().unwrap();
+    }
+    idx.compact().unwrap();
+    assert_filter_consistent(&idx);
+    let after = results(&idx, &q);
+    drop(idx);
+    for mode in [Mode::Memory, Mode::Disk] {
+        let o = SpannIndex::open(dir.path(), mode).unwrap();
+        assert_filter_consistent(&o);
+        assert_eq!(results(&o, &q), after, "{mode:?} after compaction");
+    }
+}
+
+#[test]
+fn the_filter_keeps_the_answers_of_a_full_int8_scan() {
+    for metric in [Metric::Cosine, Metric::L2, Metric::Ip] {
+        let base = data(3000, 7);
+        let idx =
+            SpannIndex::build(&base, DIM, None, metric, SpannParams::default(), None).unwrap();
+        let q = data(100, 8);
+        let on = idx.search(&q, 10, &SearchParams::default(), None).unwrap();
+        let off = SearchParams {
+            filter: f32::INFINITY,
+            ..SearchParams::default()
+        };
+        let off = idx.search(&q, 10, &off, None).unwrap();
+        let (mut same, mut all) = (0, 0);
+        for (a, b) in on.iter().zip(&off) {
+            let b: std::collections::HashSet<u64> = b.iter().map(|h| h.id).collect();
+            same += a.iter().filter(|h| b.contains(&h.id)).count();
+            all += b.len();
+        }
+        assert!(
+            same as f64 >= 0.99 * all as f64,
+            "{metric:?}: {same} of {all} answers kept"
+        );
+    }
+}
+
+#[test]
+fn a_posting_with_wrong_filter_codes_fails_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = data(1500, 1);
+    let mut idx =
+        SpannIndex::build(&base, DIM, None, Metric::L2, SpannParams::default(), None).unwrap();
+    // a writer that got the codes wrong: page checksums are valid
+    let h = (0..idx.mem.len())
+        .find(|&h| idx.mem[h].as_ref().is_some_and(|p| p.len() > 2))
+        .unwrap();
+    idx.mem[h].as_mut().unwrap().filt[1][0] += 1.0;
+    idx.save(dir.path()).unwrap();
+    drop(idx);
+    let o = SpannIndex::open_read_only(dir.path(), Mode::Disk).unwrap();
+    let e = o.verify().unwrap_err();
+    assert!(matches!(e, Error::Corruption { .. }), "{e}");
+    assert!(e.to_string().contains("filter codes"), "{e}");
+}

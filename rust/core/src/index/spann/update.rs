@@ -256,14 +256,23 @@ impl SpannIndex {
             self.heads.lists.push(Vec::new());
         }
         self.heads.lists[best.0].push(h);
+        self.sync_list(best.0);
         h
     }
 
     fn kill_head(&mut self, h: u32) {
         let hu = h as usize;
         self.heads.alive[hu] = false;
-        for l in self.heads.lists.iter_mut() {
+        let mut touched = Vec::new();
+        for (c, l) in self.heads.lists.iter_mut().enumerate() {
+            let before = l.len();
             l.retain(|&x| x != h);
+            if l.len() != before {
+                touched.push(c);
+            }
+        }
+        for c in touched {
+            self.sync_list(c);
         }
         if self.slots[hu].pages > 0 {
             self.garbage_pages += self.slots[hu].pages as u64;
@@ -576,9 +585,9 @@ impl SpannIndex {
             .collect();
         let nh = mem.len();
         self.heads.vecs = hv;
-        self.encode_heads();
         self.heads.alive = vec![true; nh];
         self.heads.lists = lists;
+        self.encode_heads();
         self.mem = mem;
         self.slots = vec![Slot::default(); nh];
         self.dirty = vec![true; nh];
