@@ -164,7 +164,7 @@ pub fn encode(rot: &Rotation, x: &[f32], c: &[f32], rot_c: &[f32], bits: &mut [u
 }
 
 /// Bits per coordinate of the rotated query in [`QueryBits`].
-const QUERY_BITS: usize = 6;
+const QUERY_BITS: usize = 4;
 
 /// A query rotated and quantized to [`QUERY_BITS`]-bit unsigned integers,
 /// stored as bit planes: `<s, P q>` for a sign code `s` is then a few
@@ -231,6 +231,30 @@ impl QueryBits {
     #[target_feature(enable = "popcnt")]
     unsafe fn dot_signs_popcnt(&self, bits: &[u8]) -> f32 {
         self.dot_signs_any(bits)
+    }
+
+    /// `out[i] = <s_i, P q>` for the consecutive sign codes `codes`
+    /// (`nb` bytes each, `out.len()` of them): one call per posting.
+    pub fn dot_signs_all(&self, codes: &[u8], nb: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("popcnt") {
+                // SAFETY: the CPU has popcnt (checked just above)
+                unsafe { self.dot_signs_all_popcnt(codes, nb, out) };
+                return;
+            }
+        }
+        for (o, c) in out.iter_mut().zip(codes.chunks_exact(nb.max(1))) {
+            *o = self.dot_signs_any(c);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "popcnt")]
+    unsafe fn dot_signs_all_popcnt(&self, codes: &[u8], nb: usize, out: &mut [f32]) {
+        for (o, c) in out.iter_mut().zip(codes.chunks_exact(nb.max(1))) {
+            *o = self.dot_signs_any(c);
+        }
     }
 
     #[inline(always)]
@@ -371,7 +395,7 @@ mod speed {
         let q: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.37).sin()).collect();
         let qb = QueryBits::new(&rot, &q);
         let codes: Vec<u8> = (0..48 * 4096)
-            .map(|i| (i * 2654435761usize >> 7) as u8)
+            .map(|i| ((i * 2654435761usize) >> 7) as u8)
             .collect();
         let t = std::time::Instant::now();
         let mut s = 0f32;

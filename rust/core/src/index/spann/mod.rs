@@ -117,7 +117,7 @@ pub struct SearchParams {
 }
 
 /// Default [`SearchParams::filter`].
-pub const DEFAULT_FILTER: f32 = 2.0;
+pub const DEFAULT_FILTER: f32 = 1.0;
 
 impl Default for SearchParams {
     fn default() -> Self {

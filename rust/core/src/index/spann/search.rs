@@ -154,6 +154,7 @@ impl SpannIndex {
         // head distances: 1 - cos for cosine, squared L2 otherwise
         let l2 = self.metric != Metric::Cosine;
         let mut top = TopK::new(n);
+        let mut sdot: Vec<f32> = Vec::with_capacity(128);
         let probed = ctop.into_sorted();
         for (j, hit) in probed.iter().enumerate() {
             let c = hit.id as usize;
@@ -168,14 +169,18 @@ impl SpannIndex {
                 let w = filter * yperp * if l2 { 2.0 } else { 1.0 };
                 (qb, cip[c], w)
             });
+            if let Some((qb, _, _)) = filt {
+                sdot.resize(lists[c].len(), 0.0);
+                qb.dot_signs_all(&lc.bits, nb, &mut sdot);
+            }
             let mut thr = top.threshold();
             for (i, &h) in lists[c].iter().enumerate() {
                 if !self.heads.alive[h as usize] {
                     continue;
                 }
-                if let Some((qb, qcv, w)) = filt {
+                if let Some((_, qcv, w)) = filt {
                     let [f, kk, e] = lc.filt[i];
-                    let ip = qcv + f * qb.dot_signs(&lc.bits[i * nb..(i + 1) * nb]) + kk;
+                    let ip = qcv + f * sdot[i] + kk;
                     let est = if l2 {
                         -(qnorm - 2.0 * ip + lc.aux[i])
                     } else {
@@ -304,6 +309,7 @@ impl SpannIndex {
         let qnorm = distance::dot(q, q);
         let l2 = self.metric == Metric::L2;
         let mut pass: Vec<u32> = Vec::with_capacity(256);
+        let mut sdot: Vec<f32> = Vec::with_capacity(256);
         let mut scan = |h: u32, p: &PostingData, stats: &mut LastSearch| {
             stats.postings += 1;
             if self.mem[h as usize].is_none() {
@@ -326,14 +332,18 @@ impl SpannIndex {
             // marked seen, so a copy in a later posting gets its own test)
             let thr0 = cand.threshold();
             pass.clear();
+            if let Some((qb, _, _)) = filt {
+                sdot.resize(p.len(), 0.0);
+                qb.dot_signs_all(&p.bits, nb, &mut sdot);
+            }
             for i in 0..p.len() {
                 let r = p.rows[i] as usize;
                 if seen[r / 64] & (1u64 << (r % 64)) != 0 {
                     continue;
                 }
-                if let Some((qb, qc_, w)) = filt {
+                if let Some((_, qc_, w)) = filt {
                     let [f, kk, e] = p.filt[i];
-                    let ip = qc_ + f * qb.dot_signs(&p.bits[i * nb..(i + 1) * nb]) + kk;
+                    let ip = qc_ + f * sdot[i] + kk;
                     let est = if l2 {
                         -(qnorm - 2.0 * ip + p.aux[i])
                     } else {
