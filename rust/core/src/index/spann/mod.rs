@@ -5,18 +5,21 @@
 //! | part | where it lives | module |
 //! |---|---|---|
 //! | heads (5% of the points by default, centroids of balanced hierarchical k-means) and a coarse level over them | RAM | [`builder`], [`search`] |
-//! | postings: for each head, int8 codes of the vectors assigned to it (up to `replicas` heads per vector, RNG rule) | RAM (memory mode) or 4 KiB checksummed pages (disk mode) | [`posting`], [`crate::storage::posting`] |
+//! | postings: for each head, int8 codes of the vectors assigned to it (up to `replicas` heads per vector, RNG rule) and 1-bit filter codes of their residuals | RAM (memory mode) or 4 KiB checksummed pages (disk mode) | [`posting`], [`bits`], [`crate::storage::posting`] |
 //! | full-precision vectors, read only to rerank the final candidates | RAM or a checksummed record file | [`crate::storage::posting`] |
 //! | row table: external id, version, tombstone | RAM | this module |
 //!
 //! Why 5% heads rather than SPTAG's 10-20%: on the 200k MiniLM set it read
 //! fewer bytes per query at equal recall (see `benches/RESULTS.md`).
 //!
-//! Search: nearest heads through the coarse level (scored by their int8
-//! codes), query-aware pruning
+//! Search: nearest heads through the coarse level (coarse centroids and
+//! heads scored by their int8 codes, a head only when its 1-bit estimate can
+//! reach the current n-th best), query-aware pruning
 //! (skip a posting whose head is farther than `(1 + epsilon)` times the
-//! nearest head's distance), scan the surviving postings with the int8
-//! kernel, dedup, rerank the best `rerank` candidates exactly, top-k.
+//! nearest head's distance), scan the surviving postings: every entry gets a
+//! 1-bit RaBitQ-style estimate ([`bits`], 48 bytes per entry at 384-d) and
+//! only those that can still reach the rerank threshold get the int8 score;
+//! dedup, rerank the best `rerank` candidates exactly, top-k.
 //! Memory and disk modes run the same code on the same bytes, so they return
 //! identical results.
 //!
@@ -252,16 +255,13 @@ pub(crate) struct Slot {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Heads {
     pub vecs: Vec<f32>,
-    /// int8 codes of the heads (same quantizer as the postings) and their
-    /// decoded squared norms: the query-time head scan reads these, a
-    /// quarter of the bytes of `vecs`.
-    pub codes: Vec<i8>,
-    pub code_aux: Vec<f32>,
     pub alive: Vec<bool>,
     pub coarse: Vec<f32>,
     pub lists: Vec<Vec<u32>>,
-    /// Per coarse list, its heads' codes laid out contiguously (derived from
-    /// `codes` and `lists`, kept in step by [`SpannIndex::sync_list`]).
+    /// Per coarse list, its heads' codes laid out contiguously: int8 codes
+    /// (same quantizer as the postings; the query-time head scan reads these,
+    /// a quarter of the bytes of `vecs`) and 1-bit filter codes. Derived from
+    /// `vecs` and `lists`, kept in step by [`SpannIndex::sync_list`].
     pub lcodes: Vec<ListCodes>,
     /// int8 codes of the coarse centroids and their decoded squared norms
     /// (the query-time coarse scan reads these; kept in step with `coarse`).
@@ -491,8 +491,6 @@ impl SpannIndex {
             rot: bits::Rotation::new(dim, params.seed),
             heads: Heads {
                 vecs: hv,
-                codes: Vec::new(),
-                code_aux: Vec::new(),
                 alive: vec![true; h],
                 coarse: heads.0,
                 lists: heads.1,
@@ -612,18 +610,8 @@ impl SpannIndex {
         }
     }
 
-    /// Recompute the int8 codes of every head.
+    /// Recompute the codes of every head (in their coarse lists).
     pub(crate) fn encode_heads(&mut self) {
-        let dim = self.dim;
-        let n = self.heads.vecs.len() / dim;
-        self.heads.codes = vec![0i8; n * dim];
-        self.heads.code_aux = vec![0f32; n];
-        for h in 0..n {
-            self.heads.code_aux[h] = self.quant.encode(
-                &self.heads.vecs[h * dim..(h + 1) * dim],
-                &mut self.heads.codes[h * dim..(h + 1) * dim],
-            );
-        }
         self.sync_lists();
     }
 
@@ -686,12 +674,12 @@ impl SpannIndex {
             bits: vec![0u8; list.len() * nb],
             filt: Vec::with_capacity(list.len()),
         };
+        let mut code = vec![0i8; dim];
         for (i, &h) in list.iter().enumerate() {
-            let h = h as usize;
-            let code = &self.heads.codes[h * dim..(h + 1) * dim];
-            lc.codes.extend_from_slice(code);
-            lc.aux.push(self.heads.code_aux[h]);
-            self.quant.decode(code, &mut x);
+            let aux = self.quant.encode(self.head(h), &mut code);
+            lc.codes.extend_from_slice(&code);
+            lc.aux.push(aux);
+            self.quant.decode(&code, &mut x);
             lc.filt.push(bits::encode(
                 &self.rot,
                 &x,
@@ -705,16 +693,7 @@ impl SpannIndex {
 
     /// Re-encode head `h` after its vector changed (or was appended).
     pub(crate) fn encode_head(&mut self, h: u32) {
-        let dim = self.dim;
-        let h = h as usize;
-        let n = self.heads.vecs.len() / dim;
-        self.heads.codes.resize(n * dim, 0);
-        self.heads.code_aux.resize(n, 0.0);
-        self.heads.code_aux[h] = self.quant.encode(
-            &self.heads.vecs[h * dim..(h + 1) * dim],
-            &mut self.heads.codes[h * dim..(h + 1) * dim],
-        );
-        self.sync_lists_of(h as u32);
+        self.sync_lists_of(h);
     }
 
     pub(crate) fn head(&self, h: u32) -> &[f32] {
@@ -1160,8 +1139,6 @@ impl SpannIndex {
         }
         let mem_post: usize = self.mem.iter().flatten().map(|p| p.ram_bytes()).sum();
         let ram = self.heads.vecs.capacity() * 4
-            + self.heads.codes.capacity()
-            + self.heads.code_aux.capacity() * 4
             + self
                 .heads
                 .lcodes
@@ -1477,8 +1454,6 @@ fn read_meta(dir: &Path) -> Result<SpannIndex> {
         quant: Quantizer { lo, scale },
         heads: Heads {
             vecs: hv,
-            codes: Vec::new(),
-            code_aux: Vec::new(),
             alive: halive,
             coarse,
             lists,
