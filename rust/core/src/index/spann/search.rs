@@ -336,6 +336,8 @@ impl SpannIndex {
                 sdot.resize(p.len(), 0.0);
                 qb.dot_signs_all(&p.bits, nb, &mut sdot);
             }
+            // indexes rows, filt, aux, codes and the estimates together
+            #[allow(clippy::needless_range_loop)]
             for i in 0..p.len() {
                 let r = p.rows[i] as usize;
                 if seen[r / 64] & (1u64 << (r % 64)) != 0 {
