@@ -357,19 +357,12 @@ mod tests {
         a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
     }
 
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
-
     #[test]
     fn kernels_match_naive_at_every_length() {
-        let mut s = 7u64;
+        let mut g = crate::testdata::Lcg::new(7);
         for n in 0..100 {
-            let a: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
-            let b: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+            let a: Vec<f32> = (0..n).map(|_| g.next_f32()).collect();
+            let b: Vec<f32> = (0..n).map(|_| g.next_f32()).collect();
             let want = naive_dot(&a, &b);
             assert!((dot(&a, &b) as f64 - want).abs() < 1e-4, "dot n={n}");
             assert!((dot_portable(&a, &b) as f64 - want).abs() < 1e-4);
@@ -388,11 +381,11 @@ mod tests {
 
     #[test]
     fn dot_rows_matches_dot() {
-        let mut s = 3u64;
+        let mut g = crate::testdata::Lcg::new(3);
         for d in [1, 7, 8, 33, 384] {
             for n in [0, 1, 3, 4, 9] {
-                let q: Vec<f32> = (0..d).map(|_| lcg(&mut s)).collect();
-                let rows: Vec<f32> = (0..n * d).map(|_| lcg(&mut s)).collect();
+                let q: Vec<f32> = (0..d).map(|_| g.next_f32()).collect();
+                let rows: Vec<f32> = (0..n * d).map(|_| g.next_f32()).collect();
                 let mut out = vec![0.0; n];
                 dot_rows(&q, &rows, &mut out);
                 let mut port = vec![0.0; n];

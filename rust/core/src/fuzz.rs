@@ -419,15 +419,7 @@ pub fn base_spann() -> &'static [(String, Vec<u8>)] {
     static BASE: OnceLock<Vec<(String, Vec<u8>)>> = OnceLock::new();
     BASE.get_or_init(|| {
         let n = 120;
-        let mut s = 12345u64;
-        let v: Vec<f32> = (0..n * BASE_DIM)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect();
+        let v = crate::testdata::uniform(n, BASE_DIM, 12345);
         let params = SpannParams {
             head_ratio: 0.1,
             ..Default::default()

@@ -12,6 +12,7 @@
 //! | [`memory`] | what a record is ([`memory::record`]) and metadata filters ([`memory::filter`]) |
 //! | [`storage`] | bytes on disk: file headers, write-ahead log, segments, manifest, lock |
 //! | [`store`] | [`store::Store`], the one place that coordinates records, indexes and the log |
+//! | `testdata` | deterministic pseudo-random vectors for tests, benches and fuzz seeds |
 
 pub mod distance;
 pub mod error;
@@ -22,6 +23,8 @@ pub mod index;
 pub mod memory;
 pub mod storage;
 pub mod store;
+#[doc(hidden)]
+pub mod testdata;
 pub mod topk;
 
 pub use distance::Metric;

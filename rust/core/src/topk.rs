@@ -125,12 +125,11 @@ mod tests {
 
     #[test]
     fn matches_full_sort() {
-        let mut seed = 1u64;
+        let mut g = crate::testdata::Lcg::new(1);
         let mut all = Vec::new();
         let mut t = TopK::new(17);
         for id in 0..1000u64 {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-            let s = ((seed >> 33) % 100) as f32; // many ties
+            let s = ((g.next_u64() >> 33) % 100) as f32; // many ties
             all.push(Hit { id, score: s });
             t.push(id, s);
         }

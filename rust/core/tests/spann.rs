@@ -6,25 +6,9 @@ use engramdb_core::index::VectorIndex;
 use engramdb_core::{Error, Metric};
 use std::time::Instant;
 
-fn lcg(s: &mut u64) -> f32 {
-    *s = s
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    ((*s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-}
-
 /// Clustered data: `centers` random centres plus noise, like real embeddings.
 fn clustered(n: usize, dim: usize, centers: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    let cs: Vec<f32> = (0..centers * dim).map(|_| lcg(&mut s)).collect();
-    let mut out = Vec::with_capacity(n * dim);
-    for _ in 0..n {
-        let c = ((lcg(&mut s) + 0.5) * centers as f32) as usize % centers;
-        for d in 0..dim {
-            out.push(cs[c * dim + d] + 0.35 * lcg(&mut s));
-        }
-    }
-    out
+    engramdb_core::testdata::clustered(n, dim, centers, 0.35, seed)
 }
 
 fn normalized(mut v: Vec<f32>, dim: usize) -> Vec<f32> {

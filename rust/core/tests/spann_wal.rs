@@ -10,25 +10,9 @@ use std::time::Instant;
 
 const DIM: usize = 16;
 
+/// 25 clusters (noise a quarter of the centres' spread); the centres depend on the seed.
 fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut next = move || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-    };
-    let centers: Vec<f32> = (0..25 * DIM).map(|_| next() * 4.0).collect();
-    let mut out = Vec::with_capacity(n * DIM);
-    for i in 0..n {
-        let c = (i * 11) % 25;
-        for j in 0..DIM {
-            out.push(centers[c * DIM + j] + next());
-        }
-    }
-    out
+    engramdb_core::testdata::clustered(n, DIM, 25, 0.25, seed)
 }
 
 fn params() -> SpannParams {
@@ -329,17 +313,7 @@ fn add_throughput_with_and_without_the_log() {
         env("SPANN_ADD_CALLS", 200),
         env("SPANN_ADD_ROUNDS", 3),
     );
-    let gen = |n: usize, seed: u64| -> Vec<f32> {
-        let mut s = seed;
-        (0..n * dim)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-            })
-            .collect()
-    };
+    let gen = |n: usize, seed: u64| engramdb_core::testdata::uniform(n, dim, seed);
     let base = gen(n, 1);
     let extra = gen(batch * calls, 2);
     let dir = std::env::var("SPANN_ADD_DIR")

@@ -14,15 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn data(n: usize, dim: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n * dim)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
+    engramdb_core::testdata::uniform(n, dim, seed)
 }
 
 #[test]

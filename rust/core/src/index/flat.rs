@@ -327,15 +327,7 @@ mod tests {
     use crate::topk::better;
 
     fn data(n: usize, d: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n * d)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
+        crate::testdata::uniform(n, d, seed)
     }
 
     fn brute(idx: &FlatIndex, q: &[f32], k: usize) -> Vec<u64> {

@@ -28,25 +28,9 @@ fn crashing<T>(step: u8, f: impl FnOnce() -> T) -> bool {
 
 const DIM: usize = 16;
 
+/// 20 clusters (noise a quarter of the centres' spread); the centres depend on the seed.
 fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut next = || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-    };
-    let centers: Vec<f32> = (0..20 * DIM).map(|_| next() * 4.0).collect();
-    let mut out = Vec::with_capacity(n * DIM);
-    for i in 0..n {
-        let c = (i * 7) % 20;
-        for j in 0..DIM {
-            out.push(centers[c * DIM + j] + next());
-        }
-    }
-    out
+    crate::testdata::clustered(n, DIM, 20, 0.25, seed)
 }
 
 fn logs(dir: &Path) -> Vec<u64> {
