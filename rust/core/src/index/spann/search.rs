@@ -60,7 +60,6 @@ fn prefetch_posting(p: &PostingData) {
     prefetch(&p.rows);
     prefetch(&p.bits);
     prefetch(&p.filt);
-    prefetch(&p.versions);
 }
 
 /// Build the coarse level over `heads`: (centroids, member lists).
@@ -398,9 +397,16 @@ impl SpannIndex {
             cand.len()
         };
         let mut found = 0;
+        if let Some(&n) = sel.get(1) {
+            prefetch(std::slice::from_ref(&self.mem[n as usize]));
+        }
         for (j, &h) in sel.iter().enumerate() {
             // a resident posting is a handful of short arrays somewhere in
-            // RAM: ask for the next one's while this one is scanned
+            // RAM: ask for the next one's while this one is scanned, and for
+            // the one after's descriptor (where those arrays are)
+            if let Some(&n) = sel.get(j + 2) {
+                prefetch(std::slice::from_ref(&self.mem[n as usize]));
+            }
             if let Some(Some(next)) = sel.get(j + 1).map(|&n| self.mem[n as usize].as_ref()) {
                 prefetch_posting(next);
             }
