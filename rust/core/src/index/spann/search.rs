@@ -158,7 +158,8 @@ impl SpannIndex {
         let mut top = TopK::new(n);
         // (ip, |q - c|^2) of each head pushed; the TopK id is the head in
         // the high half (ties still break by head) and the index here below
-        let mut info: Vec<(f32, f32)> = Vec::with_capacity(4 * n);
+        // (n can come from parameters read from disk: a bounded reserve)
+        let mut info: Vec<(f32, f32)> = Vec::with_capacity(n.min(1024));
         let mut sdot: Vec<f32> = Vec::with_capacity(128);
         let probed = ctop.into_sorted();
         for (j, hit) in probed.iter().enumerate() {
