@@ -109,7 +109,10 @@ pub struct SearchParams {
     pub epsilon: f32,
     /// Coarse lists scanned to find the nearest heads.
     pub coarse_probe: usize,
-    /// Candidates reranked with full-precision vectors (at least k).
+    /// Candidates reranked with full-precision vectors (at least k). Also
+    /// sets the 1-bit filter's threshold (the `rerank`-th best int8 score so
+    /// far). 32 gives the recall of 64 on the 200k MiniLM set to within
+    /// 0.0001 at every probe depth measured, for ~20% more queries/s.
     pub rerank: usize,
     /// Width of the 1-bit filter's margin, in units of its error bound: an
     /// entry is scored with its int8 code only when its 1-bit estimate plus
@@ -128,7 +131,7 @@ impl Default for SearchParams {
             nprobe: 96,
             epsilon: 10.0,
             coarse_probe: 32,
-            rerank: 64,
+            rerank: 32,
             filter: DEFAULT_FILTER,
         }
     }

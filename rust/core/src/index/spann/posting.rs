@@ -125,6 +125,16 @@ impl QueryCodes {
         self.base + self.qscale * dot_i16_i8(&self.q16, code) as f32
     }
 
+    /// [`QueryCodes::dist_code`] from the code's inner product
+    /// ([`QueryCodes::ip_code`]).
+    #[inline]
+    pub fn dist_of_ip(&self, ip: f32, aux: f32) -> f32 {
+        match self.metric {
+            Metric::Cosine => 1.0 - ip,
+            _ => self.qnorm - 2.0 * ip + aux,
+        }
+    }
+
     /// Squared norm of the query.
     pub fn qnorm(&self) -> f32 {
         self.qnorm

@@ -60,7 +60,6 @@ fn prefetch_posting(p: &PostingData) {
     prefetch(&p.rows);
     prefetch(&p.bits);
     prefetch(&p.filt);
-    prefetch(&p.versions);
 }
 
 /// Build the coarse level over `heads`: (centroids, member lists).
@@ -128,7 +127,10 @@ impl SpannIndex {
     /// codes against the prepared query (the query-time path). With `qb`,
     /// a head is scored only when its 1-bit estimate (relative to its coarse
     /// list's centroid) plus `filter` error bounds reaches the current n-th
-    /// best score (see [`bits`]).
+    /// best score (see [`bits`]). Each head comes with its code's inner
+    /// product with the query and squared distance to it, `(distance, head,
+    /// <q, c>, |q - c|^2)`, so the posting scan need not read the head's
+    /// floats.
     pub(crate) fn nearest_heads_coded(
         &self,
         qc: &QueryCodes,
@@ -136,7 +138,7 @@ impl SpannIndex {
         filter: f32,
         n: usize,
         coarse_probe: usize,
-    ) -> Vec<(f32, u32)> {
+    ) -> Vec<(f32, u32, f32, f32)> {
         let dim = self.dim;
         let nb = bits::code_bytes(dim);
         let lists = &self.heads.lists;
@@ -154,6 +156,10 @@ impl SpannIndex {
         // head distances: 1 - cos for cosine, squared L2 otherwise
         let l2 = self.metric != Metric::Cosine;
         let mut top = TopK::new(n);
+        // (ip, |q - c|^2) of each head pushed; the TopK id is the head in
+        // the high half (ties still break by head) and the index here below
+        // (n can come from parameters read from disk: a bounded reserve)
+        let mut info: Vec<(f32, f32)> = Vec::with_capacity(n.min(1024));
         let mut sdot: Vec<f32> = Vec::with_capacity(128);
         let probed = ctop.into_sorted();
         for (j, hit) in probed.iter().enumerate() {
@@ -190,16 +196,22 @@ impl SpannIndex {
                         continue;
                     }
                 }
-                let s = -qc.dist_code(&lc.codes[i * dim..(i + 1) * dim], lc.aux[i]);
+                let code = &lc.codes[i * dim..(i + 1) * dim];
+                let ip = qc.ip_code(code);
+                let s = -qc.dist_of_ip(ip, lc.aux[i]);
                 if s >= thr {
-                    top.push(h as u64, s);
+                    top.push((h as u64) << 32 | info.len() as u64, s);
+                    info.push((ip, (qnorm - 2.0 * ip + lc.aux[i]).max(0.0)));
                     thr = top.threshold();
                 }
             }
         }
         top.into_sorted()
             .into_iter()
-            .map(|h| (-h.score, h.id as u32))
+            .map(|h| {
+                let (ip, y2) = info[(h.id & 0xFFFF_FFFF) as usize];
+                (-h.score, (h.id >> 32) as u32, ip, y2)
+            })
             .collect()
     }
 
@@ -273,7 +285,7 @@ impl SpannIndex {
             sp.nprobe.max(1),
             sp.coarse_probe,
         );
-        let Some(&(d0, _)) = heads.first() else {
+        let Some(&(d0, ..)) = heads.first() else {
             return Ok((Vec::new(), stats));
         };
         let limit = if self.metric == Metric::Ip {
@@ -281,7 +293,7 @@ impl SpannIndex {
         } else {
             (1.0 + sp.epsilon) * d0.max(1e-6)
         };
-        let near = heads.iter().take_while(|(d, _)| *d <= limit).count();
+        let near = heads.iter().take_while(|x| x.0 <= limit).count();
         let sel: Vec<u32> = heads[..near].iter().map(|x| x.1).collect();
         // with O_DIRECT every read waits on the device: issue them together
         // on the I/O pool (results are consumed in head order, so the answer
@@ -310,18 +322,18 @@ impl SpannIndex {
         let l2 = self.metric == Metric::L2;
         let mut pass: Vec<u32> = Vec::with_capacity(256);
         let mut sdot: Vec<f32> = Vec::with_capacity(256);
-        let mut scan = |h: u32, p: &PostingData, stats: &mut LastSearch| {
+        let mut scan = |h: u32, hq: (f32, f32), p: &PostingData, stats: &mut LastSearch| {
             stats.postings += 1;
             if self.mem[h as usize].is_none() {
                 stats.bytes += self.slots[h as usize].pages as u64 * PAGE as u64;
             }
             // the 1-bit estimate: <q, x> ~ <q, c> + f <s, Pq> + k, off by
-            // at most ~ e |q - c| (see `bits`)
+            // at most ~ e |q - c| (see `bits`); <q, c> and |q - c| come from
+            // the head's int8 code (far finer than that bound)
             let filt = match &qb {
                 Some(qb) if p.has_filter(dim) => {
-                    let c = self.head(h);
-                    let qc_ = distance::dot(q, c);
-                    let yperp = (qnorm - 2.0 * qc_ + distance::dot(c, c)).max(0.0).sqrt();
+                    let (qc_, y2) = hq;
+                    let yperp = y2.sqrt();
                     let w = sp.filter * yperp * if l2 { 2.0 } else { 1.0 };
                     Some((qb, qc_, w))
                 }
@@ -386,9 +398,16 @@ impl SpannIndex {
             cand.len()
         };
         let mut found = 0;
+        if let Some(&n) = sel.get(1) {
+            prefetch(std::slice::from_ref(&self.mem[n as usize]));
+        }
         for (j, &h) in sel.iter().enumerate() {
             // a resident posting is a handful of short arrays somewhere in
-            // RAM: ask for the next one's while this one is scanned
+            // RAM: ask for the next one's while this one is scanned, and for
+            // the one after's descriptor (where those arrays are)
+            if let Some(&n) = sel.get(j + 2) {
+                prefetch(std::slice::from_ref(&self.mem[n as usize]));
+            }
             if let Some(Some(next)) = sel.get(j + 1).map(|&n| self.mem[n as usize].as_ref()) {
                 prefetch_posting(next);
             }
@@ -396,21 +415,36 @@ impl SpannIndex {
                 Some(Some(p)) => Cow::Borrowed(p),
                 _ => self.load_posting(h)?,
             };
-            found = scan(h, &p, &mut stats);
+            found = scan(h, (heads[j].2, heads[j].3), &p, &mut stats);
         }
         // Ratio pruning may stop too early: when the query *is* a head, d0 is
         // ~0 and only that head's posting passes. Read on, nearest first,
         // until k candidates are found or the probe list ends.
-        for &(_, h) in &heads[near..] {
+        for &(_, h, ip, y2) in &heads[near..] {
             if found >= k {
                 break;
             }
             let p = self.load_posting(h)?;
-            found = scan(h, &p, &mut stats);
+            found = scan(h, (ip, y2), &p, &mut stats);
         }
         let mut top = TopK::new(k);
         let disk_rows = self.arena_first_row;
         let cands = cand.into_sorted();
+        // the candidates' ids, read at random: one tight loop lets the
+        // loads overlap
+        let cids: Vec<u64> = cands.iter().map(|c| self.ids[c.id as usize]).collect();
+        if disk_rows == 0 {
+            // every row is in RAM: score the vectors in place (no copy),
+            // asking for the next one while this one is scored
+            let at = |r: usize| &self.arena[r * dim..(r + 1) * dim];
+            for (j, c) in cands.iter().enumerate() {
+                if let Some(n) = cands.get(j + 1) {
+                    prefetch(at(n.id as usize));
+                }
+                top.push(cids[j], self.metric.similarity(q, at(c.id as usize)));
+            }
+            return Ok((top.into_sorted(), stats));
+        }
         let mut vecs = vec![0f32; cands.len() * dim];
         if parallel {
             io_pool().install(|| {
@@ -423,12 +457,11 @@ impl SpannIndex {
                 self.read_vector(c.id as u32, out)?;
             }
         }
-        for (v, c) in vecs.chunks_exact(dim).zip(&cands) {
-            let r = c.id as usize;
-            if r < disk_rows {
+        for ((v, c), &id) in vecs.chunks_exact(dim).zip(&cands).zip(&cids) {
+            if (c.id as usize) < disk_rows {
                 stats.bytes += (dim * 4 + 4) as u64;
             }
-            top.push(self.ids[r], self.metric.similarity(q, v));
+            top.push(id, self.metric.similarity(q, v));
         }
         Ok((top.into_sorted(), stats))
     }
