@@ -9,6 +9,7 @@
 //! | [`distance`] | metrics and SIMD distance kernels (run-time CPU detection) |
 //! | [`topk`] | bounded top-k selection shared by every index |
 //! | [`index`] | the [`index::VectorIndex`] trait and its implementations (exact [`index::flat`]) |
+//! | [`rng`] | the seedable generator (splitmix64) behind k-means seeding, rotations and LSH planes |
 //! | [`memory`] | what a record is ([`memory::record`]) and metadata filters ([`memory::filter`]) |
 //! | [`storage`] | bytes on disk: file headers, write-ahead log, segments, manifest, lock |
 //! | [`store`] | [`store::Store`], the one place that coordinates records, indexes and the log |
@@ -21,6 +22,7 @@ pub mod fault;
 pub mod fuzz;
 pub mod index;
 pub mod memory;
+pub mod rng;
 pub mod storage;
 pub mod store;
 #[doc(hidden)]

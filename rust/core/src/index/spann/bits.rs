@@ -28,6 +28,8 @@
 //! the int8 score: an entry whose estimate plus `kappa * e * |q - c|` stays
 //! below the current rerank threshold is skipped.
 
+use crate::rng::Rng;
+
 /// Rounds of the rotation (each: random signs, then a Walsh-Hadamard
 /// transform of one window).
 const ROUNDS: usize = 4;
@@ -46,25 +48,6 @@ pub struct Rotation {
     win: usize,
     /// `ROUNDS x dim` random signs (+1 or -1).
     flips: Vec<f32>,
-}
-
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    #[cfg(test)]
-    fn gauss(&mut self) -> f64 {
-        (0..12)
-            .map(|_| (self.next() >> 11) as f64 / (1u64 << 53) as f64)
-            .sum::<f64>()
-            - 6.0
-    }
 }
 
 /// In-place normalised Walsh-Hadamard transform of `x` (length a power of 2).
@@ -90,14 +73,14 @@ fn fwht(x: &mut [f32]) {
 
 impl Rotation {
     pub fn new(dim: usize, seed: u64) -> Rotation {
-        let mut rng = SplitMix(seed ^ 0x5EED_B175_0000_0001);
+        let mut rng = Rng::from_state(seed ^ 0x5EED_B175_0000_0001);
         let win = if dim == 0 {
             0
         } else {
             1usize << (usize::BITS - 1 - dim.leading_zeros())
         };
         let flips = (0..ROUNDS * dim)
-            .map(|_| if rng.next() >> 63 == 1 { -1.0 } else { 1.0 })
+            .map(|_| if rng.next_u64() >> 63 == 1 { -1.0 } else { 1.0 })
             .collect();
         Rotation { dim, win, flips }
     }
@@ -351,8 +334,11 @@ mod tests {
     use crate::distance;
 
     fn vecs(n: usize, dim: usize, seed: u64) -> Vec<f32> {
-        let mut r = SplitMix(seed);
-        (0..n * dim).map(|_| r.gauss() as f32).collect()
+        // sums of 12 uniforms: close enough to Gaussian for these tests
+        let mut r = Rng::from_state(seed);
+        (0..n * dim)
+            .map(|_| ((0..12).map(|_| r.next_f64()).sum::<f64>() - 6.0) as f32)
+            .collect()
     }
 
     #[test]
@@ -412,8 +398,8 @@ mod tests {
             let qb = QueryBits::new(&rot, &q);
             let mut pq = vec![0f32; dim];
             rot.apply(&q, &mut pq);
-            let mut r = SplitMix(11);
-            let mut bits: Vec<u8> = (0..code_bytes(dim)).map(|_| r.next() as u8).collect();
+            let mut r = Rng::from_state(11);
+            let mut bits: Vec<u8> = (0..code_bytes(dim)).map(|_| r.next_u64() as u8).collect();
             // codes keep the bits past `dim` clear (see `encode`)
             if dim % 8 != 0 {
                 *bits.last_mut().unwrap() &= (1u8 << (dim % 8)) - 1;
@@ -449,8 +435,8 @@ mod tests {
             let qb = QueryBits::new(&rot, &q);
             let nb = code_bytes(dim);
             let n = 37;
-            let mut r = SplitMix(dim as u64);
-            let mut codes: Vec<u8> = (0..n * nb).map(|_| r.next() as u8).collect();
+            let mut r = Rng::from_state(dim as u64);
+            let mut codes: Vec<u8> = (0..n * nb).map(|_| r.next_u64() as u8).collect();
             if dim % 8 != 0 {
                 for c in codes.chunks_exact_mut(nb) {
                     *c.last_mut().unwrap() &= (1u8 << (dim % 8)) - 1;

@@ -15,30 +15,11 @@
 
 use super::SpannParams;
 use crate::distance::l2_squared;
+pub(crate) use crate::rng::Rng;
 use rayon::prelude::*;
 
 /// Largest k of a final (leaf-producing) k-means.
 const MAX_FINAL_K: usize = 64;
-
-/// A small, fast, seedable generator (splitmix64).
-#[derive(Debug, Clone)]
-pub(crate) struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
-}
 
 /// A cluster: its centroid and the indices (into the node's point list) of
 /// its members.
