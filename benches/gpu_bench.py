@@ -29,10 +29,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(os.path.join(os.path.dirname(HERE), "python", "engramdb"))
 
 
-class _Skip(Exception):
-    """A kernel family left out with --kernels."""
-
-
 def _matmul_topk(x, q, k):
     import torch
 
@@ -90,10 +86,7 @@ def main(argv=None) -> int:
     del src, dst
     print(f"device: {name}; torch {torch.__version__}, triton {triton.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s")
 
-    kernels = set(args.kernels.split(","))
-    try:
-        if "decode" not in kernels:
-            raise _Skip
+    def decode_section():
         # ---- decode attention: the shipped defaults plus a sweep of the kernel's tuning knobs
         # (block_t, num_warps, unpack, splits: None = the default, "x4" = four times as many, "x16");
         # the default's row is marked, the best of the sweep reported beside it
@@ -141,15 +134,8 @@ def main(argv=None) -> int:
                               f"({row['sdpa_frac_bw']:5.1%}); {sdpa_ms / ms:.2f}x", flush=True)
             del q, k, v, kq, vq, kr, vr
             torch.cuda.empty_cache()
-    except _Skip:
-        pass
-    except Exception:  # report and go on: the other kernel's figures still count
-        traceback.print_exc()
-        print('decode attention: FAILED (above); its rows are missing', flush=True)
 
-    try:
-        if "search" not in kernels:
-            raise _Skip
+    def search_section():
         # ---- top-k search over 1M x 384 unit rows: defaults plus chunk/tile sweep, fp32 and fp16 queries
         n, d = (1 << 20, 384) if not args.smoke else (3000, 48)
         x16 = torch.randn(n, d, device=dev, dtype=torch.float16)
@@ -205,11 +191,15 @@ def main(argv=None) -> int:
                     print(f"index  {kind} {qkind} {row['shape']:24s} graph {row['graph']}: {ms * 1e3:8.1f} us "
                           f"{row['frac_bw']:6.1%} bw", flush=True)
                     del index
-    except _Skip:
-        pass
-    except Exception:  # report and go on: the other kernel's figures still count
-        traceback.print_exc()
-        print('search: FAILED (above); its rows are missing', flush=True)
+
+    for name, section in (("decode", decode_section), ("search", search_section)):
+        if name not in set(args.kernels.split(",")):
+            continue
+        try:
+            section()
+        except Exception:  # report and go on: the other kernel's figures still count
+            traceback.print_exc()
+            print(f"{name}: FAILED (above); its rows are missing", flush=True)
 
     # ---- summary: default configuration and best of the sweep per case
     print("\nsummary (fraction of copy bandwidth; default config, best config)")
