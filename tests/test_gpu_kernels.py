@@ -209,6 +209,16 @@ def test_decode_attention_tiles(case, meta_bits, block_t, unpack):
     torch.testing.assert_close(got.cpu(), ref, atol=2e-5, rtol=0)
 
 
+def test_decode_attention_rejects_bad_tuning_knobs():
+    q = torch.zeros(1, 2, 32, device=DEVICE)
+    k_res = torch.zeros(1, 2, 4, 32, device=DEVICE)
+    for bad in (48, 8):
+        with pytest.raises(ValueError, match="block_t"):
+            G.kivi_decode_attention(q, None, None, k_res, k_res, block_t=bad, backend="triton")
+    with pytest.raises(ValueError, match="unpack"):
+        G.kivi_decode_attention(q, None, None, k_res, k_res, unpack="fold", backend="triton")
+
+
 def _cpu(q):
     if q is None:
         return None

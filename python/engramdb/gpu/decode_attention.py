@@ -307,6 +307,8 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
     """
     if unpack not in UNPACK_MODES:
         raise ValueError(f"unpack must be one of {tuple(UNPACK_MODES)}, got {unpack!r}")
+    if block_t < 16 or block_t & (block_t - 1):
+        raise ValueError(f"block_t must be a power of two of at least 16, got {block_t}")
     squeeze = q.dim() == 4
     if squeeze:
         if q.shape[2] != 1:
