@@ -141,6 +141,75 @@ def test_8bit_metadata_costs_half_and_keeps_the_error_close():
             assert eb < 1.25 * ea, (fn.__name__, bits, float(ea), float(eb))
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("axis", ["token", "channel"])
+@pytest.mark.parametrize("shape", QUANT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_nearest_meta_round_matches_reference(bits, axis, shape):
+    """meta_round="nearest": kernel and reference give identical 8-bit codes and super-scales; the effective
+    minimum is within half a minimum step of the group's own, the effective scale within half a scale step of
+    its own range / qmax, and every element within the loosened bound of the docstring."""
+    b, h, t, d, g = shape
+    qmax = (1 << bits) - 1
+    x = (torch.randn(b, h, t, d, generator=gen(sum(shape) + 3 * bits)) * 2.5 + 0.7).to(DEVICE)
+    x[..., 0] *= 20
+    fn = kv_quant.quantize_keys if axis == "token" else kv_quant.quantize_values
+    got = fn(x, bits, g, meta_bits=8, meta_round="nearest", backend="triton")
+    ref = fn(x.cpu(), bits, g, meta_bits=8, meta_round="nearest", backend="torch")
+    cover = fn(x.cpu(), bits, g, meta_bits=8, backend="torch")
+    assert torch.equal(got.scale.cpu(), ref.scale) and torch.equal(got.minimum.cpu(), ref.minimum)
+    assert torch.equal(got.sup.cpu(), ref.sup)
+    assert not torch.equal(ref.minimum, cover.minimum)  # the option changes the codes
+    assert got.nbytes() == cover.nbytes()  # and not the bytes
+    diff = (unpack(got) - unpack(ref)).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() <= 1e-3
+    # the group's own minimum and range, in the layout of the scale/minimum codes
+    xc = x.cpu().float()
+    if axis == "token":
+        xg = xc.transpose(-1, -2).reshape(b, h, d, t // g, g)
+        mn, mx = xg.amin(-1).transpose(-1, -2), xg.amax(-1).transpose(-1, -2)
+        sup = ref.sup.float()
+    else:
+        xg = xc.reshape(b, h, t, d // g, g)
+        mn, mx = xg.amin(-1), xg.amax(-1)
+        sup = ref.sup.float().repeat_interleave(g, dim=2)
+    sstep, mstep = sup[..., 0:1], sup[..., 2:3]
+    se, me = kv_quant.effective_meta(ref)
+    tol = 1e-5 * (mn.abs() + mx.abs()) + 1e-6
+    assert ((me - mn).abs() <= mstep / 2 + tol).all()
+    assert ((se - (mx - mn) / qmax).abs() <= sstep / 2 * (1 + 1e-3) + tol).all()
+    bound = se / 2 + mstep / 2 + qmax * sstep / 2 + tol  # per group
+    rep = (lambda z: z.repeat_interleave(g, dim=-2)) if axis == "token" else (lambda z: z.repeat_interleave(g, dim=-1))
+    err = (kv_quant.dequantize(got, torch.float32, backend="torch").cpu() - xc).abs()
+    assert (err <= rep(bound)).all(), float((err - rep(bound)).max())
+
+
+def test_nearest_meta_round_lowers_the_error():
+    """With an outlier channel the 'cover' rounding coarsens the step of small-range groups (scale code rounded
+    up by up to one super-step); rounding to nearest brings the error back near fp16 metadata."""
+    x = torch.randn(1, 3, 256, 64, generator=gen(12)) * 2
+    x[..., 3] = x[..., 3] * 15 + 4
+    for fn in (kv_quant.quantize_keys, kv_quant.quantize_values):
+        for bits in (2, 4):
+            e = {}
+            for name, kw in (("fp16", {}), ("cover", dict(meta_bits=8)),
+                             ("nearest", dict(meta_bits=8, meta_round="nearest"))):
+                q = fn(x.to(DEVICE), bits, 32, backend="triton", **kw)
+                e[name] = float((kv_quant.dequantize(q, backend="torch").cpu() - x).pow(2).mean())
+            assert e["nearest"] < e["cover"] and e["nearest"] < 1.02 * e["fp16"], (fn.__name__, bits, e)
+    with pytest.raises(ValueError, match="meta_round"):
+        kv_quant.quantize_keys(x, 4, 32, meta_bits=8, meta_round="up")
+
+
+def test_hadamard_is_orthonormal_and_symmetric():
+    for d in (1, 2, 16, 64, 128):
+        h = kv_quant.hadamard(d)
+        torch.testing.assert_close(h @ h, torch.eye(d), atol=1e-6, rtol=0)
+        assert torch.equal(h, h.T) and (h.abs() == d**-0.5).all()
+    for d in (0, 48, 80):
+        with pytest.raises(ValueError, match="power-of-two"):
+            kv_quant.hadamard(d)
+
+
 def test_quantize_rejects_bad_shapes():
     with pytest.raises(ValueError, match="multiple of group_size"):
         G.quantize_keys(torch.zeros(1, 1, 40, 32), 4, 32)

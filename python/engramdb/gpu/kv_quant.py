@@ -60,6 +60,7 @@ __all__ = [
     "step_at",
     "refine_encode",
     "refine_decode",
+    "hadamard",
 ]
 
 
@@ -126,11 +127,12 @@ def quantize_grouped_ref(x: torch.Tensor, bits: int, group_size: int, meta_dtype
 _UP = 1.0 + 2.0**-10  # widen before rounding to fp16, so that rounding to nearest never narrows
 
 
-def _dq_meta_ref(mn: torch.Tensor, mx: torch.Tensor, qmax: int):
+def _dq_meta_ref(mn: torch.Tensor, mx: torch.Tensor, qmax: int, nearest: bool = False):
     """8-bit metadata for per-group ``mn``/``mx`` of shape ``(..., blocks, E)`` (E groups per super-block).
 
     Returns ``(s8, m8, sup, scale_eff, min_eff)``; the same float32 operations, in the same order, as
-    the Triton kernel, so both give identical codes.
+    the Triton kernel, so both give identical codes. ``nearest`` (``meta_round="nearest"``): both codes
+    rounded to nearest, the scale code from the group's own range (see :func:`quantize_keys`).
     """
     lo = mn.amin(-1, keepdim=True)
     hi = mn.amax(-1, keepdim=True)
@@ -140,14 +142,20 @@ def _dq_meta_ref(mn: torch.Tensor, mx: torch.Tensor, qmax: int):
     mstep = mstep_h.float()
     inv_m = torch.where(mstep > 0, 1.0 / torch.where(mstep > 0, mstep, torch.ones_like(mstep)),
                         torch.zeros_like(mstep))
-    m8 = torch.floor((mn - mbase) * inv_m).clamp_(0, 255)
+    if nearest:
+        m8 = torch.floor((mn - mbase) * inv_m + 0.5).clamp_(0, 255)
+    else:
+        m8 = torch.floor((mn - mbase) * inv_m).clamp_(0, 255)
     min_eff = mbase + m8 * mstep
-    need = (mx - min_eff) / qmax
+    need = (mx - mn) / qmax if nearest else (mx - min_eff) / qmax
     sstep_h = (need.amax(-1, keepdim=True) / 255.0 * _UP).to(torch.float16)
     sstep = sstep_h.float()
     inv_s = torch.where(sstep > 0, 1.0 / torch.where(sstep > 0, sstep, torch.ones_like(sstep)),
                         torch.zeros_like(sstep))
-    s8 = torch.ceil(need * inv_s).clamp_(0, 255)
+    if nearest:
+        s8 = torch.floor(need * inv_s + 0.5).clamp_(1, 255)
+    else:
+        s8 = torch.ceil(need * inv_s).clamp_(0, 255)
     scale_eff = s8 * sstep
     sup = torch.cat([sstep_h, mbase_h, mstep_h], -1)
     return s8.to(torch.uint8), m8.to(torch.uint8), sup, scale_eff, min_eff
@@ -158,7 +166,7 @@ def _codes_ref(xg, mnf, sf, qmax):
     return torch.floor((xg - mnf) * inv + 0.5).clamp_(0, qmax)
 
 
-def _quantize_dq_ref(x, bits, group_size, axis):
+def _quantize_dq_ref(x, bits, group_size, axis, nearest=False):
     """``meta_bits=8``: returns ``(packed, s8, m8, sup)`` in the layouts of the module docstring."""
     qmax = (1 << bits) - 1
     g = group_size
@@ -167,14 +175,14 @@ def _quantize_dq_ref(x, bits, group_size, axis):
         xg = x.float().transpose(-1, -2).reshape(b, h, d, t // g, g)  # (B, H, D, T/G, G)
         mn = xg.amin(-1).transpose(-1, -2)  # (B, H, T/G, D): one super-block per row
         mx = xg.amax(-1).transpose(-1, -2)
-        s8, m8, sup, se, me = _dq_meta_ref(mn, mx, qmax)
+        s8, m8, sup, se, me = _dq_meta_ref(mn, mx, qmax, nearest)
         q = _codes_ref(xg, me.transpose(-1, -2)[..., None], se.transpose(-1, -2)[..., None], qmax)
         packed = _pack_last_ref(q.to(torch.uint8).reshape(b, h, d, t), bits).transpose(-1, -2).contiguous()
         return packed, s8.contiguous(), m8.contiguous(), sup.contiguous()
     xg = x.float().reshape(b, h, t, d // g, g)
     mn = xg.amin(-1).reshape(b, h, t // g, d)  # G tokens x D/G groups per super-block
     mx = xg.amax(-1).reshape(b, h, t // g, d)
-    s8, m8, sup, se, me = _dq_meta_ref(mn, mx, qmax)
+    s8, m8, sup, se, me = _dq_meta_ref(mn, mx, qmax, nearest)
     q = _codes_ref(xg, me.reshape(b, h, t, d // g)[..., None], se.reshape(b, h, t, d // g)[..., None], qmax)
     packed = _pack_last_ref(q.to(torch.uint8).reshape(b, h, t, d), bits)
     return packed, s8.reshape(b, h, t, d // g), m8.reshape(b, h, t, d // g), sup
@@ -199,6 +207,19 @@ def step_at(q: QuantizedTensor, idx: torch.Tensor) -> torch.Tensor:
         return torch.gather(scale, 2, rows[..., None].expand(-1, -1, -1, scale.shape[-1]))
     s = torch.gather(scale, 2, idx.long()[..., None].expand(-1, -1, -1, scale.shape[-1]))  # (B, H, N, D // G)
     return s.repeat_interleave(q.group_size, dim=-1)
+
+
+def hadamard(d: int, device=None) -> torch.Tensor:
+    """The ``d x d`` Sylvester Hadamard matrix divided by ``sqrt(d)`` (float32): orthonormal and symmetric,
+    so it is its own inverse. ``d`` must be a power of two. Used by ``QuantizedKVCache(rotate_values=True)``:
+    values are quantized per token across channels, and rotating a token's channels first spreads an outlier
+    channel over all of them, so one large channel no longer sets the step of its whole group."""
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two size, got {d}")
+    h = torch.ones(1, 1, device=device)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / d**0.5
 
 
 def refine_encode(x: torch.Tensor, xhat: torch.Tensor, step: torch.Tensor, extra_bits: int) -> torch.Tensor:
@@ -307,7 +328,7 @@ if HAS_TRITON:
         X, P, S, M, SUP, NROWS,
         sxn, sxr, sxc, spn, spr, spc, smn, smr, smc, sun, suk,
         ROW_STEP: tl.constexpr, COL_STEP: tl.constexpr, NG: tl.constexpr,
-        BITS: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr,
+        BITS: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, NEAREST: tl.constexpr,
     ):
         # One program: one super-block of the (N, R, C) view = NROWS rows starting at k * ROW_STEP x NG
         # groups of G columns starting at k * COL_STEP (keys: all D channels x one token group; values:
@@ -343,8 +364,11 @@ if HAS_TRITON:
         for j in tl.static_range(NG):
             cols = k * COL_STEP + j * G + cg
             x = tl.load(xbase + cols[None, :] * sxc, mask=rmask[:, None], other=0.0).to(tl.float32)
-            m8 = tl.minimum(tl.maximum(tl.floor((tl.min(x, axis=1) - mbase) * inv_m), 0.0), 255.0)
-            need = (tl.max(x, axis=1) - (mbase + m8 * mstep)) / QMAX
+            if NEAREST:
+                need = (tl.max(x, axis=1) - tl.min(x, axis=1)) / QMAX
+            else:
+                m8 = tl.minimum(tl.maximum(tl.floor((tl.min(x, axis=1) - mbase) * inv_m), 0.0), 255.0)
+                need = (tl.max(x, axis=1) - (mbase + m8 * mstep)) / QMAX
             need_max = tl.maximum(need_max, tl.where(rmask, need, 0.0))
         sstep_s = (tl.max(need_max, axis=0) / 255.0 * 1.0009765625).to(tl.float16)
         sstep = sstep_s.to(tl.float32)
@@ -354,10 +378,16 @@ if HAS_TRITON:
             g = k * COL_STEP // G + j  # group index along the columns
             cols = g * G + cg
             x = tl.load(xbase + cols[None, :] * sxc, mask=rmask[:, None], other=0.0).to(tl.float32)
-            m8 = tl.minimum(tl.maximum(tl.floor((tl.min(x, axis=1) - mbase) * inv_m), 0.0), 255.0)
-            mn = mbase + m8 * mstep
-            need = (tl.max(x, axis=1) - mn) / QMAX
-            s8 = tl.minimum(tl.maximum(tl.ceil(need * inv_s), 0.0), 255.0)
+            if NEAREST:
+                m8 = tl.minimum(tl.maximum(tl.floor((tl.min(x, axis=1) - mbase) * inv_m + 0.5), 0.0), 255.0)
+                mn = mbase + m8 * mstep
+                need = (tl.max(x, axis=1) - tl.min(x, axis=1)) / QMAX
+                s8 = tl.minimum(tl.maximum(tl.floor(need * inv_s + 0.5), 1.0), 255.0)
+            else:
+                m8 = tl.minimum(tl.maximum(tl.floor((tl.min(x, axis=1) - mbase) * inv_m), 0.0), 255.0)
+                mn = mbase + m8 * mstep
+                need = (tl.max(x, axis=1) - mn) / QMAX
+                s8 = tl.minimum(tl.maximum(tl.ceil(need * inv_s), 0.0), 255.0)
             scale = s8 * sstep
             pos = scale > 0
             inv = tl.where(pos, 1.0 / tl.where(pos, scale, 1.0), 0.0)
@@ -411,6 +441,7 @@ if HAS_TRITON:
 
 
 _BLOCK_R = 32
+META_ROUNDS = ("cover", "nearest")
 
 
 def _quantize_triton(x, bits, group_size, axis, meta_dtype):
@@ -439,7 +470,7 @@ def _quantize_triton(x, bits, group_size, axis, meta_dtype):
             mn.reshape(b, h, *mn.shape[1:]))
 
 
-def _quantize_dq_triton(x, bits, group_size, axis):
+def _quantize_dq_triton(x, bits, group_size, axis, nearest=False):
     b, h, t, d = x.shape
     n = b * h
     x3 = x.reshape(n, t, d)
@@ -461,7 +492,7 @@ def _quantize_dq_triton(x, bits, group_size, axis):
     mn = torch.empty_like(scale)
     _quant_pack_dq_kernel[(n, t // g)](
         x3, packed, scale, mn, sup, nrows, *sx, *sp, *sm, sup.stride(0), sup.stride(1),
-        ROW_STEP=row_step, COL_STEP=col_step, NG=ng, BITS=bits, G=g, BLOCK_R=block_r)
+        ROW_STEP=row_step, COL_STEP=col_step, NG=ng, BITS=bits, G=g, BLOCK_R=block_r, NEAREST=nearest)
     return (packed.reshape(b, h, *packed.shape[1:]), scale.reshape(b, h, *scale.shape[1:]),
             mn.reshape(b, h, *mn.shape[1:]), sup.reshape(b, h, t // g, 3))
 
@@ -489,7 +520,7 @@ def _dequantize_triton(q: QuantizedTensor, dtype):
 
 
 # --------------------------------------------------------------------------- public API
-def _quantize(x, bits, group_size, axis, meta_dtype, backend, meta_bits=16):
+def _quantize(x, bits, group_size, axis, meta_dtype, backend, meta_bits=16, meta_round="cover"):
     if x.dim() != 4:
         raise ValueError(f"expected (batch, heads, tokens, head_dim), got shape {tuple(x.shape)}")
     _check(bits, group_size)
@@ -500,10 +531,12 @@ def _quantize(x, bits, group_size, axis, meta_dtype, backend, meta_bits=16):
                          f"of group_size {group_size}")
     if meta_bits not in (8, 16):
         raise ValueError(f"meta_bits must be 8 or 16, got {meta_bits}")
+    if meta_round not in META_ROUNDS:
+        raise ValueError(f"meta_round must be one of {META_ROUNDS}, got {meta_round!r}")
     triton_path = pick_backend(backend, x) == "triton"
     if meta_bits == 8:
         fn = _quantize_dq_triton if triton_path else _quantize_dq_ref
-        packed, scale, mn, sup = fn(x, bits, group_size, axis)
+        packed, scale, mn, sup = fn(x, bits, group_size, axis, meta_round == "nearest")
         return QuantizedTensor(packed, scale, mn, bits, group_size, axis, tuple(x.shape), sup)
     if triton_path:
         packed, scale, mn = _quantize_triton(x, bits, group_size, axis, meta_dtype)
@@ -513,19 +546,25 @@ def _quantize(x, bits, group_size, axis, meta_dtype, backend, meta_bits=16):
 
 
 def quantize_keys(k: torch.Tensor, bits: int = 4, group_size: int = 32, *, meta_dtype=torch.float16,
-                  meta_bits: int = 16, backend: str = "auto") -> QuantizedTensor:
+                  meta_bits: int = 16, meta_round: str = "cover", backend: str = "auto") -> QuantizedTensor:
     """Per-channel quantization of keys ``(B, H, T, D)``; ``T`` must be a multiple of ``group_size``.
 
-    ``meta_bits=8`` stores scale and minimum as 8-bit codes (see the module docstring)."""
-    return _quantize(k, bits, group_size, "token", meta_dtype, backend, meta_bits)
+    ``meta_bits=8`` stores scale and minimum as 8-bit codes (see the module docstring). ``meta_round``
+    (``meta_bits=8`` only): ``"cover"`` (minimum code rounded down, scale code up, so every element is
+    within half an effective step) or ``"nearest"`` (both codes rounded to nearest, the scale code from
+    the group's own range; elements outside the rounded range are clamped, so the bound loosens to
+    ``scale / 2 + mstep / 2 + qmax * sstep / 2``, but the effective scale and minimum are closer to the
+    group's own on average)."""
+    return _quantize(k, bits, group_size, "token", meta_dtype, backend, meta_bits, meta_round)
 
 
 def quantize_values(v: torch.Tensor, bits: int = 4, group_size: int = 32, *, meta_dtype=torch.float16,
-                    meta_bits: int = 16, backend: str = "auto") -> QuantizedTensor:
+                    meta_bits: int = 16, meta_round: str = "cover", backend: str = "auto") -> QuantizedTensor:
     """Per-token quantization of values ``(B, H, T, D)``; ``D`` must be a multiple of ``group_size``.
 
-    ``meta_bits=8`` stores scale and minimum as 8-bit codes (see the module docstring)."""
-    return _quantize(v, bits, group_size, "channel", meta_dtype, backend, meta_bits)
+    ``meta_bits=8`` stores scale and minimum as 8-bit codes (see the module docstring); ``meta_round``
+    as in :func:`quantize_keys`."""
+    return _quantize(v, bits, group_size, "channel", meta_dtype, backend, meta_bits, meta_round)
 
 
 def dequantize(q: QuantizedTensor, dtype=torch.float32, *, backend: str = "auto") -> torch.Tensor:
