@@ -169,6 +169,22 @@ def settings(model, which):
                                                            sink_tokens=4, meta_bits=8),
         "engramdb-4bit-sink4-m8": lambda: QuantizedKVCache(cfg, bits=4, group_size=32, residual_length=32,
                                                            sink_tokens=4, meta_bits=8),
+        # 8-bit metadata codes rounded to nearest (meta_round), values quantized after a Hadamard rotation
+        "engramdb-4bit-m8n": lambda: QuantizedKVCache(cfg, bits=4, group_size=32, residual_length=32, meta_bits=8,
+                                                      meta_round="nearest"),
+        "engramdb-4bit-m8n-rotv": lambda: QuantizedKVCache(cfg, bits=4, group_size=32, residual_length=32,
+                                                           meta_bits=8, meta_round="nearest", rotate_values=True),
+        "engramdb-4bit-m8n-rotv-r128": lambda: QuantizedKVCache(cfg, bits=4, group_size=32, residual_length=128,
+                                                                meta_bits=8, meta_round="nearest",
+                                                                rotate_values=True),
+        "engramdb-2bit-m8n-rotv": lambda: QuantizedKVCache(cfg, bits=2, group_size=32, residual_length=32,
+                                                           meta_bits=8, meta_round="nearest", rotate_values=True),
+        "engramdb-2bit-sink4-mikv6-m8n-rotv": lambda: QuantizedKVCache(
+            cfg, bits=2, group_size=32, residual_length=32, sink_tokens=4, meta_bits=8, important_ratio=0.0625,
+            extra_bits=2, meta_round="nearest", rotate_values=True),
+        "engramdb-2bit-sink4-mikv12-m8n-rotv": lambda: QuantizedKVCache(
+            cfg, bits=2, group_size=32, residual_length=32, sink_tokens=4, meta_bits=8, important_ratio=0.125,
+            extra_bits=2, meta_round="nearest", rotate_values=True),
         # mixed precision (MiKV-style, SnapKV's importance rule): needs the engramdb attention function
         "engramdb-2bit-mikv25": lambda: QuantizedKVCache(cfg, bits=2, group_size=32, residual_length=32,
                                                          meta_bits=8, important_ratio=0.25, extra_bits=2),

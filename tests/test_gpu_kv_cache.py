@@ -203,6 +203,70 @@ def test_fused_attention_matches_dequantize_path():
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
 
 
+def test_rotated_values_roundtrip_error_and_bytes():
+    """rotate_values: values come back in their own basis (window exact, quantized part close), with a lower
+    error than unrotated when one channel is an outlier, and the same bytes (the rotation is not stored)."""
+    r = torch.Generator().manual_seed(12)
+    k = torch.randn(1, 2, 100, 64, generator=r)
+    v = torch.randn(1, 2, 100, 64, generator=r)
+    v[..., 7] = v[..., 7] * 12 + 3  # an outlier channel sets the step of its whole 32-channel group
+    outs, nbytes = {}, {}
+    for rot in (False, True):
+        layer = G.QuantizedKVLayer(bits=4, group_size=32, residual_length=32, backend="torch", meta_bits=8,
+                                   meta_round="nearest", rotate_values=rot)
+        layer.update(k, v)
+        out_k, out_v = layer.update(k[:, :, :1], v[:, :, :1])  # flushes the 64 oldest tokens
+        assert layer.qvalues.shape[2] == 64
+        torch.testing.assert_close(out_v[:, :, 64:100], v[:, :, 64:], atol=0, rtol=0)
+        outs[rot] = (out_v[:, :, :64] - v[:, :, :64]).pow(2).mean().item()
+        nbytes[rot] = layer.nbytes()
+    assert outs[True] < 0.7 * outs[False], outs
+    assert outs[True] < 0.01 * v.pow(2).mean().item()  # rotated back: a wrong basis would be error ~ signal
+    assert nbytes[True] == nbytes[False]
+    layer = G.QuantizedKVLayer(bits=4, backend="torch", rotate_values=True)
+    with pytest.raises(ValueError, match="power-of-two"):
+        layer.update(torch.randn(1, 1, 40, 80), torch.randn(1, 1, 40, 80))
+    with pytest.raises(ValueError, match="meta_round"):
+        G.QuantizedKVCache(None, bits=4, meta_bits=8, meta_round="down")
+
+
+@pytest.mark.parametrize("extra", [{}, dict(meta_bits=8, meta_round="nearest")])
+def test_fused_attention_with_rotated_values_matches_dequantize_path(extra):
+    """The fused kernel reads the rotated codes: the window is rotated on the way in and the output rotated back."""
+    name = G.register_attention()
+    model = tiny_llama(attn=name)
+    ids = torch.randint(0, 101, (1, 80), generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    outs = []
+    with torch.no_grad():
+        full = model(ids).logits[0, 70:76]
+        for fused in (False, True):
+            cache = G.QuantizedKVCache(model.config, bits=4, fused_attention=fused, rotate_values=True,
+                                       backend="triton" if fused else "torch", **extra)
+            model(ids[:, :70], **G.cache_kwargs(model, cache), use_cache=True)
+            outs.append(torch.stack([model(ids[:, t:t + 1], **G.cache_kwargs(model, cache), use_cache=True).logits[0, -1]
+                                     for t in range(70, 76)]))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+    assert (outs[0] - full).abs().max() < 0.05 * full.abs().max()  # and both are close to full precision
+
+
+def test_mixed_precision_with_rotated_values():
+    """Refinement codes of rotated values: refining every token still halves the 2-bit logit error."""
+    name = G.register_attention()
+    model = tiny_llama(attn=name)
+    ids = torch.randint(0, 101, (1, 130), generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    err = {}
+    with torch.no_grad():
+        full = model(ids).logits[0, 64:]
+        for ratio in (0.0, 1.0):
+            cache = G.QuantizedKVCache(model.config, bits=2, group_size=32, residual_length=32, backend="torch",
+                                       meta_bits=8, meta_round="nearest", rotate_values=True, important_ratio=ratio)
+            model(ids[:, :64], **G.cache_kwargs(model, cache), use_cache=True)
+            steps = [model(ids[:, t:t + 1], **G.cache_kwargs(model, cache), use_cache=True).logits[0, -1]
+                     for t in range(64, 130)]
+            err[ratio] = float((torch.stack(steps) - full).abs().max() / full.abs().max())
+    assert err[1.0] < 0.5 * err[0.0], err
+
+
 @pytest.mark.slow
 def test_kv_quality_4bit_within_budget():
     """Our 4-bit cache stays within +0.2 perplexity of the float32 cache on SmolLM2-135M (benches/kv_quality.py)."""

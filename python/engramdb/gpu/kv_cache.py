@@ -13,6 +13,13 @@ outsized magnitude there; quantizing them widens the ranges of their whole group
 along tokens). Decode attention does not depend on key order, so the fused kernel reads sinks and
 window as one full-precision block.
 
+``rotate_values`` quantizes values after a Hadamard rotation of their channels (``v @ H``, ``H``
+orthonormal and symmetric, :func:`kv_quant.hadamard`): values are quantized per token across channels,
+and the rotation spreads an outlier channel over the whole head instead of letting it set the step of
+its group. The dequantize path rotates the dequantized values back; the fused path feeds the kernel
+the rotated codes and the window rotated on the fly, and rotates the attention output back
+(``softmax(qK) (V H) H = softmax(qK) V``). Keys are not rotated: they are quantized per channel.
+
 Two ways to attend:
 
 * default: ``update`` returns the dequantized cache (Triton dequantize kernel on CUDA, torch on
@@ -39,6 +46,7 @@ from .decode_attention import kivi_decode_attention
 from .kv_quant import (
     QuantizedTensor,
     dequantize,
+    hadamard,
     quantize_keys,
     quantize_values,
     refine_decode,
@@ -82,10 +90,16 @@ class QuantizedKVLayer(CacheLayerMixin):
                  key_bits: Optional[int] = None, value_bits: Optional[int] = None,
                  meta_dtype: torch.dtype = torch.float16, backend: str = "auto", fused_attention: bool = False,
                  sink_tokens: int = 0, meta_bits: int = 16, important_ratio: float = 0.0, extra_bits: int = 2,
-                 observation_window: int = 32, pool_kernel: int = 5):
+                 observation_window: int = 32, pool_kernel: int = 5, meta_round: str = "cover",
+                 rotate_values: bool = False):
         super().__init__()
         if meta_bits not in (8, 16):
             raise ValueError(f"meta_bits must be 8 or 16, got {meta_bits}")
+        if meta_round not in ("cover", "nearest"):
+            raise ValueError(f"meta_round must be 'cover' or 'nearest', got {meta_round!r}")
+        self.meta_round = meta_round
+        self.rotate_values = rotate_values
+        self.rot: Optional[torch.Tensor] = None  # (D, D) float32 Hadamard matrix when rotate_values
         if not 0.0 <= important_ratio <= 1.0:
             raise ValueError("important_ratio must be in [0, 1]")
         if extra_bits not in (2, 4, 8):
@@ -122,7 +136,13 @@ class QuantizedKVLayer(CacheLayerMixin):
         shape = (key_states.shape[0], key_states.shape[1], 0, key_states.shape[3])
         self.keys = key_states.new_empty(shape)
         self.values = value_states.new_empty((*shape[:3], value_states.shape[3]))
+        if self.rotate_values:
+            self.rot = hadamard(value_states.shape[3], value_states.device)  # ValueError unless a power of two
         self.is_initialized = True
+
+    def rotate(self, v: torch.Tensor) -> torch.Tensor:
+        """``v @ H`` in float32 (the Hadamard matrix is its own inverse: this also undoes the rotation)."""
+        return v.float() @ self.rot
 
     # -- storage
     def flush(self) -> None:
@@ -134,7 +154,11 @@ class QuantizedKVLayer(CacheLayerMixin):
         if n <= 0:
             return
         k_old, v_old = self.keys[:, :, s : s + n], self.values[:, :, s : s + n]
+        if self.rotate_values:  # quantize (and refine) the rotated values; dequantized() rotates back
+            v_old = self.rotate(v_old)
         kw = dict(meta_dtype=self.meta_dtype, meta_bits=self.meta_bits, backend=self.backend)
+        if self.meta_bits == 8:
+            kw["meta_round"] = self.meta_round
         kq = quantize_keys(k_old, self.key_bits, self.group_size, **kw)
         vq = quantize_values(v_old, self.value_bits, self.group_size, **kw)
         n_imp = int(round(self.important_ratio * n))
@@ -195,12 +219,15 @@ class QuantizedKVLayer(CacheLayerMixin):
             self.ref_k = torch.cat([self.ref_k, codes[0]], 2)
             self.ref_v = torch.cat([self.ref_v, codes[1]], 2)
 
-    def _dequantize_refined(self, q: QuantizedTensor, codes: Optional[torch.Tensor]) -> torch.Tensor:
-        if codes is None:
+    def _dequantize_refined(self, q: QuantizedTensor, codes: Optional[torch.Tensor], rotated: bool = False):
+        if codes is None and not rotated:
             return dequantize(q, self.dtype, backend=self.backend)
         x = dequantize(q, torch.float32, backend=self.backend)
-        idx = self.ref_idx.long()[..., None].expand(-1, -1, -1, x.shape[-1])
-        x = x.scatter_add(2, idx, refine_decode(codes, step_at(q, self.ref_idx), self.extra_bits))
+        if codes is not None:
+            idx = self.ref_idx.long()[..., None].expand(-1, -1, -1, x.shape[-1])
+            x = x.scatter_add(2, idx, refine_decode(codes, step_at(q, self.ref_idx), self.extra_bits))
+        if rotated:
+            x = self.rotate(x)
         return x.to(self.dtype)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +236,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             return self.keys, self.values
         s = self.sink_tokens
         k = self._dequantize_refined(self.qkeys, self.ref_k)
-        v = self._dequantize_refined(self.qvalues, self.ref_v)
+        v = self._dequantize_refined(self.qvalues, self.ref_v, self.rotate_values)
         return (torch.cat([self.keys[:, :, :s], k, self.keys[:, :, s:]], -2),
                 torch.cat([self.values[:, :, :s], v, self.values[:, :, s:]], -2))
 
@@ -298,7 +325,10 @@ class QuantizedKVCache(Cache):
     ``residual_length`` (recent tokens kept in full precision, a multiple of ``group_size``),
     ``sink_tokens`` (first tokens kept in full precision; 0 by default), ``meta_bits`` (16: fp16 scale and
     minimum per group; 8: 8-bit codes against an fp16 super-scale per token group and head, see
-    :mod:`kv_quant`).
+    :mod:`kv_quant`), ``meta_round`` (with ``meta_bits=8``: ``"cover"`` or ``"nearest"``, see
+    :func:`kv_quant.quantize_keys`), ``rotate_values`` (quantize values after a Hadamard rotation of their
+    channels, undone on the dequantized values or, in the fused path, on the attention output; the head size
+    must be a power of two).
     Without ``config`` the layers are created as the model first reaches them.
     """
 
@@ -306,8 +336,9 @@ class QuantizedKVCache(Cache):
                  key_bits: Optional[int] = None, value_bits: Optional[int] = None,
                  meta_dtype: torch.dtype = torch.float16, backend: str = "auto", fused_attention: bool = False,
                  sink_tokens: int = 0, meta_bits: int = 16, important_ratio: float = 0.0, extra_bits: int = 2,
-                 observation_window: int = 32, pool_kernel: int = 5):
-        kw = dict(bits=bits, group_size=group_size, residual_length=residual_length, key_bits=key_bits,
+                 observation_window: int = 32, pool_kernel: int = 5, meta_round: str = "cover",
+                 rotate_values: bool = False):
+        kw = dict(meta_round=meta_round, rotate_values=rotate_values, bits=bits, group_size=group_size, residual_length=residual_length, key_bits=key_bits,
                   value_bits=value_bits, meta_dtype=meta_dtype, backend=backend, fused_attention=fused_attention,
                   sink_tokens=sink_tokens, meta_bits=meta_bits, important_ratio=important_ratio,
                   extra_bits=extra_bits, observation_window=observation_window, pool_kernel=pool_kernel)
@@ -344,8 +375,13 @@ def kivi_attention_forward(module, query, key, value, attention_mask, dropout: f
     if masked:
         k, v = layer.dequantized()
         return sdpa_attention_forward(module, query, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    out = kivi_decode_attention(query, layer.qkeys, layer.qvalues, layer.keys, layer.values, sm_scale=scaling,
+    v_res = layer.values
+    if layer.rotate_values:  # out = P_q (V_q H) + P_w (V_w H) = (P V) H, so rotate the window, then out @ H
+        v_res = layer.rotate(v_res).to(v_res.dtype)
+    out = kivi_decode_attention(query, layer.qkeys, layer.qvalues, layer.keys, v_res, sm_scale=scaling,
                                 backend=layer.backend)
+    if layer.rotate_values:
+        out = layer.rotate(out).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
 
 
