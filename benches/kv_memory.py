@@ -39,6 +39,12 @@ SETTINGS = {
     "engramdb-2bit-sink4-mikv50": dict(bits=2, meta_bits=8, sink_tokens=4, important_ratio=0.5, extra_bits=2),
     "engramdb-2bit-mikv25": dict(bits=2, meta_bits=8, important_ratio=0.25, extra_bits=2),
     "engramdb-2bit-sink4-mikv12e4": dict(bits=2, meta_bits=8, sink_tokens=4, important_ratio=0.125, extra_bits=4),
+    # 8-bit metadata rounded to nearest + Hadamard-rotated values: the same bytes as the m8 rows above
+    "engramdb-4bit-m8n-rotv": dict(bits=4, meta_bits=8, meta_round="nearest", rotate_values=True),
+    "engramdb-2bit-sink4-m8n-rotv": dict(bits=2, meta_bits=8, meta_round="nearest", rotate_values=True,
+                                         sink_tokens=4),
+    "engramdb-2bit-sink4-mikv6-m8n-rotv": dict(bits=2, meta_bits=8, meta_round="nearest", rotate_values=True,
+                                               sink_tokens=4, important_ratio=0.0625, extra_bits=2),
     "engramdb-4bit-g64": dict(bits=4, group_size=64, residual_length=64),
     "engramdb-2bit-g64": dict(bits=2, group_size=64, residual_length=64),
 }

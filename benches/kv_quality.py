@@ -179,6 +179,9 @@ def settings(model, which):
                                                                 rotate_values=True),
         "engramdb-2bit-m8n-rotv": lambda: QuantizedKVCache(cfg, bits=2, group_size=32, residual_length=32,
                                                            meta_bits=8, meta_round="nearest", rotate_values=True),
+        "engramdb-2bit-sink4-m8n-rotv": lambda: QuantizedKVCache(cfg, bits=2, group_size=32, residual_length=32,
+                                                                 sink_tokens=4, meta_bits=8, meta_round="nearest",
+                                                                 rotate_values=True),
         "engramdb-2bit-sink4-mikv6-m8n-rotv": lambda: QuantizedKVCache(
             cfg, bits=2, group_size=32, residual_length=32, sink_tokens=4, meta_bits=8, important_ratio=0.0625,
             extra_bits=2, meta_round="nearest", rotate_values=True),
