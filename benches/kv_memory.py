@@ -43,6 +43,10 @@ SETTINGS = {
     "engramdb-4bit-m8n-rotv": dict(bits=4, meta_bits=8, meta_round="nearest", rotate_values=True),
     "engramdb-2bit-sink4-m8n-rotv": dict(bits=2, meta_bits=8, meta_round="nearest", rotate_values=True,
                                          sink_tokens=4),
+    # one of the 4 layers with 4-bit keys in kv_quality's engramdb-2bit-sink4-m8n-rotv-k4x4 (the other 26 are
+    # engramdb-2bit-sink4-m8n-rotv): that setting's bytes are (26 x those + 4 x these) / 30
+    "engramdb-k4v2-sink4-m8n-rotv": dict(bits=2, key_bits=4, meta_bits=8, meta_round="nearest", rotate_values=True,
+                                         sink_tokens=4),
     "engramdb-2bit-sink4-mikv6-m8n-rotv": dict(bits=2, meta_bits=8, meta_round="nearest", rotate_values=True,
                                                sink_tokens=4, important_ratio=0.0625, extra_bits=2),
     "engramdb-4bit-g64": dict(bits=4, group_size=64, residual_length=64),

@@ -267,6 +267,29 @@ def test_mixed_precision_with_rotated_values():
     assert err[1.0] < 0.5 * err[0.0], err
 
 
+def test_per_layer_key_bits():
+    """key_bits as a list: each layer quantizes its keys at its own width (bytes follow), values untouched."""
+    model = tiny_llama()
+    ids = torch.randint(0, 101, (1, 100), generator=torch.Generator().manual_seed(15)).to(DEVICE)
+    kvq = sys.modules[G.__name__ + ".kv_quant"]
+    with torch.no_grad():
+        cache = G.QuantizedKVCache(model.config, bits=2, key_bits=[4, 2], meta_bits=8, backend="torch")
+        model(ids, **G.cache_kwargs(model, cache), use_cache=True)
+        cache.flush()
+    wide, narrow = cache.layers
+    assert (wide.qkeys.bits, wide.qvalues.bits, narrow.qkeys.bits, narrow.qvalues.bits) == (4, 2, 2, 2)
+    h, d, t = 2, 32, wide.qkeys.shape[2]
+    for layer, kb in ((wide, 4), (narrow, 2)):
+        bits = kvq.bits_per_element(kb, 32, d, 8) + kvq.bits_per_element(2, 32, d, 8)
+        assert layer.nbytes()["quantized"] * 8 == t * h * d * bits
+    with pytest.raises(ValueError, match="2 layers"):
+        G.QuantizedKVCache(model.config, bits=2, key_bits=[4, 2, 2])
+    with pytest.raises(ValueError, match="config"):
+        G.QuantizedKVCache(None, bits=2, key_bits=[4, 2])
+    with pytest.raises(ValueError, match="bits must be"):
+        G.QuantizedKVCache(model.config, bits=2, value_bits=[3, 2])
+
+
 @pytest.mark.slow
 def test_kv_quality_4bit_within_budget():
     """Our 4-bit cache stays within +0.2 perplexity of the float32 cache on SmolLM2-135M (benches/kv_quality.py):

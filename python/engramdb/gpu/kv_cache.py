@@ -329,19 +329,40 @@ class QuantizedKVCache(Cache):
     :func:`kv_quant.quantize_keys`), ``rotate_values`` (quantize values after a Hadamard rotation of their
     channels, undone on the dequantized values or, in the fused path, on the attention output; the head size
     must be a power of two).
+    ``key_bits`` and ``value_bits`` may also be a sequence with one entry per layer (``config`` needed), e.g.
+    4-bit keys in the few layers whose 2-bit keys err most (chosen on a calibration text).
     Without ``config`` the layers are created as the model first reaches them.
     """
 
     def __init__(self, config=None, bits: int = 4, group_size: int = 32, residual_length: int = 32, *,
-                 key_bits: Optional[int] = None, value_bits: Optional[int] = None,
+                 key_bits=None, value_bits=None,
                  meta_dtype: torch.dtype = torch.float16, backend: str = "auto", fused_attention: bool = False,
                  sink_tokens: int = 0, meta_bits: int = 16, important_ratio: float = 0.0, extra_bits: int = 2,
                  observation_window: int = 32, pool_kernel: int = 5, meta_round: str = "cover",
                  rotate_values: bool = False):
+        per_layer = {name: list(b) for name, b in (("key_bits", key_bits), ("value_bits", value_bits))
+                     if b is not None and not isinstance(b, int)}
+        if per_layer:
+            if config is None:
+                raise ValueError("per-layer key_bits/value_bits need the model config (the layer count)")
+            n_layers = config.get_text_config(decoder=True).num_hidden_layers
+            for name, b in per_layer.items():
+                if len(b) != n_layers:
+                    raise ValueError(f"{name} has {len(b)} entries for {n_layers} layers")
+            key_bits = per_layer.get("key_bits", [key_bits] * n_layers)
+            value_bits = per_layer.get("value_bits", [value_bits] * n_layers)
+            for i in range(n_layers):  # fail now on a bad entry, not at the first flush
+                for b in (key_bits[i], value_bits[i]):
+                    if b is not None and b not in (2, 4, 8):
+                        raise ValueError(f"bits must be 2, 4 or 8, got {b} (layer {i})")
         kw = dict(meta_round=meta_round, rotate_values=rotate_values, bits=bits, group_size=group_size, residual_length=residual_length, key_bits=key_bits,
                   value_bits=value_bits, meta_dtype=meta_dtype, backend=backend, fused_attention=fused_attention,
                   sink_tokens=sink_tokens, meta_bits=meta_bits, important_ratio=important_ratio,
                   extra_bits=extra_bits, observation_window=observation_window, pool_kernel=pool_kernel)
+        if per_layer:
+            super().__init__(layers=[QuantizedKVLayer(**{**kw, "key_bits": key_bits[i], "value_bits": value_bits[i]})
+                                     for i in range(n_layers)])
+            return
         QuantizedKVLayer(**kw)  # validate the arguments now rather than at the first forward
         if config is not None:
             n_layers = config.get_text_config(decoder=True).num_hidden_layers
