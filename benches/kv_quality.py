@@ -142,8 +142,8 @@ def run(model, ids: torch.Tensor, cache, prefill: int):
 
 # SmolLM2-135M layers whose keys err most at 2 bits, ranked on the repository's README.md (a calibration text
 # unrelated to TEXT): attention-output error of 2-bit keys (sink4, nearest 8-bit metadata) with the real queries
-# of a 640-token prefill, top 4 of 30 (benches/RESULTS.md, GPU side, has the ranking)
-WIDE_KEY_LAYERS = (18, 20, 23, 7)
+# of a 640-token prefill, top 4 of 30: `python benches/kv_calibrate.py` (benches/RESULTS.md has the ranking)
+WIDE_KEY_LAYERS = (18, 7, 20, 23)
 
 
 def settings(model, which):
