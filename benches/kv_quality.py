@@ -180,6 +180,8 @@ def settings(model, which):
                                                       meta_round="nearest"),
         "engramdb-4bit-m8n-rotv": lambda: QuantizedKVCache(cfg, bits=4, group_size=32, residual_length=32,
                                                            meta_bits=8, meta_round="nearest", rotate_values=True),
+        "engramdb-4bit-m8-rotv": lambda: QuantizedKVCache(cfg, bits=4, group_size=32, residual_length=32,
+                                                          meta_bits=8, rotate_values=True),
         "engramdb-4bit-m8n-rotv-r128": lambda: QuantizedKVCache(cfg, bits=4, group_size=32, residual_length=128,
                                                                 meta_bits=8, meta_round="nearest",
                                                                 rotate_values=True),
