@@ -31,10 +31,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def quantize_keys_fn():
     try:
-        from engramdb.gpu import quantize_keys, dequantize
+        from engramdb.gpu import dequantize, quantize_keys
     except Exception:  # no native module: the gpu package stands alone
         sys.path.append(str(ROOT / "python" / "engramdb"))
-        from gpu import quantize_keys, dequantize
+        from gpu import dequantize, quantize_keys
     return quantize_keys, dequantize
 
 

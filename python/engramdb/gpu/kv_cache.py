@@ -355,7 +355,8 @@ class QuantizedKVCache(Cache):
                 for b in (key_bits[i], value_bits[i]):
                     if b is not None and b not in (2, 4, 8):
                         raise ValueError(f"bits must be 2, 4 or 8, got {b} (layer {i})")
-        kw = dict(meta_round=meta_round, rotate_values=rotate_values, bits=bits, group_size=group_size, residual_length=residual_length, key_bits=key_bits,
+        kw = dict(meta_round=meta_round, rotate_values=rotate_values, bits=bits, group_size=group_size,
+                  residual_length=residual_length, key_bits=key_bits,
                   value_bits=value_bits, meta_dtype=meta_dtype, backend=backend, fused_attention=fused_attention,
                   sink_tokens=sink_tokens, meta_bits=meta_bits, important_ratio=important_ratio,
                   extra_bits=extra_bits, observation_window=observation_window, pool_kernel=pool_kernel)
