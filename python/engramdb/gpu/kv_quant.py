@@ -38,6 +38,11 @@ down, ``m8 = floor(...)`` so it never exceeds the group's minimum) and effective
 sstep`` with ``s8 = ceil((max - minimum) / qmax / sstep)``, so the group's range stays covered and the
 half-step bound holds against the *effective* scale. Cost: ``16 / G + 48 / (G * D)`` bits per element
 instead of ``32 / G`` (0.52 instead of 1 at ``G = 32, D = 64``).
+
+``meta_round="nearest"`` rounds both 8-bit codes to nearest instead (the scale code from the group's own
+range), clamping the few elements that fall outside the rounded range: a looser worst case, but the
+effective step is no longer up to one super-step coarser than the group needs, which on SmolLM2's real
+keys brought the attention-output error back to the fp16-metadata level (benches/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -228,7 +233,9 @@ def refine_encode(x: torch.Tensor, xhat: torch.Tensor, step: torch.Tensor, extra
     ``xhat`` is the base dequantization, so ``|x - xhat| <= step / 2``; the residual's half-step interval
     is cut into ``2**extra_bits`` cells and the cell index is stored (packed along the last axis), so
     ``xhat + refine_decode(...)`` is within ``step / 2**(extra_bits + 1)`` of ``x``: the half step of a
-    ``bits + extra_bits`` code over the same range, with no extra scale or minimum.
+    ``bits + extra_bits`` code over the same range, with no extra scale or minimum. (With
+    ``meta_round="nearest"`` a clamped element's residual can exceed half a step; its cell index is clamped
+    to the edge, so the bound holds only for the elements inside the rounded range.)
     """
     lv = 1 << extra_bits
     xf, step = x.float(), step.float()
