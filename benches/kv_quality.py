@@ -126,7 +126,7 @@ def cache_bytes(cache) -> int:
 
 @torch.inference_mode()
 def run(model, ids: torch.Tensor, cache, prefill: int):
-    """Teacher-forced run: returns (nll per predicted token, argmax per position)."""
+    """Teacher-forced run: returns (nll per predicted token, argmax per position, log-probabilities)."""
     # transformers renamed the forward keyword past_key_values to cache during 5.x (see gpu.cache_kwargs)
     kw = {"cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values": cache}
     out = model(ids[:, :prefill], **kw, use_cache=True)
@@ -137,7 +137,7 @@ def run(model, ids: torch.Tensor, cache, prefill: int):
     logits = torch.cat(logits).float()
     targets = ids[0, prefill:]
     nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-    return nll, logits.argmax(-1)
+    return nll, logits.argmax(-1), logits.log_softmax(-1)
 
 
 # SmolLM2-135M layers whose keys err most at 2 bits, ranked on the repository's README.md (a calibration text
@@ -251,6 +251,8 @@ def main(argv=None):
           f"{n_layers} layers, {n_kv} kv heads, head size {hd}; fp16 KV = {fp16_per_token} B/token/layer\n", flush=True)
     results = []
     ref_top1 = None
+    ref_logp = None  # fp32 log-probabilities per position, for the KL column (saved next to --reference)
+    logp_path = args.reference + ".logp.pt" if args.reference else None
     which = args.settings.split(",")
     if args.reference and os.path.exists(args.reference):
         with open(args.reference) as f:
@@ -258,6 +260,8 @@ def main(argv=None):
         if saved["tokens"] != ids.shape[1] or saved["prefill"] != args.prefill:
             raise SystemExit(f"{args.reference} was made for another protocol")
         ref_top1 = torch.tensor(saved["top1"])
+        if os.path.exists(logp_path):
+            ref_logp = torch.load(logp_path)
         results.append(saved["row"])
         print(f"fp32 reference from {args.reference}: ppl {saved['row']['ppl']:.3f}", flush=True)
         which = [w for w in which if w != "fp32"]
@@ -272,17 +276,22 @@ def main(argv=None):
     for name, make in settings(model, which):
         t1 = time.time()
         cache = make()
-        nll, top1 = run(model, ids, cache, args.prefill)
+        nll, top1, logp = run(model, ids, cache, args.prefill)
         if hasattr(cache, "flush"):
             cache.flush()
         if ref_top1 is None:
             ref_top1 = top1
+        if ref_logp is None and name == "fp32":
+            ref_logp = logp
         total = cache_bytes(cache)
         cached = ids.shape[1] - 1  # the last token is only a target, never fed
         row = {
             "setting": name,
             "ppl": math.exp(nll.mean().item()),
             "top1_agreement": (top1 == ref_top1).float().mean().item(),
+            # mean over positions of KL(fp32 || this cache) in nats: far less noisy than a perplexity difference
+            "kl_vs_fp32": (None if ref_logp is None else
+                           (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()),
             "bytes_per_token_layer": total / (n_layers * cached),
             "seconds": time.time() - t1,
         }
@@ -300,13 +309,15 @@ def main(argv=None):
         if name == "fp32" and args.reference and not os.path.exists(args.reference):
             with open(args.reference, "w") as f:
                 json.dump({"tokens": ids.shape[1], "prefill": args.prefill, "row": row, "top1": top1.tolist()}, f)
+            torch.save(logp, logp_path)
         extra = ""
         if "quantized_bytes_per_token_layer" in row:
             q = row["quantized_bytes_per_token_layer"]
             w16 = row["bytes_per_token_layer_fp16_window"]
             extra = (f"  quantized part {q:.1f} B/tok/layer ({fp16_per_token / q:.2f}x < fp16), window "
                      f"{row['window_tokens']} tok; with an fp16 window {w16:.1f} ({fp16_per_token / w16:.2f}x)")
-        print(f"{name:20s} ppl {row['ppl']:8.3f}  top1 {row['top1_agreement']:.4f}  "
+        kl = "" if row["kl_vs_fp32"] is None else f"  KL {row['kl_vs_fp32']:.5f}"
+        print(f"{name:20s} ppl {row['ppl']:8.3f}  top1 {row['top1_agreement']:.4f}{kl}  "
               f"{row['bytes_per_token_layer']:8.1f} B/tok/layer ({row['x_smaller_than_fp16']:.2f}x < fp16){extra}"
               f"  [{row['seconds']:.0f}s]", flush=True)
     if args.json:
