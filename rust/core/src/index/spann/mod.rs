@@ -122,8 +122,10 @@ pub struct SearchParams {
     pub filter: f32,
 }
 
-/// Default [`SearchParams::filter`].
-pub const DEFAULT_FILTER: f32 = 1.0;
+/// Default [`SearchParams::filter`]. On the 200k MiniLM set (2,000 queries,
+/// nprobe 96): recall 0.9570 at 1.0, 0.9566 at 0.75 (with the heads at two
+/// thirds of it) for ~6% more queries/s, 0.9564 at 0.5.
+pub const DEFAULT_FILTER: f32 = 0.75;
 
 impl Default for SearchParams {
     fn default() -> Self {
