@@ -434,7 +434,9 @@ impl SpannIndex {
                     let fs = p.filt[i0..i0 + m].iter().zip(&sdot[i0..i0 + m]);
                     let mut keep = 0u64;
                     for (b, (&[f, kk, e], &sd)) in fs.enumerate() {
-                        keep |= (!((qc_ + f * sd + kk) + w * e < thr0) as u64) << b;
+                        // the same test as below: kept unless under thr0
+                        let skip = (qc_ + f * sd + kk) + w * e < thr0;
+                        keep |= (!skip as u64) << b;
                     }
                     while keep != 0 {
                         let i = i0 + keep.trailing_zeros() as usize;
