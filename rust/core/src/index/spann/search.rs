@@ -62,12 +62,6 @@ fn prefetch_posting(p: &PostingData) {
     prefetch(&p.filt);
 }
 
-/// The heads' 1-bit margin relative to the postings' (`SearchParams::filter`).
-/// On the 200k MiniLM set at the default point (filter 0.75), heads at 0.5
-/// instead of 0.75 took 137 instead of 149 int8 head scores per query for a
-/// recall of 0.9566 instead of 0.9567 (2,000 queries).
-const HEAD_FILTER_SCALE: f32 = 2.0 / 3.0;
-
 /// Build the coarse level over `heads`: (centroids, member lists).
 pub(crate) fn build_coarse(
     heads: &[f32],
@@ -188,7 +182,7 @@ impl SpannIndex {
                         prefetch(&nc.filt);
                     }
                     let yperp = (-hit.score).max(0.0).sqrt();
-                    let w = HEAD_FILTER_SCALE * filter * yperp * if l2 { 2.0 } else { 1.0 };
+                    let w = filter * yperp * if l2 { 2.0 } else { 1.0 };
                     sdot.resize(lists[c].len(), 0.0);
                     qb.dot_signs_all(&lc.bits, nb, &mut sdot);
                     let qcv = cip[c];
