@@ -254,7 +254,7 @@ impl QueryBits {
     /// 512-bit register: the same integer counts as the scalar path, so the
     /// same results to the bit.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vpopcntdq")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vpopcntdq,avx2")]
     unsafe fn dot_signs_all_avx512(&self, codes: &[u8], nb: usize, out: &mut [f32]) {
         use std::arch::x86_64::*;
         const _: () = assert!(QUERY_BITS == 4, "the kernel holds four planes");
@@ -273,7 +273,64 @@ impl QueryBits {
         let mask: __mmask64 = if nb == 64 { !0 } else { (1u64 << nb) - 1 };
         let n = out.len().min(codes.len() / nb);
         let base = codes.as_ptr();
-        for (i, o) in out.iter_mut().enumerate().take(n) {
+        // one code's lanes: popcount of the code in the low half, the
+        // plane-weighted popcounts in the high half (each under 2^32)
+        let lanes = |i: usize| {
+            // SAFETY: bytes i*nb .. i*nb + nb are inside `codes` (i < n);
+            // the masked load reads no others
+            let b = _mm512_maskz_loadu_epi8(mask, base.add(i * nb) as *const i8);
+            let ones = _mm512_popcnt_epi64(b);
+            let u = _mm512_add_epi64(
+                _mm512_add_epi64(
+                    _mm512_popcnt_epi64(_mm512_and_si512(b, p0)),
+                    _mm512_slli_epi64::<1>(_mm512_popcnt_epi64(_mm512_and_si512(b, p1))),
+                ),
+                _mm512_add_epi64(
+                    _mm512_slli_epi64::<2>(_mm512_popcnt_epi64(_mm512_and_si512(b, p2))),
+                    _mm512_slli_epi64::<3>(_mm512_popcnt_epi64(_mm512_and_si512(b, p3))),
+                ),
+            );
+            _mm512_add_epi64(ones, _mm512_slli_epi64::<32>(u))
+        };
+        // eight codes at a time: their lanes summed by a transpose (lane t of
+        // the result is code t's sum), then the float formula on all eight
+        // (the same operations, in the same order, as the one-code path)
+        let (lo8, step8, sum8) = (
+            _mm256_set1_ps(self.lo),
+            _mm256_set1_ps(self.step),
+            _mm256_set1_ps(self.sum),
+        );
+        let two8 = _mm256_set1_ps(2.0);
+        let mut i = 0;
+        while i + 8 <= n {
+            let pair = |a: __m512i, b: __m512i| {
+                _mm512_add_epi64(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b))
+            };
+            let a0 = pair(lanes(i), lanes(i + 1));
+            let a1 = pair(lanes(i + 2), lanes(i + 3));
+            let a2 = pair(lanes(i + 4), lanes(i + 5));
+            let a3 = pair(lanes(i + 6), lanes(i + 7));
+            let half = |a: __m512i, b: __m512i| {
+                _mm512_add_epi64(
+                    _mm512_shuffle_i64x2::<0b10_00_10_00>(a, b),
+                    _mm512_shuffle_i64x2::<0b11_01_11_01>(a, b),
+                )
+            };
+            let c = half(half(a0, a1), half(a2, a3));
+            let ones = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(c));
+            let u = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(_mm512_srli_epi64::<32>(c)));
+            let v = _mm256_sub_ps(
+                _mm256_mul_ps(
+                    two8,
+                    _mm256_add_ps(_mm256_mul_ps(lo8, ones), _mm256_mul_ps(step8, u)),
+                ),
+                sum8,
+            );
+            // SAFETY: i + 8 <= n <= out.len()
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), v);
+            i += 8;
+        }
+        for (i, o) in out.iter_mut().enumerate().take(n).skip(i) {
             // SAFETY: bytes i*nb .. i*nb + nb are inside `codes` (i < n);
             // the masked load reads no others
             let b = _mm512_maskz_loadu_epi8(mask, base.add(i * nb) as *const i8);

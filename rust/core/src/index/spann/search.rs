@@ -124,13 +124,20 @@ impl SpannIndex {
     }
 
     /// Like [`SpannIndex::nearest_heads`] but scoring heads by their int8
-    /// codes against the prepared query (the query-time path). With `qb`,
-    /// a head is scored only when its 1-bit estimate (relative to its coarse
-    /// list's centroid) plus `filter` error bounds reaches the current n-th
-    /// best score (see [`bits`]). Each head comes with its code's inner
-    /// product with the query and squared distance to it, `(distance, head,
-    /// <q, c>, |q - c|^2)`, so the posting scan need not read the head's
-    /// floats.
+    /// codes against the prepared query (the query-time path). Each head
+    /// comes with its code's inner product with the query and squared
+    /// distance to it, `(distance, head, <q, c>, |q - c|^2)`, so the posting
+    /// scan need not read the head's floats.
+    ///
+    /// With `qb`, in two phases: first the 1-bit estimate of every head of
+    /// the probed lists (relative to its coarse list's centroid, see
+    /// [`bits`]) with `filter` error bounds either side; then the int8 score
+    /// of the heads whose upper bound reaches the n-th best lower bound (the
+    /// n best heads all do, as far as the bounds hold), highest upper bound
+    /// first, until the upper bounds fall below the n-th best score found.
+    /// Scoring in that order, with the codes asked for a few heads ahead,
+    /// scores about half as many heads as testing each list's heads in turn
+    /// against the running n-th best score.
     pub(crate) fn nearest_heads_coded(
         &self,
         qc: &QueryCodes,
@@ -155,55 +162,117 @@ impl SpannIndex {
         }
         // head distances: 1 - cos for cosine, squared L2 otherwise
         let l2 = self.metric != Metric::Cosine;
+        let probed = ctop.into_sorted();
+        // phase 1: upper bounds in `ub`, lower ones in `lb`, every head of
+        // the probed lists in list order (a dead head gets -inf for both;
+        // without `qb`, every head gets +inf: all are scored)
+        let total: usize = probed.iter().map(|h| lists[h.id as usize].len()).sum();
+        let mut ub: Vec<f32> = Vec::with_capacity(total);
+        let mut lb: Vec<f32> = Vec::with_capacity(total);
+        let mut sdot: Vec<f32> = Vec::with_capacity(128);
+        for (j, hit) in probed.iter().enumerate() {
+            let c = hit.id as usize;
+            let lc = &self.heads.lcodes[c];
+            let at = ub.len();
+            match qb {
+                Some(qb) => {
+                    if let Some(next) = probed.get(j + 1) {
+                        let nc = &self.heads.lcodes[next.id as usize];
+                        prefetch(&nc.bits);
+                        prefetch(&nc.filt);
+                    }
+                    let yperp = (-hit.score).max(0.0).sqrt();
+                    let w = filter * yperp * if l2 { 2.0 } else { 1.0 };
+                    sdot.resize(lists[c].len(), 0.0);
+                    qb.dot_signs_all(&lc.bits, nb, &mut sdot);
+                    let qcv = cip[c];
+                    let fs = lc.filt.iter().zip(&sdot);
+                    if l2 {
+                        for ((&[f, kk, e], &sd), &a) in fs.zip(&lc.aux) {
+                            let ip = qcv + f * sd + kk;
+                            let est = -(qnorm - 2.0 * ip + a);
+                            ub.push(est + w * e);
+                            lb.push(est - w * e);
+                        }
+                    } else {
+                        ub.extend(
+                            fs.clone()
+                                .map(|(&[f, kk, e], &sd)| (qcv + f * sd + kk - 1.0) + w * e),
+                        );
+                        lb.extend(fs.map(|(&[f, kk, e], &sd)| (qcv + f * sd + kk - 1.0) - w * e));
+                    }
+                }
+                None => {
+                    ub.resize(at + lists[c].len(), f32::INFINITY);
+                    lb.resize(at + lists[c].len(), f32::INFINITY);
+                }
+            }
+            for (i, &h) in lists[c].iter().enumerate() {
+                if !self.heads.alive[h as usize] {
+                    ub[at + i] = f32::NEG_INFINITY;
+                    lb[at + i] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        // the n-th best lower bound: the minimum of any n of them is a lower
+        // bound for it, so only the ones above that take part in the select
+        let thr0 = if n > 0 && lb.len() >= n {
+            let m0 = lb[..n].iter().fold(f32::INFINITY, |m, &x| m.min(x));
+            let mut above: Vec<f32> = lb.iter().copied().filter(|&x| x > m0).collect();
+            if above.len() >= n {
+                *above.select_nth_unstable_by(n - 1, |a, b| b.total_cmp(a)).1
+            } else {
+                m0
+            }
+        } else {
+            f32::NEG_INFINITY
+        };
+        // (upper bound, list, index in list) of the heads that reach it,
+        // highest bound first
+        let mut order: Vec<(f32, u32, u32)> = Vec::with_capacity(4 * n.min(1024));
+        let mut at = 0;
+        for hit in &probed {
+            let c = hit.id as usize;
+            let m = lists[c].len();
+            for (i, &u) in ub[at..at + m].iter().enumerate() {
+                if u >= thr0 && u > f32::NEG_INFINITY {
+                    order.push((u, c as u32, i as u32));
+                }
+            }
+            at += m;
+        }
+        order.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        // phase 2: the int8 scores
+        const AHEAD: usize = 4;
+        let code_of = |x: &(f32, u32, u32)| {
+            let i = x.2 as usize;
+            &self.heads.lcodes[x.1 as usize].codes[i * dim..(i + 1) * dim]
+        };
+        for x in order.iter().take(AHEAD) {
+            prefetch(code_of(x));
+        }
         let mut top = TopK::new(n);
         // (ip, |q - c|^2) of each head pushed; the TopK id is the head in
         // the high half (ties still break by head) and the index here below
         // (n can come from parameters read from disk: a bounded reserve)
         let mut info: Vec<(f32, f32)> = Vec::with_capacity(n.min(1024));
-        let mut sdot: Vec<f32> = Vec::with_capacity(128);
-        let probed = ctop.into_sorted();
-        for (j, hit) in probed.iter().enumerate() {
-            let c = hit.id as usize;
-            if let Some(next) = probed.get(j + 1) {
-                let lc = &self.heads.lcodes[next.id as usize];
-                prefetch(&lc.bits);
-                prefetch(&lc.filt);
+        let mut thr = top.threshold();
+        for (j, x) in order.iter().enumerate() {
+            if x.0 < thr {
+                break;
             }
-            let lc = &self.heads.lcodes[c];
-            let filt = qb.map(|qb| {
-                let yperp = (-hit.score).max(0.0).sqrt();
-                let w = filter * yperp * if l2 { 2.0 } else { 1.0 };
-                (qb, cip[c], w)
-            });
-            if let Some((qb, _, _)) = filt {
-                sdot.resize(lists[c].len(), 0.0);
-                qb.dot_signs_all(&lc.bits, nb, &mut sdot);
+            if let Some(nx) = order.get(j + AHEAD) {
+                prefetch(code_of(nx));
             }
-            let mut thr = top.threshold();
-            for (i, &h) in lists[c].iter().enumerate() {
-                if !self.heads.alive[h as usize] {
-                    continue;
-                }
-                if let Some((_, qcv, w)) = filt {
-                    let [f, kk, e] = lc.filt[i];
-                    let ip = qcv + f * sdot[i] + kk;
-                    let est = if l2 {
-                        -(qnorm - 2.0 * ip + lc.aux[i])
-                    } else {
-                        ip - 1.0
-                    };
-                    if est + w * e < thr {
-                        continue;
-                    }
-                }
-                let code = &lc.codes[i * dim..(i + 1) * dim];
-                let ip = qc.ip_code(code);
-                let s = -qc.dist_of_ip(ip, lc.aux[i]);
-                if s >= thr {
-                    top.push((h as u64) << 32 | info.len() as u64, s);
-                    info.push((ip, (qnorm - 2.0 * ip + lc.aux[i]).max(0.0)));
-                    thr = top.threshold();
-                }
+            let (c, i) = (x.1 as usize, x.2 as usize);
+            let aux = self.heads.lcodes[c].aux[i];
+            let ip = qc.ip_code(code_of(x));
+            let s = -qc.dist_of_ip(ip, aux);
+            if s >= thr {
+                let h = lists[c][i];
+                top.push((h as u64) << 32 | info.len() as u64, s);
+                info.push((ip, (qnorm - 2.0 * ip + aux).max(0.0)));
+                thr = top.threshold();
             }
         }
         top.into_sorted()
@@ -348,27 +417,56 @@ impl SpannIndex {
                 sdot.resize(p.len(), 0.0);
                 qb.dot_signs_all(&p.bits, nb, &mut sdot);
             }
-            // indexes rows, filt, aux, codes and the estimates together
-            #[allow(clippy::needless_range_loop)]
-            for i in 0..p.len() {
-                let r = p.rows[i] as usize;
-                if seen[r / 64] & (1u64 << (r % 64)) != 0 {
-                    continue;
+            if let (Some((_, qc_, w)), false) = (filt, l2) {
+                // cosine / inner product: the bound test of 64 entries at a
+                // time first (no branches, no rows read), then the row of
+                // each survivor checked against `seen`
+                let n = p.len();
+                let mut i0 = 0;
+                while i0 < n {
+                    let m = (n - i0).min(64);
+                    let fs = p.filt[i0..i0 + m].iter().zip(&sdot[i0..i0 + m]);
+                    let mut keep = 0u64;
+                    for (b, (&[f, kk, e], &sd)) in fs.enumerate() {
+                        // the same test as below: kept unless under thr0
+                        let skip = (qc_ + f * sd + kk) + w * e < thr0;
+                        keep |= (!skip as u64) << b;
+                    }
+                    while keep != 0 {
+                        let i = i0 + keep.trailing_zeros() as usize;
+                        keep &= keep - 1;
+                        let r = p.rows[i] as usize;
+                        if seen[r / 64] & (1u64 << (r % 64)) != 0 {
+                            continue;
+                        }
+                        prefetch(&p.codes[i * dim..(i + 1) * dim]);
+                        pass.push(i as u32);
+                    }
+                    i0 += m;
                 }
-                if let Some((_, qc_, w)) = filt {
-                    let [f, kk, e] = p.filt[i];
-                    let ip = qc_ + f * sdot[i] + kk;
-                    let est = if l2 {
-                        -(qnorm - 2.0 * ip + p.aux[i])
-                    } else {
-                        ip
-                    };
-                    if est + w * e < thr0 {
+            } else {
+                // indexes rows, filt, aux, codes and the estimates together
+                #[allow(clippy::needless_range_loop)]
+                for i in 0..p.len() {
+                    let r = p.rows[i] as usize;
+                    if seen[r / 64] & (1u64 << (r % 64)) != 0 {
                         continue;
                     }
-                    prefetch(&p.codes[i * dim..(i + 1) * dim]);
+                    if let Some((_, qc_, w)) = filt {
+                        let [f, kk, e] = p.filt[i];
+                        let ip = qc_ + f * sdot[i] + kk;
+                        let est = if l2 {
+                            -(qnorm - 2.0 * ip + p.aux[i])
+                        } else {
+                            ip
+                        };
+                        if est + w * e < thr0 {
+                            continue;
+                        }
+                        prefetch(&p.codes[i * dim..(i + 1) * dim]);
+                    }
+                    pass.push(i as u32);
                 }
-                pass.push(i as u32);
             }
             // pass 2: the int8 score of the survivors; the row table (read
             // at random) is checked only for an entry that would enter the
