@@ -86,10 +86,10 @@ def setup_spann(base, work, threads_build):
     return out, path
 
 
-def setup_hnswlib(base, work, threads_build, results):
+def setup_hnswlib(base, work, threads_build, results, tag=""):
     import hnswlib
 
-    f = os.path.join(CACHE, "hnsw-M16-efc200.bin") if CACHE else os.path.join(work, "hnsw.bin")
+    f = os.path.join(CACHE, f"hnsw-M16-efc200{tag}.bin") if CACHE else os.path.join(work, "hnsw.bin")
     prev = results.get("hnswlib-M16", {})
     r0 = rss()
     p = hnswlib.Index(space="ip", dim=base.shape[1])
@@ -772,7 +772,12 @@ def derived_peers(base, q, work, n, names, build_threads, rounds, results):
     prev = results.get(f"derived-{n}-peers", {})
     systems = []
     for name in names:
-        if name == "usearch":
+        if name == "spann":  # memory and warm disk mode, timed interleaved with the peers
+            got, _ = setup_spann(big, work, build_threads)
+            systems += got
+        elif name == "hnswlib":
+            systems += setup_hnswlib(big, work, build_threads, prev, tag=f"-{n}")
+        elif name == "usearch":
             systems += setup_usearch(big, work, build_threads, prev)
         elif name == "faiss-ondisk":
             systems += setup_faiss_ondisk(big, work, build_threads, prev)
