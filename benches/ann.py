@@ -117,12 +117,12 @@ def setup_hnswlib(base, work, threads_build, results, tag=""):
     return [System("hnswlib-M16", {"build_s": build, "ram_bytes": ram, "disk_bytes": os.path.getsize(f)}, pts)]
 
 
-def setup_faiss(base, work, threads_build, results):
+def setup_faiss(base, work, threads_build, results, tag=""):
     import faiss
 
     faiss.omp_set_num_threads(threads_build)
     d = base.shape[1]
-    f = os.path.join(CACHE, "faiss-hnsw32.idx") if CACHE else os.path.join(work, "faiss-hnsw.idx")
+    f = os.path.join(CACHE, f"faiss-hnsw32{tag}.idx") if CACHE else os.path.join(work, "faiss-hnsw.idx")
     prev = results.get("faiss-HNSW32", {})
     r0 = rss()
     if CACHE and os.path.exists(f) and "build_s" in prev:
@@ -777,6 +777,8 @@ def derived_peers(base, q, work, n, names, build_threads, rounds, results):
             systems += got
         elif name == "hnswlib":
             systems += setup_hnswlib(big, work, build_threads, prev, tag=f"-{n}")
+        elif name == "faiss":  # HNSW32 and IVF-Flat in RAM
+            systems += setup_faiss(big, work, build_threads, prev, tag=f"-{n}")
         elif name == "usearch":
             systems += setup_usearch(big, work, build_threads, prev)
         elif name == "faiss-ondisk":
