@@ -331,22 +331,8 @@ impl QueryBits {
             i += 8;
         }
         for (i, o) in out.iter_mut().enumerate().take(n).skip(i) {
-            // SAFETY: bytes i*nb .. i*nb + nb are inside `codes` (i < n);
-            // the masked load reads no others
-            let b = _mm512_maskz_loadu_epi8(mask, base.add(i * nb) as *const i8);
-            let ones = _mm512_popcnt_epi64(b);
-            let u = _mm512_add_epi64(
-                _mm512_add_epi64(
-                    _mm512_popcnt_epi64(_mm512_and_si512(b, p0)),
-                    _mm512_slli_epi64::<1>(_mm512_popcnt_epi64(_mm512_and_si512(b, p1))),
-                ),
-                _mm512_add_epi64(
-                    _mm512_slli_epi64::<2>(_mm512_popcnt_epi64(_mm512_and_si512(b, p2))),
-                    _mm512_slli_epi64::<3>(_mm512_popcnt_epi64(_mm512_and_si512(b, p3))),
-                ),
-            );
             // ones < 2^10 and u < 2^14 per code: one reduction for both
-            let both = _mm512_reduce_add_epi64(_mm512_add_epi64(ones, _mm512_slli_epi64::<32>(u)));
+            let both = _mm512_reduce_add_epi64(lanes(i));
             let ones = (both & 0xFFFF_FFFF) as u32;
             let u = (both >> 32) as u32;
             *o = 2.0 * (self.lo * ones as f32 + self.step * u as f32) - self.sum;
