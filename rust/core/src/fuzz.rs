@@ -517,7 +517,7 @@ pub fn exercise_spann(dir: &Path, mode: Mode) {
     let q: Vec<f32> = (0..2 * dim).map(|j| (j % 5) as f32 * 0.1 - 0.2).collect();
     let sp = SearchParams {
         nprobe: 8,
-        ..idx.params().search
+        ..idx.search_defaults()
     };
     for k in [1, 10] {
         if let Ok(hits) = idx.search(&q, k, &sp, None) {
@@ -527,7 +527,7 @@ pub fn exercise_spann(dir: &Path, mode: Mode) {
             }
         }
     }
-    let _ = idx.search(&q, 3, &idx.params().search, None);
+    let _ = idx.search(&q, 3, &idx.search_defaults(), None);
     // a write, a checkpoint and a reopen: what a flush commits must reopen
     let mut idx = idx;
     if idx.add(&[1 << 40], &q[..dim]).is_ok() && idx.flush().is_ok() {

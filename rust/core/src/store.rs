@@ -1219,7 +1219,7 @@ impl Store {
     /// scan exactly instead of waiting for it.
     fn search_ann(&self, q: &[f32], k: usize) -> Result<Vec<Vec<Hit>>> {
         if let Some(ann) = self.ann.get() {
-            return ann.search_prepared(q, k, &ann.params().search, None);
+            return ann.search_prepared(q, k, &ann.search_defaults(), None);
         }
         let _building = match self.ann_building.try_lock() {
             Ok(g) => g,
@@ -1241,7 +1241,7 @@ impl Store {
             let _ = self.ann.set(ann);
         }
         let ann = self.ann.get().expect("set above");
-        ann.search_prepared(q, k, &ann.params().search, None)
+        ann.search_prepared(q, k, &ann.search_defaults(), None)
     }
 
     /// Which index unfiltered searches use now: "exact", "spann" (built) or

@@ -58,7 +58,13 @@ fn params_from(d: Option<&Bound<'_, PyDict>>) -> PyResult<SpannParams> {
     Ok(p)
 }
 
-fn params_dict<'py>(py: Python<'py>, p: &SpannParams) -> PyResult<Bound<'py, PyDict>> {
+/// The build parameters and the search a query gets by default (scaled to
+/// the index's size, see `SpannIndex::search_defaults`).
+fn params_dict<'py>(
+    py: Python<'py>,
+    p: &SpannParams,
+    search: &SearchParams,
+) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("head_ratio", p.head_ratio)?;
     d.set_item("replicas", p.replicas)?;
@@ -73,10 +79,10 @@ fn params_dict<'py>(py: Python<'py>, p: &SpannParams) -> PyResult<Bound<'py, PyD
     d.set_item("coarse_leaf", p.coarse_leaf)?;
     d.set_item("build_coarse_probe", p.build_coarse_probe)?;
     d.set_item("seed", p.seed)?;
-    d.set_item("nprobe", p.search.nprobe)?;
-    d.set_item("epsilon", p.search.epsilon)?;
-    d.set_item("coarse_probe", p.search.coarse_probe)?;
-    d.set_item("rerank", p.search.rerank)?;
+    d.set_item("nprobe", search.nprobe)?;
+    d.set_item("epsilon", search.epsilon)?;
+    d.set_item("coarse_probe", search.coarse_probe)?;
+    d.set_item("rerank", search.rerank)?;
     Ok(d)
 }
 
@@ -215,7 +221,7 @@ impl NativeSpann {
         let i = g
             .as_ref()
             .ok_or_else(|| crate::error::to_py(py, closed()))?;
-        params_dict(py, i.params())
+        params_dict(py, i.params(), &i.search_defaults())
     }
 
     /// Search `queries` (m x d). Returns flat (ids, scores) of m * k';
@@ -244,7 +250,7 @@ impl NativeSpann {
             if k == 0 {
                 return Err(Error::InvalidArgument("k must be at least 1".into()));
             }
-            let dp = s.params().search;
+            let dp = s.search_defaults();
             let sp = SearchParams {
                 nprobe: nprobe.unwrap_or(dp.nprobe),
                 epsilon: epsilon.unwrap_or(dp.epsilon),

@@ -315,3 +315,46 @@ fn stored_vectors_find_themselves() {
         .count();
     assert!(miss <= 10, "{miss} of {n} stored vectors not found first");
 }
+
+/// The default probe depths grow with the head count (fourth root of
+/// heads / 11,000, never below the defaults); parameters set at build time
+/// are kept as they are.
+#[test]
+fn default_search_scales_with_heads() {
+    let d = SearchParams::default();
+    assert_eq!(SearchParams::for_heads(0), d);
+    assert_eq!(SearchParams::for_heads(11_000), d);
+    // the 1M derived MiniLM set: 56,706 heads
+    let big = SearchParams::for_heads(56_706);
+    assert_eq!((big.nprobe, big.coarse_probe), (144, 48));
+    assert_eq!(
+        (big.rerank, big.filter, big.epsilon),
+        (d.rerank, d.filter, d.epsilon)
+    );
+    let mut last = d;
+    for h in [20_000, 100_000, 1_000_000, 10_000_000] {
+        let s = SearchParams::for_heads(h);
+        assert!(
+            s.nprobe > last.nprobe && s.coarse_probe > last.coarse_probe,
+            "{h}: {s:?}"
+        );
+        last = s;
+    }
+    // an index with ~20,000 heads probes deeper by default...
+    let base = data(40_000, 3);
+    let p = SpannParams {
+        head_ratio: 0.5,
+        ..SpannParams::default()
+    };
+    let idx = SpannIndex::build(&base, DIM, None, Metric::L2, p.clone(), None).unwrap();
+    let heads = idx.stats().heads;
+    assert!(heads > 15_000, "{heads} heads");
+    assert_eq!(idx.search_defaults(), SearchParams::for_heads(heads));
+    assert!(idx.search_defaults().nprobe > d.nprobe);
+    // ...unless the build named its own search parameters
+    let mut p = p;
+    p.search.nprobe = 40;
+    let idx = SpannIndex::build(&base[..2000 * DIM], DIM, None, Metric::L2, p, None).unwrap();
+    assert_eq!(idx.search_defaults().nprobe, 40);
+    assert_eq!(idx.search_defaults().coarse_probe, d.coarse_probe);
+}

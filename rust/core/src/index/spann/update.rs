@@ -115,7 +115,7 @@ impl SpannIndex {
     pub(crate) fn apply_upsert(&mut self, ids: &[u64], data: Vec<f32>) -> Result<()> {
         let dim = self.dim;
         self.tombstone(ids);
-        let probe = self.params.search.coarse_probe;
+        let probe = self.search_defaults().coarse_probe;
         let prepared: Vec<Prepared> = data
             .par_chunks(dim)
             .map(|v| {
@@ -289,7 +289,7 @@ impl SpannIndex {
         if self.metric == Metric::Cosine {
             let _ = distance::normalize(&mut v);
         }
-        let heads = self.choose_heads(&v, self.params.search.coarse_probe);
+        let heads = self.choose_heads(&v, self.search_defaults().coarse_probe);
         let ver = self.versions[r as usize].wrapping_add(1);
         self.versions[r as usize] = ver;
         for (_, h) in heads {
@@ -381,7 +381,7 @@ impl SpannIndex {
             .nearest_heads(
                 &old_head,
                 SPLIT_NEIGHBOURS + 2,
-                self.params.search.coarse_probe,
+                self.search_defaults().coarse_probe,
             )
             .into_iter()
             .map(|x| x.1)
