@@ -73,7 +73,8 @@ def setup_spann(base, work, threads_build):
     build = time.perf_counter() - t
     engramdb.set_num_threads(1)
     print(f"spann build {build:.1f}s {idx.stats()}", flush=True)
-    grid = [(16, 8), (32, 12), (48, 16), (64, 24), (96, 32), (128, 48), (192, 64)]
+    grid = [(16, 8), (24, 12), (32, 16), (48, 20), (56, 24), (72, 28), (88, 36), (128, 48)]
+    dp = idx.params()
     out = []
     for mode in ("memory", "disk"):
         ix = idx if mode == "memory" else SpannIndex.open(path, mode="disk", read_only=True)
@@ -81,7 +82,8 @@ def setup_spann(base, work, threads_build):
         pts = [(f"nprobe={n},coarse={c}", _spann_point(ix, n, c)) for n, c in grid]
         out.append(System(f"spann-{mode}", {
             "build_s": build, "ram_bytes": st["ram_bytes"], "disk_bytes": st["disk_bytes"],
-            "heads": st["heads"], "replicas": st["replicas"], "defaults": "nprobe=96,coarse=32"}, pts,
+            "heads": st["heads"], "replicas": st["replicas"],
+            "defaults": f"nprobe={dp['nprobe']},coarse={dp['coarse_probe']},rerank={dp['rerank']}"}, pts,
             {"index": ix}))
     return out, path
 
@@ -645,7 +647,7 @@ def disk_extras(results, path, q, gt):
         return
     qq, gg = q[:300], gt[:300]
     pts = []
-    for n, c in ((32, 12), (48, 16), (64, 24), (96, 32)):
+    for n, c in ((16, 8), (24, 12), (32, 16), (48, 20), (56, 24)):
         lat, found = [], []
         for x in qq:
             t = time.perf_counter()
@@ -738,7 +740,7 @@ def derived_run(base, q, work, n, build_threads):
         ix = SpannIndex.open(path, mode="memory" if mode == "memory" else "disk", direct_io=direct, read_only=True)
         st = ix.stats()
         pts = []
-        for nprobe, cp in ((48, 16), (64, 24), (96, 32), (128, 48)):
+        for nprobe, cp in ((32, 16), (48, 20), (72, 28), (88, 36)):
             lat, found = [], []
             for x in q:
                 t = time.perf_counter()
