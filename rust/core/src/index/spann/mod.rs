@@ -361,6 +361,11 @@ pub struct SpannIndex {
     pub(crate) last: Mutex<LastSearch>,
     // durability: the update log named by `log_seq` (see [`log`])
     pub(crate) read_only: bool,
+    /// A read-only disk-mode handle drops the heads' float32 vectors after
+    /// opening (queries rank heads by their int8 and 1-bit codes; only
+    /// updates, builds and `verify` need them, and `verify` reads them back
+    /// from the metadata file): about half of its resident RAM at 1M.
+    pub(crate) heads_released: bool,
     pub(crate) sync: bool,
     pub(crate) log_seq: u64,
     pub(crate) log: Option<WalWriter>,
@@ -369,6 +374,11 @@ pub struct SpannIndex {
 }
 
 const META: &str = "spann.meta";
+
+/// The index folder, or an empty path for an index never saved.
+fn dir_or_empty(p: &Option<PathBuf>) -> PathBuf {
+    p.clone().unwrap_or_default()
+}
 const META_TMP: &str = "spann.meta.tmp";
 
 /// The generation of a file named `{prefix}NNNNNN.dat`.
@@ -578,6 +588,7 @@ impl SpannIndex {
             last: Mutex::new(LastSearch::default()),
             params,
             read_only: false,
+            heads_released: false,
             sync: true,
             log_seq: 0,
             log: None,
@@ -759,6 +770,7 @@ impl SpannIndex {
     }
 
     pub(crate) fn head(&self, h: u32) -> &[f32] {
+        debug_assert!(!self.heads_released, "head vectors were released");
         &self.heads.vecs[h as usize * self.dim..(h as usize + 1) * self.dim]
     }
 
@@ -1020,6 +1032,14 @@ impl SpannIndex {
             });
         }
         let replay = idx.replay_log(&lpath)?;
+        // a read-only disk-mode handle never moves a head: its float32
+        // vectors can go once the log is replayed (unless the posting file
+        // predates the filter columns, which are computed from them when a
+        // posting is read)
+        if opts.read_only && mode == Mode::Disk && idx.pfile.as_ref().unwrap().has_filter() {
+            idx.heads.vecs = Vec::new();
+            idx.heads_released = true;
+        }
         if !opts.read_only {
             idx.log = Some(match replay {
                 Some(r) => WalWriter::open_append(&lpath, r.valid_len, opts.sync)?,
@@ -1114,9 +1134,13 @@ impl SpannIndex {
     /// (Re)compute the filter columns of every entry of `p`, the posting of
     /// head `h`.
     pub(crate) fn fill_filter(&self, h: u32, p: &mut PostingData) {
+        self.fill_filter_from(self.head(h), p);
+    }
+
+    /// [`SpannIndex::fill_filter`] for a posting whose head vector is `head`.
+    fn fill_filter_from(&self, head: &[f32], p: &mut PostingData) {
         let dim = self.dim;
         let nb = bits::code_bytes(dim);
-        let head = self.head(h);
         let mut rc = vec![0f32; dim];
         self.rot.apply(head, &mut rc);
         let mut x = vec![0f32; dim];
@@ -1154,6 +1178,28 @@ impl SpannIndex {
     /// Check every posting page and vector record of a saved index.
     pub fn verify(&self) -> Result<VerifyReport> {
         let mut rep = VerifyReport::default();
+        // the head vectors the filter codes were computed from: this
+        // handle's, or, where it released them, the metadata file's again
+        // (the same generation and log: a writer's checkpoint since then
+        // means the handle is stale). A head the log replay moved or added owns a
+        // modified posting, which is not checked: the unmodified ones'
+        // heads are as in the file.
+        let reread;
+        let heads: &[f32] = if self.heads_released {
+            let dir = self.path.as_ref().expect("a released handle has a path");
+            let m = read_meta(dir)?;
+            if (m.generation, m.log_seq) != (self.generation, self.log_seq) {
+                return Err(Error::InvalidArgument(
+                    "the index was checkpointed by a writer since this read-only handle opened it: reopen to verify"
+                        .into(),
+                ));
+            }
+            reread = m.heads.vecs;
+            &reread
+        } else {
+            &self.heads.vecs
+        };
+        let dim = self.dim;
         for h in 0..self.heads.alive.len() {
             if self.heads.alive[h] && self.slots[h].pages > 0 {
                 let p = self.read_posting(h as u32)?;
@@ -1164,7 +1210,13 @@ impl SpannIndex {
                 // copy on disk was written: only an unmodified one is checked.
                 let mut again = p.clone();
                 if !self.dirty[h] {
-                    self.fill_filter(h as u32, &mut again);
+                    let head = heads.get(h * dim..(h + 1) * dim).ok_or_else(|| {
+                        Error::corruption(
+                            dir_or_empty(&self.path).join(META),
+                            format!("posting {h} unmodified since the last checkpoint, but its head is not in it"),
+                        )
+                    })?;
+                    self.fill_filter_from(head, &mut again);
                 }
                 if again != p {
                     return Err(Error::corruption(
@@ -1545,6 +1597,7 @@ fn read_meta(dir: &Path) -> Result<SpannIndex> {
         garbage_pages,
         last: Mutex::new(LastSearch::default()),
         read_only: false,
+        heads_released: false,
         sync: true,
         log_seq,
         log: None,

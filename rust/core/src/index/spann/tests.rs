@@ -198,6 +198,19 @@ fn assert_filter_consistent(idx: &SpannIndex) {
     }
 }
 
+/// A read-only handle: in disk mode it released its head vectors (its
+/// filter codes are then checked by `verify`, from the metadata's copy);
+/// in memory mode it keeps them and is checked like a writer.
+fn assert_reader_consistent(o: &SpannIndex, mode: Mode) {
+    assert_eq!(o.heads_released, mode == Mode::Disk);
+    if o.heads_released {
+        assert!(o.heads.vecs.is_empty());
+        o.verify().unwrap();
+    } else {
+        assert_filter_consistent(o);
+    }
+}
+
 #[test]
 fn filter_codes_stay_consistent_through_updates_compaction_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -208,7 +221,7 @@ fn filter_codes_stay_consistent_through_updates_compaction_and_reopen() {
     // have moved away from their postings on disk, and verify accepts that
     for mode in [Mode::Memory, Mode::Disk] {
         let o = SpannIndex::open_read_only(dir.path(), mode).unwrap();
-        assert_filter_consistent(&o);
+        assert_reader_consistent(&o, mode);
         o.verify().unwrap();
         assert_eq!(results(&o, &q), results(&idx, &q), "{mode:?} replayed");
     }
@@ -219,7 +232,7 @@ fn filter_codes_stay_consistent_through_updates_compaction_and_reopen() {
         let o = SpannIndex::open(dir.path(), mode).err().unwrap();
         assert!(matches!(o, Error::Locked(_)), "{o}");
         let o = SpannIndex::open_read_only(dir.path(), mode).unwrap();
-        assert_filter_consistent(&o);
+        assert_reader_consistent(&o, mode);
         assert_eq!(results(&o, &q), before, "{mode:?}");
         o.verify().unwrap();
     }
@@ -229,6 +242,7 @@ fn filter_codes_stay_consistent_through_updates_compaction_and_reopen() {
     drop(idx);
     for mode in [Mode::Memory, Mode::Disk] {
         let o = SpannIndex::open(dir.path(), mode).unwrap();
+        assert!(!o.heads_released, "a writer keeps its head vectors");
         assert_filter_consistent(&o);
         assert_eq!(results(&o, &q), after, "{mode:?} after compaction");
     }
@@ -359,4 +373,48 @@ fn default_search_scales_with_heads() {
     let idx = SpannIndex::build(&base[..2000 * DIM], DIM, None, Metric::L2, p, None).unwrap();
     assert_eq!(idx.search_defaults().nprobe, 40);
     assert_eq!(idx.search_defaults().coarse_probe, d.coarse_probe);
+}
+
+/// A read-only disk-mode handle holds no head vectors (queries rank heads by
+/// their codes): less RAM, the same answers as a writer's disk-mode handle,
+/// and `verify` still checks every posting's filter codes against the heads
+/// (read back from the metadata file).
+#[test]
+fn read_only_disk_mode_releases_head_vectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = data(3000, 11);
+    let q = data(50, 12);
+    let mut idx =
+        SpannIndex::build(&base, DIM, None, Metric::L2, SpannParams::default(), None).unwrap();
+    idx.save(dir.path()).unwrap();
+    drop(idx);
+    let w = SpannIndex::open(dir.path(), Mode::Disk).unwrap();
+    let r = SpannIndex::open_read_only(dir.path(), Mode::Disk).unwrap();
+    assert!(!w.heads_released && r.heads_released);
+    let heads_bytes = w.heads.vecs.len() as u64 * 4;
+    assert!(heads_bytes > 0);
+    assert!(
+        r.stats().ram_bytes + heads_bytes <= w.stats().ram_bytes,
+        "{} vs {}",
+        r.stats().ram_bytes,
+        w.stats().ram_bytes
+    );
+    let sp = SearchParams::default();
+    assert_eq!(
+        r.search(&q, 10, &sp, None).unwrap(),
+        w.search(&q, 10, &sp, None).unwrap()
+    );
+    let rep = r.verify().unwrap();
+    assert_eq!(rep, w.verify().unwrap());
+    // a writer's checkpoint since the reader opened: verify asks for a reopen
+    drop(w);
+    let mut w = SpannIndex::open(dir.path(), Mode::Disk).unwrap();
+    w.add(&[1_000_000], &q[..DIM]).unwrap();
+    w.flush().unwrap();
+    let e = r.verify().unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    assert!(SpannIndex::open_read_only(dir.path(), Mode::Disk)
+        .unwrap()
+        .verify()
+        .is_ok());
 }

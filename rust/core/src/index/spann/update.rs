@@ -492,6 +492,9 @@ impl SpannIndex {
     /// generation) with only live data. Needs every posting and live vector
     /// in RAM while it runs.
     pub fn compact(&mut self) -> Result<CompactReport> {
+        // before any change: a read-only handle must not rearrange its
+        // postings in RAM and only then fail to write them
+        self.writable()?;
         let mut rep = CompactReport {
             disk_before: self.stats().disk_bytes,
             ..CompactReport::default()
