@@ -95,6 +95,15 @@ impl NativeSpann {
         crate::gil::with_read(py, &self.inner, f)
     }
 
+    /// [`Self::read`] on this thread, for calls with no parallel work.
+    fn read_inline<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&SpannIndex) -> Result<T, Error> + Send,
+    ) -> PyResult<T> {
+        crate::gil::with_read_inline(py, &self.inner, f)
+    }
+
     fn write<T: Send>(
         &self,
         py: Python<'_>,
@@ -212,7 +221,7 @@ impl NativeSpann {
 
     /// Ids of the live vectors (in row order).
     fn ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u64>>> {
-        let ids = self.read(py, |s| Ok(s.ids()))?;
+        let ids = self.read_inline(py, |s| Ok(s.ids()))?;
         Ok(PyArray1::from_vec(py, ids))
     }
 
@@ -239,8 +248,9 @@ impl NativeSpann {
         rerank: Option<usize>,
     ) -> PyResult<SearchResult<'py>> {
         let d = queries.shape()[1];
+        let one = queries.shape()[0] == 1;
         let data = queries.as_slice()?;
-        let (ids, scores, kk) = self.read(py, move |s| {
+        let work = move |s: &SpannIndex| {
             if d != s.dim() {
                 return Err(Error::DimensionMismatch {
                     expected: s.dim(),
@@ -262,7 +272,15 @@ impl NativeSpann {
             let kk = k.min(s.len()).max(1);
             let (ids, scores) = hits::pack(&hits, kk, |x| s.metric().user_score(x));
             Ok((ids, scores, kk))
-        })?;
+        };
+        // one query runs on this thread (its scan is sequential; a trip
+        // through the pool would cost as much as the query), a batch on the
+        // pool, one query per task
+        let (ids, scores, kk) = if one {
+            self.read_inline(py, work)?
+        } else {
+            self.read(py, work)?
+        };
         Ok((
             PyArray1::from_vec(py, ids),
             PyArray1::from_vec(py, scores),
@@ -336,7 +354,7 @@ impl NativeSpann {
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.read(py, |s| Ok(s.stats()))?;
+        let s = self.read_inline(py, |s| Ok(s.stats()))?;
         let d = PyDict::new(py);
         d.set_item("dim", s.dim)?;
         d.set_item("metric", s.metric.name())?;

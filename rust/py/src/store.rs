@@ -69,6 +69,16 @@ impl NativeStore {
         with_read(py, &self.inner, f)
     }
 
+    /// [`Self::read`] on this thread: for lookups with no parallel work,
+    /// where a trip through the pool would cost more than the call.
+    fn read_inline<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&Store) -> Result<T, Error> + Send,
+    ) -> PyResult<T> {
+        crate::gil::with_read_inline(py, &self.inner, f)
+    }
+
     fn write<T: Send>(
         &self,
         py: Python<'_>,
@@ -117,17 +127,17 @@ impl NativeStore {
 
     #[getter]
     fn dim(&self, py: Python<'_>) -> PyResult<usize> {
-        self.read(py, |s| Ok(s.dim()))
+        self.read_inline(py, |s| Ok(s.dim()))
     }
 
     #[getter]
     fn metric(&self, py: Python<'_>) -> PyResult<&'static str> {
-        self.read(py, |s| Ok(s.metric().name()))
+        self.read_inline(py, |s| Ok(s.metric().name()))
     }
 
     #[getter]
     fn read_only(&self, py: Python<'_>) -> PyResult<bool> {
-        self.read(py, |s| Ok(s.read_only()))
+        self.read_inline(py, |s| Ok(s.read_only()))
     }
 
     #[getter]
@@ -136,11 +146,11 @@ impl NativeStore {
     }
 
     fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
-        self.read(py, |s| Ok(s.len()))
+        self.read_inline(py, |s| Ok(s.len()))
     }
 
     fn __contains__(&self, py: Python<'_>, id: u64) -> PyResult<bool> {
-        self.read(py, |s| Ok(s.contains(id)))
+        self.read_inline(py, |s| Ok(s.contains(id)))
     }
 
     /// Insert (or with `upsert`, replace) a batch. Column arguments are
@@ -264,13 +274,13 @@ impl NativeStore {
         py: Python<'py>,
         id: u64,
     ) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyDict>)> {
-        let (r, v) = self.read(py, |s| s.get(id).map(|(r, v)| (r.clone(), v.to_vec())))?;
+        let (r, v) = self.read_inline(py, |s| s.get(id).map(|(r, v)| (r.clone(), v.to_vec())))?;
         Ok((PyArray1::from_vec(py, v), record_dict(py, &r)?))
     }
 
     /// Record dicts of many ids (unknown ids raise NotFoundError).
     fn get_records<'py>(&self, py: Python<'py>, ids: Vec<u64>) -> PyResult<Bound<'py, PyList>> {
-        let recs = self.read(py, |s| {
+        let recs = self.read_inline(py, |s| {
             ids.iter()
                 .map(|&id| s.record(id).cloned().ok_or(Error::NotFound(id)))
                 .collect::<Result<Vec<_>, _>>()
@@ -283,7 +293,7 @@ impl NativeStore {
     }
 
     fn ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u64>>> {
-        let ids = self.read(py, |s| Ok(s.ids()))?;
+        let ids = self.read_inline(py, |s| Ok(s.ids()))?;
         Ok(PyArray1::from_vec(py, ids))
     }
 
