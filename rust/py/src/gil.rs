@@ -37,12 +37,7 @@ pub fn with_read<S: Send + Sync, T: Send>(
     f: impl FnOnce(&S) -> Result<T, Error> + Send,
 ) -> PyResult<T> {
     let p = pool();
-    py.detach(|| {
-        let guard = lock.read().unwrap_or_else(|e| e.into_inner());
-        let state = guard.as_ref().ok_or(Error::Closed)?;
-        p.install(|| f(state))
-    })
-    .map_err(|e| crate::error::to_py(py, e))
+    with_read_inline(py, lock, move |state| p.install(|| f(state)))
 }
 
 /// [`with_read`] on the calling thread instead of the pool, for work too

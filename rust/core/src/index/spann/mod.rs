@@ -375,10 +375,6 @@ pub struct SpannIndex {
 
 const META: &str = "spann.meta";
 
-/// The index folder, or an empty path for an index never saved.
-fn dir_or_empty(p: &Option<PathBuf>) -> PathBuf {
-    p.clone().unwrap_or_default()
-}
 const META_TMP: &str = "spann.meta.tmp";
 
 /// The generation of a file named `{prefix}NNNNNN.dat`.
@@ -1181,9 +1177,9 @@ impl SpannIndex {
         // the head vectors the filter codes were computed from: this
         // handle's, or, where it released them, the metadata file's again
         // (the same generation and log: a writer's checkpoint since then
-        // means the handle is stale). A head the log replay moved or added owns a
-        // modified posting, which is not checked: the unmodified ones'
-        // heads are as in the file.
+        // means the handle is stale). A head the log replay moved or added
+        // owns a modified posting, which is not checked: the unmodified
+        // ones' heads are as in the file.
         let reread;
         let heads: &[f32] = if self.heads_released {
             let dir = self.path.as_ref().expect("a released handle has a path");
@@ -1212,7 +1208,7 @@ impl SpannIndex {
                 if !self.dirty[h] {
                     let head = heads.get(h * dim..(h + 1) * dim).ok_or_else(|| {
                         Error::corruption(
-                            dir_or_empty(&self.path).join(META),
+                            self.path.clone().unwrap_or_default().join(META),
                             format!("posting {h} unmodified since the last checkpoint, but its head is not in it"),
                         )
                     })?;
