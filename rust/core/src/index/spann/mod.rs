@@ -317,6 +317,15 @@ pub(crate) struct Heads {
     /// (the query-time coarse scan reads these; kept in step with `coarse`).
     pub ccodes: Vec<i8>,
     pub caux: Vec<f32>,
+    /// 1-bit codes of the coarse centroids (of their int8 codes, decoded)
+    /// relative to the centroids' mean `cmean`, with their factors (see
+    /// [`bits`]): on a large index the coarse scan estimates every centroid
+    /// from these and reads the int8 codes of only those that can be among
+    /// the nearest. A function of `coarse` alone, so a reopened index
+    /// computes the same ones.
+    pub cmean: Vec<f32>,
+    pub cbits: Vec<u8>,
+    pub cfilt: Vec<[f32; 3]>,
 }
 
 /// The codes of one coarse list's heads, in list order: int8 codes and their
@@ -562,9 +571,7 @@ impl SpannIndex {
                 alive: vec![true; h],
                 coarse: heads.0,
                 lists: heads.1,
-                lcodes: Vec::new(),
-                ccodes: Vec::new(),
-                caux: Vec::new(),
+                ..Heads::default()
             },
             ids,
             versions: vec![0; n],
@@ -698,6 +705,7 @@ impl SpannIndex {
         for c in 0..nc {
             self.encode_centroid(c);
         }
+        self.encode_coarse_bits();
     }
 
     fn encode_centroid(&mut self, c: usize) {
@@ -706,6 +714,45 @@ impl SpannIndex {
             &self.heads.coarse[c * dim..(c + 1) * dim],
             &mut self.heads.ccodes[c * dim..(c + 1) * dim],
         );
+    }
+
+    /// The 1-bit codes of all coarse centroids around their mean (from the
+    /// int8 codes, which must be current).
+    fn encode_coarse_bits(&mut self) {
+        let (mean, cbits, cfilt) = self.coarse_bits();
+        self.heads.cmean = mean;
+        self.heads.cbits = cbits;
+        self.heads.cfilt = cfilt;
+    }
+
+    /// (mean, sign codes, factors) of the coarse centroids: see
+    /// [`Heads::cbits`].
+    pub(crate) fn coarse_bits(&self) -> (Vec<f32>, Vec<u8>, Vec<[f32; 3]>) {
+        let dim = self.dim;
+        let nb = bits::code_bytes(dim);
+        let nc = self.heads.lists.len();
+        let mut mean = vec![0f32; dim];
+        for cv in self.heads.coarse.chunks_exact(dim) {
+            for (m, &x) in mean.iter_mut().zip(cv) {
+                *m += x;
+            }
+        }
+        mean.iter_mut().for_each(|m| *m /= nc.max(1) as f32);
+        let mut rm = vec![0f32; dim];
+        self.rot.apply(&mean, &mut rm);
+        let mut cbits = vec![0u8; nc * nb];
+        let cfilt: Vec<[f32; 3]> = self
+            .heads
+            .ccodes
+            .par_chunks(dim)
+            .zip(cbits.par_chunks_mut(nb))
+            .map(|(code, out)| {
+                let mut x = vec![0f32; dim];
+                self.quant.decode(code, &mut x);
+                bits::encode(&self.rot, &x, &mean, &rm, out)
+            })
+            .collect();
+        (mean, cbits, cfilt)
     }
 
     /// Rebuild the contiguous codes of coarse list `c`.
@@ -717,6 +764,7 @@ impl SpannIndex {
         self.heads.ccodes.resize(nc * self.dim, 0);
         self.heads.caux.resize(nc, 0.0);
         self.encode_centroid(c);
+        self.encode_coarse_bits();
     }
 
     /// Rebuild the contiguous codes of the list(s) holding head `h`.
@@ -1268,6 +1316,9 @@ impl SpannIndex {
             + self.heads.coarse.capacity() * 4
             + self.heads.ccodes.capacity()
             + self.heads.caux.capacity() * 4
+            + self.heads.cmean.capacity() * 4
+            + self.heads.cbits.capacity()
+            + self.heads.cfilt.capacity() * 12
             + self
                 .heads
                 .lists
@@ -1572,9 +1623,7 @@ fn read_meta(dir: &Path) -> Result<SpannIndex> {
             alive: halive,
             coarse,
             lists,
-            lcodes: Vec::new(),
-            ccodes: Vec::new(),
-            caux: Vec::new(),
+            ..Heads::default()
         },
         ids,
         versions,
