@@ -691,6 +691,15 @@ impl SpannIndex {
         self.sync_lists();
     }
 
+    #[doc(hidden)]
+    pub fn xp_recoarse(&mut self, leaf: usize) {
+        self.params.coarse_leaf = leaf;
+        let (c, l) = search::build_coarse(&self.heads.vecs, self.dim, &self.params);
+        self.heads.coarse = c;
+        self.heads.lists = l;
+        self.sync_lists();
+    }
+
     /// Rebuild the contiguous codes of every coarse list.
     pub(crate) fn sync_lists(&mut self) {
         let all: Vec<ListCodes> = (0..self.heads.lists.len())
@@ -1573,6 +1582,10 @@ fn read_meta(dir: &Path) -> Result<SpannIndex> {
             let x = d.u32().map_err(de)?;
             if x as usize >= h {
                 return Err(bad(format!("coarse list names head {x} of {h}")));
+            }
+            // (a head leaves its lists when it dies; queries rely on that)
+            if !halive[x as usize] {
+                return Err(bad(format!("coarse list names dead head {x}")));
             }
             l.push(x);
         }

@@ -332,6 +332,30 @@ fn the_coarse_prefilter_picks_the_lists_of_a_full_scan() {
     }
 }
 
+/// Queries take every head in a probed coarse list as live (a head leaves
+/// its lists when it dies): a metadata file that lists a dead head is
+/// refused at open.
+#[test]
+fn a_coarse_list_naming_a_dead_head_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut idx = SpannIndex::build(
+        &data(1500, 1),
+        DIM,
+        None,
+        Metric::L2,
+        SpannParams::default(),
+        None,
+    )
+    .unwrap();
+    let h = idx.heads.lists[0][0];
+    idx.heads.alive[h as usize] = false;
+    idx.save(dir.path()).unwrap();
+    drop(idx);
+    let e = SpannIndex::open(dir.path(), Mode::Memory).err().unwrap();
+    assert!(matches!(e, Error::Corruption { .. }), "{e}");
+    assert!(e.to_string().contains(&format!("dead head {h}")), "{e}");
+}
+
 #[test]
 fn a_posting_with_wrong_filter_codes_fails_verify() {
     let dir = tempfile::tempdir().unwrap();
