@@ -855,6 +855,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="use only the first N base vectors (smoke test)")
     ap.add_argument("--derived", type=int, default=0,
                     help="a derived set of N vectors: SPANN with --only spann, else the peers named in --only")
+    ap.add_argument("--derived-queries", type=int, default=200,
+                    help="queries on the derived set (its ground truth is brute force over all N rows)")
     ap.add_argument("--churn", action="store_true", help="run only the delete/re-insert/compact experiment")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds (best of) per point")
     ap.add_argument("--lance-build", default="", help=argparse.SUPPRESS)  # child process of setup_lancedb
@@ -885,7 +887,7 @@ def main() -> None:
             a.only = "spann" if a.derived else "spann,hnswlib,faiss,usearch,faiss-ondisk,lancedb,diskann"
         if a.derived and a.only != "spann":
             names = [v for v in a.only.split(",") if v]
-            results[f"derived-{a.derived}-peers"] = derived_peers(base, q[:200], work, a.derived, names,
+            results[f"derived-{a.derived}-peers"] = derived_peers(base, q[:a.derived_queries], work, a.derived, names,
                                                                   a.build_threads, a.rounds, results)
             with open(out_json, "w") as f:
                 json.dump(results, f, indent=1)
@@ -895,7 +897,7 @@ def main() -> None:
             print(f"wrote {out_json} and {png}")
             return
         if a.derived:
-            results[f"derived-{a.derived}"] = derived_run(base, q[:200], work, a.derived, a.build_threads)
+            results[f"derived-{a.derived}"] = derived_run(base, q[:a.derived_queries], work, a.derived, a.build_threads)
             with open(out_json, "w") as f:
                 json.dump(results, f, indent=1)
             return

@@ -310,9 +310,6 @@ fn shared_data_recall() {
             idx.save(std::path::Path::new(p)).unwrap();
         }
     }
-    if let Ok(l) = std::env::var("LEAF") {
-        idx.xp_recoarse(l.parse().unwrap());
-    }
     eprintln!("build {:.1}s {:?}", t.elapsed().as_secs_f64(), idx.stats());
     let grid: Vec<(usize, usize, usize, f32, f32)> = std::env::var("GRID")
         .unwrap_or("16,8,32;32,12,48;64,24,64;96,32,100;128,48,128".into())

@@ -691,15 +691,6 @@ impl SpannIndex {
         self.sync_lists();
     }
 
-    #[doc(hidden)]
-    pub fn xp_recoarse(&mut self, leaf: usize) {
-        self.params.coarse_leaf = leaf;
-        let (c, l) = search::build_coarse(&self.heads.vecs, self.dim, &self.params);
-        self.heads.coarse = c;
-        self.heads.lists = l;
-        self.sync_lists();
-    }
-
     /// Rebuild the contiguous codes of every coarse list.
     pub(crate) fn sync_lists(&mut self) {
         let all: Vec<ListCodes> = (0..self.heads.lists.len())
