@@ -172,6 +172,21 @@ impl SearchParams {
     }
 }
 
+impl SpannParams {
+    /// The default `build_coarse_probe` for an index of `heads` heads: 16
+    /// up to the size the defaults were tuned on, then growing with the
+    /// square root of the head count, in steps of 8. A vector is assigned
+    /// among the heads of that many coarse lists; at 1M vectors (56,706
+    /// heads, 886 lists) 32 instead of 16 raised recall@10 at nprobe 72
+    /// from 0.949 to 0.954 (the same queries/s per posting) for a 70% longer
+    /// build. A value named at build time is kept.
+    pub fn build_probe_for(heads: usize) -> usize {
+        let d = SpannParams::default().build_coarse_probe;
+        let f = (heads as f64 / TUNED_HEADS).sqrt().max(1.0);
+        ((d as f64 * f / 8.0).floor() as usize).max(1) * 8
+    }
+}
+
 impl Default for SearchParams {
     fn default() -> Self {
         SearchParams {
@@ -600,6 +615,9 @@ impl SpannIndex {
         };
 
         idx.encode_heads();
+        if idx.params.build_coarse_probe == SpannParams::default().build_coarse_probe {
+            idx.params.build_coarse_probe = SpannParams::build_probe_for(h);
+        }
 
         // 2. assignment: choose heads for every vector in parallel
         let done = std::sync::atomic::AtomicUsize::new(0);

@@ -356,6 +356,32 @@ fn a_coarse_list_naming_a_dead_head_is_refused() {
     assert!(e.to_string().contains(&format!("dead head {h}")), "{e}");
 }
 
+/// A query runs compiled for AVX2 when the CPU has it (the wheel targets
+/// baseline x86-64); the answers, scores included, must be the baseline
+/// build's to the bit.
+#[test]
+fn the_avx2_query_path_answers_as_the_baseline_one() {
+    for metric in [Metric::Cosine, Metric::L2, Metric::Ip] {
+        let idx = SpannIndex::build(
+            &data(3000, 11),
+            DIM,
+            None,
+            metric,
+            SpannParams::default(),
+            None,
+        )
+        .unwrap();
+        let queries = idx.prepare(&data(60, 12)).unwrap();
+        let sp = SearchParams::default();
+        for q in queries.chunks_exact(DIM) {
+            let a = idx.search_one(q, 10, &sp, None).unwrap().0;
+            let b = idx.search_one_body(q, 10, &sp, None).unwrap().0;
+            assert_eq!(a.len(), 10);
+            assert_eq!(a, b, "{metric:?}");
+        }
+    }
+}
+
 #[test]
 fn a_posting_with_wrong_filter_codes_fails_verify() {
     let dir = tempfile::tempdir().unwrap();
@@ -449,12 +475,34 @@ fn default_search_scales_with_heads() {
     assert!(heads > 15_000, "{heads} heads");
     assert_eq!(idx.search_defaults(), SearchParams::for_heads(heads));
     assert!(idx.search_defaults().nprobe > d.nprobe);
+    assert_eq!(
+        idx.params.build_coarse_probe,
+        SpannParams::build_probe_for(heads)
+    );
     // ...unless the build named its own search parameters
     let mut p = p;
     p.search.nprobe = 40;
+    p.build_coarse_probe = 8;
     let idx = SpannIndex::build(&base[..2000 * DIM], DIM, None, Metric::L2, p, None).unwrap();
     assert_eq!(idx.search_defaults().nprobe, 40);
     assert_eq!(idx.search_defaults().coarse_probe, d.coarse_probe);
+    assert_eq!(idx.params.build_coarse_probe, 8);
+}
+
+#[test]
+fn default_build_probe_scales_with_heads() {
+    let d = SpannParams::default().build_coarse_probe;
+    assert_eq!(SpannParams::build_probe_for(0), d);
+    assert_eq!(SpannParams::build_probe_for(11_000), d);
+    // the 1M derived MiniLM set
+    assert_eq!(SpannParams::build_probe_for(56_706), 32);
+    let mut last = d;
+    for h in [20_000, 100_000, 1_000_000, 10_000_000] {
+        let b = SpannParams::build_probe_for(h);
+        assert!(b >= last && b.is_multiple_of(8), "{h}: {b}");
+        last = b;
+    }
+    assert!(last > 32);
 }
 
 /// A read-only disk-mode handle holds no head vectors (queries rank heads by
