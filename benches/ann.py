@@ -73,7 +73,9 @@ def setup_spann(base, work, threads_build):
     build = time.perf_counter() - t
     engramdb.set_num_threads(1)
     print(f"spann build {build:.1f}s {idx.stats()}", flush=True)
-    grid = [(16, 8), (24, 12), (32, 16), (48, 20), (56, 24), (72, 28), (88, 36), (128, 48)]
+    # (nprobe, coarse_probe): both knobs, the plot and the figures take the Pareto frontier
+    grid = [(16, 8), (24, 12), (32, 16), (40, 24), (40, 32), (48, 24), (48, 32), (56, 40), (64, 40), (72, 48),
+            (96, 48), (128, 64)]
     dp = idx.params()
     out = []
     for mode in ("memory", "disk"):

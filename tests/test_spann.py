@@ -168,10 +168,10 @@ def test_build_arguments(tmp_path):
     # (the Rust test default_search_scales_with_heads covers the scaling)
     named = SpannIndex.build(x, tmp_path / "g", progress=False, nprobe=1, coarse_probe=1, mode="memory")
     assert (named.params()["nprobe"], named.params()["coarse_probe"]) == (1, 1)
-    assert (small.params()["nprobe"], small.params()["coarse_probe"]) == (56, 24)
+    assert (small.params()["nprobe"], small.params()["coarse_probe"]) == (48, 32)
     q = x[:20]
     np.testing.assert_array_equal(named.search(q, k=5)[0], named.search(q, k=5, nprobe=1, coarse_probe=1)[0])
-    assert not np.array_equal(named.search(q, k=5)[0], named.search(q, k=5, nprobe=56, coarse_probe=24)[0])
+    assert not np.array_equal(named.search(q, k=5)[0], named.search(q, k=5, nprobe=48, coarse_probe=32)[0])
     assert parse_bytes("512MB") == 512 << 20 and parse_bytes(1000) == 1000
     with pytest.raises(ValueError):
         parse_bytes("lots")

@@ -154,11 +154,13 @@ impl SearchParams {
     /// The default search for an index of `heads` heads. A larger index
     /// needs deeper probes for the same recall: `nprobe` and `coarse_probe`
     /// grow with the fourth root of `heads / 11,000`, never below the
-    /// defaults (56 / 24: recall@10 0.9575 on the 200k MiniLM set's 2,000
-    /// queries). On the 1M set derived from it (56,706 heads) that gives
-    /// 88 / 36; there 80 / 32 gave 0.955 and 96 / 32 0.960 (1,000 queries),
-    /// and before this scaling (and at rng_factor 1.0) the defaults gave
-    /// 0.931.
+    /// defaults (48 / 32: recall@10 0.9567 on the 200k MiniLM set's 2,000
+    /// queries, at 8,382 q/s where 56 / 24 gave 0.9579 at 7,964: once the
+    /// coarse scan was prefiltered, a coarse list cost less than a posting,
+    /// and probing more lists found the nearest heads better). On the 1M set
+    /// derived from it (56,706 heads) that gives 72 / 48; there 64 / 32 gave
+    /// 0.953 and 64 / 40 0.957 (1,000 queries), and before this scaling (and
+    /// at rng_factor 1.0) the defaults gave 0.931.
     pub fn for_heads(heads: usize) -> SearchParams {
         let d = SearchParams::default();
         let f = (heads as f64 / TUNED_HEADS).powf(0.25).max(1.0);
@@ -190,9 +192,9 @@ impl SpannParams {
 impl Default for SearchParams {
     fn default() -> Self {
         SearchParams {
-            nprobe: 56,
+            nprobe: 48,
             epsilon: 10.0,
-            coarse_probe: 24,
+            coarse_probe: 32,
             rerank: 24,
             filter: DEFAULT_FILTER,
         }

@@ -450,7 +450,7 @@ fn default_search_scales_with_heads() {
     assert_eq!(SearchParams::for_heads(11_000), d);
     // the 1M derived MiniLM set: 56,706 heads
     let big = SearchParams::for_heads(56_706);
-    assert_eq!((big.nprobe, big.coarse_probe), (88, 36));
+    assert_eq!((big.nprobe, big.coarse_probe), (72, 48));
     assert_eq!(
         (big.rerank, big.filter, big.epsilon),
         (d.rerank, d.filter, d.epsilon)
