@@ -346,13 +346,17 @@ pub(crate) struct Heads {
 }
 
 /// The codes of one coarse list's heads, in list order: int8 codes and their
-/// aux, and 1-bit filter codes of each head relative to the list's centroid.
+/// aux, and 1-bit filter codes of each head relative to the list's centroid
+/// with their factors `(f, k, e)` (see [`bits`]), one array per factor so
+/// the head scan's bound arithmetic vectorises.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct ListCodes {
     pub codes: Vec<i8>,
     pub aux: Vec<f32>,
     pub bits: Vec<u8>,
-    pub filt: Vec<[f32; 3]>,
+    pub f: Vec<f32>,
+    pub k: Vec<f32>,
+    pub e: Vec<f32>,
 }
 
 /// The SPANN index.
@@ -809,7 +813,9 @@ impl SpannIndex {
             codes: Vec::with_capacity(list.len() * dim),
             aux: Vec::with_capacity(list.len()),
             bits: vec![0u8; list.len() * nb],
-            filt: Vec::with_capacity(list.len()),
+            f: Vec::with_capacity(list.len()),
+            k: Vec::with_capacity(list.len()),
+            e: Vec::with_capacity(list.len()),
         };
         let mut code = vec![0i8; dim];
         for (i, &h) in list.iter().enumerate() {
@@ -817,13 +823,11 @@ impl SpannIndex {
             lc.codes.extend_from_slice(&code);
             lc.aux.push(aux);
             self.quant.decode(&code, &mut x);
-            lc.filt.push(bits::encode(
-                &self.rot,
-                &x,
-                cent,
-                &rc,
-                &mut lc.bits[i * nb..(i + 1) * nb],
-            ));
+            let [f, k, e] =
+                bits::encode(&self.rot, &x, cent, &rc, &mut lc.bits[i * nb..(i + 1) * nb]);
+            lc.f.push(f);
+            lc.k.push(k);
+            lc.e.push(e);
         }
         lc
     }
@@ -1330,7 +1334,7 @@ impl SpannIndex {
                     l.codes.capacity()
                         + l.aux.capacity() * 4
                         + l.bits.capacity()
-                        + l.filt.capacity() * 12
+                        + (l.f.capacity() + l.k.capacity() + l.e.capacity()) * 4
                 })
                 .sum::<usize>()
             + self.heads.coarse.capacity() * 4

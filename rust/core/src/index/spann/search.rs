@@ -275,43 +275,50 @@ impl SpannIndex {
         // the probed lists in list order (without `qb`, every head gets
         // +inf: all are scored)
         let total: usize = probed.iter().map(|x| lists[x.1 as usize].len()).sum();
-        let mut ub: Vec<f32> = Vec::with_capacity(total);
-        let mut lb: Vec<f32> = Vec::with_capacity(total);
-        let mut sdot: Vec<f32> = Vec::with_capacity(128);
+        let mut ub = vec![0f32; total];
+        let mut lb = vec![0f32; total];
+        let longest = probed.iter().map(|x| lists[x.1 as usize].len()).max();
+        let mut sdot = vec![0f32; longest.unwrap_or(0)];
+        let mut at = 0;
         for (j, &(cd, c, qcv)) in probed.iter().enumerate() {
             let c = c as usize;
             let lc = &self.heads.lcodes[c];
-            let at = ub.len();
+            let m = lists[c].len();
+            let (u, l) = (&mut ub[at..at + m], &mut lb[at..at + m]);
+            at += m;
             match qb {
                 Some(qb) => {
                     if let Some(next) = probed.get(j + 1) {
                         let nc = &self.heads.lcodes[next.1 as usize];
                         prefetch(&nc.bits);
-                        prefetch(&nc.filt);
+                        prefetch(&nc.f);
+                        prefetch(&nc.k);
+                        prefetch(&nc.e);
                     }
                     let yperp = cd.max(0.0).sqrt();
                     let w = filter * yperp * if l2 { 2.0 } else { 1.0 };
-                    sdot.resize(lists[c].len(), 0.0);
-                    qb.dot_signs_all(&lc.bits, nb, &mut sdot);
-                    let fs = lc.filt.iter().zip(&sdot);
+                    let sd = &mut sdot[..m];
+                    qb.dot_signs_all(&lc.bits, nb, sd);
+                    let (f, kk, e) = (&lc.f[..m], &lc.k[..m], &lc.e[..m]);
+                    // one array per operand: this vectorises
                     if l2 {
-                        for ((&[f, kk, e], &sd), &a) in fs.zip(&lc.aux) {
-                            let ip = qcv + f * sd + kk;
-                            let est = -(qnorm - 2.0 * ip + a);
-                            ub.push(est + w * e);
-                            lb.push(est - w * e);
+                        let a = &lc.aux[..m];
+                        for i in 0..m {
+                            let est = -(qnorm - 2.0 * (qcv + f[i] * sd[i] + kk[i]) + a[i]);
+                            u[i] = est + w * e[i];
+                            l[i] = est - w * e[i];
                         }
                     } else {
-                        ub.extend(
-                            fs.clone()
-                                .map(|(&[f, kk, e], &sd)| (qcv + f * sd + kk - 1.0) + w * e),
-                        );
-                        lb.extend(fs.map(|(&[f, kk, e], &sd)| (qcv + f * sd + kk - 1.0) - w * e));
+                        for i in 0..m {
+                            let est = qcv + f[i] * sd[i] + kk[i] - 1.0;
+                            u[i] = est + w * e[i];
+                            l[i] = est - w * e[i];
+                        }
                     }
                 }
                 None => {
-                    ub.resize(at + lists[c].len(), f32::INFINITY);
-                    lb.resize(at + lists[c].len(), f32::INFINITY);
+                    u.fill(f32::INFINITY);
+                    l.fill(f32::INFINITY);
                 }
             }
             // lists hold live heads only (a head leaves its lists when it
