@@ -106,6 +106,57 @@ pub(crate) fn build_coarse(
     (cents, lists)
 }
 
+/// The `n` best of candidates known at first only by an upper bound on
+/// their score: `cands` holds (bound, key) for every candidate that can be
+/// among them. Scores them with `score(key) -> (id, score, extra)` highest
+/// bound first (ties by key), until the bounds fall below the n-th best
+/// score found; `warm(key)` is called a few candidates ahead (to prefetch
+/// what `score` reads). Returns (id, score, extra), best first, ties by the
+/// smaller id. The second phase of the coarse scan and of the head ranking.
+#[inline(always)]
+fn best_by_bounds<T: Copy>(
+    mut cands: Vec<(f32, u64)>,
+    n: usize,
+    warm: impl Fn(u64),
+    mut score: impl FnMut(u64) -> (u32, f32, T),
+) -> Vec<(u32, f32, T)> {
+    const AHEAD: usize = 4;
+    cands.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    for x in cands.iter().take(AHEAD) {
+        warm(x.1);
+    }
+    let mut top = TopK::new(n);
+    // the extras of the hits pushed: the TopK id is the caller's id in the
+    // high half (ties still break by it) and the index here below (n can
+    // come from parameters read from disk: a bounded reserve)
+    let mut extra: Vec<T> = Vec::with_capacity(n.min(1024));
+    let mut thr = top.threshold();
+    for (j, x) in cands.iter().enumerate() {
+        if x.0 < thr {
+            break;
+        }
+        if let Some(nx) = cands.get(j + AHEAD) {
+            warm(nx.1);
+        }
+        let (id, s, t) = score(x.1);
+        if s >= thr {
+            top.push((id as u64) << 32 | extra.len() as u64, s);
+            extra.push(t);
+            thr = top.threshold();
+        }
+    }
+    top.into_sorted()
+        .into_iter()
+        .map(|h| {
+            (
+                (h.id >> 32) as u32,
+                h.score,
+                extra[(h.id & 0xFFFF_FFFF) as usize],
+            )
+        })
+        .collect()
+}
+
 impl SpannIndex {
     /// Whether reads go to the device (O_DIRECT) and so are issued in parallel.
     fn parallel_io(&self) -> bool {
@@ -167,21 +218,10 @@ impl SpannIndex {
         let dim = self.dim;
         let lists = &self.heads.lists;
         let qnorm = qc.qnorm();
-        let code = |c: usize| &self.heads.ccodes[c * dim..(c + 1) * dim];
-        let mut top = TopK::new(n);
-        // <q, C> of each centroid pushed; the TopK id is the list in the
-        // high half and the index here below (as in the head scan)
-        let mut ips: Vec<f32> = Vec::with_capacity(n.min(1024));
-        let mut score = |c: usize, top: &mut TopK| {
-            let ip = qc.ip_code(code(c));
-            top.push(
-                (c as u64) << 32 | ips.len() as u64,
-                -(qnorm - 2.0 * ip + self.heads.caux[c]),
-            );
-            ips.push(ip);
-        };
         let nc = lists.len();
-        match qb {
+        // (upper bound of -distance, list) of the lists that can be among
+        // the n nearest; without the prefilter, every non-empty list
+        let cands: Vec<(f32, u64)> = match qb {
             Some(qb) if nc > COARSE_PREFILTER_MIN && self.heads.cfilt.len() == nc => {
                 let nb = bits::code_bytes(dim);
                 let mut sdot = vec![0f32; nc];
@@ -193,14 +233,14 @@ impl SpannIndex {
                 // the inner product
                 let w = 2.0 * filter * yperp;
                 // (lower bound, list) and the upper bounds of the non-empty lists
-                let mut lo: Vec<(f32, u32)> = Vec::with_capacity(nc);
+                let mut lo: Vec<(f32, u64)> = Vec::with_capacity(nc);
                 let mut hi: Vec<f32> = Vec::with_capacity(nc);
                 for (c, (&[f, k, e], &sd)) in self.heads.cfilt.iter().zip(&sdot).enumerate() {
                     if lists[c].is_empty() {
                         continue;
                     }
                     let est = qnorm - 2.0 * (qm + f * sd + k) + self.heads.caux[c];
-                    lo.push((est - w * e, c as u32));
+                    lo.push((est - w * e, c as u64));
                     hi.push(est + w * e);
                 }
                 // the n-th smallest upper bound: no list beyond it can be
@@ -210,34 +250,30 @@ impl SpannIndex {
                 } else {
                     f32::INFINITY
                 };
-                lo.retain(|x| x.0 <= thr0);
-                lo.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-                for &(l, c) in &lo {
-                    // -threshold: the n-th best distance found so far
-                    if l > -top.threshold() {
-                        break;
-                    }
-                    score(c as usize, &mut top);
-                }
+                lo.into_iter()
+                    .filter(|x| x.0 <= thr0)
+                    .map(|(l, c)| (-l, c))
+                    .collect()
             }
-            _ => {
-                for (c, l) in lists.iter().enumerate() {
-                    if !l.is_empty() {
-                        score(c, &mut top);
-                    }
-                }
-            }
-        }
-        top.into_sorted()
-            .into_iter()
-            .map(|h| {
-                (
-                    -h.score,
-                    (h.id >> 32) as u32,
-                    ips[(h.id & 0xFFFF_FFFF) as usize],
-                )
-            })
-            .collect()
+            _ => (0..nc as u64)
+                .filter(|&c| !lists[c as usize].is_empty())
+                .map(|c| (f32::INFINITY, c))
+                .collect(),
+        };
+        let code = |c: u64| &self.heads.ccodes[c as usize * dim..(c as usize + 1) * dim];
+        best_by_bounds(
+            cands,
+            n,
+            |c| prefetch(code(c)),
+            |c| {
+                let ip = qc.ip_code(code(c));
+                let d = qnorm - 2.0 * ip + self.heads.caux[c as usize];
+                (c as u32, -d, ip)
+            },
+        )
+        .into_iter()
+        .map(|(c, s, ip)| (-s, c, ip))
+        .collect()
     }
 
     /// Like [`SpannIndex::nearest_heads`] but scoring heads by their int8
@@ -338,61 +374,38 @@ impl SpannIndex {
         } else {
             f32::NEG_INFINITY
         };
-        // (upper bound, list, index in list) of the heads that reach it,
-        // highest bound first
-        let mut order: Vec<(f32, u32, u32)> = Vec::with_capacity(4 * n.min(1024));
+        // (upper bound, list << 32 | index in list) of the heads that reach it
+        let mut cands: Vec<(f32, u64)> = Vec::with_capacity(4 * n.min(1024));
         let mut at = 0;
         for &(_, c, _) in &probed {
-            let c = c as usize;
-            let m = lists[c].len();
+            let m = lists[c as usize].len();
             for (i, &u) in ub[at..at + m].iter().enumerate() {
                 if u >= thr0 && u > f32::NEG_INFINITY {
-                    order.push((u, c as u32, i as u32));
+                    cands.push((u, (c as u64) << 32 | i as u64));
                 }
             }
             at += m;
         }
-        order.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-        // phase 2: the int8 scores
-        const AHEAD: usize = 4;
-        let code_of = |x: &(f32, u32, u32)| {
-            let i = x.2 as usize;
-            &self.heads.lcodes[x.1 as usize].codes[i * dim..(i + 1) * dim]
+        // phase 2: the int8 scores, each head with (<q, c>, |q - c|^2)
+        let code_of = |key: u64| {
+            let i = (key & 0xFFFF_FFFF) as usize;
+            &self.heads.lcodes[(key >> 32) as usize].codes[i * dim..(i + 1) * dim]
         };
-        for x in order.iter().take(AHEAD) {
-            prefetch(code_of(x));
-        }
-        let mut top = TopK::new(n);
-        // (ip, |q - c|^2) of each head pushed; the TopK id is the head in
-        // the high half (ties still break by head) and the index here below
-        // (n can come from parameters read from disk: a bounded reserve)
-        let mut info: Vec<(f32, f32)> = Vec::with_capacity(n.min(1024));
-        let mut thr = top.threshold();
-        for (j, x) in order.iter().enumerate() {
-            if x.0 < thr {
-                break;
-            }
-            if let Some(nx) = order.get(j + AHEAD) {
-                prefetch(code_of(nx));
-            }
-            let (c, i) = (x.1 as usize, x.2 as usize);
-            let aux = self.heads.lcodes[c].aux[i];
-            let ip = qc.ip_code(code_of(x));
-            let s = -qc.dist_of_ip(ip, aux);
-            if s >= thr {
-                let h = lists[c][i];
-                top.push((h as u64) << 32 | info.len() as u64, s);
-                info.push((ip, (qnorm - 2.0 * ip + aux).max(0.0)));
-                thr = top.threshold();
-            }
-        }
-        top.into_sorted()
-            .into_iter()
-            .map(|h| {
-                let (ip, y2) = info[(h.id & 0xFFFF_FFFF) as usize];
-                (-h.score, (h.id >> 32) as u32, ip, y2)
-            })
-            .collect()
+        best_by_bounds(
+            cands,
+            n,
+            |key| prefetch(code_of(key)),
+            |key| {
+                let (c, i) = ((key >> 32) as usize, (key & 0xFFFF_FFFF) as usize);
+                let aux = self.heads.lcodes[c].aux[i];
+                let ip = qc.ip_code(code_of(key));
+                let s = -qc.dist_of_ip(ip, aux);
+                (lists[c][i], s, (ip, (qnorm - 2.0 * ip + aux).max(0.0)))
+            },
+        )
+        .into_iter()
+        .map(|(h, s, (ip, y2))| (-s, h, ip, y2))
+        .collect()
     }
 
     /// Search with raw queries: checks the dimension before any I/O,
