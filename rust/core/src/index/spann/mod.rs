@@ -765,18 +765,22 @@ impl SpannIndex {
         let mut rm = vec![0f32; dim];
         self.rot.apply(&mean, &mut rm);
         let mut cbits = vec![0u8; nc * nb];
-        let cfilt: Vec<[f32; 3]> = self
-            .heads
-            .ccodes
-            .par_chunks(dim)
+        let cfilt: Vec<[f32; 3]> = (0..nc)
+            .into_par_iter()
             .zip(cbits.par_chunks_mut(nb))
-            .map(|(code, out)| {
-                let mut x = vec![0f32; dim];
-                self.quant.decode(code, &mut x);
-                bits::encode(&self.rot, &x, &mean, &rm, out)
-            })
+            .map(|(c, out)| self.coarse_bit(c, &mean, &rm, out))
             .collect();
         (mean, cbits, cfilt)
+    }
+
+    /// The 1-bit code of coarse centroid `c` (its int8 code, decoded)
+    /// around `mean` (rotated: `rm`), into `out`; returns its factors.
+    fn coarse_bit(&self, c: usize, mean: &[f32], rm: &[f32], out: &mut [u8]) -> [f32; 3] {
+        let dim = self.dim;
+        let mut x = vec![0f32; dim];
+        self.quant
+            .decode(&self.heads.ccodes[c * dim..(c + 1) * dim], &mut x);
+        bits::encode(&self.rot, &x, mean, rm, out)
     }
 
     /// Rebuild the contiguous codes of coarse list `c`.
@@ -788,7 +792,22 @@ impl SpannIndex {
         self.heads.ccodes.resize(nc * self.dim, 0);
         self.heads.caux.resize(nc, 0.0);
         self.encode_centroid(c);
-        self.encode_coarse_bits();
+        if self.heads.cfilt.len() == nc {
+            // the same list count: the mean is the one the others were
+            // encoded around (centroids do not move after the build), so
+            // only this one is re-encoded, not all (~4 ms at 1M, on every
+            // head split and removal)
+            let nb = bits::code_bytes(self.dim);
+            let mean = &self.heads.cmean;
+            let mut rm = vec![0f32; self.dim];
+            self.rot.apply(mean, &mut rm);
+            let mut out = vec![0u8; nb];
+            let f = self.coarse_bit(c, mean, &rm, &mut out);
+            self.heads.cbits[c * nb..(c + 1) * nb].copy_from_slice(&out);
+            self.heads.cfilt[c] = f;
+        } else {
+            self.encode_coarse_bits();
+        }
     }
 
     /// Rebuild the contiguous codes of the list(s) holding head `h`.
