@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--json", help="write the figures to this file")
-    ap.add_argument("--kernels", default="decode,search", help="comma-separated subset of: decode, search")
+    ap.add_argument("--kernels", default="decode,search",
+                    help="comma-separated subset of: decode, search, profile (the torch profiler's view of a search)")
     ap.add_argument("--smoke", action="store_true",
                     help="run every step on tiny shapes on the CPU (Triton interpreter, wall-clock timer): checks "
                          "the script, measures nothing")
@@ -87,18 +88,20 @@ def main(argv=None) -> int:
     print(f"device: {name}; torch {torch.__version__}, triton {triton.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s")
 
     def decode_section():
-        # ---- decode attention: the shipped defaults plus a sweep of the kernel's tuning knobs
-        # (block_t, num_warps, unpack, splits: None = the default, "x4" = four times as many, "x16");
-        # the default's row is marked, the best of the sweep reported beside it
-        configs = [(32, 4, "expand", None), (32, 4, "gather", None), (64, 4, "expand", None), (16, 4, "expand", None),
-                   (32, 4, "expand", "x4")]
+        # ---- decode attention: the shipped defaults plus a sweep of the kernel's tuning knobs (keyword
+        # arguments of kivi_decode_attention; "splits": "x2" / "/2" = twice / half the default split count);
+        # the first is the default, the best of the sweep is reported beside it; "expand" was the default
+        # unpacking before "join"
+        configs = [{}, {"num_stages": 1}, {"num_stages": 3}, {"block_t": 128, "num_stages": 1}, {"block_t": 32},
+                   {"splits": "x2"}, {"prefetch": False}, {"unpack": "expand", "prefetch": False}]
         if args.quick:
-            configs = configs[:3]
+            configs = configs[:1] + configs[-1:]
         shapes = [(1, 32, 8, 128, 32768), (8, 32, 8, 128, 8192), (4, 9, 3, 64, 16384)]
         if not args.quick:
             shapes += [(32, 32, 8, 128, 16384)]
         if args.smoke:
             shapes = [(1, 4, 2, 64, 64 + 128 + 32)]
+            configs = configs[:1] + configs[-1:]
         for b, hq, hkv, d, t in shapes:
             window = 64
             tq = t - window
@@ -115,21 +118,28 @@ def main(argv=None) -> int:
                     kr, vr = k[:, :, tq:].contiguous(), v[:, :, tq:].contiguous()
                     ref = kivi_decode_attention_ref(q[:, :, 0], kq, vq, kr, vr)
                     nbytes = kq.nbytes() + vq.nbytes() + 2 * kr.numel() * 2 + q.numel() * 2
-                    for bt, nw, ex, sp in configs if meta_bits == 16 else configs[:1] + configs[2:3]:
-                        # the kernel's default split count, times 4 or 16 (at least 32 tokens per split)
-                        ns = max(1, min(max(1, 512 // (b * hkv)), triton.cdiv(t, 256)))
-                        ns = None if sp is None else min(ns * int(sp[1:]), triton.cdiv(t, 32))
-                        kw = dict(block_t=bt, num_warps=nw, unpack=ex, num_splits=ns)
+                    for cfg in configs if meta_bits == 16 else configs[:1] + configs[-1:]:
+                        kw = {"block_t": 64, "num_warps": 4, "unpack": "join", "num_stages": None, "prefetch": True,
+                              "num_splits": None}
+                        kw.update({key: val for key, val in cfg.items() if key != "splits"})
+                        sp = cfg.get("splits")
+                        if sp is not None:  # relative to the kernel's default split count
+                            sms = 132 if args.smoke else torch.cuda.get_device_properties(0).multi_processor_count
+                            ns = max(1, min(max(1, 4 * sms // (b * hkv)), triton.cdiv(t, 256)))
+                            kw["num_splits"] = max(1, min(ns * 2 if sp == "x2" else ns // 2, triton.cdiv(t, 32)))
+                        bt, nw, ex, ns, st = kw["block_t"], kw["num_warps"], kw["unpack"], kw["num_splits"], kw["num_stages"]
                         out = kivi_decode_attention(q, kq, vq, kr, vr, **kw)
                         err = (out[:, :, 0].float() - ref.float()).abs().max().item()
                         assert err < 1e-2, f"decode attention differs from the reference by {err}"
                         ms = bench(kivi_decode_attention, q, kq, vq, kr, vr, **kw)
                         row = {"kernel": "kivi_decode", "bits": bits, "meta_bits": meta_bits, "shape": shape,
-                               "block_t": bt, "num_warps": nw, "unpack": ex, "num_splits": ns, "ms": ms, "bytes": nbytes,
+                               "block_t": bt, "num_warps": nw, "unpack": ex, "num_splits": ns, "num_stages": st,
+                               "prefetch": kw["prefetch"], "splits_rule": sp, "ms": ms, "bytes": nbytes,
                                "GB/s": nbytes / ms / 1e6, "frac_bw": nbytes / (ms * 1e-3) / bw,
                                "sdpa_fp16_ms": sdpa_ms, "sdpa_frac_bw": sdpa_bytes / (sdpa_ms * 1e-3) / bw, "max_err": err}
                         rows.append(row)
-                        print(f"decode {shape:28s} {bits}b m{meta_bits:<2d} bt{bt:<3d} w{nw} {ex:6s} s{ns}: "
+                        print(f"decode {shape:28s} {bits}b m{meta_bits:<2d} bt{bt:<3d} w{nw} {ex:6s} s{sp} st{st} "
+                              f"pf{int(kw['prefetch'])}: "
                               f"{ms * 1e3:8.1f} us {row['frac_bw']:6.1%} bw | SDPA fp16 {sdpa_ms * 1e3:8.1f} us "
                               f"({row['sdpa_frac_bw']:5.1%}); {sdpa_ms / ms:.2f}x", flush=True)
             del q, k, v, kq, vq, kr, vr
@@ -192,7 +202,30 @@ def main(argv=None) -> int:
                           f"{row['frac_bw']:6.1%} bw", flush=True)
                     del index
 
-    for name, section in (("decode", decode_section), ("search", search_section)):
+    def profile_section():
+        # ---- where a 1M-row search's time goes: every kernel of one eager search_topk call and of one
+        # BruteForceIndex (graph) search, from the torch profiler (device time per kernel name)
+        from torch.profiler import ProfilerActivity, profile
+
+        n, d = (1 << 20, 384) if not args.smoke else (3000, 48)
+        x16 = torch.randn(n, d, device=dev, dtype=torch.float16)
+        for m, k_ in ((1, 10), (16, 100)):
+            q = torch.randn(m, d, device=dev)
+            index = BruteForceIndex(x16)
+            for label, fn in (("search_topk", lambda: search_topk(q, x16, k_)), ("index", lambda: index.search(q, k_))):
+                for _ in range(3):
+                    fn()
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+                with profile(activities=acts) as prof:
+                    for _ in range(10):
+                        fn()
+                    if dev == "cuda":
+                        torch.cuda.synchronize()
+                print(f"\nprofile {label} m{m} k{k_} (10 calls)")
+                print(prof.key_averages().table(sort_by="cuda_time_total" if dev == "cuda" else "cpu_time_total",
+                                                row_limit=22, max_name_column_width=60))
+
+    for name, section in (("decode", decode_section), ("search", search_section), ("profile", profile_section)):
         if name not in set(args.kernels.split(",")):
             continue
         try:
@@ -210,11 +243,14 @@ def main(argv=None) -> int:
     for key, rs in groups.items():
         best = max(rs, key=lambda r: r["frac_bw"])
         dflt = next((r for r in rs if r.get("block_t", 64) == 64 and r.get("num_warps", 4) == 4
-                     and r.get("unpack", "expand") == "expand" and r.get("num_splits") is None
+                     and r.get("unpack", "join") == "join" and r.get("num_splits") is None
+                     and r.get("num_stages") is None and r.get("prefetch", True)
                      and r.get("chunk_rows") is None and r.get("tile") is None),
                     rs[0])
         peer = rs[0].get("sdpa_frac_bw", rs[0].get("torch_frac_bw", float("nan")))
-        cfg = {c: best[c] for c in ("block_t", "num_warps", "unpack", "num_splits", "chunk_rows", "tile") if c in best}
+        cfg = {c: best[c] for c in ("block_t", "num_warps", "unpack", "num_splits", "num_stages", "prefetch",
+                                    "chunk_rows", "tile")
+               if c in best}
         print(f"{' '.join(str(x) for x in key if x is not None):60s} default {dflt['frac_bw']:6.1%} "
               f"({dflt['ms'] * 1e3:7.1f} us)  best {best['frac_bw']:6.1%} ({best['ms'] * 1e3:7.1f} us) {cfg} "
               f"peer {peer:6.1%}")

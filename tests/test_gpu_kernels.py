@@ -258,11 +258,14 @@ def test_decode_attention_matches_reference(case, dtype, meta_bits):
     torch.testing.assert_close(got.float().cpu(), ref.float(), atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("block_t,unpack", [(16, "expand"), (64, "expand"), (128, "expand"), (64, "gather")])
-@pytest.mark.parametrize("case,meta_bits", [(DECODE_CASES[1], 16), (DECODE_CASES[4], 16), (DECODE_CASES[1], 8)],
-                         ids=["gqa-2bit", "d80-g16", "gqa-2bit-m8"])
+@pytest.mark.parametrize("block_t,unpack", [(16, "expand"), (64, "expand"), (128, "expand"), (64, "gather"),
+                                            (16, "join"), (64, "join"), (128, "join")])
+@pytest.mark.parametrize("case,meta_bits", [(DECODE_CASES[1], 16), (DECODE_CASES[4], 16), (DECODE_CASES[1], 8),
+                                            ((1, 4, 2, 64, 8, 64, 8, 8, 32, 2), 16)],
+                         ids=["gqa-2bit", "d80-g16", "gqa-2bit-m8", "8bit"])
 def test_decode_attention_tiles(case, meta_bits, block_t, unpack):
-    """Every tile size and both ways of unpacking (spread in registers, or one gather per element) agree:
+    """Every tile size and every way of unpacking (codes split in the loading thread, spread through a
+    reshape, or one gather per element) agree:
     tiles larger or smaller than a group, several word rows per tile, tails shorter than a tile."""
     b, hq, hkv, tq, tr, d, bk, bv, g, splits = case
     r = gen(block_t + meta_bits)
@@ -276,6 +279,24 @@ def test_decode_attention_tiles(case, meta_bits, block_t, unpack):
                                   block_t=block_t, unpack=unpack, backend="triton")
     ref = G.kivi_decode_attention_ref(q, _cpu(kq), _cpu(vq), k_res, v_res)
     torch.testing.assert_close(got.cpu(), ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("meta_bits", [16, 8])
+def test_decode_attention_prefetch_changes_nothing(meta_bits):
+    """Fetching each tile's scales and minimums one tile ahead (the default) gives the same result as
+    fetching them with the tile, at a tail shorter than a tile and across several splits."""
+    b, hq, hkv, tq, tr, d, bk, bv, g, splits = DECODE_CASES[1]
+    r = gen(77 + meta_bits)
+    q = torch.randn(b, hq, d, generator=r).to(DEVICE)
+    kq = kv_quant.quantize_keys((torch.randn(b, hkv, tq + 32, d, generator=r) * 2).to(DEVICE), bk, g, meta_bits=meta_bits)
+    vq = kv_quant.quantize_values(torch.randn(b, hkv, tq + 32, d, generator=r).to(DEVICE), bv, g, meta_bits=meta_bits)
+    k_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE)
+    v_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE)
+    got = [G.kivi_decode_attention(q, kq, vq, k_res, v_res, num_splits=splits, block_t=32, prefetch=pf,
+                                   backend="triton").cpu() for pf in (True, False)]
+    torch.testing.assert_close(got[0], got[1], atol=1e-6, rtol=0)
+    ref = G.kivi_decode_attention_ref(q.cpu(), _cpu(kq), _cpu(vq), k_res.cpu(), v_res.cpu())
+    torch.testing.assert_close(got[0], ref, atol=2e-5, rtol=0)
 
 
 def test_decode_attention_rejects_bad_tuning_knobs():

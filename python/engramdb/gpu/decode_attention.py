@@ -11,6 +11,7 @@ step merges the slices.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -21,7 +22,7 @@ from .kv_quant import QuantizedTensor, dequantize
 
 __all__ = ["kivi_decode_attention", "kivi_decode_attention_ref"]
 
-UNPACK_MODES = {"gather": 0, "expand": 1}
+UNPACK_MODES = {"gather": 0, "expand": 1, "join": 2}
 
 
 def kivi_decode_attention_ref(q, kq: Optional[QuantizedTensor], vq: Optional[QuantizedTensor], k_res, v_res,
@@ -48,6 +49,110 @@ def kivi_decode_attention_ref(q, kq: Optional[QuantizedTensor], vq: Optional[Qua
 if HAS_TRITON:
 
     @triton.jit
+    def _half(x, HI: tl.constexpr):
+        """The low (``HI=0``) or high 16 bits of each uint32 of ``x`` read as fp16."""
+        if HI:
+            x = x >> 16
+        return x.to(tl.uint16).to(tl.float16, bitcast=True)
+
+    @triton.jit
+    def _in_order(h0, h1, h2, h3, h4, h5, h6, h7, N: tl.constexpr):
+        """The first ``N`` (2, 4 or 8) tensors joined so that their new innermost axes read ``h0, h1, ...``
+        in row-major order (each join appends an axis of two: the even-indexed tensors go first)."""
+        if N == 2:
+            out = tl.join(h0, h1)
+        elif N == 4:
+            out = tl.join(tl.join(h0, h2), tl.join(h1, h3))
+        else:
+            out = tl.join(tl.join(tl.join(h0, h4), tl.join(h2, h6)), tl.join(tl.join(h1, h5), tl.join(h3, h7)))
+        return out
+
+    @triton.jit
+    def _pair(wu, J: tl.constexpr, BITS: tl.constexpr):
+        """Codes ``J`` and ``J + 16 // BITS`` of each word as the two halves of a uint32, each ORed into
+        the fp16 bit pattern of 1024: read as fp16, a half is exactly 1024 + its code."""
+        LOW: tl.constexpr = ((1 << BITS) - 1) * 65537
+        return ((wu >> (J * BITS)) & LOW) | 0x64006400
+
+    @triton.jit
+    def _unpack_f16(w, BITS: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr):
+        """The ``32 // BITS`` codes of each int32 word of the ``(R0, R1)`` tile ``w`` as exact fp16 values,
+        along a new innermost axis (code ``j`` from bits ``j * BITS``). No int-to-float conversion (a
+        quarter-rate instruction): each code is ORed into the fp16 pattern of 1024 and 1024 is subtracted,
+        both exact; every step keeps a word's codes in the thread that loaded it."""
+        HALF: tl.constexpr = 16 // BITS
+        wu = w.to(tl.uint32, bitcast=True)
+        x0 = _pair(wu, 0, BITS)
+        x1 = _pair(wu, 1 % HALF, BITS)
+        x2 = _pair(wu, 2 % HALF, BITS)
+        x3 = _pair(wu, 3 % HALF, BITS)
+        x4 = _pair(wu, 4 % HALF, BITS)
+        x5 = _pair(wu, 5 % HALF, BITS)
+        x6 = _pair(wu, 6 % HALF, BITS)
+        x7 = _pair(wu, 7 % HALF, BITS)
+        lo = _in_order(_half(x0, 0), _half(x1, 0), _half(x2, 0), _half(x3, 0), _half(x4, 0), _half(x5, 0),
+                       _half(x6, 0), _half(x7, 0), HALF)
+        hi = _in_order(_half(x0, 1), _half(x1, 1), _half(x2, 1), _half(x3, 1), _half(x4, 1), _half(x5, 1),
+                       _half(x6, 1), _half(x7, 1), HALF)
+        both = tl.join(lo, hi)  # (R0, R1, HALF..., 2): the last axis picks low or high half
+        if HALF == 2:
+            both = tl.permute(both, (0, 1, 3, 2))
+        elif HALF == 4:
+            both = tl.permute(both, (0, 1, 4, 2, 3))
+        else:
+            both = tl.permute(both, (0, 1, 5, 2, 3, 4))
+        return tl.reshape(both, (R0, R1, 2 * HALF)) - 1024.0
+
+    @triton.jit
+    def _key_meta(ks, km, ku, start, hi, d, dmask, sks_g, sku_g, BLOCK_T: tl.constexpr, G: tl.constexpr,
+                  DQ: tl.constexpr, DEQ_DTYPE: tl.constexpr):
+        """Scale and minimum of each token group of the key tile at ``start`` (``(max(1, BLOCK_T // G),
+        BLOCK_D)`` each; groups past ``hi`` read 0): small enough to be fetched a tile ahead."""
+        NG: tl.constexpr = BLOCK_T // G if BLOCK_T >= G else 1
+        gr = start // G + tl.arange(0, NG)
+        gv = gr * G < hi
+        goff = gr[:, None] * sks_g + d[None, :]
+        k_s = tl.load(ks + goff, mask=gv[:, None] & dmask[None, :], other=0)
+        k_m = tl.load(km + goff, mask=gv[:, None] & dmask[None, :], other=0)
+        if DQ:  # 8-bit codes against their token group's (scale step, minimum base, minimum step)
+            up = ku + gr * sku_g
+            k_s = k_s.to(tl.float32) * tl.load(up, mask=gv, other=0.0).to(tl.float32)[:, None]
+            k_m = (tl.load(up + 1, mask=gv, other=0.0).to(tl.float32)[:, None]
+                   + k_m.to(tl.float32) * tl.load(up + 2, mask=gv, other=0.0).to(tl.float32)[:, None])
+        return k_s.to(DEQ_DTYPE), k_m.to(DEQ_DTYPE)
+
+    @triton.jit
+    def _value_meta(vs, vm, vu, start, hi, svs_t, svu_g, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                    D: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr, DEQ_DTYPE: tl.constexpr):
+        """Scale and minimum of each channel group of each token of the value tile at ``start``:
+        ``(BLOCK_T, BLOCK_D // G)`` each."""
+        t = start + tl.arange(0, BLOCK_T)
+        tmask = t < hi
+        g = tl.arange(0, BLOCK_D // G)
+        gmask = tmask[:, None] & (g * G < D)[None, :]
+        voff = t[:, None] * svs_t + g[None, :]
+        v_s = tl.load(vs + voff, mask=gmask, other=0)
+        v_m = tl.load(vm + voff, mask=gmask, other=0)
+        if DQ:
+            up = vu + (t // G) * svu_g
+            v_s = v_s.to(tl.float32) * tl.load(up, mask=tmask, other=0.0).to(tl.float32)[:, None]
+            v_m = (tl.load(up + 1, mask=tmask, other=0.0).to(tl.float32)[:, None]
+                   + v_m.to(tl.float32) * tl.load(up + 2, mask=tmask, other=0.0).to(tl.float32)[:, None])
+        return v_s.to(DEQ_DTYPE), v_m.to(DEQ_DTYPE)
+
+    @triton.jit
+    def _per_row(x, R: tl.constexpr, C: tl.constexpr):
+        """``(N, C)`` rows repeated to ``(R, C)`` (each ``R // N`` times, in order)."""
+        N: tl.constexpr = x.shape[0]
+        return tl.reshape(tl.broadcast_to(x[:, None, :], (N, R // N, C)), (R, C))
+
+    @triton.jit
+    def _per_col(x, R: tl.constexpr, C: tl.constexpr):
+        """``(R, N)`` columns repeated to ``(R, C)`` (each ``C // N`` times, in order)."""
+        N: tl.constexpr = x.shape[1]
+        return tl.reshape(tl.broadcast_to(x[:, :, None], (R, N, C // N)), (R, C))
+
+    @triton.jit
     def _kivi_decode_kernel(
         Q, KP, KS, KM, VP, VS, VM, KU, VU, KR, VR, OA, OML,
         Tq, Tr, chunk_q, chunk_r, qk_scale, H_KV,
@@ -60,6 +165,7 @@ if HAS_TRITON:
         D: tl.constexpr, BLOCK_D: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr,
         BITS_K: tl.constexpr, BITS_V: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, DQ: tl.constexpr, UNPACK: tl.constexpr,
+        DEQ_DTYPE: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         # UNPACK 0: one gather per element; 1: each packed word and scale loaded once and spread in registers
         PWK: tl.constexpr = 32 // BITS_K
@@ -92,11 +198,35 @@ if HAS_TRITON:
         vm = VM + b * svs_b + hk * svs_h
         ku = KU + b * sku_b + hk * sku_h
         vu = VU + b * svu_b + hk * svu_h
+        if UNPACK == 2:
+            if PREFETCH:
+                k_s_nx, k_m_nx = _key_meta(ks, km, ku, lo, hi, d, dmask, sks_g, sku_g, BLOCK_T, G, DQ, DEQ_DTYPE)
+                v_s_nx, v_m_nx = _value_meta(vs, vm, vu, lo, hi, svs_t, svu_g, BLOCK_T, BLOCK_D, D, G, DQ, DEQ_DTYPE)
         for start in range(lo, hi, BLOCK_T):
             t = start + tl.arange(0, BLOCK_T)
             tmask = t < hi
             m2 = tmask[:, None] & dmask[None, :]
-            if UNPACK == 1:
+            if UNPACK == 2:
+                # each packed word is loaded once and split into its codes in the loading thread; scales and
+                # minimums are applied per word (one per PWK tokens of a channel) before the codes fan out
+                if PREFETCH:  # this tile's metadata came with the last tile; ask for the next tile's now
+                    k_s, k_m, v_s, v_m = k_s_nx, k_m_nx, v_s_nx, v_m_nx
+                    k_s_nx, k_m_nx = _key_meta(ks, km, ku, start + BLOCK_T, hi, d, dmask, sks_g, sku_g, BLOCK_T, G, DQ,
+                                               DEQ_DTYPE)
+                    v_s_nx, v_m_nx = _value_meta(vs, vm, vu, start + BLOCK_T, hi, svs_t, svu_g, BLOCK_T, BLOCK_D, D, G,
+                                                 DQ, DEQ_DTYPE)
+                else:
+                    k_s, k_m = _key_meta(ks, km, ku, start, hi, d, dmask, sks_g, sku_g, BLOCK_T, G, DQ, DEQ_DTYPE)
+                    v_s, v_m = _value_meta(vs, vm, vu, start, hi, svs_t, svu_g, BLOCK_T, BLOCK_D, D, G, DQ, DEQ_DTYPE)
+                NW2: tl.constexpr = BLOCK_T // PWK
+                w = start // PWK + tl.arange(0, NW2)
+                wv = w * PWK < hi
+                kw = tl.load(kp + w[:, None] * skp_w + d[None, :], mask=wv[:, None] & dmask[None, :], other=0)
+                k3 = (_unpack_f16(kw, BITS_K, NW2, BLOCK_D).to(DEQ_DTYPE) * _per_row(k_s, NW2, BLOCK_D)[:, :, None]
+                      + _per_row(k_m, NW2, BLOCK_D)[:, :, None])
+                # built as K^T (channels x tokens, a thread's tokens contiguous) for the dot below
+                kt = tl.reshape(tl.permute(k3, (1, 0, 2)), (BLOCK_D, BLOCK_T))
+            elif UNPACK == 1:
                 # each packed word and each scale/minimum is loaded once and spread over its tokens or
                 # channels in registers (tiles start on word and group boundaries: BLOCK_T and G are
                 # powers of two, and Tq and every split's range are multiples of both)
@@ -121,6 +251,7 @@ if HAS_TRITON:
                            + k_m * tl.load(up + 2, mask=gv, other=0.0).to(tl.float32)[:, None])
                 k_s = tl.reshape(tl.broadcast_to(k_s[:, None, :], (NG, GT, BLOCK_D)), (BLOCK_T, BLOCK_D))
                 k_m = tl.reshape(tl.broadcast_to(k_m[:, None, :], (NG, GT, BLOCK_D)), (BLOCK_T, BLOCK_D))
+                k = kc * k_s + k_m
             else:
                 # keys: word row t // PWK, code at bit (t % PWK) * BITS_K; scale/min of group t // G, channel d
                 kw = tl.load(kp + (t // PWK)[:, None] * skp_w + d[None, :], mask=m2, other=0)
@@ -133,14 +264,26 @@ if HAS_TRITON:
                     k_s = k_s * tl.load(up, mask=tmask, other=0.0).to(tl.float32)[:, None]
                     k_m = (tl.load(up + 1, mask=tmask, other=0.0).to(tl.float32)[:, None]
                            + k_m * tl.load(up + 2, mask=tmask, other=0.0).to(tl.float32)[:, None])
-            k = kc * k_s + k_m
-            s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale
+                k = kc * k_s + k_m
+            if UNPACK == 2:
+                s = tl.dot(q, kt.to(DOT_DTYPE), input_precision=PRECISION) * qk_scale
+            else:
+                s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale
             s = tl.where(tmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if UNPACK != 0:
+            if UNPACK == 2:
+                # values: word c of token t holds channels c * PWV .. c * PWV + PWV - 1, all in group c * PWV // G
+                NC2: tl.constexpr = BLOCK_D // PWV
+                c = tl.arange(0, NC2)
+                vw = tl.load(vp + t[:, None] * svp_t + c[None, :], mask=tmask[:, None] & (c * PWV < D)[None, :],
+                             other=0)
+                v3 = (_unpack_f16(vw, BITS_V, BLOCK_T, NC2).to(DEQ_DTYPE) * _per_col(v_s, BLOCK_T, NC2)[:, :, None]
+                      + _per_col(v_m, BLOCK_T, NC2)[:, :, None])
+                v = tl.reshape(v3, (BLOCK_T, BLOCK_D))
+            elif UNPACK == 1:
                 NC: tl.constexpr = BLOCK_D // PWV
                 NGD: tl.constexpr = BLOCK_D // G
                 c = tl.arange(0, NC)
@@ -160,15 +303,16 @@ if HAS_TRITON:
                 voff = t[:, None] * svs_t + (d // G)[None, :]
                 v_s = tl.load(vs + voff, mask=m2, other=0).to(tl.float32)
                 v_m = tl.load(vm + voff, mask=m2, other=0).to(tl.float32)
-            if DQ:
-                up = vu + (t // G) * svu_g
-                v_s = v_s * tl.load(up, mask=tmask, other=0.0).to(tl.float32)[:, None]
-                v_m = (tl.load(up + 1, mask=tmask, other=0.0).to(tl.float32)[:, None]
-                       + v_m * tl.load(up + 2, mask=tmask, other=0.0).to(tl.float32)[:, None])
-            if UNPACK != 0:
-                v_s = tl.reshape(tl.broadcast_to(v_s[:, :, None], (BLOCK_T, NGD, G)), (BLOCK_T, BLOCK_D))
-                v_m = tl.reshape(tl.broadcast_to(v_m[:, :, None], (BLOCK_T, NGD, G)), (BLOCK_T, BLOCK_D))
-            v = vc * v_s + v_m
+            if UNPACK != 2:
+                if DQ:
+                    up = vu + (t // G) * svu_g
+                    v_s = v_s * tl.load(up, mask=tmask, other=0.0).to(tl.float32)[:, None]
+                    v_m = (tl.load(up + 1, mask=tmask, other=0.0).to(tl.float32)[:, None]
+                           + v_m * tl.load(up + 2, mask=tmask, other=0.0).to(tl.float32)[:, None])
+                if UNPACK == 1:
+                    v_s = tl.reshape(tl.broadcast_to(v_s[:, :, None], (BLOCK_T, NGD, G)), (BLOCK_T, BLOCK_D))
+                    v_m = tl.reshape(tl.broadcast_to(v_m[:, :, None], (BLOCK_T, NGD, G)), (BLOCK_T, BLOCK_D))
+                v = vc * v_s + v_m
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
             m_i = m_new
 
@@ -223,7 +367,17 @@ if HAS_TRITON:
         tl.store(OUT + r * so_r + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
-def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warps, unpack):
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(dev: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 stands in for the interpreter's CPU tensors)."""
+    return _sm_count_of(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 132
+
+
+def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warps, unpack, num_stages, prefetch):
     b, hq, d = q.shape
     dev = q.device
     if kq is not None:
@@ -250,11 +404,12 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     q = q.contiguous()
     n_rep = hq // h_kv
     if num_splits is None:
-        # enough programs to fill a GPU (~4 per SM on 132 SMs), each at least 256 tokens
-        target = max(1, 512 // max(1, b * h_kv))
+        # one wave of programs: about four fit on an SM at once (~120 registers a thread, 4 warps); each
+        # split at least 256 tokens
+        target = max(1, 4 * _sm_count(dev) // max(1, b * h_kv))
         num_splits = max(1, min(target, triton.cdiv(tq + tr, 256)))
     mode = UNPACK_MODES[unpack]
-    if mode == 1 and block_t < 32 // min(bits_k, bits_v):  # a tile must hold whole packed words
+    if mode >= 1 and block_t < 32 // min(bits_k, bits_v):  # a tile must hold whole packed words
         mode = 0
     # every split starts on a tile boundary (and, with unpack="expand", on a packed word's and a group's)
     chunk_q = triton.cdiv(triton.cdiv(tq, num_splits), block_t) * block_t if tq else 0
@@ -277,9 +432,10 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
         oa.stride(0), oa.stride(1), oa.stride(2), oml.stride(0), oml.stride(1), oml.stride(2),
         D=d, BLOCK_D=block_d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)),
         BITS_K=bits_k, BITS_V=bits_v, G=g, BLOCK_T=block_t, DOT_DTYPE=dot_dtype, PRECISION=precision,
-        DQ=dq, UNPACK=mode, num_warps=num_warps,
-        # fp32 tiles are twice as large: without software pipelining they fit in shared memory at any block_t
-        **({"num_stages": 1} if dot_dtype == tl.float32 else {}),
+        DQ=dq, UNPACK=mode, DEQ_DTYPE=tl.float16 if dot_dtype == tl.float16 else tl.float32, PREFETCH=prefetch,
+        num_warps=num_warps,
+        # (fp32 tiles are twice as large: without software pipelining they fit in shared memory at any block_t)
+        num_stages=num_stages if num_stages is not None else (1 if dot_dtype == tl.float32 else 2),
     )
     out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
     _merge_splits_kernel[(b * hq,)](
@@ -292,7 +448,8 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
 def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Optional[QuantizedTensor],
                           k_res: Optional[torch.Tensor], v_res: Optional[torch.Tensor], *,
                           sm_scale: Optional[float] = None, num_splits: Optional[int] = None,
-                          block_t: int = 64, num_warps: int = 4, unpack: str = "expand",
+                          block_t: int = 64, num_warps: int = 4, unpack: str = "join",
+                          num_stages: Optional[int] = None, prefetch: bool = True,
                           backend: str = "auto") -> torch.Tensor:
     """Attention of one query token per sequence over a KIVI cache.
 
@@ -324,7 +481,8 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
         raise ValueError("keys and values must share one metadata format (meta_bits)")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if pick_backend(backend, q) == "triton":
-        out = _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warps, unpack)
+        out = _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warps, unpack, num_stages,
+                             prefetch)
     else:
         out = kivi_decode_attention_ref(q, kq, vq, k_res, v_res, scale)
     return out[:, :, None] if squeeze else out

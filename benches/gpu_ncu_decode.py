@@ -1,0 +1,45 @@
+"""Fused decode attention under Nsight Compute: one large cache, a few kernel configurations.
+
+    ncu --kernel-name regex:_kivi_decode_kernel --section SpeedOfLight ... python benches/gpu_ncu_decode.py
+
+Each configuration runs twice (the first call compiles); ncu's report says, per launch, how close the
+kernel came to the memory and issue ceilings, its occupancy and what its warps waited on.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.append(os.path.join(os.path.dirname(HERE), "python", "engramdb"))
+
+import torch  # noqa: E402
+
+try:
+    import engramdb.gpu as G
+except Exception:  # no native module: the gpu package stands alone
+    import gpu as G
+
+CONFIGS = [dict(unpack="join"), dict(unpack="join", prefetch=False), dict(unpack="expand")]
+
+
+def main() -> int:
+    b, hq, hkv, d, t, bits = (int(x) for x in (sys.argv[1:] or ["32", "32", "8", "128", "16384", "4"]))
+    q = torch.randn(b, hq, d, device="cuda", dtype=torch.float16)
+    k = torch.randn(b, hkv, t, d, device="cuda", dtype=torch.float16)
+    v = torch.randn(b, hkv, t, d, device="cuda", dtype=torch.float16)
+    kq = G.kv_quant.quantize_keys(k[:, :, : t - 64], bits, 32)
+    vq = G.kv_quant.quantize_values(v[:, :, : t - 64], bits, 32)
+    kr, vr = k[:, :, t - 64:].contiguous(), v[:, :, t - 64:].contiguous()
+    del k, v
+    for cfg in CONFIGS:
+        for _ in range(2):
+            G.kivi_decode_attention(q, kq, vq, kr, vr, **cfg)
+        torch.cuda.synchronize()
+        print("ran", cfg, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
