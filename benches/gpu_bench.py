@@ -92,8 +92,9 @@ def main(argv=None) -> int:
         # arguments of kivi_decode_attention; "splits": "x2" / "/2" = twice / half the default split count);
         # the first is the default, the best of the sweep is reported beside it; "expand" was the default
         # unpacking before "join"
-        configs = [{}, {"num_stages": 1}, {"num_stages": 3}, {"block_t": 128, "num_stages": 1}, {"block_t": 32},
-                   {"splits": "x2"}, {"prefetch": False}, {"unpack": "expand", "prefetch": False}]
+        configs = [{}, {"prefetch": "all", "num_stages": 1}, {"prefetch": "all"},
+                   {"prefetch": "all", "num_stages": 1, "block_t": 128, "num_warps": 8}, {"prefetch": "none"},
+                   {"splits": "x2"}, {"unpack": "expand", "prefetch": "none"}]
         if args.quick:
             configs = configs[:1] + configs[-1:]
         shapes = [(1, 32, 8, 128, 32768), (8, 32, 8, 128, 8192), (4, 9, 3, 64, 16384)]
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
                     ref = kivi_decode_attention_ref(q[:, :, 0], kq, vq, kr, vr)
                     nbytes = kq.nbytes() + vq.nbytes() + 2 * kr.numel() * 2 + q.numel() * 2
                     for cfg in configs if meta_bits == 16 else configs[:1] + configs[-1:]:
-                        kw = {"block_t": 64, "num_warps": 4, "unpack": "join", "num_stages": None, "prefetch": True,
+                        kw = {"block_t": 64, "num_warps": 4, "unpack": "join", "num_stages": None, "prefetch": "meta",
                               "num_splits": None}
                         kw.update({key: val for key, val in cfg.items() if key != "splits"})
                         sp = cfg.get("splits")
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
                                "sdpa_fp16_ms": sdpa_ms, "sdpa_frac_bw": sdpa_bytes / (sdpa_ms * 1e-3) / bw, "max_err": err}
                         rows.append(row)
                         print(f"decode {shape:28s} {bits}b m{meta_bits:<2d} bt{bt:<3d} w{nw} {ex:6s} s{sp} st{st} "
-                              f"pf{int(kw['prefetch'])}: "
+                              f"pf-{kw['prefetch']}: "
                               f"{ms * 1e3:8.1f} us {row['frac_bw']:6.1%} bw | SDPA fp16 {sdpa_ms * 1e3:8.1f} us "
                               f"({row['sdpa_frac_bw']:5.1%}); {sdpa_ms / ms:.2f}x", flush=True)
             del q, k, v, kq, vq, kr, vr
@@ -212,7 +213,9 @@ def main(argv=None) -> int:
         for m, k_ in ((1, 10), (16, 100)):
             q = torch.randn(m, d, device=dev)
             index = BruteForceIndex(x16)
-            for label, fn in (("search_topk", lambda: search_topk(q, x16, k_)), ("index", lambda: index.search(q, k_))):
+            calls = (("search_topk", functools.partial(search_topk, q, x16, k_)),
+                     ("index", functools.partial(index.search, q, k_)))
+            for label, fn in calls:
                 for _ in range(3):
                     fn()
                 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
@@ -244,7 +247,7 @@ def main(argv=None) -> int:
         best = max(rs, key=lambda r: r["frac_bw"])
         dflt = next((r for r in rs if r.get("block_t", 64) == 64 and r.get("num_warps", 4) == 4
                      and r.get("unpack", "join") == "join" and r.get("num_splits") is None
-                     and r.get("num_stages") is None and r.get("prefetch", True)
+                     and r.get("num_stages") is None and r.get("prefetch", "meta") == "meta"
                      and r.get("chunk_rows") is None and r.get("tile") is None),
                     rs[0])
         peer = rs[0].get("sdpa_frac_bw", rs[0].get("torch_frac_bw", float("nan")))

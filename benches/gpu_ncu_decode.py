@@ -21,7 +21,8 @@ try:
 except Exception:  # no native module: the gpu package stands alone
     import gpu as G
 
-CONFIGS = [dict(unpack="join"), dict(unpack="join", prefetch=False), dict(unpack="expand")]
+CONFIGS = [dict(unpack="join"), dict(unpack="join", prefetch="all", num_stages=1),
+           dict(unpack="expand", prefetch="none")]
 
 
 def main() -> int:

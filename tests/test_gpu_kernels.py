@@ -283,8 +283,9 @@ def test_decode_attention_tiles(case, meta_bits, block_t, unpack):
 
 @pytest.mark.parametrize("meta_bits", [16, 8])
 def test_decode_attention_prefetch_changes_nothing(meta_bits):
-    """Fetching each tile's scales and minimums one tile ahead (the default) gives the same result as
-    fetching them with the tile, at a tail shorter than a tile and across several splits."""
+    """Fetching each tile's scales and minimums (the default), or also its packed words, one tile ahead
+    gives the same result as fetching them with the tile, at a tail shorter than a tile and across several
+    splits."""
     b, hq, hkv, tq, tr, d, bk, bv, g, splits = DECODE_CASES[1]
     r = gen(77 + meta_bits)
     q = torch.randn(b, hq, d, generator=r).to(DEVICE)
@@ -293,8 +294,10 @@ def test_decode_attention_prefetch_changes_nothing(meta_bits):
     k_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE)
     v_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE)
     got = [G.kivi_decode_attention(q, kq, vq, k_res, v_res, num_splits=splits, block_t=32, prefetch=pf,
-                                   backend="triton").cpu() for pf in (True, False)]
+                                   num_stages=1 if pf == "all" else None, backend="triton").cpu()
+           for pf in ("meta", "none", "all")]
     torch.testing.assert_close(got[0], got[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[2], got[1], atol=1e-6, rtol=0)
     ref = G.kivi_decode_attention_ref(q.cpu(), _cpu(kq), _cpu(vq), k_res.cpu(), v_res.cpu())
     torch.testing.assert_close(got[0], ref, atol=2e-5, rtol=0)
 
@@ -307,6 +310,8 @@ def test_decode_attention_rejects_bad_tuning_knobs():
             G.kivi_decode_attention(q, None, None, k_res, k_res, block_t=bad, backend="triton")
     with pytest.raises(ValueError, match="unpack"):
         G.kivi_decode_attention(q, None, None, k_res, k_res, unpack="fold", backend="triton")
+    with pytest.raises(ValueError, match="prefetch"):
+        G.kivi_decode_attention(q, None, None, k_res, k_res, prefetch=True, backend="triton")
 
 
 def _cpu(q):

@@ -23,6 +23,7 @@ from .kv_quant import QuantizedTensor, dequantize
 __all__ = ["kivi_decode_attention", "kivi_decode_attention_ref"]
 
 UNPACK_MODES = {"gather": 0, "expand": 1, "join": 2}
+PREFETCH_MODES = {"none": 0, "meta": 1, "all": 2}
 
 
 def kivi_decode_attention_ref(q, kq: Optional[QuantizedTensor], vq: Optional[QuantizedTensor], k_res, v_res,
@@ -141,6 +142,20 @@ if HAS_TRITON:
         return v_s.to(DEQ_DTYPE), v_m.to(DEQ_DTYPE)
 
     @triton.jit
+    def _key_words(kp, start, hi, d, dmask, skp_w, PWK: tl.constexpr, BLOCK_T: tl.constexpr):
+        """The packed key words of the tile at ``start``: ``(BLOCK_T // PWK, BLOCK_D)`` int32."""
+        w = start // PWK + tl.arange(0, BLOCK_T // PWK)
+        return tl.load(kp + w[:, None] * skp_w + d[None, :], mask=(w * PWK < hi)[:, None] & dmask[None, :], other=0)
+
+    @triton.jit
+    def _value_words(vp, start, hi, svp_t, PWV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                     D: tl.constexpr):
+        """The packed value words of the tile at ``start``: ``(BLOCK_T, BLOCK_D // PWV)`` int32."""
+        t = start + tl.arange(0, BLOCK_T)
+        c = tl.arange(0, BLOCK_D // PWV)
+        return tl.load(vp + t[:, None] * svp_t + c[None, :], mask=(t < hi)[:, None] & (c * PWV < D)[None, :], other=0)
+
+    @triton.jit
     def _per_row(x, R: tl.constexpr, C: tl.constexpr):
         """``(N, C)`` rows repeated to ``(R, C)`` (each ``R // N`` times, in order)."""
         N: tl.constexpr = x.shape[0]
@@ -202,6 +217,9 @@ if HAS_TRITON:
             if PREFETCH:
                 k_s_nx, k_m_nx = _key_meta(ks, km, ku, lo, hi, d, dmask, sks_g, sku_g, BLOCK_T, G, DQ, DEQ_DTYPE)
                 v_s_nx, v_m_nx = _value_meta(vs, vm, vu, lo, hi, svs_t, svu_g, BLOCK_T, BLOCK_D, D, G, DQ, DEQ_DTYPE)
+            if PREFETCH == 2:
+                kw_nx = _key_words(kp, lo, hi, d, dmask, skp_w, PWK, BLOCK_T)
+                vw_nx = _value_words(vp, lo, hi, svp_t, PWV, BLOCK_T, BLOCK_D, D)
         for start in range(lo, hi, BLOCK_T):
             t = start + tl.arange(0, BLOCK_T)
             tmask = t < hi
@@ -219,9 +237,12 @@ if HAS_TRITON:
                     k_s, k_m = _key_meta(ks, km, ku, start, hi, d, dmask, sks_g, sku_g, BLOCK_T, G, DQ, DEQ_DTYPE)
                     v_s, v_m = _value_meta(vs, vm, vu, start, hi, svs_t, svu_g, BLOCK_T, BLOCK_D, D, G, DQ, DEQ_DTYPE)
                 NW2: tl.constexpr = BLOCK_T // PWK
-                w = start // PWK + tl.arange(0, NW2)
-                wv = w * PWK < hi
-                kw = tl.load(kp + w[:, None] * skp_w + d[None, :], mask=wv[:, None] & dmask[None, :], other=0)
+                if PREFETCH == 2:  # the packed words too, in registers (no shared-memory staging)
+                    kw, vw = kw_nx, vw_nx
+                    kw_nx = _key_words(kp, start + BLOCK_T, hi, d, dmask, skp_w, PWK, BLOCK_T)
+                    vw_nx = _value_words(vp, start + BLOCK_T, hi, svp_t, PWV, BLOCK_T, BLOCK_D, D)
+                else:
+                    kw = _key_words(kp, start, hi, d, dmask, skp_w, PWK, BLOCK_T)
                 k3 = (_unpack_f16(kw, BITS_K, NW2, BLOCK_D).to(DEQ_DTYPE) * _per_row(k_s, NW2, BLOCK_D)[:, :, None]
                       + _per_row(k_m, NW2, BLOCK_D)[:, :, None])
                 # built as K^T (channels x tokens, a thread's tokens contiguous) for the dot below
@@ -277,9 +298,8 @@ if HAS_TRITON:
             if UNPACK == 2:
                 # values: word c of token t holds channels c * PWV .. c * PWV + PWV - 1, all in group c * PWV // G
                 NC2: tl.constexpr = BLOCK_D // PWV
-                c = tl.arange(0, NC2)
-                vw = tl.load(vp + t[:, None] * svp_t + c[None, :], mask=tmask[:, None] & (c * PWV < D)[None, :],
-                             other=0)
+                if PREFETCH != 2:
+                    vw = _value_words(vp, start, hi, svp_t, PWV, BLOCK_T, BLOCK_D, D)
                 v3 = (_unpack_f16(vw, BITS_V, BLOCK_T, NC2).to(DEQ_DTYPE) * _per_col(v_s, BLOCK_T, NC2)[:, :, None]
                       + _per_col(v_m, BLOCK_T, NC2)[:, :, None])
                 v = tl.reshape(v3, (BLOCK_T, BLOCK_D))
@@ -367,7 +387,7 @@ if HAS_TRITON:
         tl.store(OUT + r * so_r + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -432,7 +452,7 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
         oa.stride(0), oa.stride(1), oa.stride(2), oml.stride(0), oml.stride(1), oml.stride(2),
         D=d, BLOCK_D=block_d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)),
         BITS_K=bits_k, BITS_V=bits_v, G=g, BLOCK_T=block_t, DOT_DTYPE=dot_dtype, PRECISION=precision,
-        DQ=dq, UNPACK=mode, DEQ_DTYPE=tl.float16 if dot_dtype == tl.float16 else tl.float32, PREFETCH=prefetch,
+        DQ=dq, UNPACK=mode, DEQ_DTYPE=tl.float16 if dot_dtype == tl.float16 else tl.float32, PREFETCH=PREFETCH_MODES[prefetch],
         num_warps=num_warps,
         # (fp32 tiles are twice as large: without software pipelining they fit in shared memory at any block_t)
         num_stages=num_stages if num_stages is not None else (1 if dot_dtype == tl.float32 else 2),
@@ -449,7 +469,7 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
                           k_res: Optional[torch.Tensor], v_res: Optional[torch.Tensor], *,
                           sm_scale: Optional[float] = None, num_splits: Optional[int] = None,
                           block_t: int = 64, num_warps: int = 4, unpack: str = "join",
-                          num_stages: Optional[int] = None, prefetch: bool = True,
+                          num_stages: Optional[int] = None, prefetch: str = "meta",
                           backend: str = "auto") -> torch.Tensor:
     """Attention of one query token per sequence over a KIVI cache.
 
@@ -464,6 +484,8 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
     """
     if unpack not in UNPACK_MODES:
         raise ValueError(f"unpack must be one of {tuple(UNPACK_MODES)}, got {unpack!r}")
+    if prefetch not in PREFETCH_MODES:
+        raise ValueError(f"prefetch must be one of {tuple(PREFETCH_MODES)}, got {prefetch!r}")
     if block_t < 16 or block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two of at least 16, got {block_t}")
     squeeze = q.dim() == 4
