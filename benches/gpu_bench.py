@@ -92,8 +92,8 @@ def main(argv=None) -> int:
         # arguments of kivi_decode_attention; "splits": "x2" / "/2" = twice / half the default split count);
         # the first is the default, the best of the sweep is reported beside it; "expand" was the default
         # unpacking before "join"
-        configs = [{}, {"prefetch": "all", "num_stages": 1}, {"prefetch": "all"},
-                   {"prefetch": "all", "num_stages": 1, "block_t": 128, "num_warps": 8}, {"prefetch": "none"},
+        configs = [{}, {"prefetch": "meta"}, {"prefetch": "all", "num_stages": 2},
+                   {"prefetch": "all", "block_t": 128, "num_warps": 8}, {"prefetch": "none"},
                    {"splits": "x2"}, {"unpack": "expand", "prefetch": "none"}]
         if args.quick:
             configs = configs[:1] + configs[-1:]
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                     ref = kivi_decode_attention_ref(q[:, :, 0], kq, vq, kr, vr)
                     nbytes = kq.nbytes() + vq.nbytes() + 2 * kr.numel() * 2 + q.numel() * 2
                     for cfg in configs if meta_bits == 16 else configs[:1] + configs[-1:]:
-                        kw = {"block_t": 64, "num_warps": 4, "unpack": "join", "num_stages": None, "prefetch": "meta",
+                        kw = {"block_t": 64, "num_warps": 4, "unpack": "join", "num_stages": None, "prefetch": "all",
                               "num_splits": None}
                         kw.update({key: val for key, val in cfg.items() if key != "splits"})
                         sp = cfg.get("splits")
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
         best = max(rs, key=lambda r: r["frac_bw"])
         dflt = next((r for r in rs if r.get("block_t", 64) == 64 and r.get("num_warps", 4) == 4
                      and r.get("unpack", "join") == "join" and r.get("num_splits") is None
-                     and r.get("num_stages") is None and r.get("prefetch", "meta") == "meta"
+                     and r.get("num_stages") is None and r.get("prefetch", "all") == "all"
                      and r.get("chunk_rows") is None and r.get("tile") is None),
                     rs[0])
         peer = rs[0].get("sdpa_frac_bw", rs[0].get("torch_frac_bw", float("nan")))
