@@ -229,20 +229,29 @@ def main(argv=None) -> int:
                         print(f"search {kind} {qkind} {row['shape']:24s} chunk {chunk} tile {tile}: {ms * 1e3:8.1f} us "
                               f"{row['frac_bw']:6.1%} bw | torch.topk(X@q) fp16 {base_ms * 1e3:8.1f} us "
                               f"({row['torch_frac_bw']:5.1%})", flush=True)
-                    # the same search through BruteForceIndex: a CUDA graph replayed per search
-                    index = BruteForceIndex(x, base_scale=xs)
-                    got = index.search(qq, k_)
+                    # the same search through BruteForceIndex: a CUDA graph replayed per search; for k up to
+                    # FUSED_MAX_K also with select="fused" (one kernel ranks the best tiles' rows)
                     want = search_topk(qq, x, k_, base_scale=xs)
-                    assert torch.equal(got[1], want[1]), "BruteForceIndex differs from search_topk"
-                    ms = bench(index.search, qq, k_)
-                    row = {"kernel": f"index_{kind}", "queries": qkind, "shape": f"n{n} d{d} m{m} k{k_}",
-                           "graph": bool(index.recorded_shapes), "ms": ms, "bytes": nbytes,
-                           "GB/s": nbytes / ms / 1e6, "frac_bw": nbytes / (ms * 1e-3) / bw,
-                           "torch_topk_fp16_ms": base_ms, "torch_frac_bw": base_bytes / (base_ms * 1e-3) / bw}
-                    rows.append(row)
-                    print(f"index  {kind} {qkind} {row['shape']:24s} graph {row['graph']}: {ms * 1e3:8.1f} us "
-                          f"{row['frac_bw']:6.1%} bw", flush=True)
-                    del index
+                    for sel in ("torch", "fused") if k_ <= G.FUSED_MAX_K else ("torch",):
+                        try:  # (the fused kernel has not run on a GPU yet: a failure must not cost the rest)
+                            index = BruteForceIndex(x, base_scale=xs, select=sel)
+                            got = index.search(qq, k_)
+                            assert torch.equal(got[1], want[1]), f"BruteForceIndex({sel}) differs from search_topk"
+                            ms = bench(index.search, qq, k_)
+                        except Exception as exc:
+                            if sel == "torch":
+                                raise
+                            print(f"select={sel} failed: {exc!r}", flush=True)
+                            continue
+                        row = {"kernel": f"index_{kind}" + ("" if sel == "torch" else f"_{sel}"), "queries": qkind,
+                               "shape": f"n{n} d{d} m{m} k{k_}", "select": sel,
+                               "graph": bool(index.recorded_shapes), "ms": ms, "bytes": nbytes,
+                               "GB/s": nbytes / ms / 1e6, "frac_bw": nbytes / (ms * 1e-3) / bw,
+                               "torch_topk_fp16_ms": base_ms, "torch_frac_bw": base_bytes / (base_ms * 1e-3) / bw}
+                        rows.append(row)
+                        print(f"index  {kind} {qkind} {row['shape']:24s} graph {row['graph']} select {sel}: "
+                              f"{ms * 1e3:8.1f} us {row['frac_bw']:6.1%} bw", flush=True)
+                        del index
 
     def profile_section():
         # ---- where a 1M-row search's time goes: every kernel of one eager search_topk call and of one
@@ -256,6 +265,9 @@ def main(argv=None) -> int:
             index = BruteForceIndex(x16)
             calls = (("search_topk", functools.partial(search_topk, q, x16, k_)),
                      ("index", functools.partial(index.search, q, k_)))
+            if k_ <= G.FUSED_MAX_K:
+                fused = BruteForceIndex(x16, select="fused")
+                calls += (("index select=fused", functools.partial(fused.search, q, k_)),)
             for label, fn in calls:
                 for _ in range(3):
                     fn()

@@ -382,7 +382,7 @@ def test_search_reranks_only_chunks_whose_cut_splits_ties(monkeypatch):
     real = search._chunk_topk
 
     def spy(*args):
-        calls.append((args[7], args[-1]))  # (first row, exact_ties)
+        calls.append((args[7], args[10]))  # (first row, exact_ties)
         return real(*args)
 
     monkeypatch.setattr(search, "_chunk_topk", spy)
@@ -447,6 +447,41 @@ def test_brute_force_index_matches_search_topk(metric):
     for _ in range(2):
         _, i = index.search(q.to(DEVICE), 5)
         assert torch.equal(i.cpu(), ref)
+
+
+@pytest.mark.parametrize("metric,kind", [("ip", "fp16"), ("l2", "int8")])  # the interpreter's sort is slow
+def test_search_fused_select_ranks_like_the_reference(metric, kind):
+    """select="fused" (one kernel ranks the best tiles' rows by (score, id) keys): the exact ids on
+    continuous data and on small integers full of ties, k at the kernel's limit, k above it (the torch
+    path), several chunks, and through BruteForceIndex."""
+    r = gen(55)
+    for data in ("float", "int"):
+        if data == "float":
+            base = torch.randn(5000, 40, generator=r)
+            q = torch.randn(3, 40, generator=r)
+        else:
+            base = torch.randint(-3, 4, (5000, 24), generator=r).float()
+            base[2500] = base[1666]
+            q = torch.randint(-2, 3, (3, 24), generator=r).float()
+        scale = None
+        if kind == "int8" and data == "int":  # integer codes and scales: every score exact in float32
+            base, scale = base.to(torch.int8), torch.randint(1, 3, (base.shape[0],), generator=r).float()
+        elif kind == "int8":
+            base, scale = G.quantize_rows_int8(base)
+        else:
+            base = base.half()
+        dscale = None if scale is None else scale.to(DEVICE)
+        cases = ((1, None), (G.FUSED_MAX_K + 1, None), (7, 1500)) if data == "float" else ((10, None), (G.FUSED_MAX_K, None))
+        for k, chunk in cases:
+            s, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), k, metric, base_scale=dscale, chunk_rows=chunk,
+                                 select="fused", backend="triton")
+            rs, ri = G.search_topk_ref(q, base, k, metric, base_scale=scale)
+            assert torch.equal(i.cpu(), ri), (data, k, chunk)
+            torch.testing.assert_close(s.double().cpu(), rs, atol=1e-3, rtol=1e-5)
+    index = G.BruteForceIndex(base.to(DEVICE), metric, base_scale=dscale, select="fused")
+    assert torch.equal(index.search(q.to(DEVICE), 5)[1].cpu(), G.search_topk_ref(q, base, 5, metric, base_scale=scale)[1])
+    with pytest.raises(ValueError, match="select"):
+        G.search_topk(q, base, 5, select="heap")
 
 
 def test_search_fp16_queries():
@@ -544,6 +579,6 @@ def test_gpu_bench_smoke_run(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     kinds = {r["kernel"] for r in rows}
     assert kinds == {"kivi_decode", "search_fp16", "search_int8", "scores_only_fp16", "scores_only_int8", "index_fp16",
-                     "index_int8"}
+                     "index_int8", "index_fp16_fused", "index_int8_fused"}
     assert all(r["ms"] > 0 for r in rows)
     assert all(r["max_err"] < 1e-2 for r in rows if r["kernel"] == "kivi_decode")

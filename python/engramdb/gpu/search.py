@@ -22,7 +22,7 @@ import torch
 
 from ._triton import HAS_TRITON, next_pow2, pick_backend, tl, triton
 
-__all__ = ["search_topk", "search_topk_ref", "quantize_rows_int8", "BruteForceIndex"]
+__all__ = ["search_topk", "search_topk_ref", "quantize_rows_int8", "BruteForceIndex", "FUSED_MAX_K"]
 
 MAX_K = 1024
 
@@ -100,6 +100,44 @@ if HAS_TRITON:
         tl.store(TMAX + rm * st_m + pid_n, tl.max(acc, axis=1), mask=mmask)
 
 
+    @triton.jit
+    def _best_tiles_topk_kernel(S, TI, OUT_S, OUT_I, n, row0, kk, ss_m, sti_m, so_m,
+                                BN: tl.constexpr, KT: tl.constexpr, KP: tl.constexpr):
+        """One query's top ``kk`` among the rows of its ``kk`` best tiles (``TI``), ranked by a 64-bit key
+        (monotone score bits, then the complement of the row id): best first, equal scores by ascending id.
+        Replaces the gather, the float top-k and the key merge of the torch path with one launch."""
+        q = tl.program_id(0)
+        j = tl.arange(0, KT)
+        jm = j < kk
+        tiles = tl.load(TI + q * sti_m + j, mask=jm, other=0)
+        rows = tiles[:, None] * BN + tl.arange(0, BN)[None, :]  # rows of the chunk
+        valid = jm[:, None] & (rows < n)
+        sc = tl.load(S + q * ss_m + rows, mask=valid, other=0.0) + 0.0  # -0.0 ranks as +0.0
+        b = sc.to(tl.int32, bitcast=True)
+        key = tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64) << 32  # signed: monotone in the float order
+        key = key | (0xFFFFFFFF - (rows + row0).to(tl.int64))
+        key = tl.where(valid, key, -9223372036854775807 - 1)
+        top = tl.topk(tl.reshape(key, [KT * BN]), KP)  # descending
+        k32 = (top >> 32).to(tl.int32)
+        out_s = tl.where(k32 < 0, k32 ^ 0x7FFFFFFF, k32).to(tl.float32, bitcast=True)
+        out_i = 0xFFFFFFFF - (top & 0xFFFFFFFF)
+        o = tl.arange(0, KP)
+        tl.store(OUT_S + q * so_m + o, out_s, mask=o < kk)
+        tl.store(OUT_I + q * so_m + o, out_i, mask=o < kk)
+
+
+def _best_tiles_topk(s, ti, n, bn, kk, row0):
+    """:func:`_best_tiles_topk_kernel` over every query: ``(scores (m, kk) float32, ids (m, kk) int64)``."""
+    m = s.shape[0]
+    ti = ti.contiguous()
+    out_s = torch.empty(m, kk, dtype=torch.float32, device=s.device)
+    out_i = torch.empty(m, kk, dtype=torch.int64, device=s.device)
+    kt = max(2, next_pow2(kk))
+    _best_tiles_topk_kernel[(m,)](s, ti, out_s, out_i, n, row0, kk, s.stride(0), ti.stride(0), out_s.stride(0),
+                                  BN=bn, KT=kt, KP=kt, num_warps=4 if kt * bn <= 2048 else 8)
+    return out_s, out_i
+
+
 def _topk_with_ids(scores: torch.Tensor, ids: torch.Tensor, k: int):
     key = _order_key(scores, ids)
     _, pos = torch.topk(key, k, dim=1, sorted=True)
@@ -156,8 +194,9 @@ def _float_topk(s, kk):
     return top[:, :kk], pos[:, :kk], top[:, kk - 1] == top[:, kk]
 
 
-def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_ties):
-    """Stage 1 over rows ``[r0, r1)``: ``(scores, ids, tied)``, ``tied`` a bool per query or ``None``.
+def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_ties, select="torch"):
+    """Stage 1 over rows ``[r0, r1)``: ``(scores, ids, tied, keyed)``, ``tied`` a bool per query or ``None``,
+    ``keyed`` whether the rows are already in (score, id) key order.
 
     Fast path (``exact_ties=False``): the kernel also returns each query's best score per tile of rows.
     The chunk's top ``kk`` all lie in the ``kk`` tiles with the highest best scores (the ``kk``-th best tile
@@ -170,37 +209,43 @@ def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_
     kk = min(k, n)
     if exact_ties:
         ids = torch.arange(r0, r1, device=s.device, dtype=torch.int64).expand(m, -1)
-        return (*_topk_with_ids(s[:, :n], ids, kk), None)
+        return (*_topk_with_ids(s[:, :n], ids, kk), None, True)
     if tmax is None or kk >= tmax.shape[1]:
         top, i, tied = _float_topk(s[:, :n], kk)
-        return top, i + r0, tied
+        return top, i + r0, tied, False
     _, ti, tile_tied = _float_topk(tmax, kk)
+    if select == "fused" and kk <= FUSED_MAX_K:
+        # ties inside the best tiles are ranked by key in the kernel: only a tie at the tiles' cut remains
+        top, ids = _best_tiles_topk(s, ti, n, bn, kk, r0)
+        return top, ids, tile_tied, True
     pos = (ti[:, :, None] * bn + torch.arange(r0, r0 + bn, device=s.device)).reshape(m, -1)
     top, j, tied = _float_topk(s.gather(1, pos - r0), kk)
-    return top, pos.gather(1, j), tied | tile_tied
+    return top, pos.gather(1, j), tied | tile_tied, False
 
 
 def _merge(parts, k):
+    if len(parts) == 1 and parts[0][3]:  # one chunk, already in key order
+        return parts[0][0], parts[0][1]
     return _topk_with_ids(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1), k)
 
 
-def _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile):
+def _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select="torch"):
     """Every chunk by the fast path, merged; no host synchronisation (so a CUDA graph can hold it).
     Returns ``(scores, ids, tied, parts)``: ``tied`` a bool per chunk (its cut split equal values) and
     ``parts`` each chunk's candidates."""
     n = base.shape[0]
-    parts = [_chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, min(n, r0 + chunk), tile, False)
+    parts = [_chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, min(n, r0 + chunk), tile, False, select)
              for r0 in range(0, n, chunk)]
     none = torch.zeros((), dtype=torch.bool, device=queries.device)
     tied = torch.stack([none if p[2] is None else p[2].any() for p in parts])
     return (*_merge(parts, k), tied, parts)
 
 
-def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, fast=None):
+def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select="torch", fast=None):
     """The fast path (or its result ``fast``), then, after one host synchronisation, the chunks whose cut
     split equal values scored again and ranked by (score, id) keys."""
     if fast is None:
-        fast = _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile)
+        fast = _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select)
     s, i, tied, parts = fast
     redo = tied.tolist()
     if not any(redo):
@@ -211,6 +256,11 @@ def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, fast
              for p, (r0, r1), again in zip(parts, bounds, redo)]
     return _merge(parts, k)
 
+
+# select="fused" ranks the best tiles' rows in one kernel up to this k (its 64-bit keys: k x 128 per query,
+# held by one program)
+FUSED_MAX_K = 32
+SELECTS = ("torch", "fused")
 
 # scores of one chunk held at once: m * chunk_rows * 4 bytes, at most 256 MiB
 _CHUNK_SCORES = 1 << 26
@@ -254,6 +304,11 @@ def _plan(queries, base, k, chunk_rows, tile, backend):
     return (_chunk_scores_triton if use_triton else _chunk_scores_torch), max(chunk_rows, k), tile or _TILE
 
 
+def _check_select(select):
+    if select not in SELECTS:
+        raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+
+
 def _finish(queries, s, is_l2):
     return ((queries.float() ** 2).sum(1, keepdim=True) - s) if is_l2 else s
 
@@ -261,7 +316,7 @@ def _finish(queries, s, is_l2):
 def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str = "ip", *,
                 base_scale: Optional[torch.Tensor] = None, base_sq_norms: Optional[torch.Tensor] = None,
                 chunk_rows: Optional[int] = None, backend: str = "auto",
-                tile: Optional[tuple] = None):
+                tile: Optional[tuple] = None, select: str = "torch"):
     """Top-``k`` rows of ``base`` for each query; returns ``(scores float32 (m, k), ids int64 (m, k))``.
 
     ``queries``: ``(m, d)`` float32 or float16. ``base``: ``(n, d)`` float16/float32, or int8 with
@@ -269,13 +324,17 @@ def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str =
     squared norms of the dequantized rows) to avoid recomputing them on every call.
     ``k`` is capped at ``n``; at most 1024. ``chunk_rows`` (rows scored per stage-1 step; default
     ``64M / m``, i.e. 256 MiB of scores) and ``tile`` (``(rows per program, warps)`` of the Triton kernel)
-    are tuning knobs. For many searches over one matrix, :class:`BruteForceIndex` replays a CUDA graph.
+    are tuning knobs. ``select``: how the best tiles' rows are ranked: ``"torch"`` (a gather, a float
+    top-k and a merge by keys, ~25 small launches per search) or ``"fused"`` (one Triton kernel ranks them
+    by (score, id) keys, for ``k`` up to 32; larger ``k`` takes the torch path; not yet timed on a GPU).
+    For many searches over one matrix, :class:`BruteForceIndex` replays a CUDA graph.
     """
+    _check_select(select)
     queries, base, xs, xn, k, is_l2 = _prepare(queries, base, k, metric, base_scale, base_sq_norms)
     scores_fn, chunk, tile = _plan(queries, base, k, chunk_rows, tile, backend)
     # float top-k per chunk; a chunk where equal scores straddle the cut (duplicate rows, integer data) is
     # ranked again by (score, id) keys, so ties always come out in ascending id order
-    s, i = _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile)
+    s, i = _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select)
     return _finish(queries, s, is_l2), i
 
 
@@ -288,17 +347,19 @@ class BruteForceIndex:
     launch instead of some thirty, which matters when a search takes well under a millisecond. Each
     recorded shape keeps its own buffers (``m x n x 4`` bytes of scores at most 256 MiB). A search whose
     chunk cut splits equal scores is finished eagerly, ranking (score, id) keys, as in ``search_topk``.
-    ``use_graphs=False`` (or a CPU tensor) always searches eagerly.
+    ``use_graphs=False`` (or a CPU tensor) always searches eagerly. ``select`` as in ``search_topk``.
     """
 
     def __init__(self, base: torch.Tensor, metric: str = "ip", *, base_scale: Optional[torch.Tensor] = None,
                  use_graphs: bool = True, chunk_rows: Optional[int] = None, tile: Optional[tuple] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", select: str = "torch"):
+        _check_select(select)
         probe = torch.zeros(1, base.shape[1], dtype=torch.float32, device=base.device)
         _, self.base, self.scale, self.sq_norms, _, self.is_l2 = _prepare(probe, base, 1, metric, base_scale, None)
         self.metric = metric
         self.use_graphs = use_graphs and base.is_cuda
         self._options = (chunk_rows, tile, backend)
+        self.select = select
         self._graphs: dict = {}
 
     @property
@@ -310,7 +371,7 @@ class BruteForceIndex:
         """Top-``k`` rows for each query: ``(scores float32 (m, k), ids int64 (m, k))``."""
         queries, base, xs, xn, k, is_l2 = _prepare(queries, self.base, k, self.metric, self.scale, self.sq_norms)
         scores_fn, chunk, tile = _plan(queries, base, k, *self._options)
-        args = (scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile)
+        args = (scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, self.select)
         if not (self.use_graphs and queries.is_cuda):
             s, i = _search_chunks(*args)
             return _finish(queries, s, is_l2), i
