@@ -460,9 +460,10 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
         BITS_K=bits_k, BITS_V=bits_v, G=g, BLOCK_T=block_t, DOT_DTYPE=dot_dtype, PRECISION=precision,
         DQ=dq, UNPACK=mode, DEQ_DTYPE=tl.float16 if dot_dtype == tl.float16 else tl.float32, PREFETCH=PREFETCH_MODES[prefetch],
         num_warps=num_warps,
-        # (fp32 tiles are twice as large: without software pipelining they fit in shared memory at any block_t)
-        # with prefetch="all" the packed words wait in registers, so no shared-memory pipeline is needed
-        num_stages=num_stages if num_stages is not None else (1 if dot_dtype == tl.float32 or prefetch == "all" else 2),
+        # (fp32 tiles are twice as large: without software pipelining they fit in shared memory at any block_t;
+        # with unpack="join" and prefetch="all" the packed words wait in registers: no pipeline needed)
+        num_stages=num_stages if num_stages is not None else (
+            1 if dot_dtype == tl.float32 or (mode == 2 and prefetch == "all") else 2),
     )
     out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
     _merge_splits_kernel[(b * hq,)](
@@ -486,12 +487,12 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
     ``(B, Hq, D)`` (or ``(B, Hq, 1, D)``) in ``q``'s dtype. No mask: every cached token is attended to.
     Tuning knobs of the Triton kernel: ``num_splits`` (sequence slices; default: one wave of programs
     on the GPU), ``block_t`` (tokens per tile, a power of two), ``num_warps``, ``num_stages`` (Triton's
-    shared-memory pipeline depth; default 1 with ``prefetch="all"`` or fp32 caches, else 2);
+    shared-memory pipeline depth; default 1 with ``unpack="join", prefetch="all"`` or fp32 caches, else 2);
     ``unpack``: ``"join"`` (each packed word split into fp16 codes in the thread that loaded it, no
     int-to-float conversions), ``"expand"`` (the codes spread through a reshape) or ``"gather"`` (one
     load per element); ``prefetch``: what the next tile fetches while this one is computed:
     ``"all"`` (packed words, scales and minimums, in registers), ``"meta"`` (scales and minimums) or
-    ``"none"``. Measured on an H100 (benches/RESULTS.md): the defaults run 1.38x faster than
+    ``"none"``; it applies to ``unpack="join"`` (the other two fetch each tile with it). Measured on an H100 (benches/RESULTS.md): the defaults run 1.38x faster than
     ``unpack="expand", prefetch="none"`` on a 32 x 16K-token 4-bit cache.
     """
     if unpack not in UNPACK_MODES:
