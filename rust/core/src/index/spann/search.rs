@@ -106,24 +106,62 @@ pub(crate) fn build_coarse(
     (cents, lists)
 }
 
+/// A sort key for an upper bound: higher bounds give smaller keys (f32's
+/// total order, reversed), so ascending keys are descending bounds.
+#[inline(always)]
+fn bound_key(b: f32) -> u32 {
+    let x = b.to_bits();
+    // total order as unsigned: flip all bits of negatives, the sign of the rest
+    let ordered = if x >> 31 == 1 { !x } else { x | 0x8000_0000 };
+    !ordered
+}
+
 /// The `n` best of candidates known at first only by an upper bound on
 /// their score: `cands` holds (bound, key) for every candidate that can be
 /// among them. Scores them with `score(key) -> (id, score, extra)` highest
-/// bound first (ties by key), until the bounds fall below the n-th best
-/// score found; `warm(key)` is called a few candidates ahead (to prefetch
-/// what `score` reads). Returns (id, score, extra), best first, ties by the
-/// smaller id. The second phase of the coarse scan and of the head ranking.
+/// bound first (ties by position in `cands`), until the bounds fall below
+/// the n-th best score found; `warm(key)` is called a few candidates ahead
+/// (to prefetch what `score` reads). Returns (id, score, extra), best first,
+/// ties by the smaller id. The second phase of the coarse scan and of the
+/// head ranking.
+///
+/// Only the order of the candidates actually scored matters, and the scan
+/// usually stops after a few times `n` of them: the order is built a block
+/// at a time (select the block's candidates, then sort only them), over
+/// packed `u64` keys (bound key, position) rather than (f32, u64) pairs.
 #[inline(always)]
 fn best_by_bounds<T: Copy>(
-    mut cands: Vec<(f32, u64)>,
+    cands: Vec<(f32, u64)>,
     n: usize,
     warm: impl Fn(u64),
     mut score: impl FnMut(u64) -> (u32, f32, T),
 ) -> Vec<(u32, f32, T)> {
     const AHEAD: usize = 4;
-    cands.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    for x in cands.iter().take(AHEAD) {
-        warm(x.1);
+    let mut order: Vec<u64> = cands
+        .iter()
+        .enumerate()
+        .map(|(j, c)| (bound_key(c.0) as u64) << 32 | j as u64)
+        .collect();
+    let len = order.len();
+    let block = (2 * n).max(64);
+    // order[..sorted] is in final order; extend it by one block when the
+    // scan (or its look-ahead) reaches its end
+    let mut sorted = 0;
+    let mut extend = |order: &mut Vec<u64>, sorted: &mut usize| {
+        let end = (*sorted + block).min(len);
+        let rest = &mut order[*sorted..];
+        if end < len {
+            rest.select_nth_unstable(end - *sorted - 1);
+        }
+        rest[..end - *sorted].sort_unstable();
+        *sorted = end;
+    };
+    let at = |order: &Vec<u64>, j: usize| cands[(order[j] & 0xFFFF_FFFF) as usize];
+    if len > 0 {
+        extend(&mut order, &mut sorted);
+    }
+    for j in 0..AHEAD.min(sorted) {
+        warm(at(&order, j).1);
     }
     let mut top = TopK::new(n);
     // the extras of the hits pushed: the TopK id is the caller's id in the
@@ -131,12 +169,16 @@ fn best_by_bounds<T: Copy>(
     // come from parameters read from disk: a bounded reserve)
     let mut extra: Vec<T> = Vec::with_capacity(n.min(1024));
     let mut thr = top.threshold();
-    for (j, x) in cands.iter().enumerate() {
+    for j in 0..len {
+        if j + AHEAD >= sorted && sorted < len {
+            extend(&mut order, &mut sorted);
+        }
+        let x = at(&order, j);
         if x.0 < thr {
             break;
         }
-        if let Some(nx) = cands.get(j + AHEAD) {
-            warm(nx.1);
+        if j + AHEAD < sorted {
+            warm(at(&order, j + AHEAD).1);
         }
         let (id, s, t) = score(x.1);
         if s >= thr {
@@ -720,5 +762,70 @@ impl SpannIndex {
             top.push(id, self.metric.similarity(q, v));
         }
         Ok((top.into_sorted(), stats))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{best_by_bounds, bound_key};
+    use crate::rng::Rng;
+
+    #[test]
+    fn bound_keys_order_bounds_high_to_low() {
+        let xs = [
+            f32::INFINITY,
+            3.5,
+            1.0,
+            0.0,
+            -0.0,
+            -1e-30,
+            -2.0,
+            f32::NEG_INFINITY,
+        ];
+        for w in xs.windows(2) {
+            assert!(bound_key(w[0]) <= bound_key(w[1]), "{} vs {}", w[0], w[1]);
+        }
+        assert!(bound_key(1.0) < bound_key(0.5));
+    }
+
+    /// With every bound at or above its candidate's score, the answer is the
+    /// exact `n` best (ties by the smaller id), whatever the number of
+    /// candidates against the block size (one block, several, none).
+    #[test]
+    fn best_by_bounds_finds_the_exact_best() {
+        let mut rng = Rng::new(7);
+        for &(m, n) in &[(0, 5), (3, 5), (10, 10), (200, 8), (1000, 40), (5000, 3)] {
+            // coarse scores (many ties) and loose bounds above them
+            let scores: Vec<f32> = (0..m).map(|_| (rng.below(50) as f32) / 10.0).collect();
+            let cands: Vec<(f32, u64)> = scores
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| (s + rng.next_f64() as f32 * 2.0, i as u64))
+                .collect();
+            let scored = std::cell::Cell::new(0usize);
+            let got = best_by_bounds(
+                cands,
+                n,
+                |_| {},
+                |key| {
+                    scored.set(scored.get() + 1);
+                    (key as u32, scores[key as usize], key)
+                },
+            );
+            let mut want: Vec<(u32, f32)> = scores
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| (i as u32, s))
+                .collect();
+            want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            want.truncate(n);
+            let got_ids: Vec<(u32, f32)> = got.iter().map(|&(id, s, _)| (id, s)).collect();
+            assert_eq!(got_ids, want, "m {m} n {n}");
+            assert!(got.iter().all(|&(id, _, extra)| extra == id as u64));
+            // the bounds cut the scan short where they can
+            if m >= 1000 {
+                assert!(scored.get() < m, "scored all {m}");
+            }
+        }
     }
 }
