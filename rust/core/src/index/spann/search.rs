@@ -147,7 +147,7 @@ fn best_by_bounds<T: Copy>(
     // order[..sorted] is in final order; extend it by one block when the
     // scan (or its look-ahead) reaches its end
     let mut sorted = 0;
-    let mut extend = |order: &mut Vec<u64>, sorted: &mut usize| {
+    let extend = |order: &mut Vec<u64>, sorted: &mut usize| {
         let end = (*sorted + block).min(len);
         let rest = &mut order[*sorted..];
         if end < len {
