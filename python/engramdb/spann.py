@@ -179,9 +179,12 @@ class SpannIndex:
         The handle is the directory's one writer (a second writer, in this
         process or another, gets ``StoreLockedError``); ``read_only=True``
         opens without the lock, sees what was acknowledged when it opened,
-        and refuses writes with ``ReadOnlyError``; in disk mode it also
-        holds no head vectors (queries rank heads by their codes), about
-        half the resident RAM of a writer's disk-mode handle. ``sync=True`` (default)
+        and refuses writes with ``ReadOnlyError``. In disk mode a handle
+        holds no head vectors (queries rank heads by their codes; about half
+        its resident RAM at 1M vectors): a writer reads them back from the
+        index's metadata before its first write (a fraction of a second at
+        1M), and keeps them from the start when replaying its log moved a
+        head. ``sync=True`` (default)
         fsyncs the log on every ``add``/``delete`` call; with ``False`` an
         acknowledged update survives a process crash but not a power loss.
         ``direct_io=True`` reads pages with O_DIRECT, bypassing the page

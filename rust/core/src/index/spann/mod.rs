@@ -391,11 +391,17 @@ pub struct SpannIndex {
     pub(crate) last: Mutex<LastSearch>,
     // durability: the update log named by `log_seq` (see [`log`])
     pub(crate) read_only: bool,
-    /// A read-only disk-mode handle drops the heads' float32 vectors after
-    /// opening (queries rank heads by their int8 and 1-bit codes; only
-    /// updates, builds and `verify` need them, and `verify` reads them back
-    /// from the metadata file): about half of its resident RAM at 1M.
+    /// A disk-mode handle drops the heads' float32 vectors after opening
+    /// (queries rank heads by their int8 and 1-bit codes; only updates,
+    /// builds and `verify` need them, and `verify` reads them back from the
+    /// metadata file): about half of its resident RAM at 1M. A writer drops
+    /// them only when its log replay moved no head (so the metadata's copy
+    /// is exact) and reads them back before its first write
+    /// ([`SpannIndex::writable`]).
     pub(crate) heads_released: bool,
+    /// Whether a head vector was added, moved or rewritten since this
+    /// handle was built or opened (splits, compaction).
+    pub(crate) heads_moved: bool,
     pub(crate) sync: bool,
     pub(crate) log_seq: u64,
     pub(crate) log: Option<WalWriter>,
@@ -613,6 +619,7 @@ impl SpannIndex {
             params,
             read_only: false,
             heads_released: false,
+            heads_moved: false,
             sync: true,
             log_seq: 0,
             log: None,
@@ -1122,8 +1129,12 @@ impl SpannIndex {
         // a read-only disk-mode handle never moves a head: its float32
         // vectors can go once the log is replayed (unless the posting file
         // predates the filter columns, which are computed from them when a
-        // posting is read)
-        if opts.read_only && mode == Mode::Disk && idx.pfile.as_ref().unwrap().has_filter() {
+        // posting is read). A writer's can go too while they equal the
+        // metadata's copy, which `writable` reads back before a write
+        if (opts.read_only || !idx.heads_moved)
+            && mode == Mode::Disk
+            && idx.pfile.as_ref().unwrap().has_filter()
+        {
             idx.heads.vecs = Vec::new();
             idx.heads_released = true;
         }
@@ -1690,6 +1701,7 @@ fn read_meta(dir: &Path) -> Result<SpannIndex> {
         last: Mutex::new(LastSearch::default()),
         read_only: false,
         heads_released: false,
+        heads_moved: false,
         sync: true,
         log_seq,
         log: None,

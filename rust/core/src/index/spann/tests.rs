@@ -247,11 +247,90 @@ fn filter_codes_stay_consistent_through_updates_compaction_and_reopen() {
     let after = results(&idx, &q);
     drop(idx);
     for mode in [Mode::Memory, Mode::Disk] {
-        let o = SpannIndex::open(dir.path(), mode).unwrap();
-        assert!(!o.heads_released, "a writer keeps its head vectors");
+        let mut o = SpannIndex::open(dir.path(), mode).unwrap();
+        // nothing to replay after the compaction: a disk-mode writer holds
+        // no head vectors until it writes
+        assert_eq!(o.heads_released, mode == Mode::Disk, "{mode:?}");
+        assert_eq!(results(&o, &q), after, "{mode:?} after compaction");
+        o.flush().unwrap();
+        assert!(!o.heads_released, "a write reads the head vectors back");
         assert_filter_consistent(&o);
         assert_eq!(results(&o, &q), after, "{mode:?} after compaction");
     }
+}
+
+/// A disk-mode writer that released its head vectors (nothing in its log
+/// moved a head) reads them back before its first write, and then writes
+/// exactly what a writer that kept them writes: same answers, same heads in
+/// the metadata, through adds that split postings, deletes, a flush and a
+/// compaction.
+#[test]
+fn a_writer_that_released_its_heads_writes_what_a_keeping_writer_writes() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let params = SpannParams {
+        posting_cap: 40,
+        ..SpannParams::default()
+    };
+    let base = data(1500, 21);
+    let mut idx = SpannIndex::build(&base, DIM, None, Metric::L2, params, None).unwrap();
+    idx.save(a.path()).unwrap();
+    idx.save(b.path()).unwrap();
+    drop(idx);
+    let mut rel = SpannIndex::open(a.path(), Mode::Disk).unwrap();
+    let mut keep = SpannIndex::open(b.path(), Mode::Memory).unwrap();
+    assert!(rel.heads_released && rel.heads.vecs.is_empty());
+    assert!(!keep.heads_released);
+    let heads0 = keep.heads.alive.len();
+    let more = data(600, 22);
+    let q = data(30, 23);
+    for w in [&mut rel, &mut keep] {
+        let ids: Vec<u64> = (10_000..10_600).collect();
+        for (c, v) in ids.chunks(100).zip(more.chunks(100 * DIM)) {
+            w.add(c, v).unwrap();
+        }
+        let gone: Vec<u64> = (0..1500).step_by(4).collect();
+        w.delete(&gone).unwrap();
+        w.flush().unwrap();
+    }
+    assert!(!rel.heads_released);
+    assert!(rel.heads.alive.len() > heads0, "the adds split postings");
+    assert_eq!(rel.heads.vecs, keep.heads.vecs);
+    assert_eq!(results(&rel, &q), results(&keep, &q));
+    rel.compact().unwrap();
+    keep.compact().unwrap();
+    assert_eq!(results(&rel, &q), results(&keep, &q));
+    drop((rel, keep));
+    let (ra, rb) = (
+        SpannIndex::open_read_only(a.path(), Mode::Memory).unwrap(),
+        SpannIndex::open_read_only(b.path(), Mode::Memory).unwrap(),
+    );
+    assert_eq!(ra.heads.vecs, rb.heads.vecs);
+    assert_eq!(results(&ra, &q), results(&rb, &q));
+    assert_filter_consistent(&ra);
+    ra.verify().unwrap();
+}
+
+/// A writer whose log replay moved heads (a split not yet flushed) keeps
+/// their vectors: the metadata's copy is stale. A log of deletes alone
+/// moves none.
+#[test]
+fn a_writer_keeps_its_heads_when_the_log_moved_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (idx, q) = updated(dir.path());
+    let want = results(&idx, &q);
+    assert!(idx.heads_moved, "the adds split postings");
+    drop(idx); // the log holds the adds
+    let mut o = SpannIndex::open(dir.path(), Mode::Disk).unwrap();
+    assert!(o.heads_moved && !o.heads_released);
+    assert_filter_consistent(&o);
+    assert_eq!(results(&o, &q), want);
+    o.flush().unwrap();
+    o.delete(&[10_002, 10_003]).unwrap();
+    let want = results(&o, &q);
+    drop(o); // the log holds the deletes only
+    let o = SpannIndex::open(dir.path(), Mode::Disk).unwrap();
+    assert!(!o.heads_moved && o.heads_released);
+    assert_eq!(results(&o, &q), want);
 }
 
 #[test]
@@ -517,16 +596,19 @@ fn read_only_disk_mode_releases_head_vectors() {
     let mut idx =
         SpannIndex::build(&base, DIM, None, Metric::L2, SpannParams::default(), None).unwrap();
     idx.save(dir.path()).unwrap();
-    drop(idx);
-    let w = SpannIndex::open(dir.path(), Mode::Disk).unwrap();
-    let r = SpannIndex::open_read_only(dir.path(), Mode::Disk).unwrap();
-    assert!(!w.heads_released && r.heads_released);
-    let heads_bytes = w.heads.vecs.len() as u64 * 4;
+    let heads_bytes = idx.heads.vecs.len() as u64 * 4;
     assert!(heads_bytes > 0);
+    drop(idx);
+    let mut w = SpannIndex::open(dir.path(), Mode::Disk).unwrap();
+    let r = SpannIndex::open_read_only(dir.path(), Mode::Disk).unwrap();
+    // a writer with nothing to replay releases them too, until it writes
+    assert!(w.heads_released && r.heads_released);
+    let released = w.stats().ram_bytes;
+    w.flush().unwrap();
+    assert!(!w.heads_released);
     assert!(
-        r.stats().ram_bytes + heads_bytes <= w.stats().ram_bytes,
-        "{} vs {}",
-        r.stats().ram_bytes,
+        released + heads_bytes <= w.stats().ram_bytes,
+        "{released} vs {}",
         w.stats().ram_bytes
     );
     let sp = SearchParams::default();

@@ -86,6 +86,7 @@ impl SpannIndex {
     /// Upsert prepared vectors: check the batch, append it to the log (if
     /// the index has one), then apply it.
     pub(crate) fn upsert_prepared(&mut self, ids: &[u64], data: Vec<f32>) -> Result<()> {
+        self.reload_heads()?;
         let dim = self.dim;
         if data.len() != ids.len() * dim {
             return Err(Error::InvalidArgument(format!(
@@ -176,12 +177,36 @@ impl SpannIndex {
     }
 
     /// `Err(ReadOnly)` for a handle opened read-only.
-    pub(crate) fn writable(&self) -> Result<()> {
+    /// Refuse a write on a read-only handle; on a writer that released its
+    /// head vectors (see [`SpannIndex::heads_released`]), read them back
+    /// from the metadata file first. Every write goes through here.
+    pub(crate) fn writable(&mut self) -> Result<()> {
         if self.read_only {
-            Err(Error::ReadOnly)
-        } else {
-            Ok(())
+            return Err(Error::ReadOnly);
         }
+        self.reload_heads()
+    }
+
+    /// Read a released writer's head vectors back from its metadata file,
+    /// which holds exactly them: the writer released them only when its log
+    /// replay moved no head, and no checkpoint can run before this.
+    pub(crate) fn reload_heads(&mut self) -> Result<()> {
+        if !self.heads_released {
+            return Ok(());
+        }
+        let dir = self.path.clone().expect("a released handle has a path");
+        let m = super::read_meta(&dir)?;
+        if (m.generation, m.log_seq) != (self.generation, self.log_seq)
+            || m.heads.vecs.len() != self.heads.alive.len() * self.dim
+        {
+            return Err(Error::corruption(
+                dir.join("spann.meta"),
+                "the metadata changed under this index's writer: its head vectors cannot be read back",
+            ));
+        }
+        self.heads.vecs = m.heads.vecs;
+        self.heads_released = false;
+        Ok(())
     }
 
     /// The resident, modifiable posting of `h` (read from disk if needed).
@@ -237,6 +262,7 @@ impl SpannIndex {
 
     fn new_head(&mut self, v: &[f32]) -> u32 {
         let h = self.heads.alive.len() as u32;
+        self.heads_moved = true;
         self.heads.vecs.extend_from_slice(v);
         self.heads.alive.push(true);
         self.encode_head(h);
@@ -348,6 +374,7 @@ impl SpannIndex {
                 let _ = distance::normalize(c);
             }
         }
+        self.heads_moved = true;
         self.heads.vecs[h as usize * dim..(h as usize + 1) * dim].copy_from_slice(&cents[0]);
         self.encode_head(h);
         let h2 = self.new_head(&cents[1]);
@@ -587,6 +614,7 @@ impl SpannIndex {
             })
             .collect();
         let nh = mem.len();
+        self.heads_moved = true;
         self.heads.vecs = hv;
         self.heads.alive = vec![true; nh];
         self.heads.lists = lists;
