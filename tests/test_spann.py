@@ -4,6 +4,7 @@ modes agreeing, reopen, 1-D/2-D queries, errors, updates and compaction."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -146,6 +147,39 @@ def test_updates_delete_reinsert_compact(tmp_path):
     assert churned >= fresh - 0.02 and compacted >= fresh - 0.02, (fresh, churned, compacted)
     reopened = SpannIndex.open(tmp_path / "u", mode="memory", read_only=True)
     np.testing.assert_array_equal(reopened.search(q)[0], idx.search(q)[0])
+
+
+def test_disk_writer_reads_heads_back_on_first_write(tmp_path):
+    """A disk-mode writer opened on a flushed index holds no head vectors
+    (the RAM of a read-only handle) until it writes; then it reads them back,
+    and its adds land where a memory-mode writer's would."""
+    rng = np.random.default_rng(5)
+    centers = rng.standard_normal((40, 32))
+    x = (centers[rng.integers(0, 40, 5000)] + 0.3 * rng.standard_normal((5000, 32))).astype(np.float32)
+    more = (centers[rng.integers(0, 40, 1500)] + 0.3 * rng.standard_normal((1500, 32))).astype(np.float32)
+    q = x[:50] + 0.05 * rng.standard_normal((50, 32)).astype(np.float32)
+    SpannIndex.build(x, tmp_path / "a", metric="l2", progress=False).close()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    ro = SpannIndex.open(tmp_path / "a", mode="disk", read_only=True)
+    ro_ram = ro.stats()["ram_bytes"]
+    ro.close()
+    w = SpannIndex.open(tmp_path / "a", mode="disk")
+    assert w.stats()["ram_bytes"] == ro_ram
+    keep = SpannIndex.open(tmp_path / "b", mode="memory")
+    new_ids = np.arange(10_000, 11_500, dtype=np.uint64)
+    for idx in (w, keep):
+        idx.add(more, new_ids)
+        idx.flush()
+    heads_bytes = w.stats()["heads"] * 32 * 4
+    assert w.stats()["ram_bytes"] >= ro_ram + heads_bytes
+    assert w.stats()["heads"] == keep.stats()["heads"]
+    np.testing.assert_array_equal(w.search(q)[0], keep.search(q)[0])
+    w.close()
+    keep.close()
+    a = SpannIndex.open(tmp_path / "a", mode="memory", read_only=True)
+    b = SpannIndex.open(tmp_path / "b", mode="memory", read_only=True)
+    np.testing.assert_array_equal(a.search(more[:50])[0], b.search(more[:50])[0])
+    assert a.verify()["postings"] > 0
 
 
 def test_build_arguments(tmp_path):
