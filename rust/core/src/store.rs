@@ -1277,7 +1277,14 @@ impl Store {
     /// both by replacing the manifest. Old files are removed afterwards.
     pub fn checkpoint(&mut self) -> Result<()> {
         self.writer()?;
-        let gen = self.manifest.generation + 1;
+        // a manifest whose generation cannot grow is a corrupted one (real
+        // stores count from 1): refuse it rather than overflow
+        let gen = self.manifest.generation.checked_add(1).ok_or_else(|| {
+            Error::corruption(
+                self.dir.join(crate::storage::manifest::FILE),
+                "generation cannot grow",
+            )
+        })?;
         let seg = seg_name(gen);
         let recs: Vec<&Record> = self
             .vectors

@@ -868,6 +868,18 @@ impl SpannIndex {
         &self.heads.vecs[h as usize * self.dim..(h as usize + 1) * self.dim]
     }
 
+    /// `n + 1` for the next generation or log sequence; a metadata file
+    /// whose number cannot grow (only a corrupted one: real indexes count
+    /// from 0) is refused instead of overflowing.
+    pub(crate) fn next_number(&self, n: u64, dir: &Path) -> Result<u64> {
+        n.checked_add(1).ok_or_else(|| {
+            Error::corruption(
+                dir.join(META),
+                format!("generation or log sequence {n} cannot grow"),
+            )
+        })
+    }
+
     fn head_head_dist(&self, a: u32, b: u32) -> f32 {
         self.dist(self.head(a), self.head(b))
     }
@@ -892,7 +904,7 @@ impl SpannIndex {
         } else {
             Some(WriterLock::acquire(dir)?)
         };
-        let gen = self.generation + 1;
+        let gen = self.next_number(self.generation, dir)?;
         let ppath = dir.join(postings_name(gen));
         let vpath = dir.join(vectors_name(gen));
         let mut pf = PostingFile::create(&ppath, gen)?;

@@ -507,7 +507,12 @@ impl SpannIndex {
         self.pfile.as_ref().unwrap().sync()?;
         self.vfile.as_ref().unwrap().sync()?;
         let rotate = self.log.as_ref().is_none_or(|w| !w.is_empty());
-        self.commit_meta(&dir, rotate.then_some(self.log_seq + 1), None)?;
+        let next = if rotate {
+            Some(self.next_number(self.log_seq, &dir)?)
+        } else {
+            None
+        };
+        self.commit_meta(&dir, next, None)?;
         if self.mode == Mode::Disk {
             self.evict();
         }
