@@ -10,6 +10,9 @@
 //! more than 10 s fails it (30 s: a watchdog saves it and aborts: a hang),
 //! and a panic fails it with the input saved under `target/fuzz-failures/`.
 //!
+//! The mutations follow `ENGRAMDB_FUZZ_SEED` (default: the clock); `make
+//! test` fixes it, so CI explores the same sequence every run.
+//!
 //! `ENGRAMDB_FUZZ_INPUT=target/fuzz-failures/<target>-<hash>` reruns one
 //! saved input alone. `ENGRAMDB_FUZZ_WRITE_SEEDS=1` (re)writes the generated seeds into the
 //! committed corpus.
