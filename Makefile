@@ -30,6 +30,7 @@ lint:
 # `make rust-test FUZZ_SEED=` (time-seeded) or the AFL++ targets in
 # rust/fuzz/ to look for new failures.
 FUZZ_SEED ?= 20261127
+HYPOTHESIS_SEED ?= 20261127
 
 rust-test:
 	ENGRAMDB_FUZZ_SEED=$(FUZZ_SEED) cargo test --workspace
@@ -55,8 +56,11 @@ wheel:
 py-test:
 	$(BIN)/ruff check python tests benches gpu
 	cd /tmp && $(CURDIR)/$(BIN)/python -m mypy.stubtest engramdb._native
-	# tests import the installed wheel: python/ is never on sys.path here
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=15
+	# tests import the installed wheel: python/ is never on sys.path here.
+	# Hypothesis draws from a fixed seed for the same reason as FUZZ_SEED
+	# (`make py-test HYPOTHESIS_SEED=` draws afresh)
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=15 \
+		$(if $(HYPOTHESIS_SEED),--hypothesis-seed=$(HYPOTHESIS_SEED))
 
 bench:
 	$(BIN)/python -m pip install -q "$$(ls dist/engramdb-*.whl)[bench]"
