@@ -230,6 +230,8 @@ fn fuzz_target(target: &str) {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3.0);
+    // `seed` is what ENGRAMDB_FUZZ_SEED names (and what a failure prints,
+    // so setting it reruns the same sequence); each target mixes in its name
     let seed: u64 = std::env::var("ENGRAMDB_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -238,9 +240,8 @@ fn fuzz_target(target: &str) {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_nanos() as u64
-        })
-        ^ fnv(target.as_bytes());
-    let mut rng = Rng::new(seed);
+        });
+    let mut rng = Rng::new(seed ^ fnv(target.as_bytes()));
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut execs = 0u64;
     while Instant::now() < deadline {
