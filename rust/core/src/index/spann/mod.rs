@@ -413,6 +413,18 @@ const META: &str = "spann.meta";
 
 const META_TMP: &str = "spann.meta.tmp";
 
+/// `n + 1` for the next generation or log sequence of the index in `dir`; a
+/// metadata file whose number cannot grow (only a corrupted one: real
+/// indexes count from 0) is refused instead of overflowing.
+pub(crate) fn next_number(n: u64, dir: &Path) -> Result<u64> {
+    n.checked_add(1).ok_or_else(|| {
+        Error::corruption(
+            dir.join(META),
+            format!("generation or log sequence {n} cannot grow"),
+        )
+    })
+}
+
 /// The generation of a file named `{prefix}NNNNNN.dat`.
 fn parse_gen(name: &str, prefix: &str) -> Option<u64> {
     let d = name.strip_prefix(prefix)?.strip_suffix(".dat")?;
@@ -868,16 +880,37 @@ impl SpannIndex {
         &self.heads.vecs[h as usize * self.dim..(h as usize + 1) * self.dim]
     }
 
-    /// `n + 1` for the next generation or log sequence; a metadata file
-    /// whose number cannot grow (only a corrupted one: real indexes count
-    /// from 0) is refused instead of overflowing.
-    pub(crate) fn next_number(&self, n: u64, dir: &Path) -> Result<u64> {
-        n.checked_add(1).ok_or_else(|| {
-            Error::corruption(
+    /// The head vectors a disk-mode handle released (see
+    /// [`SpannIndex::heads_released`]), read back from its metadata file,
+    /// which holds exactly them as long as no checkpoint ran since the
+    /// handle opened. A reader is told to reopen when a writer has
+    /// checkpointed since; for the writer itself that cannot happen (every
+    /// write reads them back first) and is reported as corruption.
+    pub(crate) fn released_heads(&self) -> Result<Vec<f32>> {
+        let dir = self.path.as_ref().expect("a released handle has a path");
+        let m = read_meta(dir)?;
+        if (m.generation, m.log_seq) != (self.generation, self.log_seq) {
+            return Err(if self.read_only {
+                Error::InvalidArgument(
+                    "the index was checkpointed by a writer since this read-only handle opened it: reopen to verify"
+                        .into(),
+                )
+            } else {
+                Error::corruption(
+                    dir.join(META),
+                    "the metadata changed under this index's writer: its head vectors cannot be read back",
+                )
+            });
+        }
+        // (a reader may have replayed splits over them: its heads can
+        // outnumber the file's; a writer released them only if none moved)
+        if !self.read_only && m.heads.vecs.len() != self.heads.alive.len() * self.dim {
+            return Err(Error::corruption(
                 dir.join(META),
-                format!("generation or log sequence {n} cannot grow"),
-            )
-        })
+                "the metadata holds a different number of heads than this handle opened",
+            ));
+        }
+        Ok(m.heads.vecs)
     }
 
     fn head_head_dist(&self, a: u32, b: u32) -> f32 {
@@ -904,7 +937,7 @@ impl SpannIndex {
         } else {
             Some(WriterLock::acquire(dir)?)
         };
-        let gen = self.next_number(self.generation, dir)?;
+        let gen = next_number(self.generation, dir)?;
         let ppath = dir.join(postings_name(gen));
         let vpath = dir.join(vectors_name(gen));
         let mut pf = PostingFile::create(&ppath, gen)?;
@@ -1296,15 +1329,7 @@ impl SpannIndex {
         // ones' heads are as in the file.
         let reread;
         let heads: &[f32] = if self.heads_released {
-            let dir = self.path.as_ref().expect("a released handle has a path");
-            let m = read_meta(dir)?;
-            if (m.generation, m.log_seq) != (self.generation, self.log_seq) {
-                return Err(Error::InvalidArgument(
-                    "the index was checkpointed by a writer since this read-only handle opened it: reopen to verify"
-                        .into(),
-                ));
-            }
-            reread = m.heads.vecs;
+            reread = self.released_heads()?;
             &reread
         } else {
             &self.heads.vecs

@@ -194,17 +194,7 @@ impl SpannIndex {
         if !self.heads_released {
             return Ok(());
         }
-        let dir = self.path.clone().expect("a released handle has a path");
-        let m = super::read_meta(&dir)?;
-        if (m.generation, m.log_seq) != (self.generation, self.log_seq)
-            || m.heads.vecs.len() != self.heads.alive.len() * self.dim
-        {
-            return Err(Error::corruption(
-                dir.join("spann.meta"),
-                "the metadata changed under this index's writer: its head vectors cannot be read back",
-            ));
-        }
-        self.heads.vecs = m.heads.vecs;
+        self.heads.vecs = self.released_heads()?;
         self.heads_released = false;
         Ok(())
     }
@@ -508,7 +498,7 @@ impl SpannIndex {
         self.vfile.as_ref().unwrap().sync()?;
         let rotate = self.log.as_ref().is_none_or(|w| !w.is_empty());
         let next = if rotate {
-            Some(self.next_number(self.log_seq, &dir)?)
+            Some(super::next_number(self.log_seq, &dir)?)
         } else {
             None
         };
