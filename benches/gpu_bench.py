@@ -229,10 +229,11 @@ def main(argv=None) -> int:
                         print(f"search {kind} {qkind} {row['shape']:24s} chunk {chunk} tile {tile}: {ms * 1e3:8.1f} us "
                               f"{row['frac_bw']:6.1%} bw | torch.topk(X@q) fp16 {base_ms * 1e3:8.1f} us "
                               f"({row['torch_frac_bw']:5.1%})", flush=True)
-                    # the same search through BruteForceIndex: a CUDA graph replayed per search; for k up to
-                    # FUSED_MAX_K also with select="fused" (one kernel ranks the best tiles' rows)
+                    # the same search through BruteForceIndex: a CUDA graph replayed per search, with the torch
+                    # selection and with select="fused" (one kernel: a threshold from the tile maxima, the rows
+                    # that reach it, their top k)
                     want = search_topk(qq, x, k_, base_scale=xs)
-                    for sel in ("torch", "fused") if k_ <= G.FUSED_MAX_K else ("torch",):
+                    for sel in ("torch", "fused"):
                         try:  # (the fused kernel has not run on a GPU yet: a failure must not cost the rest)
                             index = BruteForceIndex(x, base_scale=xs, select=sel)
                             got = index.search(qq, k_)
@@ -265,9 +266,8 @@ def main(argv=None) -> int:
             index = BruteForceIndex(x16)
             calls = (("search_topk", functools.partial(search_topk, q, x16, k_)),
                      ("index", functools.partial(index.search, q, k_)))
-            if k_ <= G.FUSED_MAX_K:
-                fused = BruteForceIndex(x16, select="fused")
-                calls += (("index select=fused", functools.partial(fused.search, q, k_)),)
+            fused = BruteForceIndex(x16, select="fused")
+            calls += (("index select=fused", functools.partial(fused.search, q, k_)),)
             for label, fn in calls:
                 for _ in range(3):
                     fn()

@@ -451,9 +451,9 @@ def test_brute_force_index_matches_search_topk(metric):
 
 @pytest.mark.parametrize("metric,kind", [("ip", "fp16"), ("l2", "int8")])  # the interpreter's sort is slow
 def test_search_fused_select_ranks_like_the_reference(metric, kind):
-    """select="fused" (one kernel ranks the best tiles' rows by (score, id) keys): the exact ids on
-    continuous data and on small integers full of ties, k at the kernel's limit, k above it (the torch
-    path), several chunks, and through BruteForceIndex."""
+    """select="fused" (one kernel: a threshold from the tile maxima, the rows that reach it, their top k by
+    (score, id) keys): the exact ids on continuous data and on small integers full of ties, for k of 1, a
+    power of two and neither, over several chunks, and through BruteForceIndex."""
     r = gen(55)
     for data in ("float", "int"):
         if data == "float":
@@ -471,7 +471,7 @@ def test_search_fused_select_ranks_like_the_reference(metric, kind):
         else:
             base = base.half()
         dscale = None if scale is None else scale.to(DEVICE)
-        cases = ((1, None), (G.FUSED_MAX_K + 1, None), (7, 1500)) if data == "float" else ((10, None), (G.FUSED_MAX_K, None))
+        cases = ((1, None), (33, None), (7, 1500)) if data == "float" else ((10, None), (32, None))
         for k, chunk in cases:
             s, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), k, metric, base_scale=dscale, chunk_rows=chunk,
                                  select="fused", backend="triton")
@@ -482,6 +482,45 @@ def test_search_fused_select_ranks_like_the_reference(metric, kind):
     assert torch.equal(index.search(q.to(DEVICE), 5)[1].cpu(), G.search_topk_ref(q, base, 5, metric, base_scale=scale)[1])
     with pytest.raises(ValueError, match="select"):
         G.search_topk(q, base, 5, select="heap")
+
+
+def test_search_fused_select_threshold_keeps_few_rows_and_overflow_falls_back(monkeypatch):
+    """The fused select's threshold lets through few more rows than k on continuous data (it is what makes
+    the kernel cheap), and when more rows reach it than its key buffer holds (thousands of equal scores)
+    the chunk is ranked again by the exact path: the answer is still exact."""
+    search = import_module(G.__name__ + ".search")
+    seen = []
+    real = search._threshold_select
+
+    def spy(s, tmax, n, bn, kk, row0):
+        out = real(s, tmax, n, bn, kk, row0)
+        seen.append((s, tmax, kk, out[2]))
+        return out
+
+    monkeypatch.setattr(search, "_threshold_select", spy)
+    r = gen(66)
+    base = torch.randn(12000, 32, generator=r).half()
+    q = torch.randn(2, 32, generator=r)
+    _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), 10, select="fused", backend="triton")
+    assert torch.equal(i.cpu(), G.search_topk_ref(q, base, 10)[1])
+    s, tmax, kk, over = seen[-1]
+    assert not over.any()
+    # rebuild the kernel's threshold: the kk-th best of the 64 group maxima (94 tiles dealt 2 to a group)
+    groups = torch.full((q.shape[0], 128), float("-inf"), device=tmax.device)
+    groups[:, :tmax.shape[1]] = tmax
+    thr = groups.view(-1, 64, 2).amax(2).sort(1, descending=True).values[:, kk - 1]
+    passed = (s[:, :base.shape[0]] >= thr[:, None]).sum(1)
+    assert bool(((passed >= kk) & (passed <= 4 * kk)).all()), passed
+    calls = []
+    real_chunk = search._chunk_topk
+    monkeypatch.setattr(search, "_chunk_topk", lambda *a: calls.append(a[10]) or real_chunk(*a))
+    dup = base.clone()
+    dup[1000:6000] = dup[7]  # 5,001 equal rows: all reach the threshold, more than the 4,096 keys it keeps
+    q = dup[7].float().repeat(2, 1)
+    _, i = G.search_topk(q.to(DEVICE), dup.to(DEVICE), 10, select="fused", backend="triton")
+    assert bool(seen[-1][3].all())  # the buffer overflowed ...
+    assert calls == [False, True]  # ... and the chunk was ranked again by keys
+    assert torch.equal(i.cpu(), G.search_topk_ref(q, dup, 10)[1])
 
 
 def test_search_fp16_queries():

@@ -16,14 +16,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ._triton import HAS_TRITON, interpreting
 from .decode_attention import kivi_decode_attention, kivi_decode_attention_ref
 from .kv_quant import QuantizedTensor, dequantize, quantize_keys, quantize_values
-from .search import FUSED_MAX_K, BruteForceIndex, quantize_rows_int8, search_topk, search_topk_ref
+from .search import BruteForceIndex, quantize_rows_int8, search_topk, search_topk_ref
 
 _LAZY = {"QuantizedKVCache", "cache_kwargs", "QuantizedKVLayer", "register_attention", "kivi_attention_forward", "ATTENTION_NAME"}
 
 __all__ = [
     "HAS_TRITON", "interpreting", "QuantizedTensor", "quantize_keys", "quantize_values", "dequantize",
     "kivi_decode_attention", "kivi_decode_attention_ref", "search_topk", "search_topk_ref", "BruteForceIndex",
-    "quantize_rows_int8", "FUSED_MAX_K", *sorted(_LAZY),
+    "quantize_rows_int8", *sorted(_LAZY),
 ]
 
 

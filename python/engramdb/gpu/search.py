@@ -7,7 +7,9 @@ lies in the ``k`` tiles with the highest best scores, so ``torch.topk`` ranks on
 Stage 2: the candidates of all chunks are ranked by a 64-bit key (monotone score bits, then the
 complement of the row id), so equal scores come out in ascending row id order, deterministically, on
 every backend. If equal values straddle a cut in stage 1 (the float top-k then kept an arbitrary few
-of them) that chunk is ranked again by keys over all its scores.
+of them) that chunk is ranked again by keys over all its scores. With ``select="fused"`` one Triton
+kernel replaces stage 1's torch top-k calls: it reads a threshold off the tile maxima, keeps the rows
+that reach it and ranks them by key (a chunk goes to the exact path only if thousands of rows tie).
 
 Metrics: ``"ip"`` returns inner products, best first; ``"l2"`` returns squared Euclidean distances,
 nearest first (ranked internally by ``2 q.x - |x|^2``). For int8 matrices the rows are
@@ -22,7 +24,7 @@ import torch
 
 from ._triton import HAS_TRITON, next_pow2, pick_backend, tl, triton
 
-__all__ = ["search_topk", "search_topk_ref", "quantize_rows_int8", "BruteForceIndex", "FUSED_MAX_K"]
+__all__ = ["search_topk", "search_topk_ref", "quantize_rows_int8", "BruteForceIndex"]
 
 MAX_K = 1024
 
@@ -101,41 +103,90 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _best_tiles_topk_kernel(S, TI, OUT_S, OUT_I, n, row0, kk, ss_m, sti_m, so_m,
-                                BN: tl.constexpr, KT: tl.constexpr, KP: tl.constexpr):
-        """One query's top ``kk`` among the rows of its ``kk`` best tiles (``TI``), ranked by a 64-bit key
-        (monotone score bits, then the complement of the row id): best first, equal scores by ascending id.
-        Replaces the gather, the float top-k and the key merge of the torch path with one launch."""
+    def _threshold_select_kernel(S, TMAX, TL, KB, OUT_S, OUT_I, OVER, n, nt, row0, kk, ss_m, st_m, stl_m, skb_m,
+                                 so_m, BN: tl.constexpr, KP: tl.constexpr, GN: tl.constexpr, TB: tl.constexpr,
+                                 BT: tl.constexpr, CB: tl.constexpr, CAP: tl.constexpr):
+        """One query's top ``kk`` rows of a chunk, from its scores ``S`` and best score per tile ``TMAX``, in one
+        launch, ranked by 64-bit keys (monotone score bits, then the complement of the row id): best first,
+        equal scores by ascending id.
+
+        1. A threshold that at least ``kk`` rows reach: the tiles are dealt into ``GN`` groups; ``kk`` groups
+           whose best score is at least t hold ``kk`` distinct rows scoring at least t, so t = the ``kk``-th
+           highest group maximum will do (read from the tile maxima only).
+        2. The tiles whose maximum reaches it are listed (``TL``, a prefix-sum compaction).
+        3. Their rows that reach it are written as keys to ``KB`` (at most ``CAP``; more sets ``OVER`` and
+           the caller ranks the chunk by the exact path).
+        4. The top ``KP`` of those keys, merged a block of ``CB`` at a time."""
         q = tl.program_id(0)
-        j = tl.arange(0, KT)
-        jm = j < kk
-        tiles = tl.load(TI + q * sti_m + j, mask=jm, other=0)
-        rows = tiles[:, None] * BN + tl.arange(0, BN)[None, :]  # rows of the chunk
-        valid = jm[:, None] & (rows < n)
-        sc = tl.load(S + q * ss_m + rows, mask=valid, other=0.0) + 0.0  # -0.0 ranks as +0.0
-        b = sc.to(tl.int32, bitcast=True)
-        key = tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64) << 32  # signed: monotone in the float order
-        key = key | (0xFFFFFFFF - (rows + row0).to(tl.int64))
-        key = tl.where(valid, key, -9223372036854775807 - 1)
-        top = tl.topk(tl.reshape(key, [KT * BN]), KP)  # descending
-        k32 = (top >> 32).to(tl.int32)
+        MIN: tl.constexpr = -9223372036854775807 - 1
+        tmax = TMAX + q * st_m
+        # 1. the threshold
+        gmax = tl.full([GN], float("-inf"), tl.float32)
+        for b0 in range(0, nt, TB):
+            t = b0 + tl.arange(0, TB)
+            v = tl.load(tmax + t, mask=t < nt, other=float("-inf"))
+            gmax = tl.maximum(gmax, tl.max(tl.reshape(v, [GN, TB // GN]), axis=1))
+        ranked = tl.topk(gmax, KP)  # descending
+        thr = tl.max(tl.where(tl.arange(0, KP) == kk - 1, ranked, float("-inf")), axis=0)
+        # 2. the tiles that can hold a row at or above it
+        n_tiles = tl.zeros([], tl.int32)
+        for b0 in range(0, nt, TB):
+            t = b0 + tl.arange(0, TB)
+            hit = (tl.load(tmax + t, mask=t < nt, other=float("-inf")) >= thr) & (t < nt)
+            pos = n_tiles + tl.cumsum(hit.to(tl.int32), axis=0) - 1
+            tl.store(TL + q * stl_m + pos, t, mask=hit)
+            n_tiles += tl.sum(hit.to(tl.int32), axis=0)
+        tl.debug_barrier()  # the list is read back by other threads of this program
+        # 3. their rows at or above it, as keys
+        n_keys = tl.zeros([], tl.int32)
+        for i0 in range(0, n_tiles, BT):
+            j = i0 + tl.arange(0, BT)
+            tiles = tl.load(TL + q * stl_m + j, mask=j < n_tiles, other=0)
+            rows = tl.reshape(tiles[:, None] * BN + tl.arange(0, BN)[None, :], [BT * BN])
+            valid = tl.reshape(tl.broadcast_to((j < n_tiles)[:, None], [BT, BN]), [BT * BN]) & (rows < n)
+            sc = tl.load(S + q * ss_m + rows, mask=valid, other=float("-inf")) + 0.0  # -0.0 ranks as +0.0
+            keep = valid & (sc >= thr)
+            b = sc.to(tl.int32, bitcast=True)
+            key = tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64) << 32  # signed: monotone in the float order
+            key = key | (0xFFFFFFFF - (rows + row0).to(tl.int64))
+            pos = n_keys + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+            tl.store(KB + q * skb_m + pos, key, mask=keep & (pos < CAP))
+            n_keys += tl.sum(keep.to(tl.int32), axis=0)
+        tl.debug_barrier()
+        # 4. the best KP keys
+        best = tl.full([KP], MIN, tl.int64)
+        for c0 in range(0, tl.minimum(n_keys, CAP), CB):
+            c = c0 + tl.arange(0, CB)
+            block = tl.topk(tl.load(KB + q * skb_m + c, mask=c < tl.minimum(n_keys, CAP), other=MIN), KP)
+            best = tl.topk(tl.reshape(tl.join(best, block), [2 * KP]), KP)
+        k32 = (best >> 32).to(tl.int32)
         out_s = tl.where(k32 < 0, k32 ^ 0x7FFFFFFF, k32).to(tl.float32, bitcast=True)
-        out_i = 0xFFFFFFFF - (top & 0xFFFFFFFF)
+        out_i = 0xFFFFFFFF - (best & 0xFFFFFFFF)
         o = tl.arange(0, KP)
         tl.store(OUT_S + q * so_m + o, out_s, mask=o < kk)
         tl.store(OUT_I + q * so_m + o, out_i, mask=o < kk)
+        tl.store(OVER + q, n_keys > CAP)
 
 
-def _best_tiles_topk(s, ti, n, bn, kk, row0):
-    """:func:`_best_tiles_topk_kernel` over every query: ``(scores (m, kk) float32, ids (m, kk) int64)``."""
-    m = s.shape[0]
-    ti = ti.contiguous()
+def _threshold_select(s, tmax, n, bn, kk, row0):
+    """:func:`_threshold_select_kernel` over every query: ``(scores (m, kk) float32, ids (m, kk) int64, overflow
+    (m,) bool)``; where ``overflow`` is set the result is not valid (more rows reached the threshold than
+    the key buffer holds: equal scores by the thousand) and the chunk must be ranked by the exact path."""
+    m, nt = tmax.shape
+    kp = max(2, next_pow2(kk))
+    gn = max(64, 4 * kp)  # groups: more of them, a threshold closer to the kk-th best score
+    tb = max(gn, min(4096, next_pow2(nt)))
+    cap = max(4096, 16 * kp)
+    tiles = torch.empty(m, nt, dtype=torch.int32, device=s.device)
+    keys = torch.empty(m, cap, dtype=torch.int64, device=s.device)
     out_s = torch.empty(m, kk, dtype=torch.float32, device=s.device)
     out_i = torch.empty(m, kk, dtype=torch.int64, device=s.device)
-    kt = max(2, next_pow2(kk))
-    _best_tiles_topk_kernel[(m,)](s, ti, out_s, out_i, n, row0, kk, s.stride(0), ti.stride(0), out_s.stride(0),
-                                  BN=bn, KT=kt, KP=kt, num_warps=4 if kt * bn <= 2048 else 8)
-    return out_s, out_i
+    over = torch.empty(m, dtype=torch.bool, device=s.device)
+    _threshold_select_kernel[(m,)](s, tmax, tiles, keys, out_s, out_i, over, n, nt, row0, kk, s.stride(0),
+                                   tmax.stride(0), tiles.stride(0), keys.stride(0), out_s.stride(0),
+                                   BN=bn, KP=kp, GN=gn, TB=tb, BT=max(1, 4096 // bn), CB=max(1024, 2 * kp),
+                                   CAP=cap, num_warps=8)
+    return out_s, out_i, over
 
 
 def _topk_with_ids(scores: torch.Tensor, ids: torch.Tensor, k: int):
@@ -213,11 +264,9 @@ def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_
     if tmax is None or kk >= tmax.shape[1]:
         top, i, tied = _float_topk(s[:, :n], kk)
         return top, i + r0, tied, False
+    if select == "fused":  # one kernel, already in key order; "tied" here: its key buffer overflowed
+        return (*_threshold_select(s, tmax, n, bn, kk, r0), True)
     _, ti, tile_tied = _float_topk(tmax, kk)
-    if select == "fused" and kk <= FUSED_MAX_K:
-        # ties inside the best tiles are ranked by key in the kernel: only a tie at the tiles' cut remains
-        top, ids = _best_tiles_topk(s, ti, n, bn, kk, r0)
-        return top, ids, tile_tied, True
     pos = (ti[:, :, None] * bn + torch.arange(r0, r0 + bn, device=s.device)).reshape(m, -1)
     top, j, tied = _float_topk(s.gather(1, pos - r0), kk)
     return top, pos.gather(1, j), tied | tile_tied, False
@@ -257,9 +306,6 @@ def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, sele
     return _merge(parts, k)
 
 
-# select="fused" ranks the best tiles' rows in one kernel up to this k (its 64-bit keys: k x 128 per query,
-# held by one program)
-FUSED_MAX_K = 32
 SELECTS = ("torch", "fused")
 
 # scores of one chunk held at once: m * chunk_rows * 4 bytes, at most 256 MiB
@@ -324,9 +370,11 @@ def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str =
     squared norms of the dequantized rows) to avoid recomputing them on every call.
     ``k`` is capped at ``n``; at most 1024. ``chunk_rows`` (rows scored per stage-1 step; default
     ``64M / m``, i.e. 256 MiB of scores) and ``tile`` (``(rows per program, warps)`` of the Triton kernel)
-    are tuning knobs. ``select``: how the best tiles' rows are ranked: ``"torch"`` (a gather, a float
-    top-k and a merge by keys, ~25 small launches per search) or ``"fused"`` (one Triton kernel ranks them
-    by (score, id) keys, for ``k`` up to 32; larger ``k`` takes the torch path; not yet timed on a GPU).
+    are tuning knobs. ``select``: how each chunk's top ``k`` is picked from its scores: ``"torch"`` (a float
+    top-k over the tile maxima, a gather of the best tiles, a float top-k and a merge by keys: ~25 small
+    launches per search) or ``"fused"`` (one Triton kernel: a threshold that at least ``k`` rows reach, read
+    from the tile maxima; the rows that reach it, typically 1.0-1.2 ``k`` of them; their top ``k`` by
+    (score, id) keys). Both give the same exact answer; ``"fused"`` has not been timed on a GPU yet.
     For many searches over one matrix, :class:`BruteForceIndex` replays a CUDA graph.
     """
     _check_select(select)
