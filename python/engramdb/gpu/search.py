@@ -429,8 +429,11 @@ class BruteForceIndex:
         graph, static_q, out = self._graphs[key]
         static_q.copy_(queries)
         graph.replay()
-        s, i = _search_chunks(*args, fast=out)
-        return _finish(queries, s, is_l2).clone(), i.clone()  # the graph's outputs change at the next replay
+        # the graph's outputs change at the next replay: copied out now, queued behind the replay, so that
+        # nothing is left to launch after the host waits on the tie flags
+        s, i, tied, parts = out
+        s, i = _search_chunks(*args, fast=(s.clone(), i.clone(), tied, parts))
+        return _finish(queries, s, is_l2), i
 
     @staticmethod
     def _record(queries, args):
