@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ._triton import HAS_TRITON, next_pow2, pick_backend, tl, triton
-from .kv_quant import QuantizedTensor, dequantize
+from .kv_quant import QuantizedTensor, dequantize, from_mma_order
 
 __all__ = ["kivi_decode_attention", "kivi_decode_attention_ref"]
 
@@ -172,6 +172,178 @@ if HAS_TRITON:
         """``(R, N)`` columns repeated to ``(R, C)`` (each ``C // N`` times, in order)."""
         N: tl.constexpr = x.shape[1]
         return tl.reshape(tl.broadcast_to(x[:, :, None], (R, N, C // N)), (R, C))
+
+    @triton.jit
+    def _attend_full(q, m_i, l_i, acc, kr, vr, lo, hi, skr_t, svr_t, qk_scale, d, dmask, vcol, BLOCK_T: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+        """The online softmax carried over full-precision tokens ``[lo, hi)`` (the recent window); column ``j``
+        of ``acc`` holds channel ``vcol[j]``."""
+        for start in range(lo, hi, BLOCK_T):
+            t = start + tl.arange(0, BLOCK_T)
+            tmask = t < hi
+            m2 = tmask[:, None] & dmask[None, :]
+            k = tl.load(kr + t[:, None] * skr_t + d[None, :], mask=m2, other=0.0).to(DOT_DTYPE)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.where(tmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(vr + t[:, None] * svr_t + vcol[None, :], mask=m2, other=0.0).to(DOT_DTYPE)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
+            m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _store_partial(OA, OML, acc, m_i, l_i, b, heads, hmask, split, d, dmask, soa_b, soa_h, soa_s, soml_b,
+                       soml_h, soml_s):
+        """One split's unnormalised output (column ``j`` of ``acc`` to channel ``d[j]``), running maximum and
+        denominator, for the merge kernel."""
+        tl.store(OA + b * soa_b + heads[:, None] * soa_h + split * soa_s + d[None, :], acc,
+                 mask=hmask[:, None] & dmask[None, :])
+        tl.store(OML + b * soml_b + heads * soml_h + split * soml_s, m_i, mask=hmask)
+        tl.store(OML + b * soml_b + heads * soml_h + split * soml_s + 1, l_i, mask=hmask)
+
+    @triton.jit
+    def _codes8(w):
+        """The eight 4-bit codes of each int32 word as exact fp16 values of 1024 + code, along three new
+        axes of two ``(i0, i1, i2)``: code ``c = i0 + 2 i1 + 4 i2`` (bits ``4c``)."""
+        wu = w.to(tl.uint32, bitcast=True)
+        x0 = _pair(wu, 0, 4)  # codes 0 and 4 as the low and high halves
+        x1 = _pair(wu, 1, 4)
+        x2 = _pair(wu, 2, 4)
+        x3 = _pair(wu, 3, 4)
+        lo = tl.join(tl.join(_half(x0, 0), _half(x1, 0)), tl.join(_half(x2, 0), _half(x3, 0)))
+        hi = tl.join(tl.join(_half(x0, 1), _half(x1, 1)), tl.join(_half(x2, 1), _half(x3, 1)))
+        return tl.join(lo, hi)
+
+    @triton.jit
+    def _mma_operand(w, KA: tl.constexpr, NB: tl.constexpr):
+        """A dot operand of ``(32 KA, 32 NB)`` fp16 codes (+1024) from words ``(4 w, 8 nl, 4 kl, KA, NB)`` in
+        mma order (``kv_quant.to_mma_order``): element ``(32 a + 16 i2 + 4 kl + 2 i1 + i0, 32 r + 8 w + nl)``
+        is code ``i0 + 2 i1 + 4 i2`` of word ``(w, nl, kl, a, r)``. Thread ``32 w + 4 nl + kl`` loads those words,
+        which is where Triton's fp16 mma operand layout (kWidth 4) wants their codes: no layout conversion."""
+        c = _codes8(w)  # (w, nl, kl, a, r, i0, i1, i2)
+        c = tl.permute(c, (3, 7, 2, 6, 5, 4, 0, 1))  # (a, i2, kl, i1, i0, r, w, nl)
+        return tl.reshape(c, (32 * KA, 32 * NB))
+
+    @triton.jit
+    def _key_cols(x, D: tl.constexpr, G: tl.constexpr):
+        """Key scales or minimums ``(64 // G or 1, D)`` of a tile spread over K^T's columns ``n = nl + 8 w +
+        32 r`` (token ``nl + 8 r + 16 w``, group ``16 w // G``): ``(D, 64)``."""
+        xt = tl.trans(x)
+        if G >= 64:
+            out = tl.broadcast_to(xt, (D, 64))
+        else:
+            NG: tl.constexpr = 64 // G
+            out = tl.reshape(tl.broadcast_to(xt[:, None, :, None], (D, 2, NG, 32 // NG)), (D, 64))
+        return out
+
+    @triton.jit
+    def _value_cols(x, D: tl.constexpr, G: tl.constexpr):
+        """Value scales or minimums ``(64, D // G)`` spread over V's columns ``n = nl + 8 w + 32 r`` (channel
+        ``nl + 8 r + 8 (D // 32) w``, group ``8 (D // 32) w // G``): ``(64, D)``."""
+        NG: tl.constexpr = D // G
+        NR: tl.constexpr = D // 32
+        return tl.reshape(tl.broadcast_to(x[:, None, :, None, None], (64, NR, NG, 4 // NG, 8)), (64, D))
+
+    @triton.jit
+    def _kivi_decode_mma_kernel(
+        Q, KP, KS, KM, VP, VS, VM, KU, VU, KR, VR, OA, OML,
+        Tq, Tr, chunk_q, chunk_r, qk_scale, H_KV,
+        sq_b, sq_h,
+        skp_b, skp_h, skp_t, sks_b, sks_h, sks_g,
+        svp_b, svp_h, svp_r, svs_b, svs_h, svs_t,
+        sku_b, sku_h, sku_g, svu_b, svu_h, svu_g,
+        skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
+        soa_b, soa_h, soa_s, soml_b, soml_h, soml_s,
+        D: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr,
+    ):
+        """:func:`_kivi_decode_kernel` for 4-bit caches packed in mma order, 64-token tiles, 4 warps: each
+        thread loads the words of its own dot-operand fragments and dequantizes them in registers, so
+        neither K nor V passes through shared memory. The next tile's words and metadata are fetched
+        while this one is computed."""
+        BLOCK_T: tl.constexpr = 64
+        NB: tl.constexpr = D // 32
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // H_KV
+        hk = pid % H_KV
+        hs = tl.arange(0, BLOCK_H)
+        hmask = hs < N_REP
+        heads = hk * N_REP + hs
+        d = tl.arange(0, D)
+        dmask = d < D
+        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=hmask[:, None], other=0.0).to(tl.float16)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, D], tl.float32)
+
+        lo = split * chunk_q
+        hi = tl.minimum(lo + chunk_q, Tq)
+        kp = KP + b * skp_b + hk * skp_h
+        ks = KS + b * sks_b + hk * sks_h
+        km = KM + b * sks_b + hk * sks_h
+        vp = VP + b * svp_b + hk * svp_h
+        vs = VS + b * svs_b + hk * svs_h
+        vm = VM + b * svs_b + hk * svs_h
+        ku = KU + b * sku_b + hk * sku_h
+        vu = VU + b * svu_b + hk * svu_h
+        # Thread 32 w + 4 nl + kl holds, of the K^T operand (D x 64), column n = nl + 8 w + 32 r (r < 2) for
+        # 32 of the channels, and of the V operand (64 x D) column n = nl + 8 w + 32 r (r < NB) for 16 tokens.
+        # Which token and channel a column stands for is ours to choose: column n of K^T is token
+        # nl + 8 r + 16 w and column n of V is channel nl + 8 r + 8 NB w, so that each thread's columns share
+        # one quantization group (G >= 16 for keys, G >= D / 4 for values) and it needs 32 key and 16 value
+        # scale/minimum pairs a tile instead of 64 and 64. The scores come out in that token order (put back
+        # in order before p meets V, in the shared-memory hop p takes anyway) and acc in that channel order.
+        th = tl.arange(0, 128)
+        w_ = th // 32
+        nl = (th // 4) % 8
+        kl = th % 4
+        ka = tl.arange(0, NB)
+        rr = tl.arange(0, 2)
+        k_tok = (nl + 16 * w_)[:, None, None] + 8 * rr[None, None, :]  # (128, 1, 2)
+        k_off = k_tok * skp_t + (kl[:, None, None] * NB + ka[None, :, None])  # (128, NB, 2): word kl * NB + a
+        v_off = ((4 * rr[None, :, None] + kl[:, None, None]) * svp_r  # word row 4 a + kl of 32-token block a
+                 + (nl + 8 * NB * w_)[:, None, None] + 8 * ka[None, None, :])  # (128, 2, NB)
+        n = tl.arange(0, BLOCK_T)
+        tok = (n % 8) + 8 * (n // 32) + 16 * ((n // 8) % 4)  # token of score column n
+        n = tl.arange(0, D)
+        chan = (n % 8) + 8 * (n // 32) + 8 * NB * ((n // 8) % 4)  # channel of acc column n
+
+        k_s_nx, k_m_nx = _key_meta(ks, km, ku, lo, hi, d, dmask, sks_g, sku_g, BLOCK_T, G, DQ, tl.float16)
+        v_s_nx, v_m_nx = _value_meta(vs, vm, vu, lo, hi, svs_t, svu_g, BLOCK_T, D, D, G, DQ, tl.float16)
+        kw_nx = tl.load(kp + lo * skp_t + k_off, mask=(lo + k_tok) < hi, other=0)
+        vw_nx = tl.load(vp + (lo // 8) * svp_r + v_off, mask=(lo + 32 * rr[None, :, None]) < hi, other=0)
+        for start in range(lo, hi, BLOCK_T):
+            k_s, k_m, v_s, v_m, kw, vw = k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx
+            nxt = start + BLOCK_T
+            k_s_nx, k_m_nx = _key_meta(ks, km, ku, nxt, hi, d, dmask, sks_g, sku_g, BLOCK_T, G, DQ, tl.float16)
+            v_s_nx, v_m_nx = _value_meta(vs, vm, vu, nxt, hi, svs_t, svu_g, BLOCK_T, D, D, G, DQ, tl.float16)
+            kw_nx = tl.load(kp + nxt * skp_t + k_off, mask=(nxt + k_tok) < hi, other=0)
+            vw_nx = tl.load(vp + (nxt // 8) * svp_r + v_off, mask=(nxt + 32 * rr[None, :, None]) < hi, other=0)
+
+            kt = _mma_operand(tl.reshape(kw, (4, 8, 4, NB, 2)), NB, 2) - 1024.0  # K^T: (D, 64)
+            kt = kt * _key_cols(k_s, D, G) + _key_cols(k_m, D, G)
+            s = tl.dot(q, kt) * qk_scale
+            s = tl.where((start + tok < hi)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            # columns (r, w, nl) -> tokens (w, r, nl), i.e. in order
+            p = tl.reshape(tl.permute(tl.reshape(p.to(tl.float16), (BLOCK_H, 2, 4, 8)), (0, 2, 1, 3)), (BLOCK_H, 64))
+            v = _mma_operand(tl.reshape(vw, (4, 8, 4, 2, NB)), 2, NB) - 1024.0  # V: (64, D)
+            v = v * _value_cols(v_s, D, G) + _value_cols(v_m, D, G)
+            acc = acc * alpha[:, None] + tl.dot(p, v)
+            m_i = m_new
+
+        m_i, l_i, acc = _attend_full(q, m_i, l_i, acc, KR + b * skr_b + hk * skr_h, VR + b * svr_b + hk * svr_h,
+                                     split * chunk_r, tl.minimum(split * chunk_r + chunk_r, Tr), skr_t, svr_t,
+                                     qk_scale, d, dmask, chan, BLOCK_T, tl.float16, "tf32")
+        _store_partial(OA, OML, acc, m_i, l_i, b, heads, hmask, split, chan, dmask, soa_b, soa_h, soa_s, soml_b,
+                       soml_h, soml_s)
+
 
     @triton.jit
     def _kivi_decode_kernel(
@@ -343,29 +515,11 @@ if HAS_TRITON:
             m_i = m_new
 
         # ---- full-precision recent tokens of this split
-        lo = split * chunk_r
-        hi = tl.minimum(lo + chunk_r, Tr)
-        kr = KR + b * skr_b + hk * skr_h
-        vr = VR + b * svr_b + hk * svr_h
-        for start in range(lo, hi, BLOCK_T):
-            t = start + tl.arange(0, BLOCK_T)
-            tmask = t < hi
-            m2 = tmask[:, None] & dmask[None, :]
-            k = tl.load(kr + t[:, None] * skr_t + d[None, :], mask=m2, other=0.0).to(DOT_DTYPE)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            s = tl.where(tmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(vr + t[:, None] * svr_t + d[None, :], mask=m2, other=0.0).to(DOT_DTYPE)
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
-            m_i = m_new
-
-        tl.store(OA + b * soa_b + heads[:, None] * soa_h + split * soa_s + d[None, :], acc,
-                 mask=hmask[:, None] & dmask[None, :])
-        tl.store(OML + b * soml_b + heads * soml_h + split * soml_s, m_i, mask=hmask)
-        tl.store(OML + b * soml_b + heads * soml_h + split * soml_s + 1, l_i, mask=hmask)
+        m_i, l_i, acc = _attend_full(q, m_i, l_i, acc, KR + b * skr_b + hk * skr_h, VR + b * svr_b + hk * svr_h,
+                                     split * chunk_r, tl.minimum(split * chunk_r + chunk_r, Tr), skr_t, svr_t,
+                                     qk_scale, d, dmask, d, BLOCK_T, DOT_DTYPE, PRECISION)
+        _store_partial(OA, OML, acc, m_i, l_i, b, heads, hmask, split, d, dmask, soa_b, soa_h, soa_s, soml_b,
+                       soml_h, soml_s)
 
 
     @triton.jit
@@ -434,6 +588,8 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
         # split at least 256 tokens
         target = max(1, 4 * _sm_count(dev) // max(1, b * h_kv))
         num_splits = max(1, min(target, triton.cdiv(tq + tr, 256)))
+    if kq is not None and kq.order == "mma":
+        block_t = 64  # the mma kernel's tile
     mode = UNPACK_MODES[unpack]
     if mode >= 1 and block_t < 32 // min(bits_k, bits_v):  # a tile must hold whole packed words
         mode = 0
@@ -447,30 +603,52 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     precision = "ieee" if dot_dtype == tl.float32 else "tf32"
     block_d = max(16, next_pow2(d))
     grid = (b * h_kv, num_splits)
-    _kivi_decode_kernel[grid](
-        q, kp, ks, km, vp, vs, vm, ku, vu, k_res, v_res, oa, oml,
-        tq, tr, chunk_q, chunk_r, scale * 1.4426950408889634, h_kv,
-        q.stride(0), q.stride(1),
-        kp.stride(0), kp.stride(1), kp.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-        vp.stride(0), vp.stride(1), vp.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
-        ku.stride(0), ku.stride(1), ku.stride(2), vu.stride(0), vu.stride(1), vu.stride(2),
-        k_res.stride(0), k_res.stride(1), k_res.stride(2), v_res.stride(0), v_res.stride(1), v_res.stride(2),
-        oa.stride(0), oa.stride(1), oa.stride(2), oml.stride(0), oml.stride(1), oml.stride(2),
-        D=d, BLOCK_D=block_d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)),
-        BITS_K=bits_k, BITS_V=bits_v, G=g, BLOCK_T=block_t, DOT_DTYPE=dot_dtype, PRECISION=precision,
-        DQ=dq, UNPACK=mode, DEQ_DTYPE=tl.float16 if dot_dtype == tl.float16 else tl.float32, PREFETCH=PREFETCH_MODES[prefetch],
-        num_warps=num_warps,
-        # (fp32 tiles are twice as large: without software pipelining they fit in shared memory at any block_t;
-        # with unpack="join" and prefetch="all" the packed words wait in registers: no pipeline needed)
-        num_stages=num_stages if num_stages is not None else (
-            1 if dot_dtype == tl.float32 or (mode == 2 and prefetch == "all") else 2),
-    )
+    if kq is not None and kq.order == "mma":
+        _kivi_decode_mma_kernel[grid](
+            q, kp, ks, km, vp, vs, vm, ku, vu, k_res, v_res, oa, oml,
+            tq, tr, chunk_q, chunk_r, scale * 1.4426950408889634, h_kv,
+            q.stride(0), q.stride(1),
+            kp.stride(0), kp.stride(1), kp.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+            vp.stride(0), vp.stride(1), vp.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+            ku.stride(0), ku.stride(1), ku.stride(2), vu.stride(0), vu.stride(1), vu.stride(2),
+            k_res.stride(0), k_res.stride(1), k_res.stride(2), v_res.stride(0), v_res.stride(1), v_res.stride(2),
+            oa.stride(0), oa.stride(1), oa.stride(2), oml.stride(0), oml.stride(1), oml.stride(2),
+            D=d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)), G=g, DQ=dq, num_warps=4, num_stages=1,
+        )
+    else:
+        _kivi_decode_kernel[grid](
+            q, kp, ks, km, vp, vs, vm, ku, vu, k_res, v_res, oa, oml,
+            tq, tr, chunk_q, chunk_r, scale * 1.4426950408889634, h_kv,
+            q.stride(0), q.stride(1),
+            kp.stride(0), kp.stride(1), kp.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+            vp.stride(0), vp.stride(1), vp.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+            ku.stride(0), ku.stride(1), ku.stride(2), vu.stride(0), vu.stride(1), vu.stride(2),
+            k_res.stride(0), k_res.stride(1), k_res.stride(2), v_res.stride(0), v_res.stride(1), v_res.stride(2),
+            oa.stride(0), oa.stride(1), oa.stride(2), oml.stride(0), oml.stride(1), oml.stride(2),
+            D=d, BLOCK_D=block_d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)),
+            BITS_K=bits_k, BITS_V=bits_v, G=g, BLOCK_T=block_t, DOT_DTYPE=dot_dtype, PRECISION=precision,
+            DQ=dq, UNPACK=mode, DEQ_DTYPE=tl.float16 if dot_dtype == tl.float16 else tl.float32, PREFETCH=PREFETCH_MODES[prefetch],
+            num_warps=num_warps,
+            # (fp32 tiles are twice as large: without software pipelining they fit in shared memory at any block_t;
+            # with unpack="join" and prefetch="all" the packed words wait in registers: no pipeline needed)
+            num_stages=num_stages if num_stages is not None else (
+                1 if dot_dtype == tl.float32 or (mode == 2 and prefetch == "all") else 2),
+        )
     out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
     _merge_splits_kernel[(b * hq,)](
         oa, oml, out, num_splits, oa.stride(1), oa.stride(2), oml.stride(1), oml.stride(2), out.stride(1),
         D=d, BLOCK_D=block_d, BLOCK_S=next_pow2(num_splits), CH=16,
     )
     return out
+
+
+def _mma_kernel_fits(q, kq, vq) -> bool:
+    """Whether :func:`_kivi_decode_mma_kernel` takes this cache: fp16 queries, 4-bit keys and values, a head
+    size of 32 to 256 that is a power of two, and a group size of at least 16 and at least a quarter of the
+    head size (otherwise the cache is re-packed in KIVI order for the general kernel)."""
+    d, g = q.shape[-1], kq.group_size
+    return (q.dtype == torch.float16 and kq.bits == vq.bits == 4 and d in (32, 64, 128, 256)
+            and g >= max(16, d // 4))
 
 
 def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Optional[QuantizedTensor],
@@ -514,6 +692,10 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
         raise ValueError("keys and values must share one group size")
     if kq is not None and kq.meta_bits != vq.meta_bits:
         raise ValueError("keys and values must share one metadata format (meta_bits)")
+    if kq is not None and kq.order != vq.order:
+        raise ValueError("quantized keys and values must share one packing order")
+    if kq is not None and kq.order == "mma" and not _mma_kernel_fits(q, kq, vq):
+        kq, vq = from_mma_order(kq), from_mma_order(vq)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if pick_backend(backend, q) == "triton":
         out = _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warps, unpack, num_stages,

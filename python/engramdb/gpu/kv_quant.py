@@ -47,7 +47,7 @@ keys brought the attention-output error back to the fp16-metadata level (benches
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -66,6 +66,8 @@ __all__ = [
     "refine_encode",
     "refine_decode",
     "hadamard",
+    "to_mma_order",
+    "from_mma_order",
 ]
 
 
@@ -81,6 +83,7 @@ class QuantizedTensor:
     axis: str
     shape: tuple  # (B, H, T, D) of the dequantized tensor
     sup: Optional[torch.Tensor] = None  # (B, H, T // G, 3) fp16 when scale/minimum are 8-bit codes
+    order: str = "kivi"  # how codes sit in the packed words: "kivi" or "mma" (see to_mma_order)
 
     @property
     def meta_bits(self) -> int:
@@ -574,8 +577,79 @@ def quantize_values(v: torch.Tensor, bits: int = 4, group_size: int = 32, *, met
     return _quantize(v, bits, group_size, "channel", meta_dtype, backend, meta_bits, meta_round)
 
 
+# ----------------------------------------------------------------- tensor-core operand order ("mma")
+# In a 32-element block, code c of word j holds element 4 j + (c & 3) + 16 (c >> 2): what one thread
+# holds of a 16-bit mma.m16n8k16 operand fragment, as Triton lays it out (four consecutive k elements a
+# thread, kWidth 4), for two k-blocks of 16. Keys are stored token-major (each token's D channels in
+# D / 8 words, word kl * D / 32 + b holding block b's part of thread kl, so a thread's words are
+# adjacent), values channel-major (each channel's tokens, row 4 * (t // 32) + kl): the decode kernel
+# then loads every word into the thread whose dot operand needs it and dequantizes in place, with no
+# trip through shared memory.
+MMA_BITS = 4
+_MMA_BLOCK = 32
+
+
+def _mma_perm(device) -> torch.Tensor:
+    j = torch.arange(4, device=device)[:, None]
+    c = torch.arange(8, device=device)[None, :]
+    return (4 * j + (c & 3) + 16 * (c >> 2)).reshape(-1)  # (4 * 8,): element of (word j, code c)
+
+
+def _mma_pack_rows(codes: torch.Tensor) -> torch.Tensor:
+    """``(..., L)`` 4-bit codes, ``L`` a multiple of 32 -> ``(..., 4, L // 32)`` int32 words (word j of block b
+    at ``[..., j, b]``)."""
+    *lead, n = codes.shape
+    blocks = codes.reshape(*lead, n // _MMA_BLOCK, _MMA_BLOCK)[..., _mma_perm(codes.device)]
+    blocks = blocks.reshape(*lead, n // _MMA_BLOCK, 4, 8).transpose(-2, -3)  # (..., 4 j, blocks, 8 c)
+    return _pack_last_ref(blocks.reshape(*lead, n), MMA_BITS).reshape(*lead, 4, n // _MMA_BLOCK)
+
+
+def _mma_unpack_rows(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_mma_pack_rows`: ``(..., 4, NB)`` words -> ``(..., 32 NB)`` codes."""
+    *lead, _, nb = words.shape
+    c = _unpack_last_ref(words.reshape(*lead, 4 * nb), MMA_BITS).reshape(*lead, 4, nb, 8).transpose(-2, -3)
+    out = torch.empty(*lead, nb, _MMA_BLOCK, dtype=c.dtype, device=c.device)
+    out[..., _mma_perm(c.device)] = c.reshape(*lead, nb, _MMA_BLOCK)
+    return out.reshape(*lead, nb * _MMA_BLOCK)
+
+
+def to_mma_order(q: QuantizedTensor) -> QuantizedTensor:
+    """The same codes re-packed in tensor-core operand order (``order="mma"``), which
+    :func:`decode_attention.kivi_decode_attention` reads without staging tiles in shared memory. Needs
+    4-bit codes, a head size that is a multiple of 32 and, for values, a token count that is a multiple
+    of 32. Scales, minimums and the byte count are unchanged; :func:`from_mma_order` inverts it."""
+    if q.order == "mma":
+        return q
+    b, h, t, d = q.shape
+    if q.bits != MMA_BITS or d % _MMA_BLOCK or (q.axis == "channel" and t % _MMA_BLOCK):
+        raise ValueError(f"mma order needs {MMA_BITS}-bit codes, a head size that is a multiple of 32 and, for "
+                         f"values, a token count that is a multiple of 32; got {q.bits} bits, shape {q.shape}")
+    if q.axis == "token":  # keys: per token, D / 8 words
+        codes = _unpack_last_ref(q.packed.transpose(-1, -2), q.bits).transpose(-1, -2)  # (B, H, T, D)
+        packed = _mma_pack_rows(codes).reshape(b, h, t, d // 8)
+    else:  # values: per channel, rows of 4 words per 32 tokens
+        codes = _unpack_last_ref(q.packed, q.bits).transpose(-1, -2)  # (B, H, D, T)
+        packed = _mma_pack_rows(codes).transpose(-1, -2).reshape(b, h, d, t // 8).transpose(-1, -2)
+    return replace(q, packed=packed.contiguous(), order="mma")
+
+
+def from_mma_order(q: QuantizedTensor) -> QuantizedTensor:
+    """Inverse of :func:`to_mma_order`: the codes in KIVI's packing (``order="kivi"``)."""
+    if q.order != "mma":
+        return q
+    b, h, t, d = q.shape
+    if q.axis == "token":
+        codes = _mma_unpack_rows(q.packed.reshape(b, h, t, 4, d // _MMA_BLOCK))  # (B, H, T, D)
+        packed = _pack_last_ref(codes.transpose(-1, -2), q.bits).transpose(-1, -2)
+    else:
+        words = q.packed.transpose(-1, -2).reshape(b, h, d, t // _MMA_BLOCK, 4).transpose(-1, -2)
+        packed = _pack_last_ref(_mma_unpack_rows(words).transpose(-1, -2), q.bits)  # codes (B, H, T, D)
+    return replace(q, packed=packed.contiguous(), order="kivi")
+
+
 def dequantize(q: QuantizedTensor, dtype=torch.float32, *, backend: str = "auto") -> torch.Tensor:
     """Unpack and dequantize to a ``(B, H, T, D)`` tensor of ``dtype``."""
+    q = from_mma_order(q)
     if pick_backend(backend, q.packed) == "triton":
         return _dequantize_triton(q, dtype)
     return _dequantize_ref(q, dtype)
