@@ -302,6 +302,91 @@ def test_decode_attention_prefetch_changes_nothing(meta_bits):
     torch.testing.assert_close(got[0], ref, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("d,t", [(32, 32), (64, 96), (128, 64)])
+def test_mma_order_layout_and_roundtrip(d, t):
+    """to_mma_order puts code c of key word (token, j * D / 32 + b) at channel 32 b + 4 j + (c & 3) + 16 (c >> 2),
+    and code c of value word (row 4 a + j, channel) at token 32 a + 4 j + (c & 3) + 16 (c >> 2) (checked
+    here by its own index arithmetic for every code); from_mma_order gives back the KIVI words exactly."""
+    r = gen(d + t)
+    x = torch.randn(2, 3, t, d, generator=r)
+    kq, vq = kv_quant.quantize_keys(x, 4, 32, backend="torch"), kv_quant.quantize_values(x, 4, 32, backend="torch")
+    kc = kv_quant._unpack_last_ref(kq.packed.transpose(-1, -2), 4).transpose(-1, -2)  # (B, H, T, D) codes
+    vc = kv_quant._unpack_last_ref(vq.packed, 4)
+    c = torch.arange(8)
+    within = (c & 3) + 16 * (c >> 2)  # element of a 32-block held by code c of word j, minus 4 j
+    km, vm = kv_quant.to_mma_order(kq), kv_quant.to_mma_order(vq)
+    assert km.order == vm.order == "mma" and km.nbytes() == kq.nbytes() and vm.nbytes() == vq.nbytes()
+    kwords = km.packed.long() & 0xFFFFFFFF
+    vwords = vm.packed.long() & 0xFFFFFFFF
+    nb = d // 32
+    for j in range(4):
+        for b_ in range(nb):
+            codes = (kwords[..., j * nb + b_, None] >> (4 * c)) & 15  # (B, H, T, 8)
+            assert torch.equal(codes, kc[..., 32 * b_ + 4 * j + within].long())
+        for a in range(t // 32):
+            codes = (vwords[:, :, 4 * a + j, :, None] >> (4 * c)) & 15  # (B, H, D, 8)
+            assert torch.equal(codes, vc[:, :, 32 * a + 4 * j + within, :].transpose(-1, -2).long())
+    for q, m in ((kq, km), (vq, vm)):
+        back = kv_quant.from_mma_order(m)
+        assert back.order == "kivi" and torch.equal(back.packed, q.packed)
+        assert torch.equal(kv_quant.dequantize(m, backend="torch"), kv_quant.dequantize(q, backend="torch"))
+    with pytest.raises(ValueError, match="mma order"):
+        kv_quant.to_mma_order(kv_quant.quantize_keys(x, 2, 32, backend="torch"))
+    with pytest.raises(ValueError, match="mma order"):
+        kv_quant.to_mma_order(kv_quant.quantize_values(torch.randn(1, 1, 48, 32), 4, 16, backend="torch"))
+
+
+# (B, Hq, Hkv, Tq, Tr, D, group, splits, block_t, meta_bits): 4-bit caches the mma kernel takes
+MMA_CASES = [
+    (1, 3, 3, 64, 5, 64, 32, None, 64, 16),    # SmolLM2's head layout
+    (1, 9, 3, 96, 33, 64, 32, 3, 64, 16),      # GQA 3:1, a tail of half a tile, window not a multiple of 64
+    (2, 8, 2, 160, 40, 128, 32, 2, 128, 16),   # 128-token tiles, head size 128, batch 2
+    (1, 4, 1, 128, 0, 128, 64, 2, 64, 16),     # groups larger than a tile's share of a thread
+    (1, 4, 2, 96, 8, 64, 16, None, 64, 16),    # groups of 16 tokens (values: 16 >= D / 4)
+    (1, 9, 3, 96, 33, 64, 32, 3, 64, 8),       # 8-bit scale/minimum codes
+]
+
+
+@pytest.mark.parametrize("case", MMA_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_decode_attention_mma_order_matches_reference(case):
+    """The kernel for caches in tensor-core operand order (each thread dequantizes the words of its own
+    mma fragments) against the float32 reference and against the KIVI-order kernel."""
+    b, hq, hkv, tq, tr, d, g, splits, block_t, meta_bits = case
+    r = gen(sum(case[:7]))
+    q = torch.randn(b, hq, d, generator=r).to(DEVICE, torch.float16)
+    k = (torch.randn(b, hkv, tq, d, generator=r) * 2).to(DEVICE, torch.float16)
+    v = torch.randn(b, hkv, tq, d, generator=r).to(DEVICE, torch.float16)
+    kq = kv_quant.quantize_keys(k, 4, g, meta_bits=meta_bits)
+    vq = kv_quant.quantize_values(v, 4, g, meta_bits=meta_bits)
+    k_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE, torch.float16)
+    v_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE, torch.float16)
+    km, vm = kv_quant.to_mma_order(kq), kv_quant.to_mma_order(vq)
+    got = G.kivi_decode_attention(q, km, vm, k_res, v_res, num_splits=splits, block_t=block_t, backend="triton")
+    ref = G.kivi_decode_attention_ref(q.cpu(), _cpu(kq), _cpu(vq), k_res.cpu(), v_res.cpu())
+    assert got.shape == (b, hq, d) and got.dtype == torch.float16
+    torch.testing.assert_close(got.float().cpu(), ref.float(), atol=4e-3, rtol=0)
+    kivi = G.kivi_decode_attention(q, kq, vq, k_res, v_res, num_splits=splits, backend="triton")
+    torch.testing.assert_close(got.float().cpu(), kivi.float().cpu(), atol=4e-3, rtol=0)
+
+
+def test_decode_attention_mma_order_falls_back_and_checks_orders():
+    """A cache in mma order that the mma kernel cannot take (float32 queries here) is re-packed for the
+    general kernel, with the same answer; keys and values in different orders are refused."""
+    b, hq, hkv, tq, tr, d, g = 1, 4, 2, 64, 8, 64, 32
+    r = gen(91)
+    q = torch.randn(b, hq, d, generator=r).to(DEVICE)
+    kq = kv_quant.quantize_keys(torch.randn(b, hkv, tq, d, generator=r).to(DEVICE), 4, g)
+    vq = kv_quant.quantize_values(torch.randn(b, hkv, tq, d, generator=r).to(DEVICE), 4, g)
+    k_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE)
+    v_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE)
+    km, vm = kv_quant.to_mma_order(kq), kv_quant.to_mma_order(vq)
+    got = G.kivi_decode_attention(q, km, vm, k_res, v_res, backend="triton")
+    want = G.kivi_decode_attention(q, kq, vq, k_res, v_res, backend="triton")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="order"):
+        G.kivi_decode_attention(q, km, vq, k_res, v_res, backend="triton")
+
+
 def test_decode_attention_rejects_bad_tuning_knobs():
     q = torch.zeros(1, 2, 32, device=DEVICE)
     k_res = torch.zeros(1, 2, 4, 32, device=DEVICE)
@@ -318,7 +403,7 @@ def _cpu(q):
     if q is None:
         return None
     return kv_quant.QuantizedTensor(q.packed.cpu(), q.scale.cpu(), q.minimum.cpu(), q.bits, q.group_size, q.axis,
-                                    q.shape, None if q.sup is None else q.sup.cpu())
+                                    q.shape, None if q.sup is None else q.sup.cpu(), q.order)
 
 
 def test_decode_attention_error_shrinks_with_bits():

@@ -207,6 +207,29 @@ def test_fused_attention_matches_dequantize_path():
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
 
 
+def test_fp16_fused_cache_keeps_mma_order_and_matches_dequantize_path():
+    """An fp16 model with the fused attention stores its 4-bit codes in tensor-core operand order (what the
+    fused kernel reads without shared-memory staging) and decodes as the dequantize path does; the bytes held
+    are the same as in KIVI order."""
+    name = G.register_attention()
+    model = tiny_llama(attn=name).half()
+    ids = torch.randint(0, 101, (1, 80), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    outs, caches = [], []
+    with torch.no_grad():
+        for fused in (False, True):
+            cache = G.QuantizedKVCache(model.config, bits=4, fused_attention=fused,
+                                       backend="triton" if fused else "torch")
+            model(ids[:, :70], **G.cache_kwargs(model, cache), use_cache=True)
+            outs.append(torch.stack([model(ids[:, t:t + 1], **G.cache_kwargs(model, cache), use_cache=True).logits[0, -1]
+                                     for t in range(70, 76)]).float())
+            caches.append(cache)
+    plain, fused = caches[0].layers[0], caches[1].layers[0]
+    assert fused.qkeys.order == fused.qvalues.order == "mma" and plain.qkeys.order == "kivi"
+    assert fused.nbytes() == plain.nbytes()
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-2, rtol=0)
+    assert (outs[1] - outs[0]).abs().max() < 0.01 * outs[0].abs().max()
+
+
 def test_rotated_values_roundtrip_error_and_bytes():
     """rotate_values: values come back in their own basis (window exact, quantized part close), with a lower
     error than unrotated when one channel is an outlier, and the same bytes (the rotation is not stored)."""

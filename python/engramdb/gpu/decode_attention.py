@@ -228,24 +228,24 @@ if HAS_TRITON:
         return tl.reshape(c, (32 * KA, 32 * NB))
 
     @triton.jit
-    def _key_cols(x, D: tl.constexpr, G: tl.constexpr):
-        """Key scales or minimums ``(64 // G or 1, D)`` of a tile spread over K^T's columns ``n = nl + 8 w +
-        32 r`` (token ``nl + 8 r + 16 w``, group ``16 w // G``): ``(D, 64)``."""
+    def _key_cols(x, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Key scales or minimums ``(BLOCK_T // G or 1, D)`` of a tile spread over K^T's columns ``n = nl + 8 w +
+        32 r`` (token ``nl + 8 r + BLOCK_T // 4 * w``, group ``BLOCK_T // 4 * w // G``): ``(D, BLOCK_T)``."""
         xt = tl.trans(x)
-        if G >= 64:
-            out = tl.broadcast_to(xt, (D, 64))
+        if G >= BLOCK_T:
+            out = tl.broadcast_to(xt, (D, BLOCK_T))
         else:
-            NG: tl.constexpr = 64 // G
-            out = tl.reshape(tl.broadcast_to(xt[:, None, :, None], (D, 2, NG, 32 // NG)), (D, 64))
+            NG: tl.constexpr = BLOCK_T // G
+            out = tl.reshape(tl.broadcast_to(xt[:, None, :, None], (D, BLOCK_T // 32, NG, 32 // NG)), (D, BLOCK_T))
         return out
 
     @triton.jit
-    def _value_cols(x, D: tl.constexpr, G: tl.constexpr):
-        """Value scales or minimums ``(64, D // G)`` spread over V's columns ``n = nl + 8 w + 32 r`` (channel
-        ``nl + 8 r + 8 (D // 32) w``, group ``8 (D // 32) w // G``): ``(64, D)``."""
+    def _value_cols(x, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Value scales or minimums ``(BLOCK_T, D // G)`` spread over V's columns ``n = nl + 8 w + 32 r``
+        (channel ``nl + 8 r + D // 4 * w``, group ``D // 4 * w // G``): ``(BLOCK_T, D)``."""
         NG: tl.constexpr = D // G
         NR: tl.constexpr = D // 32
-        return tl.reshape(tl.broadcast_to(x[:, None, :, None, None], (64, NR, NG, 4 // NG, 8)), (64, D))
+        return tl.reshape(tl.broadcast_to(x[:, None, :, None, None], (BLOCK_T, NR, NG, 4 // NG, 8)), (BLOCK_T, D))
 
     @triton.jit
     def _kivi_decode_mma_kernel(
@@ -258,13 +258,14 @@ if HAS_TRITON:
         skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
         soa_b, soa_h, soa_s, soml_b, soml_h, soml_s,
         D: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr,
+        BLOCK_T: tl.constexpr,
     ):
-        """:func:`_kivi_decode_kernel` for 4-bit caches packed in mma order, 64-token tiles, 4 warps: each
+        """:func:`_kivi_decode_kernel` for 4-bit caches packed in mma order, 64- or 128-token tiles, 4 warps: each
         thread loads the words of its own dot-operand fragments and dequantizes them in registers, so
         neither K nor V passes through shared memory. The next tile's words and metadata are fetched
         while this one is computed."""
-        BLOCK_T: tl.constexpr = 64
         NB: tl.constexpr = D // 32
+        RT: tl.constexpr = BLOCK_T // 32
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // H_KV
@@ -289,25 +290,26 @@ if HAS_TRITON:
         vm = VM + b * svs_b + hk * svs_h
         ku = KU + b * sku_b + hk * sku_h
         vu = VU + b * svu_b + hk * svu_h
-        # Thread 32 w + 4 nl + kl holds, of the K^T operand (D x 64), column n = nl + 8 w + 32 r (r < 2) for
-        # 32 of the channels, and of the V operand (64 x D) column n = nl + 8 w + 32 r (r < NB) for 16 tokens.
-        # Which token and channel a column stands for is ours to choose: column n of K^T is token
-        # nl + 8 r + 16 w and column n of V is channel nl + 8 r + 8 NB w, so that each thread's columns share
-        # one quantization group (G >= 16 for keys, G >= D / 4 for values) and it needs 32 key and 16 value
-        # scale/minimum pairs a tile instead of 64 and 64. The scores come out in that token order (put back
-        # in order before p meets V, in the shared-memory hop p takes anyway) and acc in that channel order.
+        # Thread 32 w + 4 nl + kl holds, of the K^T operand (D x BLOCK_T), column n = nl + 8 w + 32 r (r < RT)
+        # for D / 4 of the channels, and of the V operand (BLOCK_T x D) column n = nl + 8 w + 32 r (r < NB) for
+        # BLOCK_T / 4 tokens. Which token and channel a column stands for is ours to choose: column n of K^T
+        # is token nl + 8 r + 8 RT w and column n of V is channel nl + 8 r + 8 NB w, so that each thread's
+        # columns share one quantization group (G >= BLOCK_T / 4 for keys, G >= D / 4 for values): D / 4 key
+        # and BLOCK_T / 4 value scale/minimum pairs a tile instead of RT and NB times as many. The scores come
+        # out in that token order (put back in order before p meets V, in the shared-memory hop p takes
+        # anyway) and acc in that channel order.
         th = tl.arange(0, 128)
         w_ = th // 32
         nl = (th // 4) % 8
         kl = th % 4
         ka = tl.arange(0, NB)
-        rr = tl.arange(0, 2)
-        k_tok = (nl + 16 * w_)[:, None, None] + 8 * rr[None, None, :]  # (128, 1, 2)
-        k_off = k_tok * skp_t + (kl[:, None, None] * NB + ka[None, :, None])  # (128, NB, 2): word kl * NB + a
+        rr = tl.arange(0, RT)
+        k_tok = (nl + 8 * RT * w_)[:, None, None] + 8 * rr[None, None, :]  # (128, 1, RT)
+        k_off = k_tok * skp_t + (kl[:, None, None] * NB + ka[None, :, None])  # (128, NB, RT): word kl * NB + a
         v_off = ((4 * rr[None, :, None] + kl[:, None, None]) * svp_r  # word row 4 a + kl of 32-token block a
-                 + (nl + 8 * NB * w_)[:, None, None] + 8 * ka[None, None, :])  # (128, 2, NB)
+                 + (nl + 8 * NB * w_)[:, None, None] + 8 * ka[None, None, :])  # (128, RT, NB)
         n = tl.arange(0, BLOCK_T)
-        tok = (n % 8) + 8 * (n // 32) + 16 * ((n // 8) % 4)  # token of score column n
+        tok = (n % 8) + 8 * (n // 32) + 8 * RT * ((n // 8) % 4)  # token of score column n
         n = tl.arange(0, D)
         chan = (n % 8) + 8 * (n // 32) + 8 * NB * ((n // 8) % 4)  # channel of acc column n
 
@@ -323,8 +325,8 @@ if HAS_TRITON:
             kw_nx = tl.load(kp + nxt * skp_t + k_off, mask=(nxt + k_tok) < hi, other=0)
             vw_nx = tl.load(vp + (nxt // 8) * svp_r + v_off, mask=(nxt + 32 * rr[None, :, None]) < hi, other=0)
 
-            kt = _mma_operand(tl.reshape(kw, (4, 8, 4, NB, 2)), NB, 2) - 1024.0  # K^T: (D, 64)
-            kt = kt * _key_cols(k_s, D, G) + _key_cols(k_m, D, G)
+            kt = _mma_operand(tl.reshape(kw, (4, 8, 4, NB, RT)), NB, RT) - 1024.0  # K^T: (D, BLOCK_T)
+            kt = kt * _key_cols(k_s, D, G, BLOCK_T) + _key_cols(k_m, D, G, BLOCK_T)
             s = tl.dot(q, kt) * qk_scale
             s = tl.where((start + tok < hi)[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -332,9 +334,9 @@ if HAS_TRITON:
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             # columns (r, w, nl) -> tokens (w, r, nl), i.e. in order
-            p = tl.reshape(tl.permute(tl.reshape(p.to(tl.float16), (BLOCK_H, 2, 4, 8)), (0, 2, 1, 3)), (BLOCK_H, 64))
-            v = _mma_operand(tl.reshape(vw, (4, 8, 4, 2, NB)), 2, NB) - 1024.0  # V: (64, D)
-            v = v * _value_cols(v_s, D, G) + _value_cols(v_m, D, G)
+            p = tl.reshape(tl.permute(tl.reshape(p.to(tl.float16), (BLOCK_H, RT, 4, 8)), (0, 2, 1, 3)), (BLOCK_H, BLOCK_T))
+            v = _mma_operand(tl.reshape(vw, (4, 8, 4, RT, NB)), RT, NB) - 1024.0  # V: (BLOCK_T, D)
+            v = v * _value_cols(v_s, D, G, BLOCK_T) + _value_cols(v_m, D, G, BLOCK_T)
             acc = acc * alpha[:, None] + tl.dot(p, v)
             m_i = m_new
 
@@ -588,8 +590,8 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
         # split at least 256 tokens
         target = max(1, 4 * _sm_count(dev) // max(1, b * h_kv))
         num_splits = max(1, min(target, triton.cdiv(tq + tr, 256)))
-    if kq is not None and kq.order == "mma":
-        block_t = 64  # the mma kernel's tile
+    if kq is not None and kq.order == "mma" and (block_t not in (64, 128) or g < block_t // 4):
+        block_t = 64  # the mma kernel's tiles: 64 or 128 tokens (128 needs groups of at least 32)
     mode = UNPACK_MODES[unpack]
     if mode >= 1 and block_t < 32 // min(bits_k, bits_v):  # a tile must hold whole packed words
         mode = 0
@@ -613,7 +615,8 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
             ku.stride(0), ku.stride(1), ku.stride(2), vu.stride(0), vu.stride(1), vu.stride(2),
             k_res.stride(0), k_res.stride(1), k_res.stride(2), v_res.stride(0), v_res.stride(1), v_res.stride(2),
             oa.stride(0), oa.stride(1), oa.stride(2), oml.stride(0), oml.stride(1), oml.stride(2),
-            D=d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)), G=g, DQ=dq, num_warps=4, num_stages=1,
+            D=d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)), G=g, DQ=dq, BLOCK_T=block_t, num_warps=4,
+            num_stages=1,
         )
     else:
         _kivi_decode_kernel[grid](

@@ -52,6 +52,7 @@ from .kv_quant import (
     refine_decode,
     refine_encode,
     step_at,
+    to_mma_order,
 )
 
 __all__ = ["QuantizedKVCache", "QuantizedKVLayer", "register_attention", "ATTENTION_NAME", "kivi_attention_forward"]
@@ -63,11 +64,14 @@ _LAYER_ATTR = "_engramdb_kivi_layer"
 def _cat_quantized(a: Optional[QuantizedTensor], b: QuantizedTensor) -> QuantizedTensor:
     if a is None:
         return b
-    # both layouts keep tokens on dim 2 (keys: token words; values: tokens), so groups append there
+    # every packing keeps tokens on dim 2 (KIVI order: key token words, value tokens; mma order: key tokens,
+    # value word rows of 32 tokens), so whole groups append there
+    if a.order != b.order:
+        raise ValueError(f"cannot append {b.order}-ordered codes to {a.order}-ordered ones")
     return QuantizedTensor(
         torch.cat([a.packed, b.packed], 2), torch.cat([a.scale, b.scale], 2), torch.cat([a.minimum, b.minimum], 2),
         a.bits, a.group_size, a.axis, (a.shape[0], a.shape[1], a.shape[2] + b.shape[2], a.shape[3]),
-        None if a.sup is None else torch.cat([a.sup, b.sup], 2),
+        None if a.sup is None else torch.cat([a.sup, b.sup], 2), a.order,
     )
 
 
@@ -76,7 +80,7 @@ def _index_quantized(q: Optional[QuantizedTensor], fn) -> Optional[QuantizedTens
         return None
     packed, scale, minimum = fn(q.packed), fn(q.scale), fn(q.minimum)
     return QuantizedTensor(packed, scale, minimum, q.bits, q.group_size, q.axis, (packed.shape[0], *q.shape[1:]),
-                           None if q.sup is None else fn(q.sup))
+                           None if q.sup is None else fn(q.sup), q.order)
 
 
 class QuantizedKVLayer(CacheLayerMixin):
@@ -164,10 +168,23 @@ class QuantizedKVLayer(CacheLayerMixin):
         n_imp = int(round(self.important_ratio * n))
         if n_imp > 0:
             self._refine(k_old, v_old, kq, vq, n_imp)
+        if self.mma_order:  # what the fused decode kernel reads fastest (kv_quant.to_mma_order)
+            kq, vq = to_mma_order(kq), to_mma_order(vq)
         self.qkeys = _cat_quantized(self.qkeys, kq)
         self.qvalues = _cat_quantized(self.qvalues, vq)
         self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + n :]], -2)
         self.values = torch.cat([self.values[:, :, :s], self.values[:, :, s + n :]], -2)
+
+    @property
+    def mma_order(self) -> bool:
+        """Whether the quantized part is stored in tensor-core operand order: with the fused attention on an
+        fp16 model, 4-bit keys and values, no refinement codes, a head size of 32-256 (a power of two) and
+        groups of at least 32 tokens and a quarter of the head size; the fused kernel then reads no tile
+        through shared memory."""
+        d = self.keys.shape[-1] if self.is_initialized else 0
+        return (self.fused_attention and self.important_ratio == 0 and self.key_bits == self.value_bits == 4
+                and self.is_initialized and self.dtype == torch.float16 and d in (32, 64, 128, 256)
+                and self.group_size >= max(32, d // 4) and pick_backend(self.backend, self.keys) == "triton")
 
     # -- mixed precision (MiKV's idea with SnapKV's importance rule)
     def observe(self, query: torch.Tensor, scaling: Optional[float]) -> None:
