@@ -117,17 +117,21 @@ def main(argv=None) -> int:
         # arguments of kivi_decode_attention; "splits": "x2" / "/2" = twice / half the default split count);
         # the first is the default, the best of the sweep is reported beside it; "expand" was the default
         # unpacking before "join"
-        configs = [{}, {"prefetch": "meta"}, {"prefetch": "all", "num_stages": 2},
+        # "order": "mma": the cache re-packed in tensor-core operand order (kv_quant.to_mma_order, what
+        # QuantizedKVCache stores for an fp16 model with the fused attention; 4-bit only): its own kernel, no
+        # shared-memory staging of the K and V tiles
+        mma = [{"order": "mma"}, {"order": "mma", "block_t": 128}, {"order": "mma", "splits": "x2"}]
+        configs = [{}, *mma, {"prefetch": "meta"}, {"prefetch": "all", "num_stages": 2},
                    {"prefetch": "all", "block_t": 128, "num_warps": 8}, {"prefetch": "none"},
                    {"splits": "x2"}, {"unpack": "expand", "prefetch": "none"}]
         if args.quick:
-            configs = configs[:1] + configs[-1:]
+            configs = configs[:2] + configs[-1:]
         shapes = [(1, 32, 8, 128, 32768), (8, 32, 8, 128, 8192), (4, 9, 3, 64, 16384)]
         if not args.quick:
             shapes += [(32, 32, 8, 128, 16384)]
         if args.smoke:
             shapes = [(1, 4, 2, 64, 64 + 128 + 32)]
-            configs = configs[:1] + configs[-1:]
+            configs = configs[:3] + configs[-1:]
         for b, hq, hkv, d, t in shapes:
             window = 64
             tq = t - window
@@ -144,31 +148,36 @@ def main(argv=None) -> int:
                     kr, vr = k[:, :, tq:].contiguous(), v[:, :, tq:].contiguous()
                     ref = kivi_decode_attention_ref(q[:, :, 0], kq, vq, kr, vr)
                     nbytes = kq.nbytes() + vq.nbytes() + 2 * kr.numel() * 2 + q.numel() * 2
-                    for cfg in configs if meta_bits == 16 else configs[:1] + configs[-1:]:
+                    kqm, vqm = (kv_quant.to_mma_order(kq), kv_quant.to_mma_order(vq)) if bits == 4 else (None, None)
+                    for cfg in configs if meta_bits == 16 else configs[:2] + configs[-1:]:
+                        order = cfg.get("order", "kivi")
+                        if order == "mma" and kqm is None:
+                            continue
+                        ck, cv = (kqm, vqm) if order == "mma" else (kq, vq)
                         kw = {"block_t": 64, "num_warps": 4, "unpack": "join", "num_stages": None, "prefetch": "all",
                               "num_splits": None}
-                        kw.update({key: val for key, val in cfg.items() if key != "splits"})
+                        kw.update({key: val for key, val in cfg.items() if key not in ("splits", "order")})
                         sp = cfg.get("splits")
                         if sp is not None:  # relative to the kernel's default split count
                             sms = 132 if args.smoke else torch.cuda.get_device_properties(0).multi_processor_count
                             ns = max(1, min(max(1, 4 * sms // (b * hkv)), triton.cdiv(t, 256)))
                             kw["num_splits"] = max(1, min(ns * 2 if sp == "x2" else ns // 2, triton.cdiv(t, 32)))
                         bt, nw, ex, ns, st = kw["block_t"], kw["num_warps"], kw["unpack"], kw["num_splits"], kw["num_stages"]
-                        out = kivi_decode_attention(q, kq, vq, kr, vr, **kw)
+                        out = kivi_decode_attention(q, ck, cv, kr, vr, **kw)
                         err = (out[:, :, 0].float() - ref.float()).abs().max().item()
                         assert err < 1e-2, f"decode attention differs from the reference by {err}"
-                        ms = bench(kivi_decode_attention, q, kq, vq, kr, vr, **kw)
-                        row = {"kernel": "kivi_decode", "bits": bits, "meta_bits": meta_bits, "shape": shape,
+                        ms = bench(kivi_decode_attention, q, ck, cv, kr, vr, **kw)
+                        row = {"kernel": "kivi_decode", "bits": bits, "meta_bits": meta_bits, "shape": shape, "order": order,
                                "block_t": bt, "num_warps": nw, "unpack": ex, "num_splits": ns, "num_stages": st,
                                "prefetch": kw["prefetch"], "splits_rule": sp, "ms": ms, "bytes": nbytes,
                                "GB/s": nbytes / ms / 1e6, "frac_bw": nbytes / (ms * 1e-3) / bw,
                                "sdpa_fp16_ms": sdpa_ms, "sdpa_frac_bw": sdpa_bytes / (sdpa_ms * 1e-3) / bw, "max_err": err}
-                        if cfg == configs[0] and dev == "cuda":
+                        if cfg in (configs[0], configs[1]) and dev == "cuda":
                             # the default again, as a graph over copies of the cache (together at least 4x the
                             # L2 cache, so replays read memory): the kernels' time without the host's
                             l2 = torch.cuda.get_device_properties(0).L2_cache_size
                             copies = max(1, min(16, -(-4 * l2 // nbytes)))
-                            caches = [(kq, vq)] + [(_copy(kq), _copy(vq)) for _ in range(copies - 1)]
+                            caches = [(ck, cv)] + [(_copy(ck), _copy(cv)) for _ in range(copies - 1)]
                             try:  # (never run on a GPU yet: a failure here must not cost the other rows)
                                 row["graph_ms"] = graph_ms([functools.partial(kivi_decode_attention, q, ck, cv, kr, vr,
                                                                               **kw) for ck, cv in caches])
@@ -178,13 +187,13 @@ def main(argv=None) -> int:
                                 print(f"graph timing failed: {exc!r}", flush=True)
                             del caches
                         rows.append(row)
-                        print(f"decode {shape:28s} {bits}b m{meta_bits:<2d} bt{bt:<3d} w{nw} {ex:6s} s{sp} st{st} "
+                        print(f"decode {shape:28s} {bits}b m{meta_bits:<2d} {order:4s} bt{bt:<3d} w{nw} {ex:6s} s{sp} st{st} "
                               f"pf-{kw['prefetch']}: "
                               f"{ms * 1e3:8.1f} us {row['frac_bw']:6.1%} bw | SDPA fp16 {sdpa_ms * 1e3:8.1f} us "
                               f"({row['sdpa_frac_bw']:5.1%}); {sdpa_ms / ms:.2f}x"
                               + (f" | graph x{row['graph_copies']} {row['graph_ms'] * 1e3:8.1f} us "
                                  f"{row['graph_frac_bw']:6.1%}" if "graph_ms" in row else ""), flush=True)
-            del q, k, v, kq, vq, kr, vr
+            del q, k, v, kq, vq, kqm, vqm, kr, vr
             torch.cuda.empty_cache()
 
     def search_section():
@@ -294,7 +303,7 @@ def main(argv=None) -> int:
     print("\nsummary (fraction of copy bandwidth; default config, best config)")
     groups: dict = {}
     for r in rows:
-        key = (r["kernel"], r.get("bits"), r.get("meta_bits"), r.get("queries"), r["shape"])
+        key = (r["kernel"], r.get("order"), r.get("bits"), r.get("meta_bits"), r.get("queries"), r["shape"])
         groups.setdefault(key, []).append(r)
     for key, rs in groups.items():
         best = max(rs, key=lambda r: r["frac_bw"])

@@ -706,3 +706,5 @@ def test_gpu_bench_smoke_run(tmp_path):
                      "index_int8", "index_fp16_fused", "index_int8_fused"}
     assert all(r["ms"] > 0 for r in rows)
     assert all(r["max_err"] < 1e-2 for r in rows if r["kernel"] == "kivi_decode")
+    assert {(r["order"], r["block_t"]) for r in rows if r["kernel"] == "kivi_decode" and r["bits"] == 4} >= {
+        ("kivi", 64), ("mma", 64), ("mma", 128)}  # the mma-order kernel is timed beside the KIVI-order one
