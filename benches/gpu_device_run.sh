@@ -14,7 +14,7 @@ timeout 330 python3 benches/gpu_bench.py --kernels "$kernels" --json "$out/gpu_b
 echo "bench exit $?"
 if [ -n "$NCU" ]; then  # Nsight Compute on the decode kernel's configurations (benches/gpu_ncu_decode.py)
     ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-    timeout 150 "$ncu_bin" --clock-control none --kernel-name regex:_kivi_decode_kernel --launch-skip 0 \
+    timeout 150 "$ncu_bin" --clock-control none --kernel-name regex:_kivi_decode --launch-skip 0 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section SchedulerStats --section MemoryWorkloadAnalysis python3 benches/gpu_ncu_decode.py $NCU \
         > "$out/ncu.txt" 2>&1

@@ -1,8 +1,9 @@
 """Fused decode attention under Nsight Compute: one large cache, a few kernel configurations.
 
-    ncu --kernel-name regex:_kivi_decode_kernel --section SpeedOfLight ... python benches/gpu_ncu_decode.py
+    ncu --kernel-name regex:_kivi_decode --section SpeedOfLight ... python benches/gpu_ncu_decode.py
 
-Each configuration runs twice (the first call compiles); ncu's report says, per launch, how close the
+The cache is timed in KIVI order (``_kivi_decode_kernel``) and, at 4 bits, in tensor-core operand order
+(``_kivi_decode_mma_kernel``, 64- and 128-token tiles). Each configuration runs twice (the first call compiles); ncu's report says, per launch, how close the
 kernel came to the memory and issue ceilings, its occupancy and what its warps waited on.
 """
 
@@ -22,7 +23,7 @@ except Exception:  # no native module: the gpu package stands alone
     import gpu as G
 
 CONFIGS = [dict(unpack="join"), dict(unpack="join", prefetch="all", num_stages=1),
-           dict(unpack="expand", prefetch="none")]
+           dict(unpack="expand", prefetch="none"), dict(order="mma"), dict(order="mma", block_t=128)]
 
 
 def main() -> int:
@@ -34,9 +35,14 @@ def main() -> int:
     vq = G.kv_quant.quantize_values(v[:, :, : t - 64], bits, 32)
     kr, vr = k[:, :, t - 64:].contiguous(), v[:, :, t - 64:].contiguous()
     del k, v
+    mma = (G.kv_quant.to_mma_order(kq), G.kv_quant.to_mma_order(vq)) if bits == 4 else None
     for cfg in CONFIGS:
+        kw = {key: val for key, val in cfg.items() if key != "order"}
+        if cfg.get("order") == "mma" and mma is None:
+            continue
+        ck, cv = mma if cfg.get("order") == "mma" else (kq, vq)
         for _ in range(2):
-            G.kivi_decode_attention(q, kq, vq, kr, vr, **cfg)
+            G.kivi_decode_attention(q, ck, cv, kr, vr, **kw)
         torch.cuda.synchronize()
         print("ran", cfg, flush=True)
     return 0
