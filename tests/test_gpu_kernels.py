@@ -571,8 +571,9 @@ def test_search_fused_select_ranks_like_the_reference(metric, kind):
 
 def test_search_fused_select_threshold_keeps_few_rows_and_overflow_falls_back(monkeypatch):
     """The fused select's threshold lets through few more rows than k on continuous data (it is what makes
-    the kernel cheap), and when more rows reach it than its key buffer holds (thousands of equal scores)
-    the chunk is ranked again by the exact path: the answer is still exact."""
+    the kernel cheap); a tie of 2,001 rows is ranked over several key blocks; and when more rows reach it
+    than its key buffer holds (thousands of equal scores) the chunk is ranked again by the exact path: the
+    answer is still exact."""
     search = import_module(G.__name__ + ".search")
     seen = []
     real = search._threshold_select
@@ -596,6 +597,12 @@ def test_search_fused_select_threshold_keeps_few_rows_and_overflow_falls_back(mo
     thr = groups.view(-1, 64, 2).amax(2).sort(1, descending=True).values[:, kk - 1]
     passed = (s[:, :base.shape[0]] >= thr[:, None]).sum(1)
     assert bool(((passed >= kk) & (passed <= 4 * kk)).all()), passed
+    dup = base.clone()
+    dup[1000:3000] = dup[7]  # 2,001 equal rows reach the threshold: ranked in two blocks of 1,024 keys, no overflow
+    q = dup[7].float().repeat(2, 1)
+    _, i = G.search_topk(q.to(DEVICE), dup.to(DEVICE), 10, select="fused", backend="triton")
+    assert not seen[-1][3].any()
+    assert torch.equal(i.cpu(), G.search_topk_ref(q, dup, 10)[1])  # the ten lowest ids of the tie
     calls = []
     real_chunk = search._chunk_topk
     monkeypatch.setattr(search, "_chunk_topk", lambda *a: calls.append(a[10]) or real_chunk(*a))
