@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         # the first is the default, the best of the sweep is reported beside it; "expand" was the default
         # unpacking before "join"
         # "order": "mma": the cache re-packed in tensor-core operand order (kv_quant.to_mma_order, what
-        # QuantizedKVCache stores for an fp16 model with the fused attention; 4-bit only): its own kernel, no
+        # QuantizedKVCache stores for an fp16 model with the fused attention): its own kernel, no
         # shared-memory staging of the K and V tiles
         mma = [{"order": "mma"}, {"order": "mma", "block_t": 128}, {"order": "mma", "splits": "x2"}]
         configs = [{}, *mma, {"prefetch": "meta"}, {"prefetch": "all", "num_stages": 2},
@@ -148,11 +148,9 @@ def main(argv=None) -> int:
                     kr, vr = k[:, :, tq:].contiguous(), v[:, :, tq:].contiguous()
                     ref = kivi_decode_attention_ref(q[:, :, 0], kq, vq, kr, vr)
                     nbytes = kq.nbytes() + vq.nbytes() + 2 * kr.numel() * 2 + q.numel() * 2
-                    kqm, vqm = (kv_quant.to_mma_order(kq), kv_quant.to_mma_order(vq)) if bits == 4 else (None, None)
+                    kqm, vqm = kv_quant.to_mma_order(kq), kv_quant.to_mma_order(vq)
                     for cfg in configs if meta_bits == 16 else configs[:2] + configs[-1:]:
                         order = cfg.get("order", "kivi")
-                        if order == "mma" and kqm is None:
-                            continue
                         ck, cv = (kqm, vqm) if order == "mma" else (kq, vq)
                         kw = {"block_t": 64, "num_warps": 4, "unpack": "join", "num_stages": None, "prefetch": "all",
                               "num_splits": None}

@@ -2,9 +2,10 @@
 
     ncu --kernel-name regex:_kivi_decode --section SpeedOfLight ... python benches/gpu_ncu_decode.py
 
-The cache is timed in KIVI order (``_kivi_decode_kernel``) and, at 4 bits, in tensor-core operand order
-(``_kivi_decode_mma_kernel``, 64- and 128-token tiles). Each configuration runs twice (the first call compiles); ncu's report says, per launch, how close the
-kernel came to the memory and issue ceilings, its occupancy and what its warps waited on.
+The cache is timed in KIVI order (``_kivi_decode_kernel``) and in tensor-core operand order
+(``_kivi_decode_mma_kernel``, 64- and 128-token tiles). Each configuration runs twice (the first call
+compiles); ncu's report says, per launch, how close the kernel came to the memory and issue ceilings, its
+occupancy and what its warps waited on.
 """
 
 from __future__ import annotations
@@ -35,11 +36,9 @@ def main() -> int:
     vq = G.kv_quant.quantize_values(v[:, :, : t - 64], bits, 32)
     kr, vr = k[:, :, t - 64:].contiguous(), v[:, :, t - 64:].contiguous()
     del k, v
-    mma = (G.kv_quant.to_mma_order(kq), G.kv_quant.to_mma_order(vq)) if bits == 4 else None
+    mma = (G.kv_quant.to_mma_order(kq), G.kv_quant.to_mma_order(vq))
     for cfg in CONFIGS:
         kw = {key: val for key, val in cfg.items() if key != "order"}
-        if cfg.get("order") == "mma" and mma is None:
-            continue
         ck, cv = mma if cfg.get("order") == "mma" else (kq, vq)
         for _ in range(2):
             G.kivi_decode_attention(q, ck, cv, kr, vr, **kw)

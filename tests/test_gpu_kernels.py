@@ -302,48 +302,63 @@ def test_decode_attention_prefetch_changes_nothing(meta_bits):
     torch.testing.assert_close(got[0], ref, atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("d,t", [(32, 32), (64, 96), (128, 64)])
-def test_mma_order_layout_and_roundtrip(d, t):
-    """to_mma_order puts code c of key word (token, j * D / 32 + b) at channel 32 b + 4 j + (c & 3) + 16 (c >> 2),
-    and code c of value word (row 4 a + j, channel) at token 32 a + 4 j + (c & 3) + 16 (c >> 2) (checked
-    here by its own index arithmetic for every code); from_mma_order gives back the KIVI words exactly."""
-    r = gen(d + t)
+@pytest.mark.parametrize("bits,d,t", [(4, 32, 32), (4, 64, 96), (4, 128, 64), (2, 64, 96), (2, 128, 64)])
+def test_mma_order_layout_and_roundtrip(bits, d, t):
+    """to_mma_order's layout, checked code by code with its own index arithmetic. In a 32-element block, code
+    c' of word j is element 4 j + (c' & 3) + 16 (c' >> 2). 4-bit: key word (token, j * D / 32 + b) holds
+    channels 32 b + ..., value word (row 4 a + j, channel) tokens 32 a + .... 2-bit: code c = c' + 8 i; key
+    row 8 u + l holds tokens 16 u + l + 8 i, value word 8 p + l holds channels 16 p + l + 8 i.
+    from_mma_order gives back the KIVI words exactly."""
+    r = gen(d + t + bits)
     x = torch.randn(2, 3, t, d, generator=r)
-    kq, vq = kv_quant.quantize_keys(x, 4, 32, backend="torch"), kv_quant.quantize_values(x, 4, 32, backend="torch")
-    kc = kv_quant._unpack_last_ref(kq.packed.transpose(-1, -2), 4).transpose(-1, -2)  # (B, H, T, D) codes
-    vc = kv_quant._unpack_last_ref(vq.packed, 4)
-    c = torch.arange(8)
-    within = (c & 3) + 16 * (c >> 2)  # element of a 32-block held by code c of word j, minus 4 j
+    kq, vq = kv_quant.quantize_keys(x, bits, 32, backend="torch"), kv_quant.quantize_values(x, bits, 32, backend="torch")
+    kc = kv_quant._unpack_last_ref(kq.packed.transpose(-1, -2), bits).transpose(-1, -2).long()  # (B, H, T, D)
+    vc = kv_quant._unpack_last_ref(vq.packed, bits).long()
     km, vm = kv_quant.to_mma_order(kq), kv_quant.to_mma_order(vq)
     assert km.order == vm.order == "mma" and km.nbytes() == kq.nbytes() and vm.nbytes() == vq.nbytes()
     kwords = km.packed.long() & 0xFFFFFFFF
     vwords = vm.packed.long() & 0xFFFFFFFF
-    nb = d // 32
-    for j in range(4):
-        for b_ in range(nb):
-            codes = (kwords[..., j * nb + b_, None] >> (4 * c)) & 15  # (B, H, T, 8)
-            assert torch.equal(codes, kc[..., 32 * b_ + 4 * j + within].long())
-        for a in range(t // 32):
-            codes = (vwords[:, :, 4 * a + j, :, None] >> (4 * c)) & 15  # (B, H, D, 8)
-            assert torch.equal(codes, vc[:, :, 32 * a + 4 * j + within, :].transpose(-1, -2).long())
+    per, mask, nb = 32 // bits, (1 << bits) - 1, d // 32
+    for c in range(per):
+        cc, i = c % 8, c // 8
+        e = (cc & 3) + 16 * (cc >> 2)
+        for j in range(4):
+            for b_ in range(nb):
+                got = (kwords[..., j * nb + b_] >> (bits * c)) & mask  # (B, H, key rows)
+                if bits == 4:
+                    want = kc[..., 32 * b_ + 4 * j + e]
+                else:
+                    rows = torch.arange(t // 2)
+                    want = kc[:, :, 16 * (rows // 8) + rows % 8 + 8 * i, 32 * b_ + 4 * j + e]
+                assert torch.equal(got, want), (c, j, b_)
+            for a in range(t // 32):
+                got = (vwords[:, :, 4 * a + j, :] >> (bits * c)) & mask  # (B, H, value columns)
+                if bits == 4:
+                    want = vc[:, :, 32 * a + 4 * j + e, :]
+                else:
+                    cols = torch.arange(d // 2)
+                    want = vc[:, :, 32 * a + 4 * j + e, 16 * (cols // 8) + cols % 8 + 8 * i]
+                assert torch.equal(got, want), (c, j, a)
     for q, m in ((kq, km), (vq, vm)):
         back = kv_quant.from_mma_order(m)
         assert back.order == "kivi" and torch.equal(back.packed, q.packed)
         assert torch.equal(kv_quant.dequantize(m, backend="torch"), kv_quant.dequantize(q, backend="torch"))
     with pytest.raises(ValueError, match="mma order"):
-        kv_quant.to_mma_order(kv_quant.quantize_keys(x, 2, 32, backend="torch"))
+        kv_quant.to_mma_order(kv_quant.quantize_keys(x, 8, 32, backend="torch"))
     with pytest.raises(ValueError, match="mma order"):
         kv_quant.to_mma_order(kv_quant.quantize_values(torch.randn(1, 1, 48, 32), 4, 16, backend="torch"))
 
 
-# (B, Hq, Hkv, Tq, Tr, D, group, splits, block_t, meta_bits): 4-bit caches the mma kernel takes
+# (B, Hq, Hkv, Tq, Tr, D, group, splits, block_t, meta_bits, bits): caches the mma kernel takes
 MMA_CASES = [
-    (1, 3, 3, 64, 5, 64, 32, None, 64, 16),    # SmolLM2's head layout
-    (1, 9, 3, 96, 33, 64, 32, 3, 64, 16),      # GQA 3:1, a tail of half a tile, window not a multiple of 64
-    (2, 8, 2, 160, 40, 128, 32, 2, 128, 16),   # 128-token tiles, head size 128, batch 2
-    (1, 4, 1, 128, 0, 128, 64, 2, 64, 16),     # groups larger than a tile's share of a thread
-    (1, 4, 2, 96, 8, 64, 16, None, 64, 16),    # groups of 16 tokens (values: 16 >= D / 4)
-    (1, 9, 3, 96, 33, 64, 32, 3, 64, 8),       # 8-bit scale/minimum codes
+    (1, 3, 3, 64, 5, 64, 32, None, 64, 16, 4),    # SmolLM2's head layout
+    (1, 9, 3, 96, 33, 64, 32, 3, 64, 16, 4),      # GQA 3:1, a tail of half a tile, window not a multiple of 64
+    (2, 8, 2, 160, 40, 128, 32, 2, 128, 16, 4),   # 128-token tiles, head size 128, batch 2
+    (1, 4, 1, 128, 0, 128, 64, 2, 64, 16, 4),     # groups larger than a tile's share of a thread
+    (1, 4, 2, 96, 8, 64, 16, None, 64, 16, 4),    # groups of 16 tokens (values: 16 >= D / 4)
+    (1, 9, 3, 96, 33, 64, 32, 3, 64, 8, 4),       # 8-bit scale/minimum codes
+    (1, 9, 3, 96, 33, 64, 32, 3, 64, 16, 2),      # 2 bits: token pairs in key words, channel pairs in values
+    (2, 8, 2, 160, 40, 128, 32, 2, 128, 8, 2),    # 2 bits, 128-token tiles, 8-bit metadata
 ]
 
 
@@ -351,13 +366,13 @@ MMA_CASES = [
 def test_decode_attention_mma_order_matches_reference(case):
     """The kernel for caches in tensor-core operand order (each thread dequantizes the words of its own
     mma fragments) against the float32 reference and against the KIVI-order kernel."""
-    b, hq, hkv, tq, tr, d, g, splits, block_t, meta_bits = case
-    r = gen(sum(case[:7]))
+    b, hq, hkv, tq, tr, d, g, splits, block_t, meta_bits, bits = case
+    r = gen(sum(case[:7]) + bits)
     q = torch.randn(b, hq, d, generator=r).to(DEVICE, torch.float16)
     k = (torch.randn(b, hkv, tq, d, generator=r) * 2).to(DEVICE, torch.float16)
     v = torch.randn(b, hkv, tq, d, generator=r).to(DEVICE, torch.float16)
-    kq = kv_quant.quantize_keys(k, 4, g, meta_bits=meta_bits)
-    vq = kv_quant.quantize_values(v, 4, g, meta_bits=meta_bits)
+    kq = kv_quant.quantize_keys(k, bits, g, meta_bits=meta_bits)
+    vq = kv_quant.quantize_values(v, bits, g, meta_bits=meta_bits)
     k_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE, torch.float16)
     v_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE, torch.float16)
     km, vm = kv_quant.to_mma_order(kq), kv_quant.to_mma_order(vq)

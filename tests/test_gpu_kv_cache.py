@@ -31,12 +31,12 @@ pytestmark = pytest.mark.gpu
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def tiny_llama(attn="sdpa"):
+def tiny_llama(attn="sdpa", head_dim=32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=101, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-                      num_attention_heads=6, num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=512)
     cfg._attn_implementation = attn
     return LlamaForCausalLM(cfg).eval().to(DEVICE)
 
@@ -207,17 +207,18 @@ def test_fused_attention_matches_dequantize_path():
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
 
 
-def test_fp16_fused_cache_keeps_mma_order_and_matches_dequantize_path():
-    """An fp16 model with the fused attention stores its 4-bit codes in tensor-core operand order (what the
-    fused kernel reads without shared-memory staging) and decodes as the dequantize path does; the bytes held
-    are the same as in KIVI order."""
+@pytest.mark.parametrize("bits,head_dim", [(4, 32), (2, 64)])
+def test_fp16_fused_cache_keeps_mma_order_and_matches_dequantize_path(bits, head_dim):
+    """An fp16 model with the fused attention stores its codes in tensor-core operand order (what the fused
+    kernel reads without shared-memory staging) and decodes as the dequantize path does; the bytes held are
+    the same as in KIVI order."""
     name = G.register_attention()
-    model = tiny_llama(attn=name).half()
+    model = tiny_llama(attn=name, head_dim=head_dim).half()
     ids = torch.randint(0, 101, (1, 80), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     outs, caches = [], []
     with torch.no_grad():
         for fused in (False, True):
-            cache = G.QuantizedKVCache(model.config, bits=4, fused_attention=fused,
+            cache = G.QuantizedKVCache(model.config, bits=bits, fused_attention=fused,
                                        backend="triton" if fused else "torch")
             model(ids[:, :70], **G.cache_kwargs(model, cache), use_cache=True)
             outs.append(torch.stack([model(ids[:, t:t + 1], **G.cache_kwargs(model, cache), use_cache=True).logits[0, -1]

@@ -218,6 +218,33 @@ if HAS_TRITON:
         return tl.join(lo, hi)
 
     @triton.jit
+    def _codes16(w):
+        """The sixteen 2-bit codes of each int32 word as exact fp16 values of 1024 + code, along four new axes
+        of two ``(i0, i1, i2, i3)``: code ``c = i0 + 2 i1 + 4 i2 + 8 i3`` (bits ``2c``)."""
+        wu = w.to(tl.uint32, bitcast=True)
+        x0 = _pair(wu, 0, 2)  # codes 0 and 8 as the low and high halves
+        x1 = _pair(wu, 1, 2)
+        x2 = _pair(wu, 2, 2)
+        x3 = _pair(wu, 3, 2)
+        x4 = _pair(wu, 4, 2)
+        x5 = _pair(wu, 5, 2)
+        x6 = _pair(wu, 6, 2)
+        x7 = _pair(wu, 7, 2)
+        lo = tl.join(tl.join(tl.join(_half(x0, 0), _half(x1, 0)), tl.join(_half(x2, 0), _half(x3, 0))),
+                     tl.join(tl.join(_half(x4, 0), _half(x5, 0)), tl.join(_half(x6, 0), _half(x7, 0))))
+        hi = tl.join(tl.join(tl.join(_half(x0, 1), _half(x1, 1)), tl.join(_half(x2, 1), _half(x3, 1))),
+                     tl.join(tl.join(_half(x4, 1), _half(x5, 1)), tl.join(_half(x6, 1), _half(x7, 1))))
+        return tl.join(lo, hi)
+
+    @triton.jit
+    def _mma_operand2(w, KA: tl.constexpr, NB: tl.constexpr):
+        """:func:`_mma_operand` for 2-bit words ``(4 w, 8 nl, 4 kl, KA, NB // 2)``: the high eight codes of a word
+        belong to column ``r + 1`` (``r`` even), i.e. ``r = 2 (word's r) + i3``."""
+        c = _codes16(w)  # (w, nl, kl, a, r2, i0, i1, i2, i3)
+        c = tl.permute(c, (3, 7, 2, 6, 5, 4, 8, 0, 1))  # (a, i2, kl, i1, i0, r2, i3, w, nl)
+        return tl.reshape(c, (32 * KA, 32 * NB))
+
+    @triton.jit
     def _mma_operand(w, KA: tl.constexpr, NB: tl.constexpr):
         """A dot operand of ``(32 KA, 32 NB)`` fp16 codes (+1024) from words ``(4 w, 8 nl, 4 kl, KA, NB)`` in
         mma order (``kv_quant.to_mma_order``): element ``(32 a + 16 i2 + 4 kl + 2 i1 + i0, 32 r + 8 w + nl)``
@@ -258,14 +285,15 @@ if HAS_TRITON:
         skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
         soa_b, soa_h, soa_s, soml_b, soml_h, soml_s,
         D: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr,
-        BLOCK_T: tl.constexpr,
+        BLOCK_T: tl.constexpr, BITS: tl.constexpr,
     ):
-        """:func:`_kivi_decode_kernel` for 4-bit caches packed in mma order, 64- or 128-token tiles, 4 warps: each
+        """:func:`_kivi_decode_kernel` for 4- or 2-bit caches packed in mma order, 64- or 128-token tiles, 4 warps: each
         thread loads the words of its own dot-operand fragments and dequantizes them in registers, so
         neither K nor V passes through shared memory. The next tile's words and metadata are fetched
         while this one is computed."""
         NB: tl.constexpr = D // 32
         RT: tl.constexpr = BLOCK_T // 32
+        PK: tl.constexpr = 2 if BITS == 2 else 1  # dot columns a word covers
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // H_KV
@@ -304,10 +332,18 @@ if HAS_TRITON:
         kl = th % 4
         ka = tl.arange(0, NB)
         rr = tl.arange(0, RT)
-        k_tok = (nl + 8 * RT * w_)[:, None, None] + 8 * rr[None, None, :]  # (128, 1, RT)
-        k_off = k_tok * skp_t + (kl[:, None, None] * NB + ka[None, :, None])  # (128, NB, RT): word kl * NB + a
-        v_off = ((4 * rr[None, :, None] + kl[:, None, None]) * svp_r  # word row 4 a + kl of 32-token block a
-                 + (nl + 8 * NB * w_)[:, None, None] + 8 * ka[None, None, :])  # (128, RT, NB)
+        kr_ = tl.arange(0, RT // PK)
+        vc_ = tl.arange(0, NB // PK)
+        # first token of each key word: (128, 1, RT // PK); a 2-bit word also holds the token 8 after it
+        k_tok = (nl + 8 * RT * w_)[:, None, None] + 8 * PK * kr_[None, None, :]
+        if BITS == 4:
+            k_row = k_tok
+            v_col = (nl + 8 * NB * w_)[:, None, None] + 8 * vc_[None, None, :]
+        else:  # 2-bit rows hold token pairs (t, t + 8), columns channel pairs (n, n + 8)
+            k_row = (nl + 4 * RT * w_)[:, None, None] + 8 * kr_[None, None, :]
+            v_col = (nl + 4 * NB * w_)[:, None, None] + 8 * vc_[None, None, :]
+        k_off = k_row * skp_t + (kl[:, None, None] * NB + ka[None, :, None])  # (128, NB, RT // PK): word kl NB + a
+        v_off = (4 * rr[None, :, None] + kl[:, None, None]) * svp_r + v_col  # (128, RT, NB // PK): row 4 a + kl
         n = tl.arange(0, BLOCK_T)
         tok = (n % 8) + 8 * (n // 32) + 8 * RT * ((n // 8) % 4)  # token of score column n
         n = tl.arange(0, D)
@@ -315,17 +351,20 @@ if HAS_TRITON:
 
         k_s_nx, k_m_nx = _key_meta(ks, km, ku, lo, hi, d, dmask, sks_g, sku_g, BLOCK_T, G, DQ, tl.float16)
         v_s_nx, v_m_nx = _value_meta(vs, vm, vu, lo, hi, svs_t, svu_g, BLOCK_T, D, D, G, DQ, tl.float16)
-        kw_nx = tl.load(kp + lo * skp_t + k_off, mask=(lo + k_tok) < hi, other=0)
+        kw_nx = tl.load(kp + (lo // PK) * skp_t + k_off, mask=(lo + k_tok) < hi, other=0)
         vw_nx = tl.load(vp + (lo // 8) * svp_r + v_off, mask=(lo + 32 * rr[None, :, None]) < hi, other=0)
         for start in range(lo, hi, BLOCK_T):
             k_s, k_m, v_s, v_m, kw, vw = k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx
             nxt = start + BLOCK_T
             k_s_nx, k_m_nx = _key_meta(ks, km, ku, nxt, hi, d, dmask, sks_g, sku_g, BLOCK_T, G, DQ, tl.float16)
             v_s_nx, v_m_nx = _value_meta(vs, vm, vu, nxt, hi, svs_t, svu_g, BLOCK_T, D, D, G, DQ, tl.float16)
-            kw_nx = tl.load(kp + nxt * skp_t + k_off, mask=(nxt + k_tok) < hi, other=0)
+            kw_nx = tl.load(kp + (nxt // PK) * skp_t + k_off, mask=(nxt + k_tok) < hi, other=0)
             vw_nx = tl.load(vp + (nxt // 8) * svp_r + v_off, mask=(nxt + 32 * rr[None, :, None]) < hi, other=0)
 
-            kt = _mma_operand(tl.reshape(kw, (4, 8, 4, NB, RT)), NB, RT) - 1024.0  # K^T: (D, BLOCK_T)
+            if BITS == 4:
+                kt = _mma_operand(tl.reshape(kw, (4, 8, 4, NB, RT)), NB, RT) - 1024.0  # K^T: (D, BLOCK_T)
+            else:
+                kt = _mma_operand2(tl.reshape(kw, (4, 8, 4, NB, RT // 2)), NB, RT) - 1024.0
             kt = kt * _key_cols(k_s, D, G, BLOCK_T) + _key_cols(k_m, D, G, BLOCK_T)
             s = tl.dot(q, kt) * qk_scale
             s = tl.where((start + tok < hi)[None, :], s, float("-inf"))
@@ -335,7 +374,10 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             # columns (r, w, nl) -> tokens (w, r, nl), i.e. in order
             p = tl.reshape(tl.permute(tl.reshape(p.to(tl.float16), (BLOCK_H, RT, 4, 8)), (0, 2, 1, 3)), (BLOCK_H, BLOCK_T))
-            v = _mma_operand(tl.reshape(vw, (4, 8, 4, RT, NB)), RT, NB) - 1024.0  # V: (BLOCK_T, D)
+            if BITS == 4:
+                v = _mma_operand(tl.reshape(vw, (4, 8, 4, RT, NB)), RT, NB) - 1024.0  # V: (BLOCK_T, D)
+            else:
+                v = _mma_operand2(tl.reshape(vw, (4, 8, 4, RT, NB // 2)), RT, NB) - 1024.0
             v = v * _value_cols(v_s, D, G, BLOCK_T) + _value_cols(v_m, D, G, BLOCK_T)
             acc = acc * alpha[:, None] + tl.dot(p, v)
             m_i = m_new
@@ -615,7 +657,7 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
             ku.stride(0), ku.stride(1), ku.stride(2), vu.stride(0), vu.stride(1), vu.stride(2),
             k_res.stride(0), k_res.stride(1), k_res.stride(2), v_res.stride(0), v_res.stride(1), v_res.stride(2),
             oa.stride(0), oa.stride(1), oa.stride(2), oml.stride(0), oml.stride(1), oml.stride(2),
-            D=d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)), G=g, DQ=dq, BLOCK_T=block_t, num_warps=4,
+            D=d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)), G=g, DQ=dq, BLOCK_T=block_t, BITS=bits_k, num_warps=4,
             num_stages=1,
         )
     else:
@@ -646,12 +688,13 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
 
 
 def _mma_kernel_fits(q, kq, vq) -> bool:
-    """Whether :func:`_kivi_decode_mma_kernel` takes this cache: fp16 queries, 4-bit keys and values, a head
-    size of 32 to 256 that is a power of two, and a group size of at least 16 and at least a quarter of the
-    head size (otherwise the cache is re-packed in KIVI order for the general kernel)."""
+    """Whether :func:`_kivi_decode_mma_kernel` takes this cache: fp16 queries, keys and values both 4-bit or
+    both 2-bit, a head size of 32 to 256 that is a power of two (64 or more at 2 bits), and a group size of
+    at least 16 and at least a quarter of the head size (otherwise the cache is re-packed in KIVI order for
+    the general kernel)."""
     d, g = q.shape[-1], kq.group_size
-    return (q.dtype == torch.float16 and kq.bits == vq.bits == 4 and d in (32, 64, 128, 256)
-            and g >= max(16, d // 4))
+    return (q.dtype == torch.float16 and kq.bits == vq.bits and kq.bits in (4, 2)
+            and d in ((32, 64, 128, 256) if kq.bits == 4 else (64, 128, 256)) and g >= max(16, d // 4))
 
 
 def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Optional[QuantizedTensor],

@@ -178,12 +178,13 @@ class QuantizedKVLayer(CacheLayerMixin):
     @property
     def mma_order(self) -> bool:
         """Whether the quantized part is stored in tensor-core operand order: with the fused attention on an
-        fp16 model, 4-bit keys and values, no refinement codes, a head size of 32-256 (a power of two) and
-        groups of at least 32 tokens and a quarter of the head size; the fused kernel then reads no tile
-        through shared memory."""
+        fp16 model, keys and values both 4-bit or both 2-bit, no refinement codes, a head size of 32-256 (a
+        power of two; 64 or more at 2 bits) and groups of at least 32 tokens and a quarter of the head size;
+        the fused kernel then reads no tile through shared memory."""
         d = self.keys.shape[-1] if self.is_initialized else 0
-        return (self.fused_attention and self.important_ratio == 0 and self.key_bits == self.value_bits == 4
-                and self.is_initialized and self.dtype == torch.float16 and d in (32, 64, 128, 256)
+        return (self.fused_attention and self.important_ratio == 0 and self.key_bits == self.value_bits
+                and self.key_bits in (4, 2) and self.is_initialized and self.dtype == torch.float16
+                and d in ((32, 64, 128, 256) if self.key_bits == 4 else (64, 128, 256))
                 and self.group_size >= max(32, d // 4) and pick_backend(self.backend, self.keys) == "triton")
 
     # -- mixed precision (MiKV's idea with SnapKV's importance rule)

@@ -578,58 +578,61 @@ def quantize_values(v: torch.Tensor, bits: int = 4, group_size: int = 32, *, met
 
 
 # ----------------------------------------------------------------- tensor-core operand order ("mma")
-# In a 32-element block, code c of word j holds element 4 j + (c & 3) + 16 (c >> 2): what one thread
-# holds of a 16-bit mma.m16n8k16 operand fragment, as Triton lays it out (four consecutive k elements a
-# thread, kWidth 4), for two k-blocks of 16. Keys are stored token-major (each token's D channels in
-# D / 8 words, word kl * D / 32 + b holding block b's part of thread kl, so a thread's words are
-# adjacent), values channel-major (each channel's tokens, row 4 * (t // 32) + kl): the decode kernel
-# then loads every word into the thread whose dot operand needs it and dequantizes in place, with no
-# trip through shared memory.
-MMA_BITS = 4
-_MMA_BLOCK = 32
+# Within a 32-element block, code c' (< 8) of word j holds element 4 j + (c' & 3) + 16 (c' >> 2): what one
+# thread holds of a 16-bit mma.m16n8k16 operand fragment as Triton lays it out (four consecutive k a thread,
+# kWidth 4), for two k-blocks of 16. Keys are stored token-major, values channel-major (the reverse of
+# KIVI's packing axes): the decode kernel then loads every word into the thread whose dot operand needs it
+# and dequantizes it there, with no trip through shared memory. A 2-bit word holds two such sets of eight
+# codes (c = c' + 8 i): keys of tokens t and t + 8, values of channels n and n + 8.
+#   4-bit keys    (T, D / 8):       row t, word j * D / 32 + b: channels 32 b + elt(j, c), token t
+#   4-bit values  (T / 8, D):       row 4 a + j, channel n: tokens 32 a + elt(j, c)
+#   2-bit keys    (T / 2, D / 8):   row 8 u + l, word j * D / 32 + b: channels 32 b + elt(j, c'),
+#                                   token 16 u + l + 8 i
+#   2-bit values  (T / 8, D / 2):   row 4 a + j, word 8 p + l: tokens 32 a + elt(j, c'), channel 16 p + l + 8 i
+MMA_BITS = (4, 2)
 
 
-def _mma_perm(device) -> torch.Tensor:
-    j = torch.arange(4, device=device)[:, None]
-    c = torch.arange(8, device=device)[None, :]
-    return (4 * j + (c & 3) + 16 * (c >> 2)).reshape(-1)  # (4 * 8,): element of (word j, code c)
-
-
-def _mma_pack_rows(codes: torch.Tensor) -> torch.Tensor:
-    """``(..., L)`` 4-bit codes, ``L`` a multiple of 32 -> ``(..., 4, L // 32)`` int32 words (word j of block b
-    at ``[..., j, b]``)."""
-    *lead, n = codes.shape
-    blocks = codes.reshape(*lead, n // _MMA_BLOCK, _MMA_BLOCK)[..., _mma_perm(codes.device)]
-    blocks = blocks.reshape(*lead, n // _MMA_BLOCK, 4, 8).transpose(-2, -3)  # (..., 4 j, blocks, 8 c)
-    return _pack_last_ref(blocks.reshape(*lead, n), MMA_BITS).reshape(*lead, 4, n // _MMA_BLOCK)
-
-
-def _mma_unpack_rows(words: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_mma_pack_rows`: ``(..., 4, NB)`` words -> ``(..., 32 NB)`` codes."""
-    *lead, _, nb = words.shape
-    c = _unpack_last_ref(words.reshape(*lead, 4 * nb), MMA_BITS).reshape(*lead, 4, nb, 8).transpose(-2, -3)
-    out = torch.empty(*lead, nb, _MMA_BLOCK, dtype=c.dtype, device=c.device)
-    out[..., _mma_perm(c.device)] = c.reshape(*lead, nb, _MMA_BLOCK)
-    return out.reshape(*lead, nb * _MMA_BLOCK)
+def _mma_sources(bits: int, axis: str, t: int, d: int, device):
+    """For each code of an mma-ordered packed tensor, the (token, channel) it holds: two int64 tensors of
+    shape ``(rows, words per row, codes per word)``."""
+    nb = d // 32
+    per = 32 // bits
+    c = torch.arange(per, device=device)
+    cc, i = c % 8, c // 8  # code within its set of eight, and which set (2-bit only)
+    elt = lambda j: 4 * j + (cc & 3) + 16 * (cc >> 2)  # noqa: E731
+    if axis == "token":
+        rows = t if bits == 4 else t // 2
+        r = torch.arange(rows, device=device)[:, None, None]
+        col = torch.arange(d // 8, device=device)[None, :, None]
+        j, b = col // nb, col % nb
+        chan = 32 * b + elt(j)
+        tok = r if bits == 4 else 16 * (r // 8) + r % 8 + 8 * i
+    else:
+        r = torch.arange(t // 8, device=device)[:, None, None]
+        a, j = r // 4, r % 4
+        tok = 32 * a + elt(j)
+        col = torch.arange(d if bits == 4 else d // 2, device=device)[None, :, None]
+        chan = col if bits == 4 else 16 * (col // 8) + col % 8 + 8 * i
+    shape = (r.shape[0], col.shape[1], per)
+    return tok.expand(shape), chan.expand(shape)
 
 
 def to_mma_order(q: QuantizedTensor) -> QuantizedTensor:
-    """The same codes re-packed in tensor-core operand order (``order="mma"``), which
+    """The same codes re-packed in tensor-core operand order (``order="mma"``, layout above), which
     :func:`decode_attention.kivi_decode_attention` reads without staging tiles in shared memory. Needs
-    4-bit codes, a head size that is a multiple of 32 and, for values, a token count that is a multiple
-    of 32. Scales, minimums and the byte count are unchanged; :func:`from_mma_order` inverts it."""
+    2- or 4-bit codes, a head size that is a multiple of 32, a token count that is a multiple of 32 for
+    values and of 16 for 2-bit keys. Scales, minimums and the byte count are unchanged;
+    :func:`from_mma_order` inverts it."""
     if q.order == "mma":
         return q
     b, h, t, d = q.shape
-    if q.bits != MMA_BITS or d % _MMA_BLOCK or (q.axis == "channel" and t % _MMA_BLOCK):
-        raise ValueError(f"mma order needs {MMA_BITS}-bit codes, a head size that is a multiple of 32 and, for "
-                         f"values, a token count that is a multiple of 32; got {q.bits} bits, shape {q.shape}")
-    if q.axis == "token":  # keys: per token, D / 8 words
-        codes = _unpack_last_ref(q.packed.transpose(-1, -2), q.bits).transpose(-1, -2)  # (B, H, T, D)
-        packed = _mma_pack_rows(codes).reshape(b, h, t, d // 8)
-    else:  # values: per channel, rows of 4 words per 32 tokens
-        codes = _unpack_last_ref(q.packed, q.bits).transpose(-1, -2)  # (B, H, D, T)
-        packed = _mma_pack_rows(codes).transpose(-1, -2).reshape(b, h, d, t // 8).transpose(-1, -2)
+    if q.bits not in MMA_BITS or d % 32 or (q.axis == "channel" and t % 32) or (q.bits == 2 and t % 16):
+        raise ValueError(f"mma order needs 2- or 4-bit codes, a head size that is a multiple of 32 and a token "
+                         f"count that is a multiple of 32 (values) or 16 (2-bit keys); got {q.bits} bits, "
+                         f"shape {q.shape}")
+    codes = _codes_kivi(q)  # (B, H, T, D)
+    tok, chan = _mma_sources(q.bits, q.axis, t, d, codes.device)
+    packed = _pack_last_ref(codes[:, :, tok, chan].reshape(b, h, tok.shape[0], -1), q.bits)
     return replace(q, packed=packed.contiguous(), order="mma")
 
 
@@ -638,13 +641,21 @@ def from_mma_order(q: QuantizedTensor) -> QuantizedTensor:
     if q.order != "mma":
         return q
     b, h, t, d = q.shape
+    tok, chan = _mma_sources(q.bits, q.axis, t, d, q.packed.device)
+    codes = torch.empty(b, h, t, d, dtype=torch.int32, device=q.packed.device)
+    codes[:, :, tok, chan] = _unpack_last_ref(q.packed, q.bits).reshape(b, h, *tok.shape)
     if q.axis == "token":
-        codes = _mma_unpack_rows(q.packed.reshape(b, h, t, 4, d // _MMA_BLOCK))  # (B, H, T, D)
         packed = _pack_last_ref(codes.transpose(-1, -2), q.bits).transpose(-1, -2)
     else:
-        words = q.packed.transpose(-1, -2).reshape(b, h, d, t // _MMA_BLOCK, 4).transpose(-1, -2)
-        packed = _pack_last_ref(_mma_unpack_rows(words).transpose(-1, -2), q.bits)  # codes (B, H, T, D)
+        packed = _pack_last_ref(codes, q.bits)
     return replace(q, packed=packed.contiguous(), order="kivi")
+
+
+def _codes_kivi(q: QuantizedTensor) -> torch.Tensor:
+    """The ``(B, H, T, D)`` codes of a KIVI-ordered tensor."""
+    if q.axis == "token":
+        return _unpack_last_ref(q.packed.transpose(-1, -2), q.bits).transpose(-1, -2)
+    return _unpack_last_ref(q.packed, q.bits)
 
 
 def dequantize(q: QuantizedTensor, dtype=torch.float32, *, backend: str = "auto") -> torch.Tensor:
