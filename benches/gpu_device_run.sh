@@ -10,7 +10,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 python3 -c "import torch, triton, triton.language as tl; print('torch', torch.__version__, 'triton', triton.__version__, 'tl.topk', hasattr(tl, 'topk'))"
-timeout 330 python3 benches/gpu_bench.py --kernels "$kernels" --json "$out/gpu_bench.json" 2>&1 | tee "$out/bench.log" | grep -v '^decode\|^search\|^index\|^stage-1'
+timeout 400 python3 benches/gpu_bench.py --kernels "$kernels" --json "$out/gpu_bench.json" 2>&1 | tee "$out/bench.log" | grep -v '^decode\|^search\|^index\|^stage-1'
 echo "bench exit $?"
 if [ -n "$NCU" ]; then  # Nsight Compute on the decode kernel's configurations (benches/gpu_ncu_decode.py)
     ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
@@ -21,6 +21,6 @@ if [ -n "$NCU" ]; then  # Nsight Compute on the decode kernel's configurations (
     echo "ncu exit $?"
     grep -E "ran |Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Compute \(SM\) Throughput" "$out/ncu.txt" | head -80
 fi
-timeout 180 python3 -m pytest -q -x -p no:cacheprovider -n 8 -m "gpu and not slow" ${filter:+-k "$filter"} \
+timeout 160 python3 -m pytest -q -x -p no:cacheprovider -n 8 -m "gpu and not slow" ${filter:+-k "$filter"} \
     tests/test_gpu_kernels.py tests/test_gpu_kv_cache.py 2>&1 | tee "$out/pytest.log" | tail -15
 echo "pytest exit $?"
