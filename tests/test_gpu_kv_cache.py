@@ -211,24 +211,25 @@ def test_fused_attention_matches_dequantize_path():
 def test_fp16_fused_cache_keeps_mma_order_and_matches_dequantize_path(bits, head_dim):
     """An fp16 model with the fused attention stores its codes in tensor-core operand order (what the fused
     kernel reads without shared-memory staging) and decodes as the dequantize path does; the bytes held are
-    the same as in KIVI order."""
+    the same as in KIVI order, which ``operand_order=False`` keeps."""
     name = G.register_attention()
     model = tiny_llama(attn=name, head_dim=head_dim).half()
     ids = torch.randint(0, 101, (1, 80), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     outs, caches = [], []
     with torch.no_grad():
-        for fused in (False, True):
-            cache = G.QuantizedKVCache(model.config, bits=bits, fused_attention=fused,
+        for fused, order in ((False, True), (True, True), (True, False)):
+            cache = G.QuantizedKVCache(model.config, bits=bits, fused_attention=fused, operand_order=order,
                                        backend="triton" if fused else "torch")
             model(ids[:, :70], **G.cache_kwargs(model, cache), use_cache=True)
             outs.append(torch.stack([model(ids[:, t:t + 1], **G.cache_kwargs(model, cache), use_cache=True).logits[0, -1]
                                      for t in range(70, 76)]).float())
             caches.append(cache)
-    plain, fused = caches[0].layers[0], caches[1].layers[0]
-    assert fused.qkeys.order == fused.qvalues.order == "mma" and plain.qkeys.order == "kivi"
+    plain, fused, kivi = (c.layers[0] for c in caches)
+    assert fused.qkeys.order == fused.qvalues.order == "mma" and plain.qkeys.order == kivi.qkeys.order == "kivi"
     assert fused.nbytes() == plain.nbytes()
-    torch.testing.assert_close(outs[1], outs[0], atol=2e-2, rtol=0)
-    assert (outs[1] - outs[0]).abs().max() < 0.01 * outs[0].abs().max()
+    for out in outs[1:]:  # the mma-order kernel, and the general one (operand_order=False)
+        torch.testing.assert_close(out, outs[0], atol=2e-2, rtol=0)
+        assert (out - outs[0]).abs().max() < 0.01 * outs[0].abs().max()
 
 
 def test_rotated_values_roundtrip_error_and_bytes():

@@ -95,8 +95,9 @@ class QuantizedKVLayer(CacheLayerMixin):
                  meta_dtype: torch.dtype = torch.float16, backend: str = "auto", fused_attention: bool = False,
                  sink_tokens: int = 0, meta_bits: int = 16, important_ratio: float = 0.0, extra_bits: int = 2,
                  observation_window: int = 32, pool_kernel: int = 5, meta_round: str = "cover",
-                 rotate_values: bool = False):
+                 rotate_values: bool = False, operand_order: bool = True):
         super().__init__()
+        self.operand_order = operand_order
         if meta_bits not in (8, 16):
             raise ValueError(f"meta_bits must be 8 or 16, got {meta_bits}")
         if meta_round not in ("cover", "nearest"):
@@ -180,9 +181,11 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Whether the quantized part is stored in tensor-core operand order: with the fused attention on an
         fp16 model, keys and values both 4-bit or both 2-bit, no refinement codes, a head size of 32-256 (a
         power of two; 64 or more at 2 bits) and groups of at least 32 tokens and a quarter of the head size;
-        the fused kernel then reads no tile through shared memory."""
+        the fused kernel then reads no tile through shared memory. ``operand_order=False`` keeps KIVI's
+        packing."""
         d = self.keys.shape[-1] if self.is_initialized else 0
-        return (self.fused_attention and self.important_ratio == 0 and self.key_bits == self.value_bits
+        return (self.operand_order and self.fused_attention and self.important_ratio == 0
+                and self.key_bits == self.value_bits
                 and self.key_bits in (4, 2) and self.is_initialized and self.dtype == torch.float16
                 and d in ((32, 64, 128, 256) if self.key_bits == 4 else (64, 128, 256))
                 and self.group_size >= max(32, d // 4) and pick_backend(self.backend, self.keys) == "triton")
@@ -346,7 +349,9 @@ class QuantizedKVCache(Cache):
     :mod:`kv_quant`), ``meta_round`` (with ``meta_bits=8``: ``"cover"`` or ``"nearest"``, see
     :func:`kv_quant.quantize_keys`), ``rotate_values`` (quantize values after a Hadamard rotation of their
     channels, undone on the dequantized values or, in the fused path, on the attention output; the head size
-    must be a power of two).
+    must be a power of two), ``operand_order`` (with ``fused_attention`` on an fp16 model: store the codes in
+    tensor-core operand order, :func:`kv_quant.to_mma_order`, which the fused kernel reads without staging
+    tiles in shared memory; ``False`` keeps KIVI's packing and the general kernel).
     ``key_bits`` and ``value_bits`` may also be a sequence with one entry per layer (``config`` needed), e.g.
     4-bit keys in the few layers whose 2-bit keys err most (chosen on a calibration text).
     Without ``config`` the layers are created as the model first reaches them.
@@ -357,7 +362,7 @@ class QuantizedKVCache(Cache):
                  meta_dtype: torch.dtype = torch.float16, backend: str = "auto", fused_attention: bool = False,
                  sink_tokens: int = 0, meta_bits: int = 16, important_ratio: float = 0.0, extra_bits: int = 2,
                  observation_window: int = 32, pool_kernel: int = 5, meta_round: str = "cover",
-                 rotate_values: bool = False):
+                 rotate_values: bool = False, operand_order: bool = True):
         per_layer = {name: list(b) for name, b in (("key_bits", key_bits), ("value_bits", value_bits))
                      if b is not None and not isinstance(b, int)}
         if per_layer:
@@ -377,7 +382,8 @@ class QuantizedKVCache(Cache):
                   residual_length=residual_length, key_bits=key_bits,
                   value_bits=value_bits, meta_dtype=meta_dtype, backend=backend, fused_attention=fused_attention,
                   sink_tokens=sink_tokens, meta_bits=meta_bits, important_ratio=important_ratio,
-                  extra_bits=extra_bits, observation_window=observation_window, pool_kernel=pool_kernel)
+                  extra_bits=extra_bits, observation_window=observation_window, pool_kernel=pool_kernel,
+                  operand_order=operand_order)
         if per_layer:
             super().__init__(layers=[QuantizedKVLayer(**{**kw, "key_bits": key_bits[i], "value_bits": value_bits[i]})
                                      for i in range(n_layers)])
