@@ -174,6 +174,26 @@ if HAS_TRITON:
         return tl.reshape(tl.broadcast_to(x[:, :, None], (R, N, C // N)), (R, C))
 
     @triton.jit
+    def _program_start(Q, sq_b, sq_h, H_KV, N_REP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
+                       BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
+        """This program's sequence and kv head, its query heads (all of the GQA group) and their queries,
+        and an empty online-softmax state: ``(b, hk, heads, hmask, d, dmask, q, m_i, l_i, acc)``."""
+        pid = tl.program_id(0)
+        b = pid // H_KV
+        hk = pid % H_KV
+        hs = tl.arange(0, BLOCK_H)
+        hmask = hs < N_REP
+        heads = hk * N_REP + hs
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=hmask[:, None] & dmask[None, :],
+                    other=0.0).to(DOT_DTYPE)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        return b, hk, heads, hmask, d, dmask, q, m_i, l_i, acc
+
+    @triton.jit
     def _attend_full(q, m_i, l_i, acc, kr, vr, lo, hi, skr_t, svr_t, qk_scale, d, dmask, vcol, BLOCK_T: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
         """The online softmax carried over full-precision tokens ``[lo, hi)`` (the recent window); column ``j``
@@ -294,20 +314,9 @@ if HAS_TRITON:
         NB: tl.constexpr = D // 32
         RT: tl.constexpr = BLOCK_T // 32
         PK: tl.constexpr = 2 if BITS == 2 else 1  # dot columns a word covers
-        pid = tl.program_id(0)
         split = tl.program_id(1)
-        b = pid // H_KV
-        hk = pid % H_KV
-        hs = tl.arange(0, BLOCK_H)
-        hmask = hs < N_REP
-        heads = hk * N_REP + hs
-        d = tl.arange(0, D)
-        dmask = d < D
-        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=hmask[:, None], other=0.0).to(tl.float16)
-        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, D], tl.float32)
-
+        b, hk, heads, hmask, d, dmask, q, m_i, l_i, acc = _program_start(Q, sq_b, sq_h, H_KV, N_REP, BLOCK_H, D, D,
+                                                                          tl.float16)
         lo = split * chunk_q
         hi = tl.minimum(lo + chunk_q, Tq)
         kp = KP + b * skp_b + hk * skp_h
@@ -409,20 +418,9 @@ if HAS_TRITON:
         PWV: tl.constexpr = 32 // BITS_V
         MASK_K: tl.constexpr = (1 << BITS_K) - 1
         MASK_V: tl.constexpr = (1 << BITS_V) - 1
-        pid = tl.program_id(0)
         split = tl.program_id(1)
-        b = pid // H_KV
-        hk = pid % H_KV
-        hs = tl.arange(0, BLOCK_H)
-        hmask = hs < N_REP
-        heads = hk * N_REP + hs
-        d = tl.arange(0, BLOCK_D)
-        dmask = d < D
-        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=hmask[:, None] & dmask[None, :],
-                    other=0.0).to(DOT_DTYPE)
-        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        b, hk, heads, hmask, d, dmask, q, m_i, l_i, acc = _program_start(Q, sq_b, sq_h, H_KV, N_REP, BLOCK_H, D,
+                                                                          BLOCK_D, DOT_DTYPE)
 
         # ---- quantized tokens of this split
         lo = split * chunk_q
@@ -647,29 +645,22 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     precision = "ieee" if dot_dtype == tl.float32 else "tf32"
     block_d = max(16, next_pow2(d))
     grid = (b * h_kv, num_splits)
+    # both kernels take the same tensors and strides (the packed words' third stride: key word rows or
+    # tokens, value tokens or word rows, as the order has them)
+    args = (q, kp, ks, km, vp, vs, vm, ku, vu, k_res, v_res, oa, oml,
+            tq, tr, chunk_q, chunk_r, scale * 1.4426950408889634, h_kv,
+            *q.stride()[:2], *kp.stride()[:3], *ks.stride()[:3], *vp.stride()[:3], *vs.stride()[:3],
+            *ku.stride()[:3], *vu.stride()[:3], *k_res.stride()[:3], *v_res.stride()[:3], *oa.stride()[:3],
+            *oml.stride()[:3])
     if kq is not None and kq.order == "mma":
         _kivi_decode_mma_kernel[grid](
-            q, kp, ks, km, vp, vs, vm, ku, vu, k_res, v_res, oa, oml,
-            tq, tr, chunk_q, chunk_r, scale * 1.4426950408889634, h_kv,
-            q.stride(0), q.stride(1),
-            kp.stride(0), kp.stride(1), kp.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-            vp.stride(0), vp.stride(1), vp.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
-            ku.stride(0), ku.stride(1), ku.stride(2), vu.stride(0), vu.stride(1), vu.stride(2),
-            k_res.stride(0), k_res.stride(1), k_res.stride(2), v_res.stride(0), v_res.stride(1), v_res.stride(2),
-            oa.stride(0), oa.stride(1), oa.stride(2), oml.stride(0), oml.stride(1), oml.stride(2),
+            *args,
             D=d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)), G=g, DQ=dq, BLOCK_T=block_t, BITS=bits_k, num_warps=4,
             num_stages=1,
         )
     else:
         _kivi_decode_kernel[grid](
-            q, kp, ks, km, vp, vs, vm, ku, vu, k_res, v_res, oa, oml,
-            tq, tr, chunk_q, chunk_r, scale * 1.4426950408889634, h_kv,
-            q.stride(0), q.stride(1),
-            kp.stride(0), kp.stride(1), kp.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-            vp.stride(0), vp.stride(1), vp.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
-            ku.stride(0), ku.stride(1), ku.stride(2), vu.stride(0), vu.stride(1), vu.stride(2),
-            k_res.stride(0), k_res.stride(1), k_res.stride(2), v_res.stride(0), v_res.stride(1), v_res.stride(2),
-            oa.stride(0), oa.stride(1), oa.stride(2), oml.stride(0), oml.stride(1), oml.stride(2),
+            *args,
             D=d, BLOCK_D=block_d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)),
             BITS_K=bits_k, BITS_V=bits_v, G=g, BLOCK_T=block_t, DOT_DTYPE=dot_dtype, PRECISION=precision,
             DQ=dq, UNPACK=mode, DEQ_DTYPE=tl.float16 if dot_dtype == tl.float16 else tl.float32, PREFETCH=PREFETCH_MODES[prefetch],
