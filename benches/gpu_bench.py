@@ -120,7 +120,8 @@ def main(argv=None) -> int:
         # "order": "mma": the cache re-packed in tensor-core operand order (kv_quant.to_mma_order, what
         # QuantizedKVCache stores for an fp16 model with the fused attention): its own kernel, no
         # shared-memory staging of the K and V tiles
-        mma = [{"order": "mma"}, {"order": "mma", "block_t": 128}, {"order": "mma", "splits": "x2"}]
+        mma = [{"order": "mma"}, {"order": "mma", "q_in_registers": True}, {"order": "mma", "q_in_registers": False},
+               {"order": "mma", "block_t": 128}, {"order": "mma", "splits": "x2"}]
         configs = [{}, *mma, {"prefetch": "meta"}, {"prefetch": "all", "num_stages": 2},
                    {"prefetch": "all", "block_t": 128, "num_warps": 8}, {"prefetch": "none"},
                    {"splits": "x2"}, {"unpack": "expand", "prefetch": "none"}]
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
             shapes += [(32, 32, 8, 128, 16384)]
         if args.smoke:
             shapes = [(1, 4, 2, 64, 64 + 128 + 32)]
-            configs = configs[:3] + configs[-1:]
+            configs = [configs[0], mma[0], mma[1], mma[3], configs[-1]]
         for b, hq, hkv, d, t in shapes:
             window = 64
             tq = t - window
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
                         order = cfg.get("order", "kivi")
                         ck, cv = (kqm, vqm) if order == "mma" else (kq, vq)
                         kw = {"block_t": 64, "num_warps": 4, "unpack": "join", "num_stages": None, "prefetch": "all",
-                              "num_splits": None}
+                              "num_splits": None, "q_in_registers": None}
                         kw.update({key: val for key, val in cfg.items() if key not in ("splits", "order")})
                         sp = cfg.get("splits")
                         if sp is not None:  # relative to the kernel's default split count
@@ -167,7 +168,8 @@ def main(argv=None) -> int:
                         ms = bench(kivi_decode_attention, q, ck, cv, kr, vr, **kw)
                         row = {"kernel": "kivi_decode", "bits": bits, "meta_bits": meta_bits, "shape": shape, "order": order,
                                "block_t": bt, "num_warps": nw, "unpack": ex, "num_splits": ns, "num_stages": st,
-                               "prefetch": kw["prefetch"], "splits_rule": sp, "ms": ms, "bytes": nbytes,
+                               "prefetch": kw["prefetch"], "q_in_registers": kw["q_in_registers"], "splits_rule": sp,
+                               "ms": ms, "bytes": nbytes,
                                "GB/s": nbytes / ms / 1e6, "frac_bw": nbytes / (ms * 1e-3) / bw,
                                "sdpa_fp16_ms": sdpa_ms, "sdpa_frac_bw": sdpa_bytes / (sdpa_ms * 1e-3) / bw, "max_err": err}
                         if cfg in (configs[0], configs[1]) and dev == "cuda":
@@ -186,7 +188,7 @@ def main(argv=None) -> int:
                             del caches
                         rows.append(row)
                         print(f"decode {shape:28s} {bits}b m{meta_bits:<2d} {order:4s} bt{bt:<3d} w{nw} {ex:6s} s{sp} st{st} "
-                              f"pf-{kw['prefetch']}: "
+                              f"pf-{kw['prefetch']} qr-{kw['q_in_registers']}: "
                               f"{ms * 1e3:8.1f} us {row['frac_bw']:6.1%} bw | SDPA fp16 {sdpa_ms * 1e3:8.1f} us "
                               f"({row['sdpa_frac_bw']:5.1%}); {sdpa_ms / ms:.2f}x"
                               + (f" | graph x{row['graph_copies']} {row['graph_ms'] * 1e3:8.1f} us "
@@ -308,11 +310,11 @@ def main(argv=None) -> int:
         dflt = next((r for r in rs if r.get("block_t", 64) == 64 and r.get("num_warps", 4) == 4
                      and r.get("unpack", "join") == "join" and r.get("num_splits") is None
                      and r.get("num_stages") is None and r.get("prefetch", "all") == "all"
-                     and r.get("chunk_rows") is None and r.get("tile") is None),
+                     and r.get("chunk_rows") is None and r.get("tile") is None and r.get("q_in_registers") is None),
                     rs[0])
         peer = rs[0].get("sdpa_frac_bw", rs[0].get("torch_frac_bw", float("nan")))
         cfg = {c: best[c] for c in ("block_t", "num_warps", "unpack", "num_splits", "num_stages", "prefetch",
-                                    "chunk_rows", "tile")
+                                    "q_in_registers", "chunk_rows", "tile")
                if c in best}
         graph = f" (graph {dflt['graph_frac_bw']:6.1%}, {dflt['graph_ms'] * 1e3:7.1f} us)" if "graph_ms" in dflt else ""
         print(f"{' '.join(str(x) for x in key if x is not None):60s} default {dflt['frac_bw']:6.1%} "

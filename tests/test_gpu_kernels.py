@@ -365,7 +365,8 @@ MMA_CASES = [
 @pytest.mark.parametrize("case", MMA_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_decode_attention_mma_order_matches_reference(case):
     """The kernel for caches in tensor-core operand order (each thread dequantizes the words of its own
-    mma fragments) against the float32 reference and against the KIVI-order kernel."""
+    mma fragments), with the queries in shared memory or in registers, against the float32 reference and
+    against the KIVI-order kernel."""
     b, hq, hkv, tq, tr, d, g, splits, block_t, meta_bits, bits = case
     r = gen(sum(case[:7]) + bits)
     q = torch.randn(b, hq, d, generator=r).to(DEVICE, torch.float16)
@@ -376,10 +377,12 @@ def test_decode_attention_mma_order_matches_reference(case):
     k_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE, torch.float16)
     v_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE, torch.float16)
     km, vm = kv_quant.to_mma_order(kq), kv_quant.to_mma_order(vq)
-    got = G.kivi_decode_attention(q, km, vm, k_res, v_res, num_splits=splits, block_t=block_t, backend="triton")
     ref = G.kivi_decode_attention_ref(q.cpu(), _cpu(kq), _cpu(vq), k_res.cpu(), v_res.cpu())
-    assert got.shape == (b, hq, d) and got.dtype == torch.float16
-    torch.testing.assert_close(got.float().cpu(), ref.float(), atol=4e-3, rtol=0)
+    for q_regs in (False, True):  # queries read from shared memory per tile, or held in their mma fragments
+        got = G.kivi_decode_attention(q, km, vm, k_res, v_res, num_splits=splits, block_t=block_t,
+                                      q_in_registers=q_regs, backend="triton")
+        assert got.shape == (b, hq, d) and got.dtype == torch.float16
+        torch.testing.assert_close(got.float().cpu(), ref.float(), atol=4e-3, rtol=0)
     kivi = G.kivi_decode_attention(q, kq, vq, k_res, v_res, num_splits=splits, backend="triton")
     torch.testing.assert_close(got.float().cpu(), kivi.float().cpu(), atol=4e-3, rtol=0)
 

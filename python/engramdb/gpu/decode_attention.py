@@ -295,6 +295,56 @@ if HAS_TRITON:
         return tl.reshape(tl.broadcast_to(x[:, None, :, None, None], (BLOCK_T, NR, NG, 4 // NG, 8)), (BLOCK_T, D))
 
     @triton.jit
+    def _q_rows(Q, qrow, kl, rmask, i2: tl.constexpr, b: tl.constexpr):
+        """Four consecutive query channels ``32 b + 16 i2 + 4 kl + (0..3)`` of row ``qrow`` a thread: (128, 4)."""
+        off = (32 * b + 16 * i2 + 4 * kl)[:, None] + tl.arange(0, 4)[None, :]
+        return tl.load(Q + qrow[:, None] + off, mask=rmask[:, None], other=0.0)
+
+    @triton.jit
+    def _q_half(Q, qrow, kl, rmask, NB: tl.constexpr):
+        """All ``D = 32 NB`` channels of one query row a thread, as ``(128, 4, 2 i2, b bits...)``."""
+        if NB == 1:
+            x = tl.join(_q_rows(Q, qrow, kl, rmask, 0, 0), _q_rows(Q, qrow, kl, rmask, 1, 0))
+        elif NB == 2:
+            x = tl.join(tl.join(_q_rows(Q, qrow, kl, rmask, 0, 0), _q_rows(Q, qrow, kl, rmask, 1, 0)),
+                        tl.join(_q_rows(Q, qrow, kl, rmask, 0, 1), _q_rows(Q, qrow, kl, rmask, 1, 1)))
+        elif NB == 4:
+            x = tl.join(tl.join(tl.join(_q_rows(Q, qrow, kl, rmask, 0, 0), _q_rows(Q, qrow, kl, rmask, 1, 0)),
+                                tl.join(_q_rows(Q, qrow, kl, rmask, 0, 1), _q_rows(Q, qrow, kl, rmask, 1, 1))),
+                        tl.join(tl.join(_q_rows(Q, qrow, kl, rmask, 0, 2), _q_rows(Q, qrow, kl, rmask, 1, 2)),
+                                tl.join(_q_rows(Q, qrow, kl, rmask, 0, 3), _q_rows(Q, qrow, kl, rmask, 1, 3))))
+        else:
+            x = tl.join(_q_half(Q, qrow, kl, rmask, 4), _q_half(Q + 128, qrow, kl, rmask, 4))
+        return x
+
+    @triton.jit
+    def _q_operand(Q, qb, sq_h, hk, N_REP: tl.constexpr, D: tl.constexpr):
+        """The queries of a GQA group (up to 16 heads, fp16) as a ``(16, D)`` dot operand built in the layout
+        of its mma fragments (thread ``32 w + 4 nl + kl`` holds rows ``nl``, ``nl + 8`` and channels
+        ``32 b + 16 i2 + 4 kl + (0..3)``, every warp the same), so that it stays in registers for the whole
+        loop instead of being read back from shared memory for every tile."""
+        NB: tl.constexpr = D // 32
+        th = tl.arange(0, 128)
+        nl = (th // 4) % 8
+        kl = th % 4
+        lo = _q_half(Q + qb, (hk * N_REP + nl) * sq_h, kl, nl < N_REP, NB)
+        hi = _q_half(Q + qb, (hk * N_REP + nl + 8) * sq_h, kl, nl + 8 < N_REP, NB)
+        x = tl.join(lo, hi)  # (128, 4, 2 i2, b bits low to high..., 2 rm)
+        if NB == 1:
+            x = tl.max(tl.reshape(x, (4, 8, 4, 4, 2, 2)), axis=0)  # (nl, kl, 4, i2, rm), the same in every warp
+            x = tl.permute(x, (4, 0, 3, 1, 2))  # (rm, nl, i2, kl, 4)
+        elif NB == 2:
+            x = tl.max(tl.reshape(x, (4, 8, 4, 4, 2, 2, 2)), axis=0)  # (nl, kl, 4, i2, b0, rm)
+            x = tl.permute(x, (5, 0, 4, 3, 1, 2))
+        elif NB == 4:
+            x = tl.max(tl.reshape(x, (4, 8, 4, 4, 2, 2, 2, 2)), axis=0)  # (nl, kl, 4, i2, b0, b1, rm)
+            x = tl.permute(x, (6, 0, 5, 4, 3, 1, 2))
+        else:
+            x = tl.max(tl.reshape(x, (4, 8, 4, 4, 2, 2, 2, 2, 2)), axis=0)  # (nl, kl, 4, i2, b0, b1, b2, rm)
+            x = tl.permute(x, (7, 0, 6, 5, 4, 3, 1, 2))
+        return tl.reshape(x, (16, D)).to(tl.float16)
+
+    @triton.jit
     def _kivi_decode_mma_kernel(
         Q, KP, KS, KM, VP, VS, VM, KU, VU, KR, VR, OA, OML,
         Tq, Tr, chunk_q, chunk_r, qk_scale, H_KV,
@@ -305,7 +355,7 @@ if HAS_TRITON:
         skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
         soa_b, soa_h, soa_s, soml_b, soml_h, soml_s,
         D: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr,
-        BLOCK_T: tl.constexpr, BITS: tl.constexpr,
+        BLOCK_T: tl.constexpr, BITS: tl.constexpr, Q_REGS: tl.constexpr,
     ):
         """:func:`_kivi_decode_kernel` for 4- or 2-bit caches packed in mma order, 64- or 128-token tiles, 4 warps: each
         thread loads the words of its own dot-operand fragments and dequantizes them in registers, so
@@ -317,6 +367,8 @@ if HAS_TRITON:
         split = tl.program_id(1)
         b, hk, heads, hmask, d, dmask, q, m_i, l_i, acc = _program_start(Q, sq_b, sq_h, H_KV, N_REP, BLOCK_H, D, D,
                                                                           tl.float16)
+        if Q_REGS:  # the same queries, loaded straight into their mma fragments (BLOCK_H 16)
+            q = _q_operand(Q, b * sq_b, sq_h, hk, N_REP, D)
         lo = split * chunk_q
         hi = tl.minimum(lo + chunk_q, Tq)
         kp = KP + b * skp_b + hk * skp_h
@@ -599,7 +651,8 @@ def _sm_count(dev: torch.device) -> int:
     return _sm_count_of(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 132
 
 
-def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warps, unpack, num_stages, prefetch):
+def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warps, unpack, num_stages, q_regs,
+                   prefetch):
     b, hq, d = q.shape
     dev = q.device
     if kq is not None:
@@ -655,8 +708,9 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     if kq is not None and kq.order == "mma":
         _kivi_decode_mma_kernel[grid](
             *args,
-            D=d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)), G=g, DQ=dq, BLOCK_T=block_t, BITS=bits_k, num_warps=4,
-            num_stages=1,
+            D=d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)), G=g, DQ=dq, BLOCK_T=block_t, BITS=bits_k,
+            Q_REGS=n_rep <= 16 and (q_regs if q_regs is not None else not (bits_k == 4 and d == 128 and block_t == 64)),
+            num_warps=4, num_stages=1,
         )
     else:
         _kivi_decode_kernel[grid](
@@ -693,7 +747,7 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
                           sm_scale: Optional[float] = None, num_splits: Optional[int] = None,
                           block_t: int = 64, num_warps: int = 4, unpack: str = "join",
                           num_stages: Optional[int] = None, prefetch: str = "all",
-                          backend: str = "auto") -> torch.Tensor:
+                          q_in_registers: Optional[bool] = None, backend: str = "auto") -> torch.Tensor:
     """Attention of one query token per sequence over a KIVI cache.
 
     ``q``: ``(B, Hq, D)`` or ``(B, Hq, 1, D)``; ``kq``/``vq``: quantized keys and values over the same
@@ -707,8 +761,17 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
     int-to-float conversions), ``"expand"`` (the codes spread through a reshape) or ``"gather"`` (one
     load per element); ``prefetch``: what the next tile fetches while this one is computed:
     ``"all"`` (packed words, scales and minimums, in registers), ``"meta"`` (scales and minimums) or
-    ``"none"``; it applies to ``unpack="join"`` (the other two fetch each tile with it). Measured on an H100 (benches/RESULTS.md): the defaults run 1.38x faster than
-    ``unpack="expand", prefetch="none"`` on a 32 x 16K-token 4-bit cache.
+    ``"none"``; it applies to ``unpack="join"`` (the other two fetch each tile with it). Measured on an
+    H100 (benches/RESULTS.md): the defaults run 1.38x faster than ``unpack="expand", prefetch="none"`` on a
+    32 x 16K-token 4-bit cache.
+
+    A cache in tensor-core operand order (:func:`kv_quant.to_mma_order`) with fp16 queries goes to a
+    kernel of its own (64- or 128-token ``block_t``; ``unpack``, ``prefetch``, ``num_warps`` and
+    ``num_stages`` do not apply). ``q_in_registers`` (up to 16 query heads per kv head) loads the queries
+    straight into their mma fragments, where they stay for the whole loop, instead of reading them back
+    from shared memory for every tile. It costs registers, so the default (``None``) leaves it off only
+    where the offline compile showed the largest rise: 4-bit codes, head size 128, 64-token tiles
+    (168 -> 242 registers, three programs an SM -> two).
     """
     if unpack not in UNPACK_MODES:
         raise ValueError(f"unpack must be one of {tuple(UNPACK_MODES)}, got {unpack!r}")
@@ -736,7 +799,7 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if pick_backend(backend, q) == "triton":
         out = _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warps, unpack, num_stages,
-                             prefetch)
+                             q_in_registers, prefetch)
     else:
         out = kivi_decode_attention_ref(q, kq, vq, k_res, v_res, scale)
     return out[:, :, None] if squeeze else out
