@@ -120,8 +120,8 @@ def main(argv=None) -> int:
         # "order": "mma": the cache re-packed in tensor-core operand order (kv_quant.to_mma_order, what
         # QuantizedKVCache stores for an fp16 model with the fused attention): its own kernel, no
         # shared-memory staging of the K and V tiles
-        mma = [{"order": "mma"}, {"order": "mma", "q_in_registers": True}, {"order": "mma", "q_in_registers": False},
-               {"order": "mma", "block_t": 128}, {"order": "mma", "splits": "x2"}]
+        mma = [{"order": "mma"}, {"order": "mma", "q_in_registers": True}, {"order": "mma", "block_t": 128},
+               {"order": "mma", "splits": "x2"}]
         configs = [{}, *mma, {"prefetch": "meta"}, {"prefetch": "all", "num_stages": 2},
                    {"prefetch": "all", "block_t": 128, "num_warps": 8}, {"prefetch": "none"},
                    {"splits": "x2"}, {"unpack": "expand", "prefetch": "none"}]
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
             shapes += [(32, 32, 8, 128, 16384)]
         if args.smoke:
             shapes = [(1, 4, 2, 64, 64 + 128 + 32)]
-            configs = [configs[0], mma[0], mma[1], mma[3], configs[-1]]
+            configs = [configs[0], mma[0], mma[1], mma[2], configs[-1]]
         for b, hq, hkv, d, t in shapes:
             window = 64
             tq = t - window
