@@ -633,6 +633,34 @@ def test_search_fused_select_threshold_keeps_few_rows_and_overflow_falls_back(mo
     assert torch.equal(i.cpu(), G.search_topk_ref(q, dup, 10)[1])
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_search_int8_fragment_kernel_and_general_kernel_agree(metric, monkeypatch):
+    """Int8 rows with up to 16 queries go to the kernel that loads each int32 word of four features into
+    its mma fragment and turns bytes into fp16 without conversions; more queries, or a width that is not a
+    multiple of 4, take the general kernel. Both give the exact ids (ties included) and the same scores."""
+    search = import_module(G.__name__ + ".search")
+    used = []
+    real = search._scores_int8_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            used.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(search, "_scores_int8_kernel", Spy())
+    r = gen(71)
+    for m, d, fragment in ((16, 48, True), (1, 384, True), (17, 48, False), (4, 30, False)):
+        used.clear()
+        base = torch.randint(-3, 4, (1500, d), generator=r).to(torch.int8)  # small integers: ties everywhere
+        scale = torch.randint(1, 3, (1500,), generator=r).float()
+        q = torch.randint(-2, 3, (m, d), generator=r).float()
+        s, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), 20, metric, base_scale=scale.to(DEVICE), backend="triton")
+        rs, ri = G.search_topk_ref(q, base, 20, metric, base_scale=scale)
+        assert bool(used) == fragment, (m, d)
+        assert torch.equal(i.cpu(), ri), (m, d)
+        torch.testing.assert_close(s.double().cpu(), rs, atol=1e-3, rtol=0)
+
+
 def test_search_fp16_queries():
     r = gen(11)
     base = torch.randint(-3, 4, (500, 64), generator=r).half()

@@ -103,6 +103,73 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _int8_words_to_f16(w):
+        """The four signed bytes of each int32 word as exact fp16 values, along two new axes of two
+        ``(t0, t1)``: byte ``t0 + 2 t1``. No conversion instructions: each byte, offset by 128 (an XOR), is ORed
+        into the fp16 pattern of 1024, and 1152 is subtracted (both exact)."""
+        wu = w.to(tl.uint32, bitcast=True) ^ 0x80808080
+        x0 = (wu & 0x00FF00FF) | 0x64006400  # bytes 0 and 2 as the low and high halves
+        x1 = ((wu >> 8) & 0x00FF00FF) | 0x64006400  # bytes 1 and 3
+        lo = tl.join(x0.to(tl.uint16).to(tl.float16, bitcast=True), x1.to(tl.uint16).to(tl.float16, bitcast=True))
+        hi = tl.join((x0 >> 16).to(tl.uint16).to(tl.float16, bitcast=True),
+                     (x1 >> 16).to(tl.uint16).to(tl.float16, bitcast=True))
+        return tl.join(lo, hi) - 1152.0
+
+    @triton.jit
+    def _x_words(XW, row0, N, k0, D4, sx_n):
+        """This thread's int32 words of the 128-row x 64-feature tile at ``(row0, k0)``: ``(128, 4 m, 4 r)``;
+        thread ``32 w + 4 nl + kl`` takes rows ``nl + 8 w + 32 r`` and words ``k0 / 4 + 4 kl + m``."""
+        th = tl.arange(0, 128)
+        rows = row0 + (th // 32) * 8 + (th // 4) % 8
+        words = k0 // 4 + 4 * (th % 4)
+        m = tl.arange(0, 4)
+        r = tl.arange(0, 4)
+        rr = rows[:, None, None] + 32 * r[None, None, :]
+        ww = words[:, None, None] + m[None, :, None]
+        return tl.load(XW + rr * sx_n + ww, mask=(rr < N) & (ww < D4), other=0)
+
+    @triton.jit
+    def _scores_int8_kernel(
+        Q, QL, XW, XS, XN, OUT, TMAX, M, N, D, D4,
+        sq_m, sx_n, so_m, st_m,
+        IS_L2: tl.constexpr, SPLIT_Q: tl.constexpr,
+    ):
+        """:func:`_scores_kernel` for int8 rows (viewed as int32 words of four features), 16 queries, 128-row
+        tiles, 4 warps. Each thread loads, a 64-feature step at a time, exactly the words its mma fragments
+        of X^T need (a word is four consecutive k of one row, as the fp16 operand wants them) and turns them
+        into fp16 in registers: no conversion instructions, no shared-memory hop for X. The features of a
+        step are taken in a permuted order (thread kl gets words 4 kl .. 4 kl + 3, one 16-byte load); the
+        queries' columns are permuted to match."""
+        pid_n = tl.program_id(0)
+        row0 = pid_n * 128
+        rm = tl.arange(0, 16)
+        mmask = rm < M
+        rn = row0 + tl.arange(0, 128)
+        nmask = rn < N
+        kap = tl.arange(0, 64)  # operand column: 16 m + 4 kl + t -> feature 16 kl + 4 m + t
+        feat = 16 * ((kap // 4) % 4) + 4 * (kap // 16) + kap % 4
+        acc = tl.zeros([16, 128], tl.float32)
+        w_nx = _x_words(XW, row0, N, 0, D4, sx_n)
+        for k0 in range(0, D, 64):
+            w = w_nx
+            w_nx = _x_words(XW, row0, N, k0 + 64, D4, sx_n)
+            x = _int8_words_to_f16(tl.reshape(w, (4, 8, 4, 4, 2, 2)))  # (w, nl, kl, m, r1, r0, t0, t1)
+            x = tl.permute(x, (3, 2, 7, 6, 4, 5, 0, 1))  # (m, kl, t1, t0, r1, r0, w, nl): r = 2 r1 + r0
+            xt = tl.reshape(x, (64, 128))
+            kk = k0 + feat
+            qmask = mmask[:, None] & (kk < D)[None, :]
+            q = tl.load(Q + rm[:, None] * sq_m + kk[None, :], mask=qmask, other=0.0)
+            acc += tl.dot(q, xt)
+            if SPLIT_Q:
+                acc += tl.dot(tl.load(QL + rm[:, None] * sq_m + kk[None, :], mask=qmask, other=0.0), xt)
+        acc = acc * tl.load(XS + rn, mask=nmask, other=0.0)[None, :]
+        if IS_L2:
+            acc = 2.0 * acc - tl.load(XN + rn, mask=nmask, other=0.0)[None, :]
+        acc = tl.where(nmask[None, :], acc, float("-inf"))
+        tl.store(OUT + rm[:, None] * so_m + rn[None, :], acc, mask=mmask[:, None])
+        tl.store(TMAX + rm * st_m + pid_n, tl.max(acc, axis=1), mask=mmask)
+
+    @triton.jit
     def _threshold_select_kernel(S, TMAX, TL, KB, OUT_S, OUT_I, OVER, n, nt, row0, kk, ss_m, st_m, stl_m, skb_m,
                                  so_m, BN: tl.constexpr, KP: tl.constexpr, GN: tl.constexpr, TB: tl.constexpr,
                                  BT: tl.constexpr, CB: tl.constexpr, CAP: tl.constexpr):
@@ -215,6 +282,14 @@ def _chunk_scores_triton(q, xc, xs, xn, is_l2, tile):
             ql, q, split = (q - hi.float()).half(), hi, True
     block_m = min(64, max(16, next_pow2(m)))
     block_k = 64 if d >= 64 else max(16, next_pow2(d))
+    if (xc.dtype == torch.int8 and block_m == 16 and tile == _TILE and d % 4 == 0 and xs is not None
+            and xc.stride(0) % 4 == 0 and xc.data_ptr() % 4 == 0):
+        # int8 rows, up to 16 queries: words loaded into their mma fragments, bytes to fp16 without conversions
+        _scores_int8_kernel[(tiles,)](
+            q, ql, xc.view(torch.int32), xs, xn if xn is not None else out, out, tmax, m, n, d, d // 4,
+            q.stride(0), xc.stride(0) // 4, out.stride(0), tmax.stride(0), IS_L2=is_l2, SPLIT_Q=split, num_warps=4,
+        )
+        return out, tmax, block_n
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _scores_kernel[grid](
         q, ql, xc, xs if xs is not None else out, xn if xn is not None else out, out, tmax, m, n, d,
