@@ -360,6 +360,8 @@ MMA_CASES = [
     (1, 9, 3, 96, 33, 64, 32, 3, 64, 16, 2),      # 2 bits: token pairs in key words, channel pairs in values
     (2, 8, 2, 160, 40, 128, 32, 2, 128, 8, 2),    # 2 bits, 128-token tiles, 8-bit metadata
     (1, 20, 1, 96, 7, 64, 32, None, 64, 16, 4),   # 20 query heads a kv head: 32-row tiles, queries via shared memory
+    (1, 8, 1, 128, 7, 256, 64, None, 64, 16, 4),  # head size 256: a thread's eight key words in two loads
+    (1, 8, 1, 128, 7, 256, 64, 2, 64, 16, 2),     # the same at 2 bits
 ]
 
 

@@ -345,6 +345,17 @@ if HAS_TRITON:
         return tl.reshape(x, (16, D)).to(tl.float16)
 
     @triton.jit
+    def _mma_key_words(ptr, k_off, mask, NB: tl.constexpr):
+        """A thread's key words ``(128, NB, R)`` from offsets ``(128, min(NB, 4), R)``: at most four adjacent
+        words (16 bytes) a load, so that Triton keeps each thread's words in its own registers (eight
+        adjacent words would be split over two lanes)."""
+        w = tl.load(ptr + k_off, mask=mask, other=0)
+        if NB == 8:
+            hi = tl.load(ptr + k_off + 4, mask=mask, other=0)
+            w = tl.reshape(tl.permute(tl.join(w, hi), (0, 3, 1, 2)), (128, 8, k_off.shape[2]))
+        return w
+
+    @triton.jit
     def _kivi_decode_mma_kernel(
         Q, KP, KS, KM, VP, VS, VM, KU, VU, KR, VR, OA, OML,
         Tq, Tr, chunk_q, chunk_r, qk_scale, H_KV,
@@ -391,7 +402,7 @@ if HAS_TRITON:
         w_ = th // 32
         nl = (th // 4) % 8
         kl = th % 4
-        ka = tl.arange(0, NB)
+        kb = tl.arange(0, NB if NB < 4 else 4)  # key words a load (see _mma_key_words)
         rr = tl.arange(0, RT)
         kr_ = tl.arange(0, RT // PK)
         vc_ = tl.arange(0, NB // PK)
@@ -403,7 +414,7 @@ if HAS_TRITON:
         else:  # 2-bit rows hold token pairs (t, t + 8), columns channel pairs (n, n + 8)
             k_row = (nl + 4 * RT * w_)[:, None, None] + 8 * kr_[None, None, :]
             v_col = (nl + 4 * NB * w_)[:, None, None] + 8 * vc_[None, None, :]
-        k_off = k_row * skp_t + (kl[:, None, None] * NB + ka[None, :, None])  # (128, NB, RT // PK): word kl NB + a
+        k_off = k_row * skp_t + (kl[:, None, None] * NB + kb[None, :, None])  # (128, <= 4, RT // PK): word kl NB + a
         v_off = (4 * rr[None, :, None] + kl[:, None, None]) * svp_r + v_col  # (128, RT, NB // PK): row 4 a + kl
         n = tl.arange(0, BLOCK_T)
         tok = (n % 8) + 8 * (n // 32) + 8 * RT * ((n // 8) % 4)  # token of score column n
@@ -412,14 +423,14 @@ if HAS_TRITON:
 
         k_s_nx, k_m_nx = _key_meta(ks, km, ku, lo, hi, d, dmask, sks_g, sku_g, BLOCK_T, G, DQ, tl.float16)
         v_s_nx, v_m_nx = _value_meta(vs, vm, vu, lo, hi, svs_t, svu_g, BLOCK_T, D, D, G, DQ, tl.float16)
-        kw_nx = tl.load(kp + (lo // PK) * skp_t + k_off, mask=(lo + k_tok) < hi, other=0)
+        kw_nx = _mma_key_words(kp + (lo // PK) * skp_t, k_off, (lo + k_tok) < hi, NB)
         vw_nx = tl.load(vp + (lo // 8) * svp_r + v_off, mask=(lo + 32 * rr[None, :, None]) < hi, other=0)
         for start in range(lo, hi, BLOCK_T):
             k_s, k_m, v_s, v_m, kw, vw = k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx
             nxt = start + BLOCK_T
             k_s_nx, k_m_nx = _key_meta(ks, km, ku, nxt, hi, d, dmask, sks_g, sku_g, BLOCK_T, G, DQ, tl.float16)
             v_s_nx, v_m_nx = _value_meta(vs, vm, vu, nxt, hi, svs_t, svu_g, BLOCK_T, D, D, G, DQ, tl.float16)
-            kw_nx = tl.load(kp + (nxt // PK) * skp_t + k_off, mask=(nxt + k_tok) < hi, other=0)
+            kw_nx = _mma_key_words(kp + (nxt // PK) * skp_t, k_off, (nxt + k_tok) < hi, NB)
             vw_nx = tl.load(vp + (nxt // 8) * svp_r + v_off, mask=(nxt + 32 * rr[None, :, None]) < hi, other=0)
 
             if BITS == 4:
