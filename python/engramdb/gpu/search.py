@@ -67,6 +67,19 @@ def search_topk_ref(queries, base, k, metric="ip", base_scale=None):
 if HAS_TRITON:
 
     @triton.jit
+    def _store_tile(acc, XS, XN, OUT, TMAX, rm, rn, mmask, nmask, so_m, st_m, pid_n, HAS_SCALE: tl.constexpr,
+                    IS_L2: tl.constexpr):
+        """A tile's dot products to scores (row scale, then ``2 q.x - |x|^2`` for L2), stored with each query's
+        best score in the tile; rows past the end score -inf (``OUT`` is padded to whole tiles)."""
+        if HAS_SCALE:
+            acc = acc * tl.load(XS + rn, mask=nmask, other=0.0)[None, :]
+        if IS_L2:
+            acc = 2.0 * acc - tl.load(XN + rn, mask=nmask, other=0.0)[None, :]
+        acc = tl.where(nmask[None, :], acc, float("-inf"))
+        tl.store(OUT + rm[:, None] * so_m + rn[None, :], acc, mask=mmask[:, None])
+        tl.store(TMAX + rm * st_m + pid_n, tl.max(acc, axis=1), mask=mmask)
+
+    @triton.jit
     def _scores_kernel(
         Q, QL, X, XS, XN, OUT, TMAX, M, N, D,
         sq_m, sx_n, so_m, st_m,
@@ -93,13 +106,7 @@ if HAS_TRITON:
             if SPLIT_Q:
                 ql = tl.load(QL + rm[:, None] * sq_m + kk[None, :], mask=qmask, other=0.0)
                 acc += tl.dot(ql, xt)
-        if HAS_SCALE:
-            acc = acc * tl.load(XS + rn, mask=nmask, other=0.0)[None, :]
-        if IS_L2:
-            acc = 2.0 * acc - tl.load(XN + rn, mask=nmask, other=0.0)[None, :]
-        acc = tl.where(nmask[None, :], acc, float("-inf"))  # OUT is padded to whole tiles: pad rows rank last
-        tl.store(OUT + rm[:, None] * so_m + rn[None, :], acc, mask=mmask[:, None])
-        tl.store(TMAX + rm * st_m + pid_n, tl.max(acc, axis=1), mask=mmask)
+        _store_tile(acc, XS, XN, OUT, TMAX, rm, rn, mmask, nmask, so_m, st_m, pid_n, HAS_SCALE, IS_L2)
 
 
     @triton.jit
@@ -162,12 +169,7 @@ if HAS_TRITON:
             acc += tl.dot(q, xt)
             if SPLIT_Q:
                 acc += tl.dot(tl.load(QL + rm[:, None] * sq_m + kk[None, :], mask=qmask, other=0.0), xt)
-        acc = acc * tl.load(XS + rn, mask=nmask, other=0.0)[None, :]
-        if IS_L2:
-            acc = 2.0 * acc - tl.load(XN + rn, mask=nmask, other=0.0)[None, :]
-        acc = tl.where(nmask[None, :], acc, float("-inf"))
-        tl.store(OUT + rm[:, None] * so_m + rn[None, :], acc, mask=mmask[:, None])
-        tl.store(TMAX + rm * st_m + pid_n, tl.max(acc, axis=1), mask=mmask)
+        _store_tile(acc, XS, XN, OUT, TMAX, rm, rn, mmask, nmask, so_m, st_m, pid_n, True, IS_L2)
 
     @triton.jit
     def _threshold_select_kernel(S, TMAX, TL, KB, OUT_S, OUT_I, OVER, n, nt, row0, kk, ss_m, st_m, stl_m, skb_m,
@@ -282,8 +284,7 @@ def _chunk_scores_triton(q, xc, xs, xn, is_l2, tile):
             ql, q, split = (q - hi.float()).half(), hi, True
     block_m = min(64, max(16, next_pow2(m)))
     block_k = 64 if d >= 64 else max(16, next_pow2(d))
-    if (xc.dtype == torch.int8 and block_m == 16 and tile == _TILE and d % 4 == 0 and xs is not None
-            and xc.stride(0) % 4 == 0 and xc.data_ptr() % 4 == 0):
+    if xc.dtype == torch.int8 and block_m == 16 and tile == _TILE and d % 4 == 0 and xc.data_ptr() % 4 == 0:
         # int8 rows, up to 16 queries: words loaded into their mma fragments, bytes to fp16 without conversions
         _scores_int8_kernel[(tiles,)](
             q, ql, xc.view(torch.int32), xs, xn if xn is not None else out, out, tmax, m, n, d, d // 4,
