@@ -270,27 +270,42 @@ def _unpack_last_ref(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_word)
 
 
+def _pack_kivi(codes: torch.Tensor, bits: int, axis: str) -> torch.Tensor:
+    """``(B, H, T, D)`` codes packed in KIVI order: keys along tokens, values along channels."""
+    if axis == "token":
+        return _pack_last_ref(codes.transpose(-1, -2), bits).transpose(-1, -2).contiguous()
+    return _pack_last_ref(codes, bits)
+
+
+def _codes(q: QuantizedTensor) -> torch.Tensor:
+    """The ``(B, H, T, D)`` codes of a packed tensor, in either order."""
+    if q.order == "mma":
+        b, h, t, d = q.shape
+        tok, chan = _mma_sources(q.bits, q.axis, t, d, q.packed.device)
+        codes = torch.empty(b, h, t, d, dtype=torch.int32, device=q.packed.device)
+        codes[:, :, tok, chan] = _unpack_last_ref(q.packed, q.bits).reshape(b, h, *tok.shape)
+        return codes
+    if q.axis == "token":
+        return _unpack_last_ref(q.packed.transpose(-1, -2), q.bits).transpose(-1, -2)
+    return _unpack_last_ref(q.packed, q.bits)
+
+
 def _quantize_ref(x, bits, group_size, axis, meta_dtype):
-    if axis == "token":  # keys: group and pack along T -> work on (B, H, D, T)
+    if axis == "token":  # keys: group along T -> work on (B, H, D, T)
         codes, scale, mn = quantize_grouped_ref(x.transpose(-1, -2), bits, group_size, meta_dtype)
-        packed = _pack_last_ref(codes, bits).transpose(-1, -2).contiguous()
-        return packed, scale.transpose(-1, -2).contiguous(), mn.transpose(-1, -2).contiguous()
+        return _pack_kivi(codes.transpose(-1, -2), bits, axis), scale.transpose(-1, -2).contiguous(), \
+            mn.transpose(-1, -2).contiguous()
     codes, scale, mn = quantize_grouped_ref(x, bits, group_size, meta_dtype)
-    return _pack_last_ref(codes, bits), scale, mn
+    return _pack_kivi(codes, bits, axis), scale, mn
 
 
 def _dequantize_ref(q: QuantizedTensor, dtype) -> torch.Tensor:
-    g = q.group_size
+    """Either packing order: the codes are read back in place, not re-packed."""
     scale, minimum = effective_meta(q)
-    if q.axis == "token":
-        codes = _unpack_last_ref(q.packed.transpose(-1, -2), q.bits).float()  # (B, H, D, T)
-        s = scale.transpose(-1, -2).repeat_interleave(g, dim=-1)
-        m = minimum.transpose(-1, -2).repeat_interleave(g, dim=-1)
-        return (codes * s + m).transpose(-1, -2).to(dtype)
-    codes = _unpack_last_ref(q.packed, q.bits).float()
-    s = scale.repeat_interleave(g, dim=-1)
-    m = minimum.repeat_interleave(g, dim=-1)
-    return (codes * s + m).to(dtype)
+    dim = -2 if q.axis == "token" else -1  # keys: a row per token group; values: a column per channel group
+    s = scale.repeat_interleave(q.group_size, dim=dim)
+    m = minimum.repeat_interleave(q.group_size, dim=dim)
+    return (_codes(q).float() * s + m).to(dtype)
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -630,7 +645,7 @@ def to_mma_order(q: QuantizedTensor) -> QuantizedTensor:
         raise ValueError(f"mma order needs 2- or 4-bit codes, a head size that is a multiple of 32 and a token "
                          f"count that is a multiple of 32 (values) or 16 (2-bit keys); got {q.bits} bits, "
                          f"shape {q.shape}")
-    codes = _codes_kivi(q)  # (B, H, T, D)
+    codes = _codes(q)  # (B, H, T, D)
     tok, chan = _mma_sources(q.bits, q.axis, t, d, codes.device)
     packed = _pack_last_ref(codes[:, :, tok, chan].reshape(b, h, tok.shape[0], -1), q.bits)
     return replace(q, packed=packed.contiguous(), order="mma")
@@ -640,27 +655,11 @@ def from_mma_order(q: QuantizedTensor) -> QuantizedTensor:
     """Inverse of :func:`to_mma_order`: the codes in KIVI's packing (``order="kivi"``)."""
     if q.order != "mma":
         return q
-    b, h, t, d = q.shape
-    tok, chan = _mma_sources(q.bits, q.axis, t, d, q.packed.device)
-    codes = torch.empty(b, h, t, d, dtype=torch.int32, device=q.packed.device)
-    codes[:, :, tok, chan] = _unpack_last_ref(q.packed, q.bits).reshape(b, h, *tok.shape)
-    if q.axis == "token":
-        packed = _pack_last_ref(codes.transpose(-1, -2), q.bits).transpose(-1, -2)
-    else:
-        packed = _pack_last_ref(codes, q.bits)
-    return replace(q, packed=packed.contiguous(), order="kivi")
-
-
-def _codes_kivi(q: QuantizedTensor) -> torch.Tensor:
-    """The ``(B, H, T, D)`` codes of a KIVI-ordered tensor."""
-    if q.axis == "token":
-        return _unpack_last_ref(q.packed.transpose(-1, -2), q.bits).transpose(-1, -2)
-    return _unpack_last_ref(q.packed, q.bits)
+    return replace(q, packed=_pack_kivi(_codes(q), q.bits, q.axis), order="kivi")
 
 
 def dequantize(q: QuantizedTensor, dtype=torch.float32, *, backend: str = "auto") -> torch.Tensor:
     """Unpack and dequantize to a ``(B, H, T, D)`` tensor of ``dtype``."""
-    q = from_mma_order(q)
     if pick_backend(backend, q.packed) == "triton":
-        return _dequantize_triton(q, dtype)
+        return _dequantize_triton(from_mma_order(q), dtype)
     return _dequantize_ref(q, dtype)
