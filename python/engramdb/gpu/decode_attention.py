@@ -743,14 +743,18 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     return out
 
 
+def mma_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: int) -> bool:
+    """Whether :func:`_kivi_decode_mma_kernel` takes a cache of this shape (with fp16 queries): keys and
+    values both 4-bit or both 2-bit, a head size of 32 to 256 that is a power of two (64 or more at 2 bits),
+    and a group size of at least 16 and at least a quarter of the head size. Otherwise a cache in mma
+    order is re-packed in KIVI order for the general kernel."""
+    return (key_bits == value_bits and key_bits in (4, 2)
+            and head_dim in ((32, 64, 128, 256) if key_bits == 4 else (64, 128, 256))
+            and group_size >= max(16, head_dim // 4))
+
+
 def _mma_kernel_fits(q, kq, vq) -> bool:
-    """Whether :func:`_kivi_decode_mma_kernel` takes this cache: fp16 queries, keys and values both 4-bit or
-    both 2-bit, a head size of 32 to 256 that is a power of two (64 or more at 2 bits), and a group size of
-    at least 16 and at least a quarter of the head size (otherwise the cache is re-packed in KIVI order for
-    the general kernel)."""
-    d, g = q.shape[-1], kq.group_size
-    return (q.dtype == torch.float16 and kq.bits == vq.bits and kq.bits in (4, 2)
-            and d in ((32, 64, 128, 256) if kq.bits == 4 else (64, 128, 256)) and g >= max(16, d // 4))
+    return q.dtype == torch.float16 and mma_kernel_takes(kq.bits, vq.bits, q.shape[-1], kq.group_size)
 
 
 def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Optional[QuantizedTensor],

@@ -42,7 +42,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ._triton import pick_backend
-from .decode_attention import kivi_decode_attention
+from .decode_attention import kivi_decode_attention, mma_kernel_takes
 from .kv_quant import (
     QuantizedTensor,
     dequantize,
@@ -179,16 +179,13 @@ class QuantizedKVLayer(CacheLayerMixin):
     @property
     def mma_order(self) -> bool:
         """Whether the quantized part is stored in tensor-core operand order: with the fused attention on an
-        fp16 model, keys and values both 4-bit or both 2-bit, no refinement codes, a head size of 32-256 (a
-        power of two; 64 or more at 2 bits) and groups of at least 32 tokens and a quarter of the head size;
-        the fused kernel then reads no tile through shared memory. ``operand_order=False`` keeps KIVI's
-        packing."""
-        d = self.keys.shape[-1] if self.is_initialized else 0
-        return (self.operand_order and self.fused_attention and self.important_ratio == 0
-                and self.key_bits == self.value_bits
-                and self.key_bits in (4, 2) and self.is_initialized and self.dtype == torch.float16
-                and d in ((32, 64, 128, 256) if self.key_bits == 4 else (64, 128, 256))
-                and self.group_size >= max(32, d // 4) and pick_backend(self.backend, self.keys) == "triton")
+        fp16 model, no refinement codes, a shape the mma kernel takes (:func:`decode_attention.mma_kernel_takes`)
+        and groups of at least 32 tokens (a flush then appends whole 32-token value blocks); the fused kernel
+        then reads no tile through shared memory. ``operand_order=False`` keeps KIVI's packing."""
+        return (self.operand_order and self.fused_attention and self.important_ratio == 0 and self.is_initialized
+                and self.dtype == torch.float16 and self.group_size >= 32
+                and mma_kernel_takes(self.key_bits, self.value_bits, self.keys.shape[-1], self.group_size)
+                and pick_backend(self.backend, self.keys) == "triton")
 
     # -- mixed precision (MiKV's idea with SnapKV's importance rule)
     def observe(self, query: torch.Tensor, scaling: Optional[float]) -> None:
