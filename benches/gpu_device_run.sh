@@ -23,10 +23,12 @@ if [ -n "$NCU" ]; then  # Nsight Compute on the decode kernel's configurations (
     ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     timeout 150 "$ncu_bin" --clock-control none --kernel-name regex:_kivi_decode --launch-skip 0 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section SchedulerStats --section MemoryWorkloadAnalysis python3 benches/gpu_ncu_decode.py $NCU \
+        --section SchedulerStats --section MemoryWorkloadAnalysis \
+        --metrics l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,smsp__inst_executed.sum,dram__bytes_read.sum \
+        python3 benches/gpu_ncu_decode.py $NCU \
         > "$out/ncu.txt" 2>&1
     echo "ncu exit $?"
-    grep -E "ran |Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Compute \(SM\) Throughput" "$out/ncu.txt" | head -80
+    grep -E "ran |Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Compute \(SM\) Throughput|bank_conflicts|wavefronts|inst_executed|dram__bytes" "$out/ncu.txt" | head -90
 fi
 if [ "$filter" != none ]; then
     timeout 160 python3 -m pytest -q -x -p no:cacheprovider -n 8 -m "gpu and not slow" ${filter:+-k "$filter"} \

@@ -23,8 +23,11 @@ try:
 except Exception:  # no native module: the gpu package stands alone
     import gpu as G
 
-CONFIGS = [dict(unpack="join"), dict(unpack="join", prefetch="all", num_stages=1),
-           dict(unpack="expand", prefetch="none"), dict(order="mma"), dict(order="mma", block_t=128)]
+# (the KIVI-order kernel's profile is in benches/gpu_ncu_decode_h100.txt: NCU_KIVI=1 profiles it again)
+CONFIGS = [dict(order="mma", q_in_registers=True), dict(order="mma", q_in_registers=False),
+           dict(order="mma", block_t=128)]
+if os.environ.get("NCU_KIVI"):
+    CONFIGS = [dict(unpack="join"), dict(unpack="expand", prefetch="none")] + CONFIGS
 
 
 def main() -> int:

@@ -588,6 +588,9 @@ def test_search_fused_select_ranks_like_the_reference(metric, kind):
     assert torch.equal(index.search(q.to(DEVICE), 5)[1].cpu(), G.search_topk_ref(q, base, 5, metric, base_scale=scale)[1])
     with pytest.raises(ValueError, match="select"):
         G.search_topk(q, base, 5, select="heap")
+    # the default picks the fused kernel on a GPU and the torch select elsewhere
+    assert G.BruteForceIndex(base.to(DEVICE), metric, base_scale=dscale).select == (
+        "fused" if DEVICE == "cuda" else "torch")
 
 
 def test_search_fused_select_threshold_keeps_few_rows_and_overflow_falls_back(monkeypatch):

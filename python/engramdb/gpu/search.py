@@ -321,7 +321,7 @@ def _float_topk(s, kk):
     return top[:, :kk], pos[:, :kk], top[:, kk - 1] == top[:, kk]
 
 
-def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_ties, select="torch"):
+def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_ties, select="fused"):
     """Stage 1 over rows ``[r0, r1)``: ``(scores, ids, tied, keyed)``, ``tied`` a bool per query or ``None``,
     ``keyed`` whether the rows are already in (score, id) key order.
 
@@ -354,7 +354,7 @@ def _merge(parts, k):
     return _topk_with_ids(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1), k)
 
 
-def _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select="torch"):
+def _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select="fused"):
     """Every chunk by the fast path, merged; no host synchronisation (so a CUDA graph can hold it).
     Returns ``(scores, ids, tied, parts)``: ``tied`` a bool per chunk (its cut split equal values) and
     ``parts`` each chunk's candidates."""
@@ -366,7 +366,7 @@ def _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select
     return (*_merge(parts, k), tied, parts)
 
 
-def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select="torch", fast=None):
+def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select="fused", fast=None):
     """The fast path (or its result ``fast``), then, after one host synchronisation, the chunks whose cut
     split equal values scored again and ranked by (score, id) keys."""
     if fast is None:
@@ -382,7 +382,7 @@ def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, sele
     return _merge(parts, k)
 
 
-SELECTS = ("torch", "fused")
+SELECTS = ("auto", "torch", "fused")
 
 # scores of one chunk held at once: m * chunk_rows * 4 bytes, at most 256 MiB
 _CHUNK_SCORES = 1 << 26
@@ -426,9 +426,15 @@ def _plan(queries, base, k, chunk_rows, tile, backend):
     return (_chunk_scores_triton if use_triton else _chunk_scores_torch), max(chunk_rows, k), tile or _TILE
 
 
-def _check_select(select):
+def _pick_select(select, base):
+    """``select`` checked, ``"auto"`` resolved: the fused kernel on a GPU (an H100 measured it 1.1-1.4x
+    faster than the torch select, and 9x where int8 rows tie by the thousand; benches/RESULTS.md), the torch ops elsewhere (in Triton's CPU interpreter
+    the one-program-per-query kernel is the slower of the two)."""
     if select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+    if select == "auto":
+        return "fused" if base.is_cuda else "torch"
+    return select
 
 
 def _finish(queries, s, is_l2):
@@ -438,7 +444,7 @@ def _finish(queries, s, is_l2):
 def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str = "ip", *,
                 base_scale: Optional[torch.Tensor] = None, base_sq_norms: Optional[torch.Tensor] = None,
                 chunk_rows: Optional[int] = None, backend: str = "auto",
-                tile: Optional[tuple] = None, select: str = "torch"):
+                tile: Optional[tuple] = None, select: str = "auto"):
     """Top-``k`` rows of ``base`` for each query; returns ``(scores float32 (m, k), ids int64 (m, k))``.
 
     ``queries``: ``(m, d)`` float32 or float16. ``base``: ``(n, d)`` float16/float32, or int8 with
@@ -450,10 +456,11 @@ def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str =
     top-k over the tile maxima, a gather of the best tiles, a float top-k and a merge by keys: ~25 small
     launches per search) or ``"fused"`` (one Triton kernel: a threshold that at least ``k`` rows reach, read
     from the tile maxima; the rows that reach it, typically 1.0-1.2 ``k`` of them; their top ``k`` by
-    (score, id) keys). Both give the same exact answer; ``"fused"`` has not been timed on a GPU yet.
+    (score, id) keys). Both give the same exact answer. ``"auto"`` (the default): ``"fused"`` on a GPU,
+    where it is the faster, ``"torch"`` on the CPU.
     For many searches over one matrix, :class:`BruteForceIndex` replays a CUDA graph.
     """
-    _check_select(select)
+    select = _pick_select(select, base)
     queries, base, xs, xn, k, is_l2 = _prepare(queries, base, k, metric, base_scale, base_sq_norms)
     scores_fn, chunk, tile = _plan(queries, base, k, chunk_rows, tile, backend)
     # float top-k per chunk; a chunk where equal scores straddle the cut (duplicate rows, integer data) is
@@ -476,8 +483,8 @@ class BruteForceIndex:
 
     def __init__(self, base: torch.Tensor, metric: str = "ip", *, base_scale: Optional[torch.Tensor] = None,
                  use_graphs: bool = True, chunk_rows: Optional[int] = None, tile: Optional[tuple] = None,
-                 backend: str = "auto", select: str = "torch"):
-        _check_select(select)
+                 backend: str = "auto", select: str = "auto"):
+        select = _pick_select(select, base)
         probe = torch.zeros(1, base.shape[1], dtype=torch.float32, device=base.device)
         _, self.base, self.scale, self.sq_norms, _, self.is_l2 = _prepare(probe, base, 1, metric, base_scale, None)
         self.metric = metric
