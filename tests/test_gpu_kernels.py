@@ -480,9 +480,10 @@ def test_search_ties_and_ids_exact(case, metric, kind):
 
 
 def test_search_reranks_only_chunks_whose_cut_splits_ties(monkeypatch):
-    """The fast path ranks floats, and only the scores of each chunk's best tiles of rows; a chunk is ranked
-    again by (score, id) keys over all its scores only when equal values cross a cut, and both paths give
-    the exact ranking."""
+    """With the torch select the fast path ranks floats, and only the scores of each chunk's best tiles of
+    rows; a chunk is ranked again by (score, id) keys over all its scores only when equal values cross a
+    cut, and both paths give the exact ranking. (The fused select ranks by keys itself: its ties are tested
+    below.)"""
     search = import_module(G.__name__ + ".search")
     calls = []
     real = search._chunk_topk
@@ -496,13 +497,13 @@ def test_search_reranks_only_chunks_whose_cut_splits_ties(monkeypatch):
     base = torch.randn(2000, 48, generator=r).half()  # continuous scores: no ties
     q = torch.randn(3, 48, generator=r)
     for k in (1, 5, 25):  # 8 tiles of 128 rows per chunk: k < 8 ranks only the best tiles' rows
-        _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), k, chunk_rows=1000, backend="triton")
+        _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), k, chunk_rows=1000, backend="triton", select="torch")
         assert torch.equal(i.cpu(), G.search_topk_ref(q, base, k)[1])
     assert [e for _, e in calls] == [False] * 6
     calls.clear()
     base[700:800] = base[100]  # 101 equal rows in chunk 0: equal scores straddle its cut
     q[:] = base[100].float()
-    _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), 5, chunk_rows=1000, backend="triton")
+    _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), 5, chunk_rows=1000, backend="triton", select="torch")
     assert torch.equal(i.cpu(), G.search_topk_ref(q, base, 5)[1])
     assert sorted(r0 for r0, exact in calls if exact) == [0]
 
