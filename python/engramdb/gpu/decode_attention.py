@@ -720,7 +720,7 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
         _kivi_decode_mma_kernel[grid](
             *args,
             D=d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)), G=g, DQ=dq, BLOCK_T=block_t, BITS=bits_k,
-            Q_REGS=n_rep <= 16 and (q_regs if q_regs is not None else bits_k == 4),
+            Q_REGS=n_rep <= 16 and (q_regs if q_regs is not None else bits_k == 4 and chunk_q >= 32 * block_t),
             num_warps=4, num_stages=1,
         )
     else:
@@ -784,9 +784,11 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
     kernel of its own (64- or 128-token ``block_t``; ``unpack``, ``prefetch``, ``num_warps`` and
     ``num_stages`` do not apply). ``q_in_registers`` (up to 16 query heads per kv head) loads the queries
     straight into their mma fragments, where they stay for the whole loop, instead of reading them back
-    from shared memory for every tile. It costs registers; the default (``None``) turns it on for 4-bit
-    keys, where an H100 measured it 1.11x faster (B 32 x 16K tokens, head size 128: 450 against 503 us),
-    and off for 2-bit keys, where it was 1.04x slower (442 against 422 us).
+    from shared memory for every tile. It costs registers and a longer start, so it pays only over long
+    loops: the default (``None``) turns it on for 4-bit keys when each program covers at least 32 tiles.
+    On an H100 it made B 32 x 16K tokens (128 tiles a program) 1.11x faster at 4 bits (450-458 against
+    501-503 us) and 1.03x slower at 2 bits; at B 1 x 32K tokens (8 tiles a program) the kernel alone took
+    1.7-2x longer with it.
     """
     if unpack not in UNPACK_MODES:
         raise ValueError(f"unpack must be one of {tuple(UNPACK_MODES)}, got {unpack!r}")

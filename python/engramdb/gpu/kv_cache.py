@@ -181,9 +181,11 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Whether the quantized part is stored in tensor-core operand order: with the fused attention on an
         fp16 model, no refinement codes, a shape the mma kernel takes (:func:`decode_attention.mma_kernel_takes`)
         and groups of at least 32 tokens (a flush then appends whole 32-token value blocks); the fused kernel
-        then reads no tile through shared memory. ``operand_order=False`` keeps KIVI's packing."""
+        then reads no tile through shared memory. Heads of at least 128 channels only: that is where an H100
+        measured the mma kernel faster (1.4-1.6x); at head size 64 its kernel time was 1.7-1.9x the KIVI-order
+        kernel's (B 4 x 16K tokens, queries in registers). ``operand_order=False`` keeps KIVI's packing."""
         return (self.operand_order and self.fused_attention and self.important_ratio == 0 and self.is_initialized
-                and self.dtype == torch.float16 and self.group_size >= 32
+                and self.dtype == torch.float16 and self.group_size >= 32 and self.keys.shape[-1] >= 128
                 and mma_kernel_takes(self.key_bits, self.value_bits, self.keys.shape[-1], self.group_size)
                 and pick_backend(self.backend, self.keys) == "triton")
 
@@ -346,9 +348,10 @@ class QuantizedKVCache(Cache):
     :mod:`kv_quant`), ``meta_round`` (with ``meta_bits=8``: ``"cover"`` or ``"nearest"``, see
     :func:`kv_quant.quantize_keys`), ``rotate_values`` (quantize values after a Hadamard rotation of their
     channels, undone on the dequantized values or, in the fused path, on the attention output; the head size
-    must be a power of two), ``operand_order`` (with ``fused_attention`` on an fp16 model: store the codes in
-    tensor-core operand order, :func:`kv_quant.to_mma_order`, which the fused kernel reads without staging
-    tiles in shared memory; ``False`` keeps KIVI's packing and the general kernel).
+    must be a power of two), ``operand_order`` (with ``fused_attention`` on an fp16 model with heads of at
+    least 128 channels: store the codes in tensor-core operand order, :func:`kv_quant.to_mma_order`, which
+    the fused kernel reads without staging tiles in shared memory; ``False`` keeps KIVI's packing and the
+    general kernel).
     ``key_bits`` and ``value_bits`` may also be a sequence with one entry per layer (``config`` needed), e.g.
     4-bit keys in the few layers whose 2-bit keys err most (chosen on a calibration text).
     Without ``config`` the layers are created as the model first reaches them.
