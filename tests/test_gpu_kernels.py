@@ -597,15 +597,15 @@ def test_search_fused_select_ranks_like_the_reference(metric, kind):
 def test_search_fused_select_threshold_keeps_few_rows_and_overflow_falls_back(monkeypatch):
     """The fused select's threshold lets through few more rows than k on continuous data (it is what makes
     the kernel cheap); a tie of 2,001 rows is ranked over several key blocks; and when more rows reach it
-    than its key buffer holds (thousands of equal scores) the chunk is ranked again by the exact path: the
-    answer is still exact."""
+    than its key buffer holds (thousands of equal scores) the kernel ranks the listed tiles instead: the
+    answer is still exact, with no exact path on the host and no host synchronisation."""
     search = import_module(G.__name__ + ".search")
     seen = []
     real = search._threshold_select
 
     def spy(s, tmax, n, bn, kk, row0):
         out = real(s, tmax, n, bn, kk, row0)
-        seen.append((s, tmax, kk, out[2]))
+        seen.append((s, tmax, kk, out[2].cpu()))
         return out
 
     monkeypatch.setattr(search, "_threshold_select", spy)
@@ -614,19 +614,19 @@ def test_search_fused_select_threshold_keeps_few_rows_and_overflow_falls_back(mo
     q = torch.randn(2, 32, generator=r)
     _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), 10, select="fused", backend="triton")
     assert torch.equal(i.cpu(), G.search_topk_ref(q, base, 10)[1])
-    s, tmax, kk, over = seen[-1]
-    assert not over.any()
+    s, tmax, kk, n_keys = seen[-1]
     # rebuild the kernel's threshold: the kk-th best of the 64 group maxima (94 tiles dealt 2 to a group)
     groups = torch.full((q.shape[0], 128), float("-inf"), device=tmax.device)
     groups[:, :tmax.shape[1]] = tmax
     thr = groups.view(-1, 64, 2).amax(2).sort(1, descending=True).values[:, kk - 1]
     passed = (s[:, :base.shape[0]] >= thr[:, None]).sum(1)
     assert bool(((passed >= kk) & (passed <= 4 * kk)).all()), passed
+    assert torch.equal(n_keys.long(), passed.cpu().long())  # the kernel counted the same rows
     dup = base.clone()
     dup[1000:3000] = dup[7]  # 2,001 equal rows reach the threshold: ranked in two blocks of 1,024 keys, no overflow
     q = dup[7].float().repeat(2, 1)
     _, i = G.search_topk(q.to(DEVICE), dup.to(DEVICE), 10, select="fused", backend="triton")
-    assert not seen[-1][3].any()
+    assert bool((seen[-1][3] == 2001).all())  # within the 4,096 keys the buffer holds
     assert torch.equal(i.cpu(), G.search_topk_ref(q, dup, 10)[1])  # the ten lowest ids of the tie
     calls = []
     real_chunk = search._chunk_topk
@@ -634,10 +634,14 @@ def test_search_fused_select_threshold_keeps_few_rows_and_overflow_falls_back(mo
     dup = base.clone()
     dup[1000:6000] = dup[7]  # 5,001 equal rows: all reach the threshold, more than the 4,096 keys it keeps
     q = dup[7].float().repeat(2, 1)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: pytest.fail("the fused select waited on the host"))
     _, i = G.search_topk(q.to(DEVICE), dup.to(DEVICE), 10, select="fused", backend="triton")
-    assert bool(seen[-1][3].all())  # the buffer overflowed ...
-    assert calls == [False, True]  # ... and the chunk was ranked again by keys
-    assert torch.equal(i.cpu(), G.search_topk_ref(q, dup, 10)[1])
+    _, i6 = G.search_topk(q.to(DEVICE), dup.to(DEVICE), 64, select="fused", backend="triton")
+    monkeypatch.undo()
+    assert bool((seen[-2][3] == 5001).all()) and bool((seen[-1][3] > 4096).all())  # the buffer overflowed ...
+    assert calls == [False, False]  # ... yet no chunk went to the exact path
+    assert torch.equal(i.cpu(), G.search_topk_ref(q, dup, 10)[1])  # ranked from the listed tiles, exactly
+    assert torch.equal(i6.cpu(), G.search_topk_ref(q, dup, 64)[1])
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])

@@ -9,7 +9,8 @@ complement of the row id), so equal scores come out in ascending row id order, d
 every backend. If equal values straddle a cut in stage 1 (the float top-k then kept an arbitrary few
 of them) that chunk is ranked again by keys over all its scores. With ``select="fused"`` one Triton
 kernel replaces stage 1's torch top-k calls: it reads a threshold off the tile maxima, keeps the rows
-that reach it and ranks them by key (a chunk goes to the exact path only if thousands of rows tie).
+that reach it and ranks them by key, thousands of tied rows included, so the search never waits on the
+host: the results come back as soon as the GPU has them.
 
 Metrics: ``"ip"`` returns inner products, best first; ``"l2"`` returns squared Euclidean distances,
 nearest first (ranked internally by ``2 q.x - |x|^2``). For int8 matrices the rows are
@@ -172,7 +173,7 @@ if HAS_TRITON:
         _store_tile(acc, XS, XN, OUT, TMAX, rm, rn, mmask, nmask, so_m, st_m, pid_n, True, IS_L2)
 
     @triton.jit
-    def _threshold_select_kernel(S, TMAX, TL, KB, OUT_S, OUT_I, OVER, n, nt, row0, kk, ss_m, st_m, stl_m, skb_m,
+    def _threshold_select_kernel(S, TMAX, TL, KB, OUT_S, OUT_I, NKEYS, n, nt, row0, kk, ss_m, st_m, stl_m, skb_m,
                                  so_m, BN: tl.constexpr, KP: tl.constexpr, GN: tl.constexpr, TB: tl.constexpr,
                                  BT: tl.constexpr, CB: tl.constexpr, CAP: tl.constexpr):
         """One query's top ``kk`` rows of a chunk, from its scores ``S`` and best score per tile ``TMAX``, in one
@@ -183,9 +184,10 @@ if HAS_TRITON:
            whose best score is at least t hold ``kk`` distinct rows scoring at least t, so t = the ``kk``-th
            highest group maximum will do (read from the tile maxima only).
         2. The tiles whose maximum reaches it are listed (``TL``, a prefix-sum compaction).
-        3. Their rows that reach it are written as keys to ``KB`` (at most ``CAP``; more sets ``OVER`` and
-           the caller ranks the chunk by the exact path).
-        4. The top ``KP`` of those keys, merged a block of ``CB`` at a time."""
+        3. Their rows that reach it are written as keys to ``KB`` (at most ``CAP``) and counted (``NKEYS``).
+        4. The top ``KP`` of those keys, merged a block of ``CB`` at a time. If more than ``CAP`` rows reached
+           the threshold (thousands of equal scores), the listed tiles are ranked instead, ``BT`` tiles of
+           rows at a time, rows under the threshold masked out: slower, still exact, and still on the GPU."""
         q = tl.program_id(0)
         MIN: tl.constexpr = -9223372036854775807 - 1
         tmax = TMAX + q * st_m
@@ -222,43 +224,54 @@ if HAS_TRITON:
             tl.store(KB + q * skb_m + pos, key, mask=keep & (pos < CAP))
             n_keys += tl.sum(keep.to(tl.int32), axis=0)
         tl.debug_barrier()
-        # 4. the best KP keys
+        # 4. the best KP keys: from the key buffer, or (it overflowed) from the listed tiles again
         best = tl.full([KP], MIN, tl.int64)
-        for c0 in range(0, tl.minimum(n_keys, CAP), CB):
+        overflow = n_keys > CAP
+        for c0 in range(0, tl.where(overflow, 0, n_keys), CB):
             c = c0 + tl.arange(0, CB)
-            block = tl.topk(tl.load(KB + q * skb_m + c, mask=c < tl.minimum(n_keys, CAP), other=MIN), KP)
+            block = tl.topk(tl.load(KB + q * skb_m + c, mask=c < n_keys, other=MIN), KP)
             best = tl.topk(tl.reshape(tl.join(best, block), [2 * KP]), KP)
+        for i0 in range(0, tl.where(overflow, n_tiles, 0), BT):
+            j = i0 + tl.arange(0, BT)
+            tiles = tl.load(TL + q * stl_m + j, mask=j < n_tiles, other=0)
+            rows = tl.reshape(tiles[:, None] * BN + tl.arange(0, BN)[None, :], [BT * BN])
+            valid = tl.reshape(tl.broadcast_to((j < n_tiles)[:, None], [BT, BN]), [BT * BN]) & (rows < n)
+            sc = tl.load(S + q * ss_m + rows, mask=valid, other=float("-inf")) + 0.0
+            b = sc.to(tl.int32, bitcast=True)
+            key = tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64) << 32
+            key = tl.where(valid & (sc >= thr), key | (0xFFFFFFFF - (rows + row0).to(tl.int64)), MIN)
+            best = tl.topk(tl.reshape(tl.join(best, tl.topk(key, KP)), [2 * KP]), KP)
         k32 = (best >> 32).to(tl.int32)
         out_s = tl.where(k32 < 0, k32 ^ 0x7FFFFFFF, k32).to(tl.float32, bitcast=True)
         out_i = 0xFFFFFFFF - (best & 0xFFFFFFFF)
         o = tl.arange(0, KP)
         tl.store(OUT_S + q * so_m + o, out_s, mask=o < kk)
         tl.store(OUT_I + q * so_m + o, out_i, mask=o < kk)
-        tl.store(OVER + q, n_keys > CAP)
+        tl.store(NKEYS + q, n_keys)
 
 
 def _threshold_select(s, tmax, n, bn, kk, row0):
-    """:func:`_threshold_select_kernel` over every query: ``(scores (m, kk) float32, ids (m, kk) int64, overflow
-    (m,) bool)``; where ``overflow`` is set the result is not valid (more rows reached the threshold than
-    the key buffer holds: equal scores by the thousand) and the chunk must be ranked by the exact path."""
+    """:func:`_threshold_select_kernel` over every query: ``(scores (m, kk) float32, ids (m, kk) int64, rows that
+    reached the threshold (m,) int32)``, exact whatever that count (past the key buffer's ``cap`` the kernel
+    ranks the listed tiles instead)."""
     m, nt = tmax.shape
     kp = max(2, next_pow2(kk))
     gn = max(64, 4 * kp)  # groups: more of them, a threshold closer to the kk-th best score
     tb = max(gn, min(4096, next_pow2(nt)))
     cap = max(4096, 16 * kp)
     # blocks sized for the ~1.1 k rows that typically reach the threshold (more only loop more): tiles of rows
-    # gathered BT at a time, keys ranked CB at a time (was 4096 rows and 1,024 keys whatever k: at k = 10 the
-    # select kernel took 39 us on an H100, a tenth of the search)
+    # gathered BT at a time, keys ranked CB at a time (was 32 tiles and 1,024 keys whatever k; on an H100 the
+    # kernel went from 16.5 to 12.4 us at m = 1, k = 10 and from 39.0 to 32.8 us at m = 16, k = 100)
     tiles = torch.empty(m, nt, dtype=torch.int32, device=s.device)
     keys = torch.empty(m, cap, dtype=torch.int64, device=s.device)
     out_s = torch.empty(m, kk, dtype=torch.float32, device=s.device)
     out_i = torch.empty(m, kk, dtype=torch.int64, device=s.device)
-    over = torch.empty(m, dtype=torch.bool, device=s.device)
-    _threshold_select_kernel[(m,)](s, tmax, tiles, keys, out_s, out_i, over, n, nt, row0, kk, s.stride(0),
+    n_keys = torch.empty(m, dtype=torch.int32, device=s.device)
+    _threshold_select_kernel[(m,)](s, tmax, tiles, keys, out_s, out_i, n_keys, n, nt, row0, kk, s.stride(0),
                                    tmax.stride(0), tiles.stride(0), keys.stride(0), out_s.stride(0),
                                    BN=bn, KP=kp, GN=gn, TB=tb, BT=max(1, min(4096 // bn, kp)), CB=max(64, 2 * kp),
                                    CAP=cap, num_warps=8)
-    return out_s, out_i, over
+    return out_s, out_i, n_keys
 
 
 def _topk_with_ids(scores: torch.Tensor, ids: torch.Tensor, k: int):
@@ -343,8 +356,9 @@ def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_
     if tmax is None or kk >= tmax.shape[1]:
         top, i, tied = _float_topk(s[:, :n], kk)
         return top, i + r0, tied, False
-    if select == "fused":  # one kernel, already in key order; "tied" here: its key buffer overflowed
-        return (*_threshold_select(s, tmax, n, bn, kk, r0), True)
+    if select == "fused":  # one kernel, exact and already in key order: nothing to check on the host
+        top, ids, _ = _threshold_select(s, tmax, n, bn, kk, r0)
+        return top, ids, None, True
     _, ti, tile_tied = _float_topk(tmax, kk)
     pos = (ti[:, :, None] * bn + torch.arange(r0, r0 + bn, device=s.device)).reshape(m, -1)
     top, j, tied = _float_topk(s.gather(1, pos - r0), kk)
@@ -359,22 +373,26 @@ def _merge(parts, k):
 
 def _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select="fused"):
     """Every chunk by the fast path, merged; no host synchronisation (so a CUDA graph can hold it).
-    Returns ``(scores, ids, tied, parts)``: ``tied`` a bool per chunk (its cut split equal values) and
-    ``parts`` each chunk's candidates."""
+    Returns ``(scores, ids, tied, parts)``: ``tied`` a bool per chunk (its cut split equal values), or
+    ``None`` when no chunk can be cut wrongly (the fused select), and ``parts`` each chunk's candidates."""
     n = base.shape[0]
     parts = [_chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, min(n, r0 + chunk), tile, False, select)
              for r0 in range(0, n, chunk)]
-    none = torch.zeros((), dtype=torch.bool, device=queries.device)
-    tied = torch.stack([none if p[2] is None else p[2].any() for p in parts])
+    tied = None
+    if any(p[2] is not None for p in parts):
+        none = torch.zeros((), dtype=torch.bool, device=queries.device)
+        tied = torch.stack([none if p[2] is None else p[2].any() for p in parts])
     return (*_merge(parts, k), tied, parts)
 
 
 def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select="fused", fast=None):
-    """The fast path (or its result ``fast``), then, after one host synchronisation, the chunks whose cut
-    split equal values scored again and ranked by (score, id) keys."""
+    """The fast path (or its result ``fast``); with the torch select, then, after one host synchronisation,
+    the chunks whose cut split equal values scored again and ranked by (score, id) keys."""
     if fast is None:
         fast = _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select)
     s, i, tied, parts = fast
+    if tied is None:  # no host synchronisation: the caller gets the results as soon as the GPU has them
+        return s, i
     redo = tied.tolist()
     if not any(redo):
         return s, i
@@ -479,8 +497,10 @@ class BruteForceIndex:
     once here). On CUDA, the first search for each (number of queries, ``k``, query dtype) records the
     search into a CUDA graph, and later searches of that shape copy the queries in and replay it: one
     launch instead of some thirty, which matters when a search takes well under a millisecond. Each
-    recorded shape keeps its own buffers (``m x n x 4`` bytes of scores at most 256 MiB). A search whose
-    chunk cut splits equal scores is finished eagerly, ranking (score, id) keys, as in ``search_topk``.
+    recorded shape keeps its own buffers (``m x n x 4`` bytes of scores at most 256 MiB). With the fused
+    select (the default on a GPU) a search never waits on the GPU; with the torch select it waits once for
+    the tie flags, and a search whose chunk cut splits equal scores is finished eagerly, ranking
+    (score, id) keys, as in ``search_topk``.
     ``use_graphs=False`` (or a CPU tensor) always searches eagerly. ``select`` as in ``search_topk``.
     """
 
@@ -516,7 +536,8 @@ class BruteForceIndex:
         static_q.copy_(queries)
         graph.replay()
         # the graph's outputs change at the next replay: copied out now, queued behind the replay, so that
-        # nothing is left to launch after the host waits on the tie flags
+        # nothing is left to launch after the host waits on the tie flags (the torch select; the fused one
+        # has none to wait on)
         s, i, tied, parts = out
         s, i = _search_chunks(*args, fast=(s.clone(), i.clone(), tied, parts))
         return _finish(queries, s, is_l2), i
