@@ -1,0 +1,126 @@
+"""Offline probe (no GPU needed): how many barriers and shared-memory operations a decode-attention tile
+costs when each warp owns its own token slice, written as a batched (3D) ``tl.dot`` with the warps on the
+batch axis, against the shipped mma-order kernel, where the 4 warps split every tile's columns.
+
+It compiles for sm_90 with the installed Triton (use the device's version, 3.6.0) and counts the main
+loop's instructions in the ``nvdisasm`` listing of the cubin:
+
+    python benches/gpu_probe_batched_decode.py
+
+The probe reads fp16 K and V (no quantization): it shows what the softmax and the p -> V hand-over cost
+in each arrangement, not the whole kernel. See gpu/NOTES.md for the reading.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.append(os.path.join(os.path.dirname(HERE), "python", "engramdb"))
+
+
+@triton.jit
+def _batched_warps(Q, K, V, Out, T):
+    """Warp w takes tokens 16 w .. 16 w + 15 of every 64-token tile: its own running max, sum and output,
+    merged across warps once at the end."""
+    h = tl.arange(0, 16)
+    d = tl.arange(0, 128)
+    t = tl.arange(0, 16)
+    w = tl.arange(0, 4)
+    q = tl.load(Q + h[:, None] * 128 + d[None, :]).to(tl.float16)
+    qb = tl.broadcast_to(q[None, :, :], (4, 16, 128))
+    m_i = tl.full((4, 16), float("-inf"), tl.float32)
+    l_i = tl.zeros((4, 16), tl.float32)
+    acc = tl.zeros((4, 16, 128), tl.float32)
+    for s0 in range(0, T, 64):
+        kt = tl.load(K + (s0 + 16 * w[:, None, None] + t[None, None, :]) * 128 + d[None, :, None])
+        s = tl.dot(qb, kt)
+        m_new = tl.maximum(m_i, tl.max(s, axis=2))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, :, None])
+        l_i = l_i * alpha + tl.sum(p, axis=2)
+        v = tl.load(V + (s0 + 16 * w[:, None, None] + t[None, :, None]) * 128 + d[None, None, :])
+        acc = acc * alpha[:, :, None] + tl.dot(p.to(tl.float16), v)
+        m_i = m_new
+    m = tl.max(m_i, axis=0)
+    sc = tl.exp2(m_i - m[None, :])
+    o = tl.sum(acc * sc[:, :, None], axis=0) / tl.sum(l_i * sc, axis=0)[:, None]
+    tl.store(Out + h[:, None] * 128 + d[None, :], o)
+
+
+@triton.jit
+def _split_columns(Q, K, V, Out, T):
+    """The same attention with the 4 warps splitting every tile's 64 columns (a 2D dot): what the shipped
+    kernels do."""
+    h = tl.arange(0, 16)
+    d = tl.arange(0, 128)
+    t = tl.arange(0, 64)
+    q = tl.load(Q + h[:, None] * 128 + d[None, :]).to(tl.float16)
+    m_i = tl.full((16,), float("-inf"), tl.float32)
+    l_i = tl.zeros((16,), tl.float32)
+    acc = tl.zeros((16, 128), tl.float32)
+    for s0 in range(0, T, 64):
+        kt = tl.load(K + (s0 + t[None, :]) * 128 + d[:, None])
+        s = tl.dot(q, kt)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + (s0 + t[:, None]) * 128 + d[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+        m_i = m_new
+    tl.store(Out + h[:, None] * 128 + d[None, :], acc / l_i[:, None])
+
+
+def main_loop_ops(sass: str) -> Counter:
+    """Opcode counts of the longest backward-branch loop in an nvdisasm listing."""
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        m = re.match(r"^\s*\.(L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+        m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if m:
+            ins.append(m.group(1))
+    loops = [(i - labels[m.group(1)], labels[m.group(1)], i) for i, t in enumerate(ins)
+             if (m := re.search(r"BRA\s+(?:`\()?\.?(L_x_\d+)", t)) and labels.get(m.group(1), len(ins)) <= i]
+    _, a, b = max(loops)
+    return Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in ins[a:b + 1])
+
+
+def compile_counts(fn) -> tuple[Counter, str]:
+    sig = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "Out": "*fp32", "T": "i32"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
+    k = triton.compile(ASTSource(fn, sig, attrs=attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    return main_loop_ops(sass), " ".join(re.findall(r"REG:\d+", usage))
+
+
+def main() -> int:
+    print(f"triton {triton.__version__}, sm_90, 4 warps, 64-token tiles, head size 128, fp16 K and V")
+    for name, fn in (("warps split the columns (shipped)", _split_columns), ("batched: a warp per token slice", _batched_warps)):
+        ops, regs = compile_counts(fn)
+        shared = {o: c for o, c in ops.items() if re.match(r"(LDS|STS|BAR|SHFL)", o)}
+        print(f"{name:36s} {sum(ops.values()):4d} loop instructions, {regs}; shared, barriers, shuffles: {shared}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
