@@ -408,6 +408,86 @@ def test_decode_attention_mma_order_falls_back_and_checks_orders():
         G.kivi_decode_attention(q, km, vq, k_res, v_res, backend="triton")
 
 
+@pytest.mark.parametrize("d,t", [(64, 96), (128, 64)])
+def test_mma_w_value_layout_and_roundtrip(d, t):
+    """to_mma_order(values, warps=True), checked code by code with its own index arithmetic: code
+    i0 + 2 i1 + 4 i2 of word (row 4 s + kl, word nl * D / 16 + j) holds token 16 s + 4 kl + 2 i1 + i0 and
+    channel D / 8 * nl + 2 j + i2. from_mma_order gives back the KIVI words; what it cannot hold is refused."""
+    r = gen(d + t + 7)
+    x = torch.randn(2, 3, t, d, generator=r)
+    vq = kv_quant.quantize_values(x, 4, 32, backend="torch")
+    vc = kv_quant._unpack_last_ref(vq.packed, 4).long()  # (B, H, T, D)
+    vw = kv_quant.to_mma_order(vq, warps=True)
+    assert vw.order == "mma_w" and vw.nbytes() == vq.nbytes() and vw.packed.shape[-2:] == (t // 4, d // 2)
+    words = vw.packed.long() & 0xFFFFFFFF
+    nj = d // 16
+    for s_ in range(t // 16):
+        for kl in range(4):
+            for nl in range(8):
+                for j in range(nj):
+                    for c in range(8):
+                        tok = 16 * s_ + 4 * kl + 2 * ((c >> 1) & 1) + (c & 1)
+                        chan = d // 8 * nl + 2 * j + (c >> 2)
+                        got = (words[:, :, 4 * s_ + kl, nl * nj + j] >> (4 * c)) & 15
+                        assert torch.equal(got, vc[:, :, tok, chan]), (s_, kl, nl, j, c)
+    back = kv_quant.from_mma_order(vw)
+    assert back.order == "kivi" and torch.equal(back.packed, vq.packed)
+    assert torch.equal(kv_quant.dequantize(vw, backend="torch"), kv_quant.dequantize(vq, backend="torch"))
+    for bad in (kv_quant.quantize_keys(x, 4, 32, backend="torch"), kv_quant.quantize_values(x, 2, 32, backend="torch"),
+                kv_quant.quantize_values(torch.randn(1, 1, 32, 256), 4, 32, backend="torch")):
+        with pytest.raises(ValueError, match="mma_w"):
+            kv_quant.to_mma_order(bad, warps=True)
+
+
+# (B, Hq, Hkv, Tq, Tr, D, group, splits, meta_bits): caches the warps kernel takes
+WARPS_CASES = [
+    (1, 4, 1, 128, 32, 128, 32, None, 16),  # head size 128, GQA 4
+    (2, 8, 2, 96, 0, 64, 32, 2, 16),        # head size 64, no window; the second split's tile is half empty
+    (1, 9, 3, 160, 17, 64, 16, 3, 8),       # groups of 16, 8-bit metadata, three splits, a ragged window
+    (1, 16, 1, 64, 5, 128, 64, None, 16),   # 16 query heads a kv head, groups of 64
+]
+
+
+@pytest.mark.parametrize("case", WARPS_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_decode_attention_warps_kernel_matches_reference(case, monkeypatch):
+    """Keys in mma order and values in mma_w order go to the kernel that gives each warp its own 16 tokens
+    of a tile (a batched dot; the warps merge once at the end): it runs, and it matches the float32
+    reference and the KIVI-order kernel, splits with warps that see no token included."""
+    b, hq, hkv, tq, tr, d, g, splits, meta_bits = case
+    da = import_module(G.__name__ + ".decode_attention")
+    launched = []
+    real = da._kivi_decode_warps_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(da, "_kivi_decode_warps_kernel", Spy())
+    r = gen(sum(case[:7]) + meta_bits)
+    q = torch.randn(b, hq, d, generator=r).to(DEVICE, torch.float16)
+    k = (torch.randn(b, hkv, tq, d, generator=r) * 2).to(DEVICE, torch.float16)
+    v = torch.randn(b, hkv, tq, d, generator=r).to(DEVICE, torch.float16)
+    kq = kv_quant.quantize_keys(k, 4, g, meta_bits=meta_bits)
+    vq = kv_quant.quantize_values(v, 4, g, meta_bits=meta_bits)
+    k_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE, torch.float16)
+    v_res = torch.randn(b, hkv, tr, d, generator=r).to(DEVICE, torch.float16)
+    km, vw = kv_quant.to_mma_order(kq), kv_quant.to_mma_order(vq, warps=True)
+    ref = G.kivi_decode_attention_ref(q.cpu(), _cpu(kq), _cpu(vq), k_res.cpu(), v_res.cpu())
+    got = G.kivi_decode_attention(q, km, vw, k_res, v_res, num_splits=splits, backend="triton")
+    assert len(launched) == 1 and got.shape == (b, hq, d) and got.dtype == torch.float16
+    torch.testing.assert_close(got.float().cpu(), ref.float(), atol=4e-3, rtol=0)
+    kivi = G.kivi_decode_attention(q, kq, vq, k_res, v_res, num_splits=splits, backend="triton")
+    torch.testing.assert_close(got.float().cpu(), kivi.float().cpu(), atol=4e-3, rtol=0)
+    # float32 queries: the kernel does not take them, the cache is re-packed for the general kernel
+    got32 = G.kivi_decode_attention(q.float(), km, vw, k_res.float(), v_res.float(), num_splits=splits,
+                                    backend="triton")
+    assert len(launched) == 1
+    torch.testing.assert_close(got32.cpu(), ref.float(), atol=4e-3, rtol=0)
+    with pytest.raises(ValueError, match="order"):  # values in mma_w order need keys in mma order
+        G.kivi_decode_attention(q, kq, vw, k_res, v_res, backend="triton")
+
+
 def test_decode_attention_rejects_bad_tuning_knobs():
     q = torch.zeros(1, 2, 32, device=DEVICE)
     k_res = torch.zeros(1, 2, 4, 32, device=DEVICE)

@@ -462,6 +462,121 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _warp_value_words(ptr, v_off, mask, NJ: tl.constexpr):
+        """A thread's NJ adjacent mma_w value words ``(128, NJ)``, at most four (16 bytes) a load: eight in one
+        load would be split over two lanes, and the V operand would then pass through shared memory."""
+        w = tl.load(ptr + v_off, mask=mask, other=0)
+        if NJ == 8:
+            hi = tl.load(ptr + v_off + 4, mask=mask, other=0)
+            w = tl.reshape(tl.permute(tl.join(w, hi), (0, 2, 1)), (128, 8))
+        return w
+
+    @triton.jit
+    def _value_frag(x, NG: tl.constexpr, NS: tl.constexpr, NJ: tl.constexpr):
+        """A 64-token tile's value scales or minimums ``(64, NG)`` spread over the codes of the mma_w value
+        words as the warps kernel unpacks them: ``(w, nl, kl, j, i0, i1, i2)``, token ``16 w + 4 kl + 2 i1 +
+        i0``, group ``nl // NS``."""
+        x = tl.permute(tl.reshape(x, (4, 4, 2, 2, NG)), (0, 4, 1, 3, 2))  # (w, g, kl, i0, i1)
+        x = tl.broadcast_to(tl.reshape(x, (4, NG, 1, 4, 1, 2, 2, 1)), (4, NG, NS, 4, NJ, 2, 2, 2))
+        return tl.reshape(x, (4, 8, 4, NJ, 2, 2, 2))
+
+    @triton.jit
+    def _kivi_decode_warps_kernel(
+        Q, KP, KS, KM, VP, VS, VM, KU, VU, KR, VR, OA, OML,
+        Tq, Tr, chunk_q, chunk_r, qk_scale, H_KV,
+        sq_b, sq_h,
+        skp_b, skp_h, skp_t, sks_b, sks_h, sks_g,
+        svp_b, svp_h, svp_r, svs_b, svs_h, svs_t,
+        sku_b, sku_h, sku_g, svu_b, svu_h, svu_g,
+        skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
+        soa_b, soa_h, soa_s, soml_b, soml_h, soml_s,
+        D: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr,
+    ):
+        """4-bit keys in mma order and values in mma_w order (``kv_quant.to_mma_order``), 64-token tiles, 4
+        warps, each warp on its own 16 tokens of every tile: a batched dot with the warps on the batch axis.
+        Every warp keeps its own running maximum, sum and output, merged across warps once after the loop,
+        so a tile needs no cross-warp reduction, and p goes from the scores' registers into the PV operand
+        without a trip through shared memory (see gpu/NOTES.md)."""
+        NB: tl.constexpr = D // 32
+        NJ: tl.constexpr = D // 16  # value words a thread a tile
+        NG: tl.constexpr = D // G if G < D else 1  # value groups in a row
+        NS: tl.constexpr = 8 // NG  # operand column groups (nl) a value group spans
+        KG: tl.constexpr = 64 // G if G < 64 else 1  # key groups in a tile
+        split = tl.program_id(1)
+        b, hk, heads, hmask, d, dmask, q, m_0, l_0, acc_0 = _program_start(Q, sq_b, sq_h, H_KV, N_REP, BLOCK_H, D,
+                                                                            D, tl.float16)
+        qb = tl.broadcast_to(q[None, :, :], (4, BLOCK_H, D))
+        lo = split * chunk_q
+        hi = tl.minimum(lo + chunk_q, Tq)
+        kp = KP + b * skp_b + hk * skp_h
+        ks = KS + b * sks_b + hk * sks_h
+        km = KM + b * sks_b + hk * sks_h
+        vp = VP + b * svp_b + hk * svp_h
+        vs = VS + b * svs_b + hk * svs_h
+        vm = VM + b * svs_b + hk * svs_h
+        ku = KU + b * sku_b + hk * sku_h
+        vu = VU + b * svu_b + hk * svu_h
+        # thread 32 w + 4 nl + kl: key words as in the mma kernel (warp w's K^T columns nl + 8 r are tokens
+        # 16 w + 8 r + nl); value words (row 4 (slice) + kl, word nl NJ + j) hold its 4 tokens x D / 8 channels
+        th = tl.arange(0, 128)
+        w_ = th // 32
+        nl = (th // 4) % 8
+        kl = th % 4
+        kb = tl.arange(0, NB if NB < 4 else 4)
+        kr_ = tl.arange(0, 2)
+        k_tok = (nl + 16 * w_)[:, None, None] + 8 * kr_[None, None, :]
+        k_off = k_tok * skp_t + (kl[:, None, None] * NB + kb[None, :, None])
+        v_off = (4 * w_ + kl)[:, None] * svp_r + (nl * NJ)[:, None] + tl.arange(0, 4)[None, :]
+        n = tl.arange(0, D)
+        chan = D // 8 * (n % 8) + 2 * (n // 16) + (n // 8) % 2  # channel of acc column n
+        tok = 16 * tl.arange(0, 4)[:, None, None] + tl.arange(0, 16)[None, None, :]  # token of score (w, :, n)
+
+        m_i = tl.full((4, BLOCK_H), float("-inf"), tl.float32)
+        l_i = tl.zeros((4, BLOCK_H), tl.float32)
+        acc = tl.zeros((4, BLOCK_H, D), tl.float32)
+        k_s_nx, k_m_nx = _key_meta(ks, km, ku, lo, hi, d, dmask, sks_g, sku_g, 64, G, DQ, tl.float16)
+        v_s_nx, v_m_nx = _value_meta(vs, vm, vu, lo, hi, svs_t, svu_g, 64, D, D, G, DQ, tl.float16)
+        kw_nx = _mma_key_words(kp + lo * skp_t, k_off, (lo + k_tok) < hi, NB)
+        vw_nx = _warp_value_words(vp + (lo // 4) * svp_r, v_off, (lo + 16 * w_ + 4 * kl < hi)[:, None], NJ)
+        for start in range(lo, hi, 64):
+            k_s, k_m, v_s, v_m, kw, vw = k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx
+            nxt = start + 64
+            k_s_nx, k_m_nx = _key_meta(ks, km, ku, nxt, hi, d, dmask, sks_g, sku_g, 64, G, DQ, tl.float16)
+            v_s_nx, v_m_nx = _value_meta(vs, vm, vu, nxt, hi, svs_t, svu_g, 64, D, D, G, DQ, tl.float16)
+            kw_nx = _mma_key_words(kp + nxt * skp_t, k_off, (nxt + k_tok) < hi, NB)
+            vw_nx = _warp_value_words(vp + (nxt // 4) * svp_r, v_off, (nxt + 16 * w_ + 4 * kl < hi)[:, None], NJ)
+
+            c = _codes8(tl.reshape(kw, (4, 8, 4, NB, 2)))  # (w, nl, kl, a, r, i0, i1, i2)
+            kt = tl.reshape(tl.permute(c, (0, 3, 7, 2, 6, 5, 4, 1)), (4, D, 16)) - 1024.0  # K^T of each warp
+            ksc = tl.reshape(tl.broadcast_to(tl.reshape(k_s, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16))
+            kmn = tl.reshape(tl.broadcast_to(tl.reshape(k_m, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16))
+            s = tl.dot(qb, kt * ksc + kmn) * qk_scale
+            s = tl.where((start + tok) < hi, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=2))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no token yet: nothing to scale
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, :, None])
+            l_i = l_i * alpha + tl.sum(p, axis=2)
+            # values dequantized in the words' own shape (w, nl, kl, j, i0, i1, i2), where the scales of token
+            # 16 w + 4 kl + 2 i1 + i0 and group nl // NS meet them; then the operand (rows tokens, columns n)
+            cv = _codes8(tl.reshape(vw, (4, 8, 4, NJ))) - 1024.0
+            cv = cv * _value_frag(v_s, NG, NS, NJ) + _value_frag(v_m, NG, NS, NJ)
+            v = tl.reshape(tl.permute(cv, (0, 2, 5, 4, 3, 6, 1)), (4, 16, D))
+            acc = acc * alpha[:, :, None] + tl.dot(p.to(tl.float16), v)
+            m_i = m_new
+
+        # the warps' states merged: one cross-warp reduction a program
+        m_w = tl.max(m_i, axis=0)
+        sc = tl.exp2(m_i - tl.where(m_w == float("-inf"), 0.0, m_w)[None, :])
+        l_w = tl.sum(l_i * sc, axis=0)
+        acc_w = tl.sum(acc * sc[:, :, None], axis=0)
+        m_w, l_w, acc_w = _attend_full(q, m_w, l_w, acc_w, KR + b * skr_b + hk * skr_h, VR + b * svr_b + hk * svr_h,
+                                       split * chunk_r, tl.minimum(split * chunk_r + chunk_r, Tr), skr_t, svr_t,
+                                       qk_scale, d, dmask, chan, 64, tl.float16, "tf32")
+        _store_partial(OA, OML, acc_w, m_w, l_w, b, heads, hmask, split, chan, dmask, soa_b, soa_h, soa_s, soml_b,
+                       soml_h, soml_s)
+
+    @triton.jit
     def _kivi_decode_kernel(
         Q, KP, KS, KM, VP, VS, VM, KU, VU, KR, VR, OA, OML,
         Tq, Tr, chunk_q, chunk_r, qk_scale, H_KV,
@@ -694,8 +809,8 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
         # split at least 256 tokens
         target = max(1, 4 * _sm_count(dev) // max(1, b * h_kv))
         num_splits = max(1, min(target, triton.cdiv(tq + tr, 256)))
-    if kq is not None and kq.order == "mma" and (block_t not in (64, 128) or g < block_t // 4):
-        block_t = 64  # the mma kernel's tiles: 64 or 128 tokens (128 needs groups of at least 32)
+    if kq is not None and kq.order == "mma" and (block_t not in (64, 128) or g < block_t // 4 or vq.order == "mma_w"):
+        block_t = 64  # the mma kernels' tiles: 64 or 128 tokens (128 needs groups of at least 32; mma_w: 64)
     mode = UNPACK_MODES[unpack]
     if mode >= 1 and block_t < 32 // min(bits_k, bits_v):  # a tile must hold whole packed words
         mode = 0
@@ -716,7 +831,11 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
             *q.stride()[:2], *kp.stride()[:3], *ks.stride()[:3], *vp.stride()[:3], *vs.stride()[:3],
             *ku.stride()[:3], *vu.stride()[:3], *k_res.stride()[:3], *v_res.stride()[:3], *oa.stride()[:3],
             *oml.stride()[:3])
-    if kq is not None and kq.order == "mma":
+    if kq is not None and vq.order == "mma_w":
+        _kivi_decode_warps_kernel[grid](
+            *args, D=d, N_REP=n_rep, BLOCK_H=16, G=g, DQ=dq, num_warps=4, num_stages=1,
+        )
+    elif kq is not None and kq.order == "mma":
         _kivi_decode_mma_kernel[grid](
             *args,
             D=d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)), G=g, DQ=dq, BLOCK_T=block_t, BITS=bits_k,
@@ -753,7 +872,18 @@ def mma_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: 
             and group_size >= max(16, head_dim // 4))
 
 
+def warps_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: int, n_rep: int) -> bool:
+    """Whether :func:`_kivi_decode_warps_kernel` (a warp per 16 tokens of a tile; keys in mma order, values
+    in mma_w order) takes a cache of this shape with fp16 queries: 4-bit keys and values, head size 64 or
+    128, groups of at least 16 tokens and D / 8 channels, and at most 16 query heads a kv head."""
+    return (key_bits == value_bits == 4 and head_dim in (64, 128) and group_size >= max(16, head_dim // 8)
+            and n_rep <= 16)
+
+
 def _mma_kernel_fits(q, kq, vq) -> bool:
+    if vq.order == "mma_w":
+        return q.dtype == torch.float16 and kq.order == "mma" and warps_kernel_takes(
+            kq.bits, vq.bits, q.shape[-1], kq.group_size, q.shape[1] // kq.shape[1])
     return q.dtype == torch.float16 and mma_kernel_takes(kq.bits, vq.bits, q.shape[-1], kq.group_size)
 
 
@@ -809,8 +939,8 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
         raise ValueError("keys and values must share one group size")
     if kq is not None and kq.meta_bits != vq.meta_bits:
         raise ValueError("keys and values must share one metadata format (meta_bits)")
-    if kq is not None and kq.order != vq.order:
-        raise ValueError("quantized keys and values must share one packing order")
+    if kq is not None and kq.order != vq.order and (kq.order, vq.order) != ("mma", "mma_w"):
+        raise ValueError("quantized keys and values must share one packing order (or: keys mma, values mma_w)")
     if kq is not None and kq.order == "mma" and not _mma_kernel_fits(q, kq, vq):
         kq, vq = from_mma_order(kq), from_mma_order(vq)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])

@@ -83,7 +83,7 @@ class QuantizedTensor:
     axis: str
     shape: tuple  # (B, H, T, D) of the dequantized tensor
     sup: Optional[torch.Tensor] = None  # (B, H, T // G, 3) fp16 when scale/minimum are 8-bit codes
-    order: str = "kivi"  # how codes sit in the packed words: "kivi" or "mma" (see to_mma_order)
+    order: str = "kivi"  # how codes sit in the packed words: "kivi", "mma" or "mma_w" (see to_mma_order)
 
     @property
     def meta_bits(self) -> int:
@@ -278,10 +278,10 @@ def _pack_kivi(codes: torch.Tensor, bits: int, axis: str) -> torch.Tensor:
 
 
 def _codes(q: QuantizedTensor) -> torch.Tensor:
-    """The ``(B, H, T, D)`` codes of a packed tensor, in either order."""
-    if q.order == "mma":
+    """The ``(B, H, T, D)`` codes of a packed tensor, in any order."""
+    if q.order in MMA_ORDERS:
         b, h, t, d = q.shape
-        tok, chan = _mma_sources(q.bits, q.axis, t, d, q.packed.device)
+        tok, chan = _mma_sources(q.bits, q.axis, t, d, q.packed.device, q.order)
         codes = torch.empty(b, h, t, d, dtype=torch.int32, device=q.packed.device)
         codes[:, :, tok, chan] = _unpack_last_ref(q.packed, q.bits).reshape(b, h, *tok.shape)
         return codes
@@ -604,15 +604,30 @@ def quantize_values(v: torch.Tensor, bits: int = 4, group_size: int = 32, *, met
 #   2-bit keys    (T / 2, D / 8):   row 8 u + l, word j * D / 32 + b: channels 32 b + elt(j, c'),
 #                                   token 16 u + l + 8 i
 #   2-bit values  (T / 8, D / 2):   row 4 a + j, word 8 p + l: tokens 32 a + elt(j, c'), channel 16 p + l + 8 i
+# Values also come in a second operand order, "mma_w", for a kernel whose warps each take their own 16
+# tokens of a tile (a batched dot, warp w on batch w): thread (w, nl, kl) needs 4 tokens x D / 8 channels.
+# Code c = i0 + 2 i1 + 4 i2 of word (row 4 s + kl, word nl * D / 16 + j) holds token 16 s + 4 kl + 2 i1 + i0
+# and operand column 16 j + 8 i2 + nl, which stands for channel D / 8 * nl + 2 j + i2: a thread's channels
+# lie in one quantization group (G >= D / 8). 4-bit only:
+#   4-bit values  (T / 4, D / 2):   row 4 s + kl, word nl * D / 16 + j
 MMA_BITS = (4, 2)
+MMA_ORDERS = ("mma", "mma_w")
 
 
-def _mma_sources(bits: int, axis: str, t: int, d: int, device):
+def _mma_sources(bits: int, axis: str, t: int, d: int, device, order: str = "mma"):
     """For each code of an mma-ordered packed tensor, the (token, channel) it holds: two int64 tensors of
     shape ``(rows, words per row, codes per word)``."""
     nb = d // 32
     per = 32 // bits
     c = torch.arange(per, device=device)
+    if order == "mma_w":  # 4-bit values, a warp per 16 tokens (layout above)
+        r = torch.arange(t // 4, device=device)[:, None, None]
+        col = torch.arange(d // 2, device=device)[None, :, None]
+        nl, j = col // (d // 16), col % (d // 16)
+        tok = 16 * (r // 4) + 4 * (r % 4) + 2 * ((c >> 1) & 1) + (c & 1)
+        chan = d // 8 * nl + 2 * j + (c >> 2)
+        shape = (r.shape[0], col.shape[1], per)
+        return tok.expand(shape), chan.expand(shape)
     cc, i = c % 8, c // 8  # code within its set of eight, and which set (2-bit only)
     elt = lambda j: 4 * j + (cc & 3) + 16 * (cc >> 2)  # noqa: E731
     if axis == "token":
@@ -632,28 +647,33 @@ def _mma_sources(bits: int, axis: str, t: int, d: int, device):
     return tok.expand(shape), chan.expand(shape)
 
 
-def to_mma_order(q: QuantizedTensor) -> QuantizedTensor:
+def to_mma_order(q: QuantizedTensor, *, warps: bool = False) -> QuantizedTensor:
     """The same codes re-packed in tensor-core operand order (``order="mma"``, layout above), which
     :func:`decode_attention.kivi_decode_attention` reads without staging tiles in shared memory. Needs
     2- or 4-bit codes, a head size that is a multiple of 32, a token count that is a multiple of 32 for
-    values and of 16 for 2-bit keys. Scales, minimums and the byte count are unchanged;
-    :func:`from_mma_order` inverts it."""
-    if q.order == "mma":
+    values and of 16 for 2-bit keys. ``warps=True`` (4-bit values, head size 64 or 128): the order of the
+    kernel that gives each warp its own 16 tokens of a tile (``order="mma_w"``; its keys stay in "mma"
+    order). Scales, minimums and the byte count are unchanged; :func:`from_mma_order` inverts it."""
+    order = "mma_w" if warps else "mma"
+    if q.order == order:
         return q
     b, h, t, d = q.shape
     if q.bits not in MMA_BITS or d % 32 or (q.axis == "channel" and t % 32) or (q.bits == 2 and t % 16):
         raise ValueError(f"mma order needs 2- or 4-bit codes, a head size that is a multiple of 32 and a token "
                          f"count that is a multiple of 32 (values) or 16 (2-bit keys); got {q.bits} bits, "
                          f"shape {q.shape}")
+    if warps and (q.axis != "channel" or q.bits != 4 or d not in (64, 128)):
+        raise ValueError(f"mma_w order is for 4-bit values of head size 64 or 128; got {q.bits}-bit {q.axis} "
+                         f"codes, shape {q.shape}")
     codes = _codes(q)  # (B, H, T, D)
-    tok, chan = _mma_sources(q.bits, q.axis, t, d, codes.device)
+    tok, chan = _mma_sources(q.bits, q.axis, t, d, codes.device, order)
     packed = _pack_last_ref(codes[:, :, tok, chan].reshape(b, h, tok.shape[0], -1), q.bits)
-    return replace(q, packed=packed.contiguous(), order="mma")
+    return replace(q, packed=packed.contiguous(), order=order)
 
 
 def from_mma_order(q: QuantizedTensor) -> QuantizedTensor:
     """Inverse of :func:`to_mma_order`: the codes in KIVI's packing (``order="kivi"``)."""
-    if q.order != "mma":
+    if q.order not in MMA_ORDERS:
         return q
     return replace(q, packed=_pack_kivi(_codes(q), q.bits, q.axis), order="kivi")
 
