@@ -124,12 +124,14 @@ def main(argv=None) -> int:
         # unpacking before "join"
         # "order": "mma": the cache re-packed in tensor-core operand order (kv_quant.to_mma_order, what
         # QuantizedKVCache stores for an fp16 model with the fused attention): its own kernel, no
-        # shared-memory staging of the K and V tiles
+        # shared-memory staging of the K and V tiles; "mma_w": values in the order of the kernel that gives
+        # each warp its own 16 tokens of a tile (no cross-warp reduction a tile)
         # (the KIVI-order sweeps of prefetch, stages, 8 warps and "expand" ran on an H100 on 2026-11-26 and are
         # in RESULTS.md; --sweep-kivi runs them again)
         mma = [{"order": "mma"}, {"order": "mma", "q_in_registers": True}, {"order": "mma", "q_in_registers": False},
                {"order": "mma", "block_t": 128}, {"order": "mma", "splits": "x2"},
-               {"order": "mma", "q_in_registers": True, "splits": "x2"}, {"order": "mma", "block_t": 128, "splits": "x2"}]
+               {"order": "mma", "q_in_registers": True, "splits": "x2"}, {"order": "mma", "block_t": 128, "splits": "x2"},
+               {"order": "mma_w"}, {"order": "mma_w", "splits": "x2"}]
         kivi_sweep = [{"prefetch": "meta"}, {"prefetch": "all", "num_stages": 2},
                       {"prefetch": "all", "block_t": 128, "num_warps": 8}, {"prefetch": "none"},
                       {"unpack": "expand", "prefetch": "none"}] if args.sweep_kivi else []
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
             shapes = shapes[:args.decode_shapes]
         if args.smoke:
             shapes = [(1, 4, 2, 64, 64 + 128 + 32)]
-            configs = [configs[0], mma[0], mma[1], mma[3], configs[-1]]
+            configs = [configs[0], mma[0], mma[1], mma[3], mma[7], configs[-1]]
         for b, hq, hkv, d, t in shapes:
             window = 64
             tq = t - window
@@ -161,9 +163,13 @@ def main(argv=None) -> int:
                     ref = kivi_decode_attention_ref(q[:, :, 0], kq, vq, kr, vr)
                     nbytes = kq.nbytes() + vq.nbytes() + 2 * kr.numel() * 2 + q.numel() * 2
                     kqm, vqm = kv_quant.to_mma_order(kq), kv_quant.to_mma_order(vq)
+                    # values for the kernel with a warp per 16 tokens (4-bit, head size 64 or 128; keys as mma)
+                    vqw = kv_quant.to_mma_order(vq, warps=True) if bits == 4 and d in (64, 128) else None
                     for cfg in configs if meta_bits == 16 else configs[:2] + configs[-1:]:
                         order = cfg.get("order", "kivi")
-                        ck, cv = (kqm, vqm) if order == "mma" else (kq, vq)
+                        if order == "mma_w" and vqw is None:
+                            continue
+                        ck, cv = {"mma": (kqm, vqm), "mma_w": (kqm, vqw)}.get(order, (kq, vq))
                         kw = {"block_t": 64, "num_warps": 4, "unpack": "join", "num_stages": None, "prefetch": "all",
                               "num_splits": None, "q_in_registers": None}
                         kw.update({key: val for key, val in cfg.items() if key not in ("splits", "order")})
@@ -189,7 +195,7 @@ def main(argv=None) -> int:
                                "ms": ms, "bytes": nbytes,
                                "GB/s": nbytes / ms / 1e6, "frac_bw": nbytes / (ms * 1e-3) / bw,
                                "sdpa_fp16_ms": sdpa_ms, "sdpa_frac_bw": sdpa_bytes / (sdpa_ms * 1e-3) / bw, "max_err": err}
-                        if cfg in (configs[0], configs[1]) and dev == "cuda":
+                        if cfg in (configs[0], configs[1], {"order": "mma_w"}) and dev == "cuda":
                             # the default again, as a graph over copies of the cache (together at least 4x the
                             # L2 cache, so replays read memory): the kernels' time without the host's
                             l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -210,7 +216,7 @@ def main(argv=None) -> int:
                               f"({row['sdpa_frac_bw']:5.1%}); {sdpa_ms / ms:.2f}x"
                               + (f" | graph x{row['graph_copies']} {row['graph_ms'] * 1e3:8.1f} us "
                                  f"{row['graph_frac_bw']:6.1%}" if "graph_ms" in row else ""), flush=True)
-            del q, k, v, kq, vq, kqm, vqm, kr, vr
+            del q, k, v, kq, vq, kqm, vqm, vqw, kr, vr
             torch.cuda.empty_cache()
 
     def search_section():

@@ -25,7 +25,7 @@ except Exception:  # no native module: the gpu package stands alone
 
 # (the KIVI-order kernel's profile is in benches/gpu_ncu_decode_h100.txt: NCU_KIVI=1 profiles it again)
 CONFIGS = [dict(order="mma", q_in_registers=True), dict(order="mma", q_in_registers=False),
-           dict(order="mma", block_t=128)]
+           dict(order="mma", block_t=128), dict(order="mma_w")]
 if os.environ.get("NCU_KIVI"):
     CONFIGS = [dict(unpack="join"), dict(unpack="expand", prefetch="none")] + CONFIGS
 
@@ -40,9 +40,10 @@ def main() -> int:
     kr, vr = k[:, :, t - 64:].contiguous(), v[:, :, t - 64:].contiguous()
     del k, v
     mma = (G.kv_quant.to_mma_order(kq), G.kv_quant.to_mma_order(vq))
+    warps = (mma[0], G.kv_quant.to_mma_order(vq, warps=True))
     for cfg in CONFIGS:
         kw = {key: val for key, val in cfg.items() if key != "order"}
-        ck, cv = mma if cfg.get("order") == "mma" else (kq, vq)
+        ck, cv = {"mma": mma, "mma_w": warps}.get(cfg.get("order"), (kq, vq))
         for _ in range(2):
             G.kivi_decode_attention(q, ck, cv, kr, vr, **kw)
         torch.cuda.synchronize()
