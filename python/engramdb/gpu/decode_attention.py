@@ -919,6 +919,11 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
     On an H100 it made B 32 x 16K tokens (128 tiles a program) 1.11x faster at 4 bits (450-458 against
     501-503 us) and 1.03x slower at 2 bits; at B 1 x 32K tokens (8 tiles a program) the kernel alone took
     1.7-2x longer with it.
+
+    Keys in mma order with values in mma_w order (``kv_quant.to_mma_order(values, warps=True)``; 4-bit, head
+    size 64 or 128) go to a third kernel, which gives each warp its own 16 tokens of every 64-token tile
+    and merges the warps once at the end: no cross-warp reduction a tile (6 barriers a tile against 14,
+    offline sm_90 compile). Not yet timed on a GPU, so no cache stores that order by itself.
     """
     if unpack not in UNPACK_MODES:
         raise ValueError(f"unpack must be one of {tuple(UNPACK_MODES)}, got {unpack!r}")
