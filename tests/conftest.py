@@ -28,3 +28,23 @@ def minilm():
         pytest.skip("shared data set mixed-minilm-384 not present")
     base = np.load(MINILM / "base.npy").astype(np.float32)
     return base, np.load(MINILM / "queries.npy"), np.load(MINILM / "gt_ids.npy")
+
+
+@pytest.fixture
+def kernel_launches(monkeypatch):
+    """``record(module, name)``: from then on, the list of grids that Triton kernel ``module.name`` is
+    launched with (to check which kernel a call dispatched to)."""
+
+    def record(module, name):
+        launched = []
+        real = getattr(module, name)
+
+        class Spy:
+            def __getitem__(self, grid):
+                launched.append(grid)
+                return real[grid]
+
+        monkeypatch.setattr(module, name, Spy())
+        return launched
+
+    return record

@@ -48,21 +48,6 @@ if not _triton.triton_usable(torch.empty(0, device=DEVICE)):
 DATA = ROOT.parent / "shared" / "data" / "mixed-minilm-384"
 
 
-def spy_launches(monkeypatch, module: str, kernel: str) -> list:
-    """The grids that Triton kernel ``kernel`` of ``engramdb.gpu.<module>`` is launched with from now on."""
-    mod = import_module(G.__name__ + "." + module)
-    launched = []
-    real = getattr(mod, kernel)
-
-    class Spy:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(mod, kernel, Spy())
-    return launched
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -464,12 +449,12 @@ WARPS_CASES = [
 
 
 @pytest.mark.parametrize("case", WARPS_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_decode_attention_warps_kernel_matches_reference(case, monkeypatch):
+def test_decode_attention_warps_kernel_matches_reference(case, kernel_launches):
     """Keys in mma order and values in mma_w order go to the kernel that gives each warp its own 16 tokens
     of a tile (a batched dot; the warps merge once at the end): it runs, and it matches the float32
     reference and the KIVI-order kernel, splits with warps that see no token included."""
     b, hq, hkv, tq, tr, d, g, splits, meta_bits = case
-    launched = spy_launches(monkeypatch, "decode_attention", "_kivi_decode_warps_kernel")
+    launched = kernel_launches(import_module(G.__name__ + ".decode_attention"), "_kivi_decode_warps_kernel")
     r = gen(sum(case[:7]) + meta_bits)
     q = torch.randn(b, hq, d, generator=r).to(DEVICE, torch.float16)
     k = (torch.randn(b, hkv, tq, d, generator=r) * 2).to(DEVICE, torch.float16)
@@ -731,11 +716,11 @@ def test_search_fused_select_threshold_keeps_few_rows_and_overflow_falls_back(mo
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_search_int8_fragment_kernel_and_general_kernel_agree(metric, monkeypatch):
+def test_search_int8_fragment_kernel_and_general_kernel_agree(metric, kernel_launches):
     """Int8 rows with up to 16 queries go to the kernel that loads each int32 word of four features into
     its mma fragment and turns bytes into fp16 without conversions; more queries, or a width that is not a
     multiple of 4, take the general kernel. Both give the exact ids (ties included) and the same scores."""
-    used = spy_launches(monkeypatch, "search", "_scores_int8_kernel")
+    used = kernel_launches(import_module(G.__name__ + ".search"), "_scores_int8_kernel")
     r = gen(71)
     for m, d, fragment in ((16, 48, True), (1, 384, True), (17, 48, False), (4, 30, False)):
         used.clear()

@@ -208,7 +208,7 @@ def test_fused_attention_matches_dequantize_path():
 
 
 @pytest.mark.parametrize("bits,head_dim", [(4, 128), (2, 128), (4, 64)])
-def test_fp16_fused_cache_keeps_mma_order_and_matches_dequantize_path(bits, head_dim):
+def test_fp16_fused_cache_keeps_mma_order_and_matches_dequantize_path(bits, head_dim, kernel_launches):
     """An fp16 model with the fused attention and heads of 128 channels stores its codes in tensor-core
     operand order (what the fused kernel reads without shared-memory staging; smaller heads keep KIVI order,
     where that kernel was measured faster) and decodes as the dequantize path does; the bytes held are the
@@ -232,6 +232,21 @@ def test_fp16_fused_cache_keeps_mma_order_and_matches_dequantize_path(bits, head
     for out in outs[1:]:  # the mma-order kernel, and the general one (operand_order=False)
         torch.testing.assert_close(out, outs[0], atol=2e-2, rtol=0)
         assert (out - outs[0]).abs().max() < 0.01 * outs[0].abs().max()
+    if bits == 4:  # operand_order="warps": values in mma_w order, for the kernel with a warp per 16 tokens
+        launched = kernel_launches(sys.modules[G.__name__ + ".decode_attention"], "_kivi_decode_warps_kernel")
+        with torch.no_grad():
+            cache = G.QuantizedKVCache(model.config, bits=bits, fused_attention=True, operand_order="warps",
+                                       backend="triton")
+            model(ids[:, :70], **G.cache_kwargs(model, cache), use_cache=True)
+            out = torch.stack([model(ids[:, t:t + 1], **G.cache_kwargs(model, cache), use_cache=True).logits[0, -1]
+                               for t in range(70, 76)]).float()
+        layer = cache.layers[0]
+        assert (layer.qkeys.order, layer.qvalues.order) == ("mma", "mma_w") and layer.nbytes() == plain.nbytes()
+        assert launched  # the decode steps ran the warps kernel
+        torch.testing.assert_close(out, outs[0], atol=2e-2, rtol=0)
+        assert (out - outs[0]).abs().max() < 0.01 * outs[0].abs().max()
+    with pytest.raises(ValueError, match="operand_order"):
+        G.QuantizedKVCache(model.config, bits=bits, operand_order="fast")
 
 
 def test_rotated_values_roundtrip_error_and_bytes():

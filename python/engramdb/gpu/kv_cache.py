@@ -42,7 +42,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ._triton import pick_backend
-from .decode_attention import kivi_decode_attention, mma_kernel_takes
+from .decode_attention import kivi_decode_attention, mma_kernel_takes, warps_kernel_takes
 from .kv_quant import (
     QuantizedTensor,
     dequantize,
@@ -65,7 +65,7 @@ def _cat_quantized(a: Optional[QuantizedTensor], b: QuantizedTensor) -> Quantize
     if a is None:
         return b
     # every packing keeps tokens on dim 2 (KIVI order: key token words, value tokens; mma order: key tokens,
-    # value word rows of 32 tokens), so whole groups append there
+    # value word rows of 32 tokens; mma_w: value word rows of 4 tokens), so whole groups append there
     if a.order != b.order:
         raise ValueError(f"cannot append {b.order}-ordered codes to {a.order}-ordered ones")
     return QuantizedTensor(
@@ -95,8 +95,10 @@ class QuantizedKVLayer(CacheLayerMixin):
                  meta_dtype: torch.dtype = torch.float16, backend: str = "auto", fused_attention: bool = False,
                  sink_tokens: int = 0, meta_bits: int = 16, important_ratio: float = 0.0, extra_bits: int = 2,
                  observation_window: int = 32, pool_kernel: int = 5, meta_round: str = "cover",
-                 rotate_values: bool = False, operand_order: bool = True):
+                 rotate_values: bool = False, operand_order=True):
         super().__init__()
+        if operand_order not in (True, False, "warps"):
+            raise ValueError(f"operand_order must be True, False or 'warps', got {operand_order!r}")
         self.operand_order = operand_order
         if meta_bits not in (8, 16):
             raise ValueError(f"meta_bits must be 8 or 16, got {meta_bits}")
@@ -170,7 +172,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         if n_imp > 0:
             self._refine(k_old, v_old, kq, vq, n_imp)
         if self.mma_order:  # what the fused decode kernel reads fastest (kv_quant.to_mma_order)
-            kq, vq = to_mma_order(kq), to_mma_order(vq)
+            kq, vq = to_mma_order(kq), to_mma_order(vq, warps=self.operand_order == "warps")
         self.qkeys = _cat_quantized(self.qkeys, kq)
         self.qvalues = _cat_quantized(self.qvalues, vq)
         self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + n :]], -2)
@@ -183,11 +185,17 @@ class QuantizedKVLayer(CacheLayerMixin):
         and groups of at least 32 tokens (a flush then appends whole 32-token value blocks); the fused kernel
         then reads no tile through shared memory. Heads of at least 128 channels only: that is where an H100
         measured the mma kernel faster (1.4-1.6x); at head size 64 its kernel time was 1.7-1.9x the KIVI-order
-        kernel's (B 4 x 16K tokens, queries in registers). ``operand_order=False`` keeps KIVI's packing."""
-        return (self.operand_order and self.fused_attention and self.important_ratio == 0 and self.is_initialized
-                and self.dtype == torch.float16 and self.group_size >= 32 and self.keys.shape[-1] >= 128
-                and mma_kernel_takes(self.key_bits, self.value_bits, self.keys.shape[-1], self.group_size)
-                and pick_backend(self.backend, self.keys) == "triton")
+        kernel's (B 4 x 16K tokens, queries in registers). ``operand_order=False`` keeps KIVI's packing.
+        ``operand_order="warps"`` (opt-in, not yet timed on a GPU): values in mma_w order for the kernel with a
+        warp per 16 tokens of a tile (4-bit, head size 64 or 128, :func:`decode_attention.warps_kernel_takes`)."""
+        if not (self.operand_order and self.fused_attention and self.important_ratio == 0 and self.is_initialized
+                and self.dtype == torch.float16 and self.group_size >= 32
+                and pick_backend(self.backend, self.keys) == "triton"):
+            return False
+        d = self.keys.shape[-1]
+        if self.operand_order == "warps":
+            return warps_kernel_takes(self.key_bits, self.value_bits, d, self.group_size, 1)
+        return d >= 128 and mma_kernel_takes(self.key_bits, self.value_bits, d, self.group_size)
 
     # -- mixed precision (MiKV's idea with SnapKV's importance rule)
     def observe(self, query: torch.Tensor, scaling: Optional[float]) -> None:
@@ -351,7 +359,8 @@ class QuantizedKVCache(Cache):
     must be a power of two), ``operand_order`` (with ``fused_attention`` on an fp16 model with heads of at
     least 128 channels: store the codes in tensor-core operand order, :func:`kv_quant.to_mma_order`, which
     the fused kernel reads without staging tiles in shared memory; ``False`` keeps KIVI's packing and the
-    general kernel).
+    general kernel; ``"warps"``: 4-bit caches of head size 64 or 128 store their values for the decode kernel
+    that gives each warp its own 16 tokens of a tile, not yet timed on a GPU).
     ``key_bits`` and ``value_bits`` may also be a sequence with one entry per layer (``config`` needed), e.g.
     4-bit keys in the few layers whose 2-bit keys err most (chosen on a calibration text).
     Without ``config`` the layers are created as the model first reaches them.
@@ -362,7 +371,7 @@ class QuantizedKVCache(Cache):
                  meta_dtype: torch.dtype = torch.float16, backend: str = "auto", fused_attention: bool = False,
                  sink_tokens: int = 0, meta_bits: int = 16, important_ratio: float = 0.0, extra_bits: int = 2,
                  observation_window: int = 32, pool_kernel: int = 5, meta_round: str = "cover",
-                 rotate_values: bool = False, operand_order: bool = True):
+                 rotate_values: bool = False, operand_order=True):
         per_layer = {name: list(b) for name, b in (("key_bits", key_bits), ("value_bits", value_bits))
                      if b is not None and not isinstance(b, int)}
         if per_layer:
