@@ -472,13 +472,57 @@ if HAS_TRITON:
         return w
 
     @triton.jit
-    def _value_frag(x, NG: tl.constexpr, NS: tl.constexpr, NJ: tl.constexpr):
-        """A 64-token tile's value scales or minimums ``(64, NG)`` spread over the codes of the mma_w value
-        words as the warps kernel unpacks them: ``(w, nl, kl, j, i0, i1, i2)``, token ``16 w + 4 kl + 2 i1 +
-        i0``, group ``nl // NS``."""
-        x = tl.permute(tl.reshape(x, (4, 4, 2, 2, NG)), (0, 4, 1, 3, 2))  # (w, g, kl, i0, i1)
-        x = tl.broadcast_to(tl.reshape(x, (4, NG, 1, 4, 1, 2, 2, 1)), (4, NG, NS, 4, NJ, 2, 2, 2))
-        return tl.reshape(x, (4, 8, 4, NJ, 2, 2, 2))
+    def _value_meta_frag(vs, vm, vu, start, hi, svs_t, svu_g, w_, nl, kl, NS: tl.constexpr, G: tl.constexpr,
+                         DQ: tl.constexpr):
+        """Scale and minimum of each value a thread of the warps kernel holds, loaded by that thread: its 4
+        tokens ``start + 16 w + 4 kl + (2 i1 + i0)`` in its channel group ``nl // NS``, ``(128, 4)`` each (no
+        layout conversion on the way to its codes; tokens past ``hi`` read 0)."""
+        t = start + (16 * w_ + 4 * kl)[:, None] + tl.arange(0, 4)[None, :]
+        tmask = t < hi
+        off = t * svs_t + (nl // NS)[:, None]
+        v_s = tl.load(vs + off, mask=tmask, other=0)
+        v_m = tl.load(vm + off, mask=tmask, other=0)
+        if DQ:
+            up = vu + (t // G) * svu_g
+            v_s = v_s.to(tl.float32) * tl.load(up, mask=tmask, other=0.0).to(tl.float32)
+            v_m = (tl.load(up + 1, mask=tmask, other=0.0).to(tl.float32)
+                   + v_m.to(tl.float32) * tl.load(up + 2, mask=tmask, other=0.0).to(tl.float32))
+        return v_s.to(tl.float16), v_m.to(tl.float16)
+
+    @triton.jit
+    def _key_meta_frag(ks, km, ku, start, hi, w_, kl, sks_g, sku_g, NB: tl.constexpr, G: tl.constexpr,
+                       DQ: tl.constexpr):
+        """Scale and minimum of each key a thread of the warps kernel holds, loaded by that thread: channels
+        ``32 a + 16 i2 + 4 kl + 2 i1 + i0`` in the token group of its warp's 16 tokens, ``(128, NB, 2 i2, 2 i1,
+        2 i0)`` each (groups past ``hi`` read 0)."""
+        gr = (start + 16 * w_) // G  # (128,)
+        gv = gr * G < hi
+        # four adjacent channels (2 i1 + i0) a load of 8 bytes
+        ch = (32 * tl.arange(0, NB))[:, None, None] + (16 * tl.arange(0, 2))[None, :, None] + tl.arange(0, 4)[None, None, :]
+        off = (gr * sks_g + 4 * kl)[:, None, None, None] + ch[None]
+        mask = gv[:, None, None, None]
+        k_s = tl.load(ks + off, mask=mask, other=0)
+        k_m = tl.load(km + off, mask=mask, other=0)
+        if DQ:
+            up = ku + gr * sku_g
+            k_s = k_s.to(tl.float32) * tl.load(up, mask=gv, other=0.0).to(tl.float32)[:, None, None, None]
+            k_m = (tl.load(up + 1, mask=gv, other=0.0).to(tl.float32)[:, None, None, None]
+                   + k_m.to(tl.float32) * tl.load(up + 2, mask=gv, other=0.0).to(tl.float32)[:, None, None, None])
+        return tl.reshape(k_s.to(tl.float16), (128, NB, 2, 2, 2)), tl.reshape(k_m.to(tl.float16), (128, NB, 2, 2, 2))
+
+    @triton.jit
+    def _key_frag(x, NB: tl.constexpr):
+        """A thread's key scales or minimums (see :func:`_key_meta_frag`) spread over its codes as the warps
+        kernel unpacks them: ``(w, nl, kl, a, r, i0, i1, i2)``."""
+        x = tl.permute(tl.reshape(x, (4, 8, 4, NB, 2, 2, 2)), (0, 1, 2, 3, 6, 5, 4))  # (w, nl, kl, a, i0, i1, i2)
+        return tl.broadcast_to(tl.reshape(x, (4, 8, 4, NB, 1, 2, 2, 2)), (4, 8, 4, NB, 2, 2, 2, 2))
+
+    @triton.jit
+    def _value_frag(x, NJ: tl.constexpr):
+        """A thread's value scales or minimums ``(128, 4)`` (see :func:`_value_meta_frag`) spread over its codes
+        as the warps kernel unpacks them: ``(w, nl, kl, j, i0, i1, i2)``."""
+        x = tl.permute(tl.reshape(x, (4, 8, 4, 2, 2)), (0, 1, 2, 4, 3))  # (w, nl, kl, i0, i1)
+        return tl.broadcast_to(tl.reshape(x, (4, 8, 4, 1, 2, 2, 1)), (4, 8, 4, NJ, 2, 2, 2))
 
     @triton.jit
     def _kivi_decode_warps_kernel(
@@ -496,12 +540,13 @@ if HAS_TRITON:
         warps, each warp on its own 16 tokens of every tile: a batched dot with the warps on the batch axis.
         Every warp keeps its own running maximum, sum and output, merged across warps once after the loop,
         so a tile needs no cross-warp reduction, and p goes from the scores' registers into the PV operand
-        without a trip through shared memory (see gpu/NOTES.md)."""
+        without a trip through shared memory. Each thread loads the scales and minimums of its own codes
+        (:func:`_key_meta_frag`, :func:`_value_meta_frag`): the loop has no barrier and no shared-memory
+        operation at all (see gpu/NOTES.md)."""
         NB: tl.constexpr = D // 32
         NJ: tl.constexpr = D // 16  # value words a thread a tile
         NG: tl.constexpr = D // G if G < D else 1  # value groups in a row
         NS: tl.constexpr = 8 // NG  # operand column groups (nl) a value group spans
-        KG: tl.constexpr = 64 // G if G < 64 else 1  # key groups in a tile
         split = tl.program_id(1)
         b, hk, heads, hmask, d, dmask, q, m_0, l_0, acc_0 = _program_start(Q, sq_b, sq_h, H_KV, N_REP, BLOCK_H, D,
                                                                             D, tl.float16)
@@ -534,23 +579,23 @@ if HAS_TRITON:
         m_i = tl.full((4, BLOCK_H), float("-inf"), tl.float32)
         l_i = tl.zeros((4, BLOCK_H), tl.float32)
         acc = tl.zeros((4, BLOCK_H, D), tl.float32)
-        k_s_nx, k_m_nx = _key_meta(ks, km, ku, lo, hi, d, dmask, sks_g, sku_g, 64, G, DQ, tl.float16)
-        v_s_nx, v_m_nx = _value_meta(vs, vm, vu, lo, hi, svs_t, svu_g, 64, D, D, G, DQ, tl.float16)
+        k_s_nx, k_m_nx = _key_meta_frag(ks, km, ku, lo, hi, w_, kl, sks_g, sku_g, NB, G, DQ)
+        v_s_nx, v_m_nx = _value_meta_frag(vs, vm, vu, lo, hi, svs_t, svu_g, w_, nl, kl, NS, G, DQ)
         kw_nx = _mma_key_words(kp + lo * skp_t, k_off, (lo + k_tok) < hi, NB)
         vw_nx = _warp_value_words(vp + (lo // 4) * svp_r, v_off, (lo + 16 * w_ + 4 * kl < hi)[:, None], NJ)
         for start in range(lo, hi, 64):
             k_s, k_m, v_s, v_m, kw, vw = k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx
             nxt = start + 64
-            k_s_nx, k_m_nx = _key_meta(ks, km, ku, nxt, hi, d, dmask, sks_g, sku_g, 64, G, DQ, tl.float16)
-            v_s_nx, v_m_nx = _value_meta(vs, vm, vu, nxt, hi, svs_t, svu_g, 64, D, D, G, DQ, tl.float16)
+            k_s_nx, k_m_nx = _key_meta_frag(ks, km, ku, nxt, hi, w_, kl, sks_g, sku_g, NB, G, DQ)
+            v_s_nx, v_m_nx = _value_meta_frag(vs, vm, vu, nxt, hi, svs_t, svu_g, w_, nl, kl, NS, G, DQ)
             kw_nx = _mma_key_words(kp + nxt * skp_t, k_off, (nxt + k_tok) < hi, NB)
             vw_nx = _warp_value_words(vp + (nxt // 4) * svp_r, v_off, (nxt + 16 * w_ + 4 * kl < hi)[:, None], NJ)
 
-            c = _codes8(tl.reshape(kw, (4, 8, 4, NB, 2)))  # (w, nl, kl, a, r, i0, i1, i2)
-            kt = tl.reshape(tl.permute(c, (0, 3, 7, 2, 6, 5, 4, 1)), (4, D, 16)) - 1024.0  # K^T of each warp
-            ksc = tl.reshape(tl.broadcast_to(tl.reshape(k_s, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16))
-            kmn = tl.reshape(tl.broadcast_to(tl.reshape(k_m, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16))
-            s = tl.dot(qb, kt * ksc + kmn) * qk_scale
+            # keys dequantized in the words' own shape, then K^T of each warp: (4, D, 16)
+            c = _codes8(tl.reshape(kw, (4, 8, 4, NB, 2))) - 1024.0  # (w, nl, kl, a, r, i0, i1, i2)
+            c = c * _key_frag(k_s, NB) + _key_frag(k_m, NB)
+            kt = tl.reshape(tl.permute(c, (0, 3, 7, 2, 6, 5, 4, 1)), (4, D, 16))
+            s = tl.dot(qb, kt) * qk_scale
             s = tl.where((start + tok) < hi, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=2))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no token yet: nothing to scale
@@ -560,7 +605,7 @@ if HAS_TRITON:
             # values dequantized in the words' own shape (w, nl, kl, j, i0, i1, i2), where the scales of token
             # 16 w + 4 kl + 2 i1 + i0 and group nl // NS meet them; then the operand (rows tokens, columns n)
             cv = _codes8(tl.reshape(vw, (4, 8, 4, NJ))) - 1024.0
-            cv = cv * _value_frag(v_s, NG, NS, NJ) + _value_frag(v_m, NG, NS, NJ)
+            cv = cv * _value_frag(v_s, NJ) + _value_frag(v_m, NJ)
             v = tl.reshape(tl.permute(cv, (0, 2, 5, 4, 3, 6, 1)), (4, 16, D))
             acc = acc * alpha[:, :, None] + tl.dot(p.to(tl.float16), v)
             m_i = m_new
@@ -922,8 +967,10 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
 
     Keys in mma order with values in mma_w order (``kv_quant.to_mma_order(values, warps=True)``; 4-bit, head
     size 64 or 128) go to a third kernel, which gives each warp its own 16 tokens of every 64-token tile
-    and merges the warps once at the end: no cross-warp reduction a tile (6 barriers a tile against 14,
-    offline sm_90 compile). Not yet timed on a GPU, so no cache stores that order by itself.
+    and merges the warps once at the end. Each thread also loads the scales of its own codes, so its loop
+    has no barrier and no shared-memory operation (the mma kernel's has 14 barriers; offline sm_90
+    compile). Not yet timed on a GPU: a cache stores that order only when asked
+    (``QuantizedKVCache(operand_order="warps")``).
     """
     if unpack not in UNPACK_MODES:
         raise ValueError(f"unpack must be one of {tuple(UNPACK_MODES)}, got {unpack!r}")
