@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     kv_quant, search_topk, search_topk_ref = G.kv_quant, G.search_topk, G.search_topk_ref
     quantize_rows_int8 = G.quantize_rows_int8
     search_mod = sys.modules[G.__name__ + ".search"]
+    da_mod = sys.modules[G.__name__ + ".decode_attention"]
     BruteForceIndex = G.BruteForceIndex
     kivi_decode_attention, kivi_decode_attention_ref = G.kivi_decode_attention, G.kivi_decode_attention_ref
 
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
         mma = [{"order": "mma"}, {"order": "mma", "q_in_registers": True}, {"order": "mma", "q_in_registers": False},
                {"order": "mma", "block_t": 128}, {"order": "mma", "splits": "x2"},
                {"order": "mma", "q_in_registers": True, "splits": "x2"}, {"order": "mma", "block_t": 128, "splits": "x2"},
-               {"order": "mma_w"}, {"order": "mma_w", "splits": "x2"}]
+               {"order": "mma_w"}, {"order": "mma_w", "splits": "x2"}, {"order": "mma_w", "key_meta": "shared"}]
         kivi_sweep = [{"prefetch": "meta"}, {"prefetch": "all", "num_stages": 2},
                       {"prefetch": "all", "block_t": 128, "num_warps": 8}, {"prefetch": "none"},
                       {"unpack": "expand", "prefetch": "none"}] if args.sweep_kivi else []
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
             shapes = shapes[:args.decode_shapes]
         if args.smoke:
             shapes = [(1, 4, 2, 64, 64 + 128 + 32)]
-            configs = [configs[0], mma[0], mma[1], mma[3], mma[7], configs[-1]]
+            configs = [configs[0], mma[0], mma[1], mma[3], mma[7], mma[9], configs[-1]]
         for b, hq, hkv, d, t in shapes:
             window = 64
             tq = t - window
@@ -172,7 +173,9 @@ def main(argv=None) -> int:
                         ck, cv = {"mma": (kqm, vqm), "mma_w": (kqm, vqw)}.get(order, (kq, vq))
                         kw = {"block_t": 64, "num_warps": 4, "unpack": "join", "num_stages": None, "prefetch": "all",
                               "num_splits": None, "q_in_registers": None}
-                        kw.update({key: val for key, val in cfg.items() if key not in ("splits", "order")})
+                        kw.update({key: val for key, val in cfg.items() if key not in ("splits", "order", "key_meta")})
+                        # the warps kernel's key scales: each thread's own (default) or through shared memory
+                        da_mod.WARPS_KEY_META_IN_REGISTERS = cfg.get("key_meta", "registers") == "registers"
                         sp = cfg.get("splits")
                         if sp is not None:  # relative to the kernel's default split count
                             sms = 132 if args.smoke else torch.cuda.get_device_properties(0).multi_processor_count
@@ -192,6 +195,7 @@ def main(argv=None) -> int:
                         row = {"kernel": "kivi_decode", "bits": bits, "meta_bits": meta_bits, "shape": shape, "order": order,
                                "block_t": bt, "num_warps": nw, "unpack": ex, "num_splits": ns, "num_stages": st,
                                "prefetch": kw["prefetch"], "q_in_registers": kw["q_in_registers"], "splits_rule": sp,
+                               "key_meta": cfg.get("key_meta") if order == "mma_w" else None,
                                "ms": ms, "bytes": nbytes,
                                "GB/s": nbytes / ms / 1e6, "frac_bw": nbytes / (ms * 1e-3) / bw,
                                "sdpa_fp16_ms": sdpa_ms, "sdpa_frac_bw": sdpa_bytes / (sdpa_ms * 1e-3) / bw, "max_err": err}
@@ -211,7 +215,8 @@ def main(argv=None) -> int:
                             del caches
                         rows.append(row)
                         print(f"decode {shape:28s} {bits}b m{meta_bits:<2d} {order:4s} bt{bt:<3d} w{nw} {ex:6s} s{sp} st{st} "
-                              f"pf-{kw['prefetch']} qr-{kw['q_in_registers']}: "
+                              f"pf-{kw['prefetch']} qr-{kw['q_in_registers']}"
+                              + (f" km-{row['key_meta'] or 'registers'}" if order == "mma_w" else "") + ": "
                               f"{ms * 1e3:8.1f} us {row['frac_bw']:6.1%} bw | SDPA fp16 {sdpa_ms * 1e3:8.1f} us "
                               f"({row['sdpa_frac_bw']:5.1%}); {sdpa_ms / ms:.2f}x"
                               + (f" | graph x{row['graph_copies']} {row['graph_ms'] * 1e3:8.1f} us "

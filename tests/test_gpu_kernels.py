@@ -448,13 +448,17 @@ WARPS_CASES = [
 ]
 
 
+@pytest.mark.parametrize("key_meta_regs", [True, False], ids=["key-scales-in-registers", "key-scales-via-shared"])
 @pytest.mark.parametrize("case", WARPS_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_decode_attention_warps_kernel_matches_reference(case, kernel_launches):
+def test_decode_attention_warps_kernel_matches_reference(case, key_meta_regs, kernel_launches, monkeypatch):
     """Keys in mma order and values in mma_w order go to the kernel that gives each warp its own 16 tokens
     of a tile (a batched dot; the warps merge once at the end): it runs, and it matches the float32
-    reference and the KIVI-order kernel, splits with warps that see no token included."""
+    reference and the KIVI-order kernel, splits with warps that see no token included, with the key
+    scales loaded by each thread for its own codes or spread through shared memory."""
     b, hq, hkv, tq, tr, d, g, splits, meta_bits = case
-    launched = kernel_launches(import_module(G.__name__ + ".decode_attention"), "_kivi_decode_warps_kernel")
+    da = import_module(G.__name__ + ".decode_attention")
+    monkeypatch.setattr(da, "WARPS_KEY_META_IN_REGISTERS", key_meta_regs)
+    launched = kernel_launches(da, "_kivi_decode_warps_kernel")
     r = gen(sum(case[:7]) + meta_bits)
     q = torch.randn(b, hq, d, generator=r).to(DEVICE, torch.float16)
     k = (torch.randn(b, hkv, tq, d, generator=r) * 2).to(DEVICE, torch.float16)

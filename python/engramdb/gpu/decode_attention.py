@@ -535,6 +535,7 @@ if HAS_TRITON:
         skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
         soa_b, soa_h, soa_s, soml_b, soml_h, soml_s,
         D: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr,
+        KEY_META_REGS: tl.constexpr,
     ):
         """4-bit keys in mma order and values in mma_w order (``kv_quant.to_mma_order``), 64-token tiles, 4
         warps, each warp on its own 16 tokens of every tile: a batched dot with the warps on the batch axis.
@@ -542,7 +543,8 @@ if HAS_TRITON:
         so a tile needs no cross-warp reduction, and p goes from the scores' registers into the PV operand
         without a trip through shared memory. Each thread loads the scales and minimums of its own codes
         (:func:`_key_meta_frag`, :func:`_value_meta_frag`): the loop has no barrier and no shared-memory
-        operation at all (see gpu/NOTES.md)."""
+        operation at all (see gpu/NOTES.md). ``KEY_META_REGS=False`` fetches the key scales per tile and
+        spreads them through shared memory instead (4 barriers, ~90 instructions fewer a tile)."""
         NB: tl.constexpr = D // 32
         NJ: tl.constexpr = D // 16  # value words a thread a tile
         NG: tl.constexpr = D // G if G < D else 1  # value groups in a row
@@ -579,22 +581,34 @@ if HAS_TRITON:
         m_i = tl.full((4, BLOCK_H), float("-inf"), tl.float32)
         l_i = tl.zeros((4, BLOCK_H), tl.float32)
         acc = tl.zeros((4, BLOCK_H, D), tl.float32)
-        k_s_nx, k_m_nx = _key_meta_frag(ks, km, ku, lo, hi, w_, kl, sks_g, sku_g, NB, G, DQ)
+        if KEY_META_REGS:
+            k_s_nx, k_m_nx = _key_meta_frag(ks, km, ku, lo, hi, w_, kl, sks_g, sku_g, NB, G, DQ)
+        else:
+            k_s_nx, k_m_nx = _key_meta(ks, km, ku, lo, hi, d, dmask, sks_g, sku_g, 64, G, DQ, tl.float16)
         v_s_nx, v_m_nx = _value_meta_frag(vs, vm, vu, lo, hi, svs_t, svu_g, w_, nl, kl, NS, G, DQ)
         kw_nx = _mma_key_words(kp + lo * skp_t, k_off, (lo + k_tok) < hi, NB)
         vw_nx = _warp_value_words(vp + (lo // 4) * svp_r, v_off, (lo + 16 * w_ + 4 * kl < hi)[:, None], NJ)
         for start in range(lo, hi, 64):
             k_s, k_m, v_s, v_m, kw, vw = k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx
             nxt = start + 64
-            k_s_nx, k_m_nx = _key_meta_frag(ks, km, ku, nxt, hi, w_, kl, sks_g, sku_g, NB, G, DQ)
+            if KEY_META_REGS:
+                k_s_nx, k_m_nx = _key_meta_frag(ks, km, ku, nxt, hi, w_, kl, sks_g, sku_g, NB, G, DQ)
+            else:
+                k_s_nx, k_m_nx = _key_meta(ks, km, ku, nxt, hi, d, dmask, sks_g, sku_g, 64, G, DQ, tl.float16)
             v_s_nx, v_m_nx = _value_meta_frag(vs, vm, vu, nxt, hi, svs_t, svu_g, w_, nl, kl, NS, G, DQ)
             kw_nx = _mma_key_words(kp + nxt * skp_t, k_off, (nxt + k_tok) < hi, NB)
             vw_nx = _warp_value_words(vp + (nxt // 4) * svp_r, v_off, (nxt + 16 * w_ + 4 * kl < hi)[:, None], NJ)
 
             # keys dequantized in the words' own shape, then K^T of each warp: (4, D, 16)
             c = _codes8(tl.reshape(kw, (4, 8, 4, NB, 2))) - 1024.0  # (w, nl, kl, a, r, i0, i1, i2)
-            c = c * _key_frag(k_s, NB) + _key_frag(k_m, NB)
-            kt = tl.reshape(tl.permute(c, (0, 3, 7, 2, 6, 5, 4, 1)), (4, D, 16))
+            if KEY_META_REGS:
+                c = c * _key_frag(k_s, NB) + _key_frag(k_m, NB)
+                kt = tl.reshape(tl.permute(c, (0, 3, 7, 2, 6, 5, 4, 1)), (4, D, 16))
+            else:  # the tile's (token group, channel) scales broadcast to warp w's group (16 w) // G
+                KG: tl.constexpr = 64 // G if G < 64 else 1
+                kt = tl.reshape(tl.permute(c, (0, 3, 7, 2, 6, 5, 4, 1)), (4, D, 16))
+                kt = (kt * tl.reshape(tl.broadcast_to(tl.reshape(k_s, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16))
+                      + tl.reshape(tl.broadcast_to(tl.reshape(k_m, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16)))
             s = tl.dot(qb, kt) * qk_scale
             s = tl.where((start + tok) < hi, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=2))
@@ -878,7 +892,8 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
             *oml.stride()[:3])
     if kq is not None and vq.order == "mma_w":
         _kivi_decode_warps_kernel[grid](
-            *args, D=d, N_REP=n_rep, BLOCK_H=16, G=g, DQ=dq, num_warps=4, num_stages=1,
+            *args, D=d, N_REP=n_rep, BLOCK_H=16, G=g, DQ=dq, KEY_META_REGS=WARPS_KEY_META_IN_REGISTERS,
+            num_warps=4, num_stages=1,
         )
     elif kq is not None and kq.order == "mma":
         _kivi_decode_mma_kernel[grid](
@@ -915,6 +930,12 @@ def mma_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: 
     return (key_bits == value_bits and key_bits in (4, 2)
             and head_dim in ((32, 64, 128, 256) if key_bits == 4 else (64, 128, 256))
             and group_size >= max(16, head_dim // 4))
+
+
+# The warps kernel's key scales: each thread loads those of its own codes (True: no barrier in the loop), or
+# the tile's are fetched once and spread through shared memory (False: 4 barriers, ~90 instructions fewer a
+# tile). Which is faster has not been timed: benches/gpu_bench.py runs both ("mma_w" rows).
+WARPS_KEY_META_IN_REGISTERS = True
 
 
 def warps_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: int, n_rep: int) -> bool:
