@@ -345,14 +345,15 @@ if HAS_TRITON:
         return tl.reshape(x, (16, D)).to(tl.float16)
 
     @triton.jit
-    def _mma_key_words(ptr, k_off, mask, NB: tl.constexpr):
-        """A thread's key words ``(128, NB, R)`` from offsets ``(128, min(NB, 4), R)``: at most four adjacent
-        words (16 bytes) a load, so that Triton keeps each thread's words in its own registers (eight
-        adjacent words would be split over two lanes)."""
-        w = tl.load(ptr + k_off, mask=mask, other=0)
-        if NB == 8:
-            hi = tl.load(ptr + k_off + 4, mask=mask, other=0)
-            w = tl.reshape(tl.permute(tl.join(w, hi), (0, 3, 1, 2)), (128, 8, k_off.shape[2]))
+    def _thread_words(ptr, off, mask, N: tl.constexpr):
+        """A thread's ``N`` adjacent packed words ``(128, N, R)`` from offsets ``(128, min(N, 4), R)`` (key
+        words of both mma kernels, value words of the warps kernel): at most four (16 bytes) a load, so that
+        Triton keeps each thread's words in its own registers (eight adjacent words in one load would be
+        split over two lanes, and the operand would then pass through shared memory)."""
+        w = tl.load(ptr + off, mask=mask, other=0)
+        if N == 8:
+            hi = tl.load(ptr + off + 4, mask=mask, other=0)
+            w = tl.reshape(tl.permute(tl.join(w, hi), (0, 3, 1, 2)), (128, 8, off.shape[2]))
         return w
 
     @triton.jit
@@ -402,7 +403,7 @@ if HAS_TRITON:
         w_ = th // 32
         nl = (th // 4) % 8
         kl = th % 4
-        kb = tl.arange(0, NB if NB < 4 else 4)  # key words a load (see _mma_key_words)
+        kb = tl.arange(0, NB if NB < 4 else 4)  # key words a load (see _thread_words)
         rr = tl.arange(0, RT)
         kr_ = tl.arange(0, RT // PK)
         vc_ = tl.arange(0, NB // PK)
@@ -423,14 +424,14 @@ if HAS_TRITON:
 
         k_s_nx, k_m_nx = _key_meta(ks, km, ku, lo, hi, d, dmask, sks_g, sku_g, BLOCK_T, G, DQ, tl.float16)
         v_s_nx, v_m_nx = _value_meta(vs, vm, vu, lo, hi, svs_t, svu_g, BLOCK_T, D, D, G, DQ, tl.float16)
-        kw_nx = _mma_key_words(kp + (lo // PK) * skp_t, k_off, (lo + k_tok) < hi, NB)
+        kw_nx = _thread_words(kp + (lo // PK) * skp_t, k_off, (lo + k_tok) < hi, NB)
         vw_nx = tl.load(vp + (lo // 8) * svp_r + v_off, mask=(lo + 32 * rr[None, :, None]) < hi, other=0)
         for start in range(lo, hi, BLOCK_T):
             k_s, k_m, v_s, v_m, kw, vw = k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx
             nxt = start + BLOCK_T
             k_s_nx, k_m_nx = _key_meta(ks, km, ku, nxt, hi, d, dmask, sks_g, sku_g, BLOCK_T, G, DQ, tl.float16)
             v_s_nx, v_m_nx = _value_meta(vs, vm, vu, nxt, hi, svs_t, svu_g, BLOCK_T, D, D, G, DQ, tl.float16)
-            kw_nx = _mma_key_words(kp + (nxt // PK) * skp_t, k_off, (nxt + k_tok) < hi, NB)
+            kw_nx = _thread_words(kp + (nxt // PK) * skp_t, k_off, (nxt + k_tok) < hi, NB)
             vw_nx = tl.load(vp + (nxt // 8) * svp_r + v_off, mask=(nxt + 32 * rr[None, :, None]) < hi, other=0)
 
             if BITS == 4:
@@ -460,16 +461,6 @@ if HAS_TRITON:
         _store_partial(OA, OML, acc, m_i, l_i, b, heads, hmask, split, chan, dmask, soa_b, soa_h, soa_s, soml_b,
                        soml_h, soml_s)
 
-
-    @triton.jit
-    def _warp_value_words(ptr, v_off, mask, NJ: tl.constexpr):
-        """A thread's NJ adjacent mma_w value words ``(128, NJ)``, at most four (16 bytes) a load: eight in one
-        load would be split over two lanes, and the V operand would then pass through shared memory."""
-        w = tl.load(ptr + v_off, mask=mask, other=0)
-        if NJ == 8:
-            hi = tl.load(ptr + v_off + 4, mask=mask, other=0)
-            w = tl.reshape(tl.permute(tl.join(w, hi), (0, 2, 1)), (128, 8))
-        return w
 
     @triton.jit
     def _value_meta_frag(vs, vm, vu, start, hi, svs_t, svu_g, w_, nl, kl, NS: tl.constexpr, G: tl.constexpr,
@@ -573,7 +564,7 @@ if HAS_TRITON:
         kr_ = tl.arange(0, 2)
         k_tok = (nl + 16 * w_)[:, None, None] + 8 * kr_[None, None, :]
         k_off = k_tok * skp_t + (kl[:, None, None] * NB + kb[None, :, None])
-        v_off = (4 * w_ + kl)[:, None] * svp_r + (nl * NJ)[:, None] + tl.arange(0, 4)[None, :]
+        v_off = ((4 * w_ + kl)[:, None] * svp_r + (nl * NJ)[:, None] + tl.arange(0, 4)[None, :])[:, :, None]
         n = tl.arange(0, D)
         chan = D // 8 * (n % 8) + 2 * (n // 16) + (n // 8) % 2  # channel of acc column n
         tok = 16 * tl.arange(0, 4)[:, None, None] + tl.arange(0, 16)[None, None, :]  # token of score (w, :, n)
@@ -586,8 +577,8 @@ if HAS_TRITON:
         else:
             k_s_nx, k_m_nx = _key_meta(ks, km, ku, lo, hi, d, dmask, sks_g, sku_g, 64, G, DQ, tl.float16)
         v_s_nx, v_m_nx = _value_meta_frag(vs, vm, vu, lo, hi, svs_t, svu_g, w_, nl, kl, NS, G, DQ)
-        kw_nx = _mma_key_words(kp + lo * skp_t, k_off, (lo + k_tok) < hi, NB)
-        vw_nx = _warp_value_words(vp + (lo // 4) * svp_r, v_off, (lo + 16 * w_ + 4 * kl < hi)[:, None], NJ)
+        kw_nx = _thread_words(kp + lo * skp_t, k_off, (lo + k_tok) < hi, NB)
+        vw_nx = _thread_words(vp + (lo // 4) * svp_r, v_off, (lo + 16 * w_ + 4 * kl < hi)[:, None, None], NJ)
         for start in range(lo, hi, 64):
             k_s, k_m, v_s, v_m, kw, vw = k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx
             nxt = start + 64
@@ -596,8 +587,8 @@ if HAS_TRITON:
             else:
                 k_s_nx, k_m_nx = _key_meta(ks, km, ku, nxt, hi, d, dmask, sks_g, sku_g, 64, G, DQ, tl.float16)
             v_s_nx, v_m_nx = _value_meta_frag(vs, vm, vu, nxt, hi, svs_t, svu_g, w_, nl, kl, NS, G, DQ)
-            kw_nx = _mma_key_words(kp + nxt * skp_t, k_off, (nxt + k_tok) < hi, NB)
-            vw_nx = _warp_value_words(vp + (nxt // 4) * svp_r, v_off, (nxt + 16 * w_ + 4 * kl < hi)[:, None], NJ)
+            kw_nx = _thread_words(kp + nxt * skp_t, k_off, (nxt + k_tok) < hi, NB)
+            vw_nx = _thread_words(vp + (nxt // 4) * svp_r, v_off, (nxt + 16 * w_ + 4 * kl < hi)[:, None, None], NJ)
 
             # keys dequantized in the words' own shape, then K^T of each warp: (4, D, 16)
             c = _codes8(tl.reshape(kw, (4, 8, 4, NB, 2))) - 1024.0  # (w, nl, kl, a, r, i0, i1, i2)

@@ -337,7 +337,7 @@ def _float_topk(s, kk):
     return top[:, :kk], pos[:, :kk], top[:, kk - 1] == top[:, kk]
 
 
-def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_ties, select="fused"):
+def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_ties, select="torch"):
     """Stage 1 over rows ``[r0, r1)``: ``(scores, ids, tied, keyed)``, ``tied`` a bool per query or ``None``,
     ``keyed`` whether the rows are already in (score, id) key order.
 
@@ -371,7 +371,7 @@ def _merge(parts, k):
     return _topk_with_ids(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1), k)
 
 
-def _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select="fused"):
+def _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select="torch"):
     """Every chunk by the fast path, merged; no host synchronisation (so a CUDA graph can hold it).
     Returns ``(scores, ids, tied, parts)``: ``tied`` a bool per chunk (its cut split equal values), or
     ``None`` when no chunk can be cut wrongly (the fused select), and ``parts`` each chunk's candidates."""
@@ -385,7 +385,7 @@ def _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select
     return (*_merge(parts, k), tied, parts)
 
 
-def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select="fused", fast=None):
+def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select="torch", fast=None):
     """The fast path (or its result ``fast``); with the torch select, then, after one host synchronisation,
     the chunks whose cut split equal values scored again and ranked by (score, id) keys."""
     if fast is None:
@@ -448,9 +448,9 @@ def _plan(queries, base, k, chunk_rows, tile, backend):
 
 
 def _pick_select(select, base):
-    """``select`` checked, ``"auto"`` resolved: the fused kernel on a GPU (an H100 measured it 1.1-1.4x
-    faster than the torch select, and 9x where int8 rows tie by the thousand; benches/RESULTS.md), the torch ops elsewhere (in Triton's CPU interpreter
-    the one-program-per-query kernel is the slower of the two)."""
+    """``select`` checked, ``"auto"`` resolved: the fused kernel on a GPU (an H100 measured it 1.24-1.62x
+    faster than the torch select, and 9x where int8 rows tie by the thousand; benches/RESULTS.md), the
+    torch ops elsewhere (in Triton's CPU interpreter the one-program-per-query kernel is the slower)."""
     if select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
     if select == "auto":
