@@ -302,10 +302,22 @@ def test_decode_attention_prefetch_changes_nothing(meta_bits):
     torch.testing.assert_close(got[0], ref, atol=2e-5, rtol=0)
 
 
+def _slot(c: int, bits: int) -> int:
+    """The bit slot of code c = i0 + 2 i1 + ... in an mma-ordered word: codes 2 m and 2 m + 1 (a register
+    pair of the dot operand) sit in the low and the high half at the same offset (4-bit: 0 2 4 6 1 3 5 7)."""
+    return (16 // bits) * (c & 1) + (c >> 1)
+
+
+def test_mma_slots_pair_the_halves():
+    assert [_slot(c, 4) for c in range(8)] == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert [int(x) for x in kv_quant._slot_codes(4, "cpu")] == [0, 2, 4, 6, 1, 3, 5, 7]
+    assert [_slot(int(c), 2) for c in kv_quant._slot_codes(2, "cpu")] == list(range(16))
+
+
 @pytest.mark.parametrize("bits,d,t", [(4, 32, 32), (4, 64, 96), (4, 128, 64), (2, 64, 96), (2, 128, 64)])
 def test_mma_order_layout_and_roundtrip(bits, d, t):
     """to_mma_order's layout, checked code by code with its own index arithmetic. In a 32-element block, code
-    c' of word j is element 4 j + (c' & 3) + 16 (c' >> 2). 4-bit: key word (token, j * D / 32 + b) holds
+    c' of word j is element 4 j + (c' & 3) + 16 (c' >> 2), in bit slot _slot(c). 4-bit: key word (token, j * D / 32 + b) holds
     channels 32 b + ..., value word (row 4 a + j, channel) tokens 32 a + .... 2-bit: code c = c' + 8 i; key
     row 8 u + l holds tokens 16 u + l + 8 i, value word 8 p + l holds channels 16 p + l + 8 i.
     from_mma_order gives back the KIVI words exactly."""
@@ -324,7 +336,7 @@ def test_mma_order_layout_and_roundtrip(bits, d, t):
         e = (cc & 3) + 16 * (cc >> 2)
         for j in range(4):
             for b_ in range(nb):
-                got = (kwords[..., j * nb + b_] >> (bits * c)) & mask  # (B, H, key rows)
+                got = (kwords[..., j * nb + b_] >> (bits * _slot(c, bits))) & mask  # (B, H, key rows)
                 if bits == 4:
                     want = kc[..., 32 * b_ + 4 * j + e]
                 else:
@@ -332,7 +344,7 @@ def test_mma_order_layout_and_roundtrip(bits, d, t):
                     want = kc[:, :, 16 * (rows // 8) + rows % 8 + 8 * i, 32 * b_ + 4 * j + e]
                 assert torch.equal(got, want), (c, j, b_)
             for a in range(t // 32):
-                got = (vwords[:, :, 4 * a + j, :] >> (bits * c)) & mask  # (B, H, value columns)
+                got = (vwords[:, :, 4 * a + j, :] >> (bits * _slot(c, bits))) & mask  # (B, H, value columns)
                 if bits == 4:
                     want = vc[:, :, 32 * a + 4 * j + e, :]
                 else:
@@ -411,7 +423,7 @@ def test_decode_attention_mma_order_falls_back_and_checks_orders():
 @pytest.mark.parametrize("d,t", [(64, 96), (128, 64)])
 def test_mma_w_value_layout_and_roundtrip(d, t):
     """to_mma_order(values, warps=True), checked code by code with its own index arithmetic: code
-    i0 + 2 i1 + 4 i2 of word (row 4 s + kl, word nl * D / 16 + j) holds token 16 s + 4 kl + 2 i1 + i0 and
+    i0 + 2 i1 + 4 i2 of word (row 4 s + kl, word nl * D / 16 + j), in bit slot _slot(c), holds token 16 s + 4 kl + 2 i1 + i0 and
     channel D / 8 * nl + 2 j + i2. from_mma_order gives back the KIVI words; what it cannot hold is refused."""
     r = gen(d + t + 7)
     x = torch.randn(2, 3, t, d, generator=r)
@@ -428,7 +440,7 @@ def test_mma_w_value_layout_and_roundtrip(d, t):
                     for c in range(8):
                         tok = 16 * s_ + 4 * kl + 2 * ((c >> 1) & 1) + (c & 1)
                         chan = d // 8 * nl + 2 * j + (c >> 2)
-                        got = (words[:, :, 4 * s_ + kl, nl * nj + j] >> (4 * c)) & 15
+                        got = (words[:, :, 4 * s_ + kl, nl * nj + j] >> (4 * _slot(c, 4))) & 15
                         assert torch.equal(got, vc[:, :, tok, chan]), (s_, kl, nl, j, c)
     back = kv_quant.from_mma_order(vw)
     assert back.order == "kivi" and torch.equal(back.packed, vq.packed)

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, pick_backend, tl, triton
+from ._triton import HAS_TRITON, interpreting, next_pow2, pick_backend, tl, triton
 from .kv_quant import QuantizedTensor, dequantize, from_mma_order
 
 __all__ = ["kivi_decode_attention", "kivi_decode_attention_ref"]
@@ -226,35 +226,58 @@ if HAS_TRITON:
 
     @triton.jit
     def _codes8(w):
-        """The eight 4-bit codes of each int32 word as exact fp16 values of 1024 + code, along three new
-        axes of two ``(i0, i1, i2)``: code ``c = i0 + 2 i1 + 4 i2`` (bits ``4c``)."""
+        """The eight 4-bit codes of each int32 word of an mma-ordered cache as exact fp16 values of 1024 + code,
+        along three new axes of two ``(i0, i1, i2)``: code ``c = i0 + 2 i1 + 4 i2``, stored at bits
+        ``4 (4 i0 + i1 + 2 i2)`` (``kv_quant`` interleaves the nibbles so): the two codes a tensor-core operand
+        wants side by side in one register (``i0`` = 0, 1) are the two halves of one masked word, and reach the
+        operand without a byte permute."""
         wu = w.to(tl.uint32, bitcast=True)
-        x0 = _pair(wu, 0, 4)  # codes 0 and 4 as the low and high halves
-        x1 = _pair(wu, 1, 4)
-        x2 = _pair(wu, 2, 4)
-        x3 = _pair(wu, 3, 4)
-        lo = tl.join(tl.join(_half(x0, 0), _half(x1, 0)), tl.join(_half(x2, 0), _half(x3, 0)))
-        hi = tl.join(tl.join(_half(x0, 1), _half(x1, 1)), tl.join(_half(x2, 1), _half(x3, 1)))
-        return tl.join(lo, hi)
+        e0 = tl.join(_half(_pair(wu, 0, 4), 0), _half(_pair(wu, 0, 4), 1))  # (i1, i2) = (0, 0); last axis i0
+        e1 = tl.join(_half(_pair(wu, 1, 4), 0), _half(_pair(wu, 1, 4), 1))  # (1, 0)
+        e2 = tl.join(_half(_pair(wu, 2, 4), 0), _half(_pair(wu, 2, 4), 1))  # (0, 1)
+        e3 = tl.join(_half(_pair(wu, 3, 4), 0), _half(_pair(wu, 3, 4), 1))  # (1, 1)
+        return tl.join(tl.join(e0, e1), tl.join(e2, e3))
 
     @triton.jit
     def _codes16(w):
-        """The sixteen 2-bit codes of each int32 word as exact fp16 values of 1024 + code, along four new axes
-        of two ``(i0, i1, i2, i3)``: code ``c = i0 + 2 i1 + 4 i2 + 8 i3`` (bits ``2c``)."""
+        """The sixteen 2-bit codes of each int32 word of an mma-ordered cache as exact fp16 values of 1024 +
+        code, along four new axes of two ``(i0, i1, i2, i3)``: code ``c = i0 + 2 i1 + 4 i2 + 8 i3``, stored at
+        bits ``2 (8 i0 + i1 + 2 i2 + 4 i3)`` (as :func:`_codes8`: an operand's register pair is one word's
+        two halves)."""
         wu = w.to(tl.uint32, bitcast=True)
-        x0 = _pair(wu, 0, 2)  # codes 0 and 8 as the low and high halves
-        x1 = _pair(wu, 1, 2)
-        x2 = _pair(wu, 2, 2)
-        x3 = _pair(wu, 3, 2)
-        x4 = _pair(wu, 4, 2)
-        x5 = _pair(wu, 5, 2)
-        x6 = _pair(wu, 6, 2)
-        x7 = _pair(wu, 7, 2)
-        lo = tl.join(tl.join(tl.join(_half(x0, 0), _half(x1, 0)), tl.join(_half(x2, 0), _half(x3, 0))),
-                     tl.join(tl.join(_half(x4, 0), _half(x5, 0)), tl.join(_half(x6, 0), _half(x7, 0))))
-        hi = tl.join(tl.join(tl.join(_half(x0, 1), _half(x1, 1)), tl.join(_half(x2, 1), _half(x3, 1))),
-                     tl.join(tl.join(_half(x4, 1), _half(x5, 1)), tl.join(_half(x6, 1), _half(x7, 1))))
-        return tl.join(lo, hi)
+        e0 = tl.join(_half(_pair(wu, 0, 2), 0), _half(_pair(wu, 0, 2), 1))
+        e1 = tl.join(_half(_pair(wu, 1, 2), 0), _half(_pair(wu, 1, 2), 1))
+        e2 = tl.join(_half(_pair(wu, 2, 2), 0), _half(_pair(wu, 2, 2), 1))
+        e3 = tl.join(_half(_pair(wu, 3, 2), 0), _half(_pair(wu, 3, 2), 1))
+        e4 = tl.join(_half(_pair(wu, 4, 2), 0), _half(_pair(wu, 4, 2), 1))
+        e5 = tl.join(_half(_pair(wu, 5, 2), 0), _half(_pair(wu, 5, 2), 1))
+        e6 = tl.join(_half(_pair(wu, 6, 2), 0), _half(_pair(wu, 6, 2), 1))
+        e7 = tl.join(_half(_pair(wu, 7, 2), 0), _half(_pair(wu, 7, 2), 1))
+        return tl.join(tl.join(tl.join(e0, e1), tl.join(e2, e3)), tl.join(tl.join(e4, e5), tl.join(e6, e7)))
+
+    @triton.jit
+    def _word_pairs8(w):
+        """The four code pairs of each 4-bit mma-ordered int32 word (see :func:`_codes8`) as uint32 words, each
+        pair in the low four bits of its two halves (the rest of the bits not yet masked), along two new axes
+        ``(i1, i2)``: pair ``(i1, i2)`` = codes ``i0 + 2 i1 + 4 i2`` for ``i0 = 0, 1``."""
+        wu = w.to(tl.uint32, bitcast=True)
+        return tl.join(tl.join(wu, wu >> 4), tl.join(wu >> 8, wu >> 12))
+
+    @triton.jit
+    def _dequant_pairs(x, s, m, ASM: tl.constexpr):
+        """``code * s + m`` in fp16 for the code pairs of ``x`` (uint32, from :func:`_word_pairs8`; the pair
+        along a new innermost axis ``i0`` of the result) with ``s``, ``m`` fp16 of the result's shape.
+        ``ASM``: three f16x2 instructions a pair (mask-and-or into the fp16 pattern of 1024 + code, minus
+        1024, fused multiply-add), so that each pair stays one 32-bit register from the load to the dot
+        operand. Without it (the CPU interpreter runs no PTX) the same arithmetic in Triton operations."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 k, c, t; mov.b32 k, 0x000F000F; mov.b32 c, 0x64006400;"
+                " lop3.b32 t, $1, k, c, 0xEA; sub.rn.f16x2 t, t, c; fma.rn.f16x2 $0, t, $3, $4; }",
+                "=r,r,r,r,r", [tl.join(x, x), s, m], dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            y = (x & 0x000F000F) | 0x64006400
+            return (tl.join(_half(y, 0), _half(y, 1)) - 1024.0) * s + m
 
     @triton.jit
     def _mma_operand2(w, KA: tl.constexpr, NB: tl.constexpr):
@@ -504,16 +527,15 @@ if HAS_TRITON:
     @triton.jit
     def _key_frag(x, NB: tl.constexpr):
         """A thread's key scales or minimums (see :func:`_key_meta_frag`) spread over its codes as the warps
-        kernel unpacks them: ``(w, nl, kl, a, r, i0, i1, i2)``."""
-        x = tl.permute(tl.reshape(x, (4, 8, 4, NB, 2, 2, 2)), (0, 1, 2, 3, 6, 5, 4))  # (w, nl, kl, a, i0, i1, i2)
+        kernel dequantizes them: ``(w, nl, kl, a, r, i1, i2, i0)``."""
+        x = tl.permute(tl.reshape(x, (4, 8, 4, NB, 2, 2, 2)), (0, 1, 2, 3, 5, 4, 6))  # (w, nl, kl, a, i1, i2, i0)
         return tl.broadcast_to(tl.reshape(x, (4, 8, 4, NB, 1, 2, 2, 2)), (4, 8, 4, NB, 2, 2, 2, 2))
 
     @triton.jit
     def _value_frag(x, NJ: tl.constexpr):
         """A thread's value scales or minimums ``(128, 4)`` (see :func:`_value_meta_frag`) spread over its codes
-        as the warps kernel unpacks them: ``(w, nl, kl, j, i0, i1, i2)``."""
-        x = tl.permute(tl.reshape(x, (4, 8, 4, 2, 2)), (0, 1, 2, 4, 3))  # (w, nl, kl, i0, i1)
-        return tl.broadcast_to(tl.reshape(x, (4, 8, 4, 1, 2, 2, 1)), (4, 8, 4, NJ, 2, 2, 2))
+        as the warps kernel dequantizes them: ``(w, nl, kl, j, i1, i2, i0)``."""
+        return tl.broadcast_to(tl.reshape(x, (4, 8, 4, 1, 2, 1, 2)), (4, 8, 4, NJ, 2, 2, 2))
 
     @triton.jit
     def _kivi_decode_warps_kernel(
@@ -526,7 +548,7 @@ if HAS_TRITON:
         skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
         soa_b, soa_h, soa_s, soml_b, soml_h, soml_s,
         D: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr,
-        KEY_META_REGS: tl.constexpr,
+        KEY_META_REGS: tl.constexpr, ASM: tl.constexpr,
     ):
         """4-bit keys in mma order and values in mma_w order (``kv_quant.to_mma_order``), 64-token tiles, 4
         warps, each warp on its own 16 tokens of every tile: a batched dot with the warps on the batch axis.
@@ -591,12 +613,13 @@ if HAS_TRITON:
             vw_nx = _thread_words(vp + (nxt // 4) * svp_r, v_off, (nxt + 16 * w_ + 4 * kl < hi)[:, None, None], NJ)
 
             # keys dequantized in the words' own shape, then K^T of each warp: (4, D, 16)
-            c = _codes8(tl.reshape(kw, (4, 8, 4, NB, 2))) - 1024.0  # (w, nl, kl, a, r, i0, i1, i2)
             if KEY_META_REGS:
-                c = c * _key_frag(k_s, NB) + _key_frag(k_m, NB)
-                kt = tl.reshape(tl.permute(c, (0, 3, 7, 2, 6, 5, 4, 1)), (4, D, 16))
+                c = _dequant_pairs(_word_pairs8(tl.reshape(kw, (4, 8, 4, NB, 2))), _key_frag(k_s, NB),
+                                   _key_frag(k_m, NB), ASM)  # (w, nl, kl, a, r, i1, i2, i0)
+                kt = tl.reshape(tl.permute(c, (0, 3, 6, 2, 5, 7, 4, 1)), (4, D, 16))
             else:  # the tile's (token group, channel) scales broadcast to warp w's group (16 w) // G
                 KG: tl.constexpr = 64 // G if G < 64 else 1
+                c = _codes8(tl.reshape(kw, (4, 8, 4, NB, 2))) - 1024.0  # (w, nl, kl, a, r, i0, i1, i2)
                 kt = tl.reshape(tl.permute(c, (0, 3, 7, 2, 6, 5, 4, 1)), (4, D, 16))
                 kt = (kt * tl.reshape(tl.broadcast_to(tl.reshape(k_s, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16))
                       + tl.reshape(tl.broadcast_to(tl.reshape(k_m, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16)))
@@ -609,9 +632,9 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, axis=2)
             # values dequantized in the words' own shape (w, nl, kl, j, i0, i1, i2), where the scales of token
             # 16 w + 4 kl + 2 i1 + i0 and group nl // NS meet them; then the operand (rows tokens, columns n)
-            cv = _codes8(tl.reshape(vw, (4, 8, 4, NJ))) - 1024.0
-            cv = cv * _value_frag(v_s, NJ) + _value_frag(v_m, NJ)
-            v = tl.reshape(tl.permute(cv, (0, 2, 5, 4, 3, 6, 1)), (4, 16, D))
+            cv = _dequant_pairs(_word_pairs8(tl.reshape(vw, (4, 8, 4, NJ))), _value_frag(v_s, NJ),
+                                _value_frag(v_m, NJ), ASM)  # (w, nl, kl, j, i1, i2, i0)
+            v = tl.reshape(tl.permute(cv, (0, 2, 4, 6, 3, 5, 1)), (4, 16, D))
             acc = acc * alpha[:, :, None] + tl.dot(p.to(tl.float16), v)
             m_i = m_new
 
@@ -884,6 +907,7 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     if kq is not None and vq.order == "mma_w":
         _kivi_decode_warps_kernel[grid](
             *args, D=d, N_REP=n_rep, BLOCK_H=16, G=g, DQ=dq, KEY_META_REGS=WARPS_KEY_META_IN_REGISTERS,
+            ASM=WARPS_ASM and not interpreting(),
             num_warps=4, num_stages=1,
         )
     elif kq is not None and kq.order == "mma":
@@ -927,6 +951,8 @@ def mma_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: 
 # the tile's are fetched once and spread through shared memory (False: 4 barriers, ~90 instructions fewer a
 # tile). Which is faster has not been timed: benches/gpu_bench.py runs both ("mma_w" rows).
 WARPS_KEY_META_IN_REGISTERS = True
+# the warps kernel dequantizes code pairs with inline PTX (f16x2); False: the same arithmetic in Triton operations
+WARPS_ASM = True
 
 
 def warps_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: int, n_rep: int) -> bool:

@@ -614,12 +614,22 @@ MMA_BITS = (4, 2)
 MMA_ORDERS = ("mma", "mma_w")
 
 
+def _slot_codes(bits: int, device) -> torch.Tensor:
+    """Which code ``c = i0 + 2 i1 + ...`` of the operand layout each bit slot of an mma-ordered word holds:
+    the codes ``i0 = 0, 1`` (neighbours in one register of a tensor-core operand) sit in the low and the
+    high 16 bits at the same offset, so one mask of the word gives the kernel both, already paired (4-bit:
+    slots hold codes 0 2 4 6 1 3 5 7)."""
+    p = torch.arange(32 // bits, device=device)
+    half = 16 // bits
+    return p // half + 2 * (p % half)
+
+
 def _mma_sources(bits: int, axis: str, t: int, d: int, device, order: str = "mma"):
     """For each code of an mma-ordered packed tensor, the (token, channel) it holds: two int64 tensors of
     shape ``(rows, words per row, codes per word)``."""
     nb = d // 32
     per = 32 // bits
-    c = torch.arange(per, device=device)
+    c = _slot_codes(bits, device)  # the code (as the layout below numbers them) each slot of a word holds
     if order == "mma_w":  # 4-bit values, a warp per 16 tokens (layout above)
         r = torch.arange(t // 4, device=device)[:, None, None]
         col = torch.arange(d // 2, device=device)[None, :, None]
