@@ -129,10 +129,13 @@ def main(argv=None) -> int:
         # each warp its own 16 tokens of a tile (no cross-warp reduction a tile)
         # (the KIVI-order sweeps of prefetch, stages, 8 warps and "expand" ran on an H100 on 2026-11-26 and are
         # in RESULTS.md; --sweep-kivi runs them again)
-        mma = [{"order": "mma"}, {"order": "mma", "q_in_registers": True}, {"order": "mma", "q_in_registers": False},
-               {"order": "mma", "block_t": 128}, {"order": "mma", "splits": "x2"},
-               {"order": "mma", "q_in_registers": True, "splits": "x2"}, {"order": "mma", "block_t": 128, "splits": "x2"},
-               {"order": "mma_w"}, {"order": "mma_w", "splits": "x2"}, {"order": "mma_w", "key_meta": "shared"}]
+        # (the queries-in-registers on/off rows of the mma kernel ran on an H100 and an H200 on 2026-11-27 and
+        # are in RESULTS.md: the default picks the better)
+        mma = [{"order": "mma"}, {"order": "mma", "block_t": 128}, {"order": "mma", "splits": "x2"},
+               {"order": "mma_w"}, {"order": "mma_w", "splits": "x2"}, {"order": "mma_w", "splits": "/2"},
+               {"order": "mma_w", "key_meta": "shared"}, {"order": "mma_w", "asm": False},
+               {"order": "mma_w", "meta": "tile"}, {"order": "mma_w", "meta": "tile", "maxnreg": 168},
+               {"order": "mma_w", "maxnreg": 168}]
         kivi_sweep = [{"prefetch": "meta"}, {"prefetch": "all", "num_stages": 2},
                       {"prefetch": "all", "block_t": 128, "num_warps": 8}, {"prefetch": "none"},
                       {"unpack": "expand", "prefetch": "none"}] if args.sweep_kivi else []
@@ -146,8 +149,8 @@ def main(argv=None) -> int:
             shapes = shapes[:args.decode_shapes]
         if args.smoke:
             shapes = [(1, 4, 2, 64, 64 + 128 + 32)]
-            configs = [configs[0], mma[0], mma[1], mma[3], mma[7], mma[9], configs[-1]]
-        for b, hq, hkv, d, t in shapes:
+            configs = [configs[0], mma[0], mma[1], mma[3], mma[6], mma[7], mma[9], configs[-1]]
+        for si, (b, hq, hkv, d, t) in enumerate(shapes):
             window = 64
             tq = t - window
             q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.float16)
@@ -166,16 +169,22 @@ def main(argv=None) -> int:
                     kqm, vqm = kv_quant.to_mma_order(kq), kv_quant.to_mma_order(vq)
                     # values for the kernel with a warp per 16 tokens (4-bit, head size 64 or 128; keys as mma)
                     vqw = kv_quant.to_mma_order(vq, warps=True) if bits == 4 and d in (64, 128) else None
-                    for cfg in configs if meta_bits == 16 else configs[:2] + configs[-1:]:
+                    short = [configs[0], mma[0], mma[3]]  # the defaults of each order
+                    todo = configs if meta_bits == 16 and si == 0 else short + [mma[9]] if meta_bits == 16 else short
+                    for cfg in todo:
                         order = cfg.get("order", "kivi")
                         if order == "mma_w" and vqw is None:
                             continue
                         ck, cv = {"mma": (kqm, vqm), "mma_w": (kqm, vqw)}.get(order, (kq, vq))
                         kw = {"block_t": 64, "num_warps": 4, "unpack": "join", "num_stages": None, "prefetch": "all",
                               "num_splits": None, "q_in_registers": None}
-                        kw.update({key: val for key, val in cfg.items() if key not in ("splits", "order", "key_meta")})
+                        kw.update({key: val for key, val in cfg.items()
+                                   if key not in ("splits", "order", "key_meta", "asm", "meta", "maxnreg")})
                         # the warps kernel's key scales: each thread's own (default) or through shared memory
                         da_mod.WARPS_KEY_META_IN_REGISTERS = cfg.get("key_meta", "registers") == "registers"
+                        da_mod.WARPS_ASM = cfg.get("asm", True)  # code pairs dequantized by inline PTX
+                        da_mod.WARPS_META_AHEAD = cfg.get("meta", "ahead") == "ahead"  # scales a tile ahead
+                        da_mod.WARPS_MAXNREG = cfg.get("maxnreg")  # a register cap
                         sp = cfg.get("splits")
                         if sp is not None:  # relative to the kernel's default split count
                             sms = 132 if args.smoke else torch.cuda.get_device_properties(0).multi_processor_count
@@ -196,10 +205,13 @@ def main(argv=None) -> int:
                                "block_t": bt, "num_warps": nw, "unpack": ex, "num_splits": ns, "num_stages": st,
                                "prefetch": kw["prefetch"], "q_in_registers": kw["q_in_registers"], "splits_rule": sp,
                                "key_meta": cfg.get("key_meta") if order == "mma_w" else None,
+                               "asm": cfg.get("asm", True) if order == "mma_w" else None,
+                               "meta": cfg.get("meta", "ahead") if order == "mma_w" else None,
+                               "maxnreg": cfg.get("maxnreg") if order == "mma_w" else None,
                                "ms": ms, "bytes": nbytes,
                                "GB/s": nbytes / ms / 1e6, "frac_bw": nbytes / (ms * 1e-3) / bw,
                                "sdpa_fp16_ms": sdpa_ms, "sdpa_frac_bw": sdpa_bytes / (sdpa_ms * 1e-3) / bw, "max_err": err}
-                        if cfg in (configs[0], configs[1], {"order": "mma_w"}) and dev == "cuda":
+                        if cfg in (configs[0], configs[1], mma[3], mma[9]) and dev == "cuda":
                             # the default again, as a graph over copies of the cache (together at least 4x the
                             # L2 cache, so replays read memory): the kernels' time without the host's
                             l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -216,7 +228,9 @@ def main(argv=None) -> int:
                         rows.append(row)
                         print(f"decode {shape:28s} {bits}b m{meta_bits:<2d} {order:4s} bt{bt:<3d} w{nw} {ex:6s} s{sp} st{st} "
                               f"pf-{kw['prefetch']} qr-{kw['q_in_registers']}"
-                              + (f" km-{row['key_meta'] or 'registers'}" if order == "mma_w" else "") + ": "
+                              + (f" km-{row['key_meta'] or 'registers'} asm-{row['asm']} meta-{row['meta']} "
+                                 f"reg-{row['maxnreg']}" if order == "mma_w" else "")
+                              + ": "
                               f"{ms * 1e3:8.1f} us {row['frac_bw']:6.1%} bw | SDPA fp16 {sdpa_ms * 1e3:8.1f} us "
                               f"({row['sdpa_frac_bw']:5.1%}); {sdpa_ms / ms:.2f}x"
                               + (f" | graph x{row['graph_copies']} {row['graph_ms'] * 1e3:8.1f} us "

@@ -111,7 +111,7 @@ def signature(fn, args, kwargs):
                     attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32"
-    opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+    opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "maxnreg")}
     return sig, constexprs, attrs, opts
 
 
@@ -154,10 +154,15 @@ def main(argv=None) -> int:
     ap.add_argument("--key-meta", default="registers", choices=("registers", "shared"))
     ap.add_argument("--q-in-registers", default=None, choices=("on", "off"))
     ap.add_argument("--block-t", type=int, default=None)
+    ap.add_argument("--maxnreg", type=int, help="the warps kernel's register cap (decode_attention.WARPS_MAXNREG)")
+    ap.add_argument("--meta", default="ahead", choices=("ahead", "tile"),
+                    help="the warps kernel's scales fetched a tile ahead or at their tile (WARPS_META_AHEAD)")
     ap.add_argument("--listing", help="write the nvdisasm listing here")
     ap.add_argument("--ptx", help="write the PTX here")
     args = ap.parse_args(argv)
     DA.WARPS_KEY_META_IN_REGISTERS = args.key_meta == "registers"
+    DA.WARPS_META_AHEAD = args.meta == "ahead"
+    DA.WARPS_MAXNREG = args.maxnreg
     kw = {}
     if args.q_in_registers:
         kw["q_regs"] = args.q_in_registers == "on"

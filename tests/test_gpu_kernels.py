@@ -457,19 +457,24 @@ WARPS_CASES = [
     (2, 8, 2, 96, 0, 64, 32, 2, 16),        # head size 64, no window; the second split's tile is half empty
     (1, 9, 3, 160, 17, 64, 16, 3, 8),       # groups of 16, 8-bit metadata, three splits, a ragged window
     (1, 16, 1, 64, 5, 128, 64, None, 16),   # 16 query heads a kv head, groups of 64
+    (1, 4, 1, 224, 3, 128, 32, 1, 16),      # one split: 3 whole tiles (unmasked loop), then a masked half tile
 ]
 
 
-@pytest.mark.parametrize("key_meta_regs", [True, False], ids=["key-scales-in-registers", "key-scales-via-shared"])
+@pytest.mark.parametrize("key_meta_regs,meta_ahead", [(True, True), (False, True), (True, False)],
+                         ids=["key-scales-in-registers", "key-scales-via-shared", "scales-at-their-tile"])
 @pytest.mark.parametrize("case", WARPS_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_decode_attention_warps_kernel_matches_reference(case, key_meta_regs, kernel_launches, monkeypatch):
+def test_decode_attention_warps_kernel_matches_reference(case, key_meta_regs, meta_ahead, kernel_launches,
+                                                         monkeypatch):
     """Keys in mma order and values in mma_w order go to the kernel that gives each warp its own 16 tokens
     of a tile (a batched dot; the warps merge once at the end): it runs, and it matches the float32
     reference and the KIVI-order kernel, splits with warps that see no token included, with the key
-    scales loaded by each thread for its own codes or spread through shared memory."""
+    scales loaded by each thread for its own codes or spread through shared memory, fetched a tile ahead
+    or at their own tile."""
     b, hq, hkv, tq, tr, d, g, splits, meta_bits = case
     da = import_module(G.__name__ + ".decode_attention")
     monkeypatch.setattr(da, "WARPS_KEY_META_IN_REGISTERS", key_meta_regs)
+    monkeypatch.setattr(da, "WARPS_META_AHEAD", meta_ahead)
     launched = kernel_launches(da, "_kivi_decode_warps_kernel")
     r = gen(sum(case[:7]) + meta_bits)
     q = torch.randn(b, hq, d, generator=r).to(DEVICE, torch.float16)

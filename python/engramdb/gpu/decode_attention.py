@@ -368,14 +368,14 @@ if HAS_TRITON:
         return tl.reshape(x, (16, D)).to(tl.float16)
 
     @triton.jit
-    def _thread_words(ptr, off, mask, N: tl.constexpr):
+    def _thread_words(ptr, off, mask, N: tl.constexpr, MASKED: tl.constexpr = True):
         """A thread's ``N`` adjacent packed words ``(128, N, R)`` from offsets ``(128, min(N, 4), R)`` (key
         words of both mma kernels, value words of the warps kernel): at most four (16 bytes) a load, so that
         Triton keeps each thread's words in its own registers (eight adjacent words in one load would be
         split over two lanes, and the operand would then pass through shared memory)."""
-        w = tl.load(ptr + off, mask=mask, other=0)
+        w = _ld(ptr + off, mask, 0, MASKED)
         if N == 8:
-            hi = tl.load(ptr + off + 4, mask=mask, other=0)
+            hi = _ld(ptr + off + 4, mask, 0, MASKED)
             w = tl.reshape(tl.permute(tl.join(w, hi), (0, 3, 1, 2)), (128, 8, off.shape[2]))
         return w
 
@@ -486,42 +486,52 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _ld(ptr, mask, other, MASKED: tl.constexpr):
+        """``tl.load`` under ``mask`` when ``MASKED``, else unmasked (a tile known to be whole: no predicates
+        and no zero-fill instructions)."""
+        if MASKED:
+            x = tl.load(ptr, mask=mask, other=other)
+        else:
+            x = tl.load(ptr)
+        return x
+
+    @triton.jit
     def _value_meta_frag(vs, vm, vu, start, hi, svs_t, svu_g, w_, nl, kl, NS: tl.constexpr, G: tl.constexpr,
-                         DQ: tl.constexpr):
+                         DQ: tl.constexpr, MASKED: tl.constexpr = True):
         """Scale and minimum of each value a thread of the warps kernel holds, loaded by that thread: its 4
         tokens ``start + 16 w + 4 kl + (2 i1 + i0)`` in its channel group ``nl // NS``, ``(128, 4)`` each (no
-        layout conversion on the way to its codes; tokens past ``hi`` read 0)."""
+        layout conversion on the way to its codes; ``MASKED``: tokens past ``hi`` read 0)."""
         t = start + (16 * w_ + 4 * kl)[:, None] + tl.arange(0, 4)[None, :]
         tmask = t < hi
         off = t * svs_t + (nl // NS)[:, None]
-        v_s = tl.load(vs + off, mask=tmask, other=0)
-        v_m = tl.load(vm + off, mask=tmask, other=0)
+        v_s = _ld(vs + off, tmask, 0, MASKED)
+        v_m = _ld(vm + off, tmask, 0, MASKED)
         if DQ:
             up = vu + (t // G) * svu_g
-            v_s = v_s.to(tl.float32) * tl.load(up, mask=tmask, other=0.0).to(tl.float32)
-            v_m = (tl.load(up + 1, mask=tmask, other=0.0).to(tl.float32)
-                   + v_m.to(tl.float32) * tl.load(up + 2, mask=tmask, other=0.0).to(tl.float32))
+            v_s = v_s.to(tl.float32) * _ld(up, tmask, 0.0, MASKED).to(tl.float32)
+            v_m = (_ld(up + 1, tmask, 0.0, MASKED).to(tl.float32)
+                   + v_m.to(tl.float32) * _ld(up + 2, tmask, 0.0, MASKED).to(tl.float32))
         return v_s.to(tl.float16), v_m.to(tl.float16)
 
     @triton.jit
     def _key_meta_frag(ks, km, ku, start, hi, w_, kl, sks_g, sku_g, NB: tl.constexpr, G: tl.constexpr,
-                       DQ: tl.constexpr):
+                       DQ: tl.constexpr, MASKED: tl.constexpr = True):
         """Scale and minimum of each key a thread of the warps kernel holds, loaded by that thread: channels
         ``32 a + 16 i2 + 4 kl + 2 i1 + i0`` in the token group of its warp's 16 tokens, ``(128, NB, 2 i2, 2 i1,
-        2 i0)`` each (groups past ``hi`` read 0)."""
+        2 i0)`` each (``MASKED``: groups past ``hi`` read 0)."""
         gr = (start + 16 * w_) // G  # (128,)
         gv = gr * G < hi
         # four adjacent channels (2 i1 + i0) a load of 8 bytes
         ch = (32 * tl.arange(0, NB))[:, None, None] + (16 * tl.arange(0, 2))[None, :, None] + tl.arange(0, 4)[None, None, :]
         off = (gr * sks_g + 4 * kl)[:, None, None, None] + ch[None]
         mask = gv[:, None, None, None]
-        k_s = tl.load(ks + off, mask=mask, other=0)
-        k_m = tl.load(km + off, mask=mask, other=0)
+        k_s = _ld(ks + off, mask, 0, MASKED)
+        k_m = _ld(km + off, mask, 0, MASKED)
         if DQ:
             up = ku + gr * sku_g
-            k_s = k_s.to(tl.float32) * tl.load(up, mask=gv, other=0.0).to(tl.float32)[:, None, None, None]
-            k_m = (tl.load(up + 1, mask=gv, other=0.0).to(tl.float32)[:, None, None, None]
-                   + k_m.to(tl.float32) * tl.load(up + 2, mask=gv, other=0.0).to(tl.float32)[:, None, None, None])
+            k_s = k_s.to(tl.float32) * _ld(up, gv, 0.0, MASKED).to(tl.float32)[:, None, None, None]
+            k_m = (_ld(up + 1, gv, 0.0, MASKED).to(tl.float32)[:, None, None, None]
+                   + k_m.to(tl.float32) * _ld(up + 2, gv, 0.0, MASKED).to(tl.float32)[:, None, None, None])
         return tl.reshape(k_s.to(tl.float16), (128, NB, 2, 2, 2)), tl.reshape(k_m.to(tl.float16), (128, NB, 2, 2, 2))
 
     @triton.jit
@@ -538,6 +548,66 @@ if HAS_TRITON:
         return tl.broadcast_to(tl.reshape(x, (4, 8, 4, 1, 2, 1, 2)), (4, 8, 4, NJ, 2, 2, 2))
 
     @triton.jit
+    def _warps_meta_load(ks, km, ku, vs, vm, vu, start, hi, w_, nl, kl, sks_g, sku_g, svs_t, svu_g, d, dmask,
+                         NB: tl.constexpr, NS: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr,
+                         KEY_META_REGS: tl.constexpr, MASKED: tl.constexpr):
+        """The key and value scales and minimums the warps kernel's threads need for the 64-token tile at
+        ``start`` (``MASKED``: tokens past ``hi`` read 0; else the tile must be whole)."""
+        if KEY_META_REGS:
+            k_s, k_m = _key_meta_frag(ks, km, ku, start, hi, w_, kl, sks_g, sku_g, NB, G, DQ, MASKED)
+        else:
+            k_s, k_m = _key_meta(ks, km, ku, start, hi, d, dmask, sks_g, sku_g, 64, G, DQ, tl.float16)
+        v_s, v_m = _value_meta_frag(vs, vm, vu, start, hi, svs_t, svu_g, w_, nl, kl, NS, G, DQ, MASKED)
+        return k_s, k_m, v_s, v_m
+
+    @triton.jit
+    def _warps_tile_load(kp, ks, km, ku, vp, vs, vm, vu, start, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g,
+                         sku_g, svp_r, svs_t, svu_g, d, dmask, NB: tl.constexpr, NJ: tl.constexpr, NS: tl.constexpr,
+                         G: tl.constexpr, DQ: tl.constexpr, KEY_META_REGS: tl.constexpr, MASKED: tl.constexpr):
+        """All of the warps kernel's loads for the 64-token tile at ``start``: the scales and minimums
+        (:func:`_warps_meta_load`) and each thread's packed key and value words."""
+        k_s, k_m, v_s, v_m = _warps_meta_load(ks, km, ku, vs, vm, vu, start, hi, w_, nl, kl, sks_g, sku_g, svs_t,
+                                              svu_g, d, dmask, NB, NS, G, DQ, KEY_META_REGS, MASKED)
+        kw = _thread_words(kp + start * skp_t, k_off, (start + k_tok) < hi, NB, MASKED)
+        vw = _thread_words(vp + (start // 4) * svp_r, v_off, (start + 16 * w_ + 4 * kl < hi)[:, None, None], NJ,
+                           MASKED)
+        return k_s, k_m, v_s, v_m, kw, vw
+
+    @triton.jit
+    def _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, D: tl.constexpr,
+                    NB: tl.constexpr, NJ: tl.constexpr, G: tl.constexpr, KEY_META_REGS: tl.constexpr,
+                    ASM: tl.constexpr, MASKED: tl.constexpr):
+        """One 64-token tile of the warps kernel: each warp's 16 tokens dequantized into its dot operands, its
+        scores, and its running maximum, sum and output updated (``MASKED``: tokens past ``hi`` score
+        -inf)."""
+        # keys dequantized in the words' own shape, then K^T of each warp: (4, D, 16)
+        if KEY_META_REGS:
+            c = _dequant_pairs(_word_pairs8(tl.reshape(kw, (4, 8, 4, NB, 2))), _key_frag(k_s, NB),
+                               _key_frag(k_m, NB), ASM)  # (w, nl, kl, a, r, i1, i2, i0)
+            kt = tl.reshape(tl.permute(c, (0, 3, 6, 2, 5, 7, 4, 1)), (4, D, 16))
+        else:  # the tile's (token group, channel) scales broadcast to warp w's group (16 w) // G
+            KG: tl.constexpr = 64 // G if G < 64 else 1
+            c = _codes8(tl.reshape(kw, (4, 8, 4, NB, 2))) - 1024.0  # (w, nl, kl, a, r, i0, i1, i2)
+            kt = tl.reshape(tl.permute(c, (0, 3, 7, 2, 6, 5, 4, 1)), (4, D, 16))
+            kt = (kt * tl.reshape(tl.broadcast_to(tl.reshape(k_s, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16))
+                  + tl.reshape(tl.broadcast_to(tl.reshape(k_m, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16)))
+        s = tl.dot(qb, kt) * qk_scale
+        if MASKED:
+            s = tl.where((start + tok) < hi, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=2))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no token yet: nothing to scale
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, :, None])
+        l_i = l_i * alpha + tl.sum(p, axis=2)
+        # values dequantized in the words' own shape (w, nl, kl, j, i1, i2, i0), where the scales of token
+        # 16 w + 4 kl + 2 i1 + i0 and group nl // NS meet them; then the operand (rows tokens, columns n)
+        cv = _dequant_pairs(_word_pairs8(tl.reshape(vw, (4, 8, 4, NJ))), _value_frag(v_s, NJ),
+                            _value_frag(v_m, NJ), ASM)  # (w, nl, kl, j, i1, i2, i0)
+        v = tl.reshape(tl.permute(cv, (0, 2, 4, 6, 3, 5, 1)), (4, 16, D))
+        acc = acc * alpha[:, :, None] + tl.dot(p.to(tl.float16), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _kivi_decode_warps_kernel(
         Q, KP, KS, KM, VP, VS, VM, KU, VU, KR, VR, OA, OML,
         Tq, Tr, chunk_q, chunk_r, qk_scale, H_KV,
@@ -548,7 +618,7 @@ if HAS_TRITON:
         skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
         soa_b, soa_h, soa_s, soml_b, soml_h, soml_s,
         D: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr,
-        KEY_META_REGS: tl.constexpr, ASM: tl.constexpr,
+        KEY_META_REGS: tl.constexpr, ASM: tl.constexpr, META_AHEAD: tl.constexpr,
     ):
         """4-bit keys in mma order and values in mma_w order (``kv_quant.to_mma_order``), 64-token tiles, 4
         warps, each warp on its own 16 tokens of every tile: a batched dot with the warps on the batch axis.
@@ -594,49 +664,29 @@ if HAS_TRITON:
         m_i = tl.full((4, BLOCK_H), float("-inf"), tl.float32)
         l_i = tl.zeros((4, BLOCK_H), tl.float32)
         acc = tl.zeros((4, BLOCK_H, D), tl.float32)
-        if KEY_META_REGS:
-            k_s_nx, k_m_nx = _key_meta_frag(ks, km, ku, lo, hi, w_, kl, sks_g, sku_g, NB, G, DQ)
-        else:
-            k_s_nx, k_m_nx = _key_meta(ks, km, ku, lo, hi, d, dmask, sks_g, sku_g, 64, G, DQ, tl.float16)
-        v_s_nx, v_m_nx = _value_meta_frag(vs, vm, vu, lo, hi, svs_t, svu_g, w_, nl, kl, NS, G, DQ)
-        kw_nx = _thread_words(kp + lo * skp_t, k_off, (lo + k_tok) < hi, NB)
-        vw_nx = _thread_words(vp + (lo // 4) * svp_r, v_off, (lo + 16 * w_ + 4 * kl < hi)[:, None, None], NJ)
-        for start in range(lo, hi, 64):
+        # whole tiles in the loop, with no mask at all (the last one's prefetch reads that tile again rather
+        # than past the end); a partial last tile after it, masked
+        hi_full = lo + (hi - lo) // 64 * 64
+        last = tl.maximum(hi_full - 64, lo)
+        k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx = _warps_tile_load(
+            kp, ks, km, ku, vp, vs, vm, vu, lo, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g, sku_g, svp_r,
+            svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True)
+        for start in range(lo, hi_full, 64):
             k_s, k_m, v_s, v_m, kw, vw = k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx
-            nxt = start + 64
-            if KEY_META_REGS:
-                k_s_nx, k_m_nx = _key_meta_frag(ks, km, ku, nxt, hi, w_, kl, sks_g, sku_g, NB, G, DQ)
-            else:
-                k_s_nx, k_m_nx = _key_meta(ks, km, ku, nxt, hi, d, dmask, sks_g, sku_g, 64, G, DQ, tl.float16)
-            v_s_nx, v_m_nx = _value_meta_frag(vs, vm, vu, nxt, hi, svs_t, svu_g, w_, nl, kl, NS, G, DQ)
-            kw_nx = _thread_words(kp + nxt * skp_t, k_off, (nxt + k_tok) < hi, NB)
-            vw_nx = _thread_words(vp + (nxt // 4) * svp_r, v_off, (nxt + 16 * w_ + 4 * kl < hi)[:, None, None], NJ)
-
-            # keys dequantized in the words' own shape, then K^T of each warp: (4, D, 16)
-            if KEY_META_REGS:
-                c = _dequant_pairs(_word_pairs8(tl.reshape(kw, (4, 8, 4, NB, 2))), _key_frag(k_s, NB),
-                                   _key_frag(k_m, NB), ASM)  # (w, nl, kl, a, r, i1, i2, i0)
-                kt = tl.reshape(tl.permute(c, (0, 3, 6, 2, 5, 7, 4, 1)), (4, D, 16))
-            else:  # the tile's (token group, channel) scales broadcast to warp w's group (16 w) // G
-                KG: tl.constexpr = 64 // G if G < 64 else 1
-                c = _codes8(tl.reshape(kw, (4, 8, 4, NB, 2))) - 1024.0  # (w, nl, kl, a, r, i0, i1, i2)
-                kt = tl.reshape(tl.permute(c, (0, 3, 7, 2, 6, 5, 4, 1)), (4, D, 16))
-                kt = (kt * tl.reshape(tl.broadcast_to(tl.reshape(k_s, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16))
-                      + tl.reshape(tl.broadcast_to(tl.reshape(k_m, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16)))
-            s = tl.dot(qb, kt) * qk_scale
-            s = tl.where((start + tok) < hi, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=2))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no token yet: nothing to scale
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, :, None])
-            l_i = l_i * alpha + tl.sum(p, axis=2)
-            # values dequantized in the words' own shape (w, nl, kl, j, i0, i1, i2), where the scales of token
-            # 16 w + 4 kl + 2 i1 + i0 and group nl // NS meet them; then the operand (rows tokens, columns n)
-            cv = _dequant_pairs(_word_pairs8(tl.reshape(vw, (4, 8, 4, NJ))), _value_frag(v_s, NJ),
-                                _value_frag(v_m, NJ), ASM)  # (w, nl, kl, j, i1, i2, i0)
-            v = tl.reshape(tl.permute(cv, (0, 2, 4, 6, 3, 5, 1)), (4, 16, D))
-            acc = acc * alpha[:, :, None] + tl.dot(p.to(tl.float16), v)
-            m_i = m_new
+            if not META_AHEAD:  # this tile's scales now (the prefetched ones are then never loaded)
+                k_s, k_m, v_s, v_m = _warps_meta_load(ks, km, ku, vs, vm, vu, start, hi, w_, nl, kl, sks_g, sku_g,
+                                                      svs_t, svu_g, d, dmask, NB, NS, G, DQ, KEY_META_REGS, False)
+            k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx = _warps_tile_load(
+                kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(start + 64, last), hi, w_, nl, kl, k_off, k_tok, v_off,
+                skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False)
+            m_i, l_i, acc = _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, D,
+                                        NB, NJ, G, KEY_META_REGS, ASM, False)
+        if hi_full < hi:
+            k_s, k_m, v_s, v_m, kw, vw = _warps_tile_load(
+                kp, ks, km, ku, vp, vs, vm, vu, hi_full, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g, sku_g,
+                svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True)
+            m_i, l_i, acc = _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, hi_full, hi, tok, qk_scale, D,
+                                        NB, NJ, G, KEY_META_REGS, ASM, True)
 
         # the warps' states merged: one cross-warp reduction a program
         m_w = tl.max(m_i, axis=0)
@@ -907,7 +957,8 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     if kq is not None and vq.order == "mma_w":
         _kivi_decode_warps_kernel[grid](
             *args, D=d, N_REP=n_rep, BLOCK_H=16, G=g, DQ=dq, KEY_META_REGS=WARPS_KEY_META_IN_REGISTERS,
-            ASM=WARPS_ASM and not interpreting(),
+            ASM=WARPS_ASM and not interpreting(), META_AHEAD=WARPS_META_AHEAD,
+            **({"maxnreg": WARPS_MAXNREG} if WARPS_MAXNREG and not interpreting() else {}),
             num_warps=4, num_stages=1,
         )
     elif kq is not None and kq.order == "mma":
@@ -953,6 +1004,11 @@ def mma_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: 
 WARPS_KEY_META_IN_REGISTERS = True
 # the warps kernel dequantizes code pairs with inline PTX (f16x2); False: the same arithmetic in Triton operations
 WARPS_ASM = True
+# the warps kernel's scales and minimums: fetched a tile ahead, with the words (True), or at the start of their
+# own tile (False: ~95 loop instructions and ~25 registers of loop-carried state fewer, their latency exposed)
+WARPS_META_AHEAD = True
+# a register cap for the warps kernel (ptxas): 168 lets three programs share an SM instead of two
+WARPS_MAXNREG = None
 
 
 def warps_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: int, n_rep: int) -> bool:
