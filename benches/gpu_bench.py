@@ -131,11 +131,14 @@ def main(argv=None) -> int:
         # in RESULTS.md; --sweep-kivi runs them again)
         # (the queries-in-registers on/off rows of the mma kernel ran on an H100 and an H200 on 2026-11-27 and
         # are in RESULTS.md: the default picks the better)
+        # "mma_w" knobs (decode_attention.WARPS_*): "swap" (P V as (V^T P^T)^T, 8 query rows; default on),
+        # "meta" ("tile": scales loaded at their own tile, the default; "ahead": a tile ahead), "maxnreg" (a
+        # register cap), "asm" (pairs dequantized by inline PTX; default on), "key_meta" ("shared")
         mma = [{"order": "mma"}, {"order": "mma", "block_t": 128}, {"order": "mma", "splits": "x2"},
                {"order": "mma_w"}, {"order": "mma_w", "splits": "x2"}, {"order": "mma_w", "splits": "/2"},
-               {"order": "mma_w", "key_meta": "shared"}, {"order": "mma_w", "asm": False},
-               {"order": "mma_w", "meta": "tile"}, {"order": "mma_w", "meta": "tile", "maxnreg": 168},
-               {"order": "mma_w", "maxnreg": 168}]
+               {"order": "mma_w", "meta": "ahead"}, {"order": "mma_w", "maxnreg": 128},
+               {"order": "mma_w", "swap": False, "maxnreg": 168}, {"order": "mma_w", "swap": False, "meta": "ahead"},
+               {"order": "mma_w", "asm": False}, {"order": "mma_w", "key_meta": "shared", "meta": "ahead"}]
         kivi_sweep = [{"prefetch": "meta"}, {"prefetch": "all", "num_stages": 2},
                       {"prefetch": "all", "block_t": 128, "num_warps": 8}, {"prefetch": "none"},
                       {"unpack": "expand", "prefetch": "none"}] if args.sweep_kivi else []
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
             shapes = shapes[:args.decode_shapes]
         if args.smoke:
             shapes = [(1, 4, 2, 64, 64 + 128 + 32)]
-            configs = [configs[0], mma[0], mma[1], mma[3], mma[6], mma[7], mma[9], configs[-1]]
+            configs = [configs[0], mma[0], mma[1], mma[3], mma[6], mma[9], mma[10], mma[11], configs[-1]]
         for si, (b, hq, hkv, d, t) in enumerate(shapes):
             window = 64
             tq = t - window
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
                     # values for the kernel with a warp per 16 tokens (4-bit, head size 64 or 128; keys as mma)
                     vqw = kv_quant.to_mma_order(vq, warps=True) if bits == 4 and d in (64, 128) else None
                     short = [configs[0], mma[0], mma[3]]  # the defaults of each order
-                    todo = configs if meta_bits == 16 and si == 0 else short + [mma[9]] if meta_bits == 16 else short
+                    todo = configs if meta_bits == 16 and si == 0 else short + [mma[7]] if meta_bits == 16 else short
                     for cfg in todo:
                         order = cfg.get("order", "kivi")
                         if order == "mma_w" and vqw is None:
@@ -179,11 +182,12 @@ def main(argv=None) -> int:
                         kw = {"block_t": 64, "num_warps": 4, "unpack": "join", "num_stages": None, "prefetch": "all",
                               "num_splits": None, "q_in_registers": None}
                         kw.update({key: val for key, val in cfg.items()
-                                   if key not in ("splits", "order", "key_meta", "asm", "meta", "maxnreg")})
+                                   if key not in ("splits", "order", "key_meta", "asm", "meta", "maxnreg", "swap")})
                         # the warps kernel's key scales: each thread's own (default) or through shared memory
                         da_mod.WARPS_KEY_META_IN_REGISTERS = cfg.get("key_meta", "registers") == "registers"
                         da_mod.WARPS_ASM = cfg.get("asm", True)  # code pairs dequantized by inline PTX
-                        da_mod.WARPS_META_AHEAD = cfg.get("meta", "ahead") == "ahead"  # scales a tile ahead
+                        da_mod.WARPS_META_AHEAD = cfg.get("meta", "tile") == "ahead"  # scales a tile ahead
+                        da_mod.WARPS_SWAP_PV = cfg.get("swap", True)
                         da_mod.WARPS_MAXNREG = cfg.get("maxnreg")  # a register cap
                         sp = cfg.get("splits")
                         if sp is not None:  # relative to the kernel's default split count
@@ -206,12 +210,13 @@ def main(argv=None) -> int:
                                "prefetch": kw["prefetch"], "q_in_registers": kw["q_in_registers"], "splits_rule": sp,
                                "key_meta": cfg.get("key_meta") if order == "mma_w" else None,
                                "asm": cfg.get("asm", True) if order == "mma_w" else None,
-                               "meta": cfg.get("meta", "ahead") if order == "mma_w" else None,
+                               "meta": cfg.get("meta", "tile") if order == "mma_w" else None,
+                               "swap_pv": cfg.get("swap", True) if order == "mma_w" else None,
                                "maxnreg": cfg.get("maxnreg") if order == "mma_w" else None,
                                "ms": ms, "bytes": nbytes,
                                "GB/s": nbytes / ms / 1e6, "frac_bw": nbytes / (ms * 1e-3) / bw,
                                "sdpa_fp16_ms": sdpa_ms, "sdpa_frac_bw": sdpa_bytes / (sdpa_ms * 1e-3) / bw, "max_err": err}
-                        if cfg in (configs[0], configs[1], mma[3], mma[9]) and dev == "cuda":
+                        if cfg in (configs[0], configs[1], mma[3]) and bits == 4 and meta_bits == 16 and dev == "cuda":
                             # the default again, as a graph over copies of the cache (together at least 4x the
                             # L2 cache, so replays read memory): the kernels' time without the host's
                             l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -229,7 +234,7 @@ def main(argv=None) -> int:
                         print(f"decode {shape:28s} {bits}b m{meta_bits:<2d} {order:4s} bt{bt:<3d} w{nw} {ex:6s} s{sp} st{st} "
                               f"pf-{kw['prefetch']} qr-{kw['q_in_registers']}"
                               + (f" km-{row['key_meta'] or 'registers'} asm-{row['asm']} meta-{row['meta']} "
-                                 f"reg-{row['maxnreg']}" if order == "mma_w" else "")
+                                 f"reg-{row['maxnreg']} swap-{row['swap_pv']}" if order == "mma_w" else "")
                               + ": "
                               f"{ms * 1e3:8.1f} us {row['frac_bw']:6.1%} bw | SDPA fp16 {sdpa_ms * 1e3:8.1f} us "
                               f"({row['sdpa_frac_bw']:5.1%}); {sdpa_ms / ms:.2f}x"

@@ -26,6 +26,8 @@ except Exception:  # no native module: the gpu package stands alone
 # (the KIVI-order kernel's profile is in benches/gpu_ncu_decode_h100.txt: NCU_KIVI=1 profiles it again)
 CONFIGS = [dict(order="mma", q_in_registers=True), dict(order="mma", q_in_registers=False),
            dict(order="mma", block_t=128), dict(order="mma_w")]
+if os.environ.get("NCU_ONLY") == "mma_w":  # the warps kernel's defaults alone (a short profile)
+    CONFIGS = [dict(order="mma_w")]
 if os.environ.get("NCU_KIVI"):
     CONFIGS = [dict(unpack="join"), dict(unpack="expand", prefetch="none")] + CONFIGS
 

@@ -2,7 +2,7 @@
 the JIT would for a real call, and count the main loop's instructions and the registers.
 
     python benches/gpu_sass.py [--order mma_w|mma|kivi] [--bits 4] [--d 128] [--key-meta registers|shared]
-                               [--listing FILE]
+                               [--meta ahead|tile] [--swap-pv on|off] [--maxnreg N] [--listing FILE]
 
 The host code of ``kivi_decode_attention`` runs on CPU tensors up to the launch; the launch is caught and
 its arguments give the signature (pointer dtypes, integers divisible by 16 and integers equal to 1 as the
@@ -155,14 +155,19 @@ def main(argv=None) -> int:
     ap.add_argument("--q-in-registers", default=None, choices=("on", "off"))
     ap.add_argument("--block-t", type=int, default=None)
     ap.add_argument("--maxnreg", type=int, help="the warps kernel's register cap (decode_attention.WARPS_MAXNREG)")
-    ap.add_argument("--meta", default="ahead", choices=("ahead", "tile"),
+    ap.add_argument("--meta", choices=("ahead", "tile"),
                     help="the warps kernel's scales fetched a tile ahead or at their tile (WARPS_META_AHEAD)")
+    ap.add_argument("--swap-pv", choices=("on", "off"), help="the warps kernel's P V as (V^T P^T)^T (WARPS_SWAP_PV)")
     ap.add_argument("--listing", help="write the nvdisasm listing here")
     ap.add_argument("--ptx", help="write the PTX here")
     args = ap.parse_args(argv)
     DA.WARPS_KEY_META_IN_REGISTERS = args.key_meta == "registers"
-    DA.WARPS_META_AHEAD = args.meta == "ahead"
-    DA.WARPS_MAXNREG = args.maxnreg
+    if args.meta:
+        DA.WARPS_META_AHEAD = args.meta == "ahead"
+    if args.maxnreg:
+        DA.WARPS_MAXNREG = args.maxnreg
+    if args.swap_pv:
+        DA.WARPS_SWAP_PV = args.swap_pv == "on"
     kw = {}
     if args.q_in_registers:
         kw["q_regs"] = args.q_in_registers == "on"

@@ -461,20 +461,24 @@ WARPS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("key_meta_regs,meta_ahead", [(True, True), (False, True), (True, False)],
-                         ids=["key-scales-in-registers", "key-scales-via-shared", "scales-at-their-tile"])
+@pytest.mark.parametrize("key_meta_regs,meta_ahead,swap_pv", [(True, True, False), (False, True, False),
+                                                              (True, False, False), (True, False, True),
+                                                              (False, True, True)],
+                         ids=["key-scales-in-registers", "key-scales-via-shared", "scales-at-their-tile",
+                              "scales-at-their-tile-swapped-pv", "key-scales-via-shared-swapped-pv"])
 @pytest.mark.parametrize("case", WARPS_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_decode_attention_warps_kernel_matches_reference(case, key_meta_regs, meta_ahead, kernel_launches,
-                                                         monkeypatch):
+def test_decode_attention_warps_kernel_matches_reference(case, key_meta_regs, meta_ahead, swap_pv,
+                                                         kernel_launches, monkeypatch):
     """Keys in mma order and values in mma_w order go to the kernel that gives each warp its own 16 tokens
     of a tile (a batched dot; the warps merge once at the end): it runs, and it matches the float32
     reference and the KIVI-order kernel, splits with warps that see no token included, with the key
     scales loaded by each thread for its own codes or spread through shared memory, fetched a tile ahead
-    or at their own tile."""
+    or at their own tile, and P V as a 16-row product or as (V^T P^T)^T with 8 query rows."""
     b, hq, hkv, tq, tr, d, g, splits, meta_bits = case
     da = import_module(G.__name__ + ".decode_attention")
     monkeypatch.setattr(da, "WARPS_KEY_META_IN_REGISTERS", key_meta_regs)
     monkeypatch.setattr(da, "WARPS_META_AHEAD", meta_ahead)
+    monkeypatch.setattr(da, "WARPS_SWAP_PV", swap_pv)
     launched = kernel_launches(da, "_kivi_decode_warps_kernel")
     r = gen(sum(case[:7]) + meta_bits)
     q = torch.randn(b, hq, d, generator=r).to(DEVICE, torch.float16)

@@ -207,44 +207,47 @@ def test_fused_attention_matches_dequantize_path():
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("bits,head_dim", [(4, 128), (2, 128), (4, 64)])
+@pytest.mark.parametrize("bits,head_dim", [(4, 128), (2, 128), (4, 64), (2, 64)])
 def test_fp16_fused_cache_keeps_mma_order_and_matches_dequantize_path(bits, head_dim, kernel_launches):
-    """An fp16 model with the fused attention and heads of 128 channels stores its codes in tensor-core
-    operand order (what the fused kernel reads without shared-memory staging; smaller heads keep KIVI order,
-    where that kernel was measured faster) and decodes as the dequantize path does; the bytes held are the
-    same as in KIVI order, which ``operand_order=False`` keeps."""
-    want = "mma" if head_dim >= 128 else "kivi"
+    """An fp16 model with the fused attention stores its codes in tensor-core operand order, picked by shape:
+    4-bit caches (head size 64 or 128) keep keys in mma order and values in mma_w order for the kernel with a
+    warp per 16 tokens; 2-bit caches with heads of 128 channels both in mma order; smaller 2-bit heads KIVI's
+    packing, which ``operand_order=False`` keeps. Each decodes as the dequantize path does, with the same
+    bytes held; ``operand_order="mma"`` and ``"warps"`` ask for one order and run its kernel."""
+    want = {(4, 128): ("mma", "mma_w"), (2, 128): ("mma", "mma"), (4, 64): ("mma", "mma_w"),
+            (2, 64): ("kivi", "kivi")}[bits, head_dim]
     name = G.register_attention()
     model = tiny_llama(attn=name, head_dim=head_dim).half()
     ids = torch.randint(0, 101, (1, 80), generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    outs, caches = [], []
-    with torch.no_grad():
-        for fused, order in ((False, True), (True, True), (True, False)):
-            cache = G.QuantizedKVCache(model.config, bits=bits, fused_attention=fused, operand_order=order,
-                                       backend="triton" if fused else "torch")
-            model(ids[:, :70], **G.cache_kwargs(model, cache), use_cache=True)
-            outs.append(torch.stack([model(ids[:, t:t + 1], **G.cache_kwargs(model, cache), use_cache=True).logits[0, -1]
-                                     for t in range(70, 76)]).float())
-            caches.append(cache)
-    plain, fused, kivi = (c.layers[0] for c in caches)
-    assert fused.qkeys.order == fused.qvalues.order == want and plain.qkeys.order == kivi.qkeys.order == "kivi"
-    assert fused.nbytes() == plain.nbytes()
-    for out in outs[1:]:  # the mma-order kernel, and the general one (operand_order=False)
-        torch.testing.assert_close(out, outs[0], atol=2e-2, rtol=0)
-        assert (out - outs[0]).abs().max() < 0.01 * outs[0].abs().max()
-    if bits == 4:  # operand_order="warps": values in mma_w order, for the kernel with a warp per 16 tokens
-        launched = kernel_launches(sys.modules[G.__name__ + ".decode_attention"], "_kivi_decode_warps_kernel")
+    da = sys.modules[G.__name__ + ".decode_attention"]
+
+    def decode(order, fused=True):
+        cache = G.QuantizedKVCache(model.config, bits=bits, fused_attention=fused, operand_order=order,
+                                   backend="triton" if fused else "torch")
         with torch.no_grad():
-            cache = G.QuantizedKVCache(model.config, bits=bits, fused_attention=True, operand_order="warps",
-                                       backend="triton")
             model(ids[:, :70], **G.cache_kwargs(model, cache), use_cache=True)
             out = torch.stack([model(ids[:, t:t + 1], **G.cache_kwargs(model, cache), use_cache=True).logits[0, -1]
                                for t in range(70, 76)]).float()
-        layer = cache.layers[0]
-        assert (layer.qkeys.order, layer.qvalues.order) == ("mma", "mma_w") and layer.nbytes() == plain.nbytes()
-        assert launched  # the decode steps ran the warps kernel
-        torch.testing.assert_close(out, outs[0], atol=2e-2, rtol=0)
-        assert (out - outs[0]).abs().max() < 0.01 * outs[0].abs().max()
+        return out, cache.layers[0]
+
+    ref, plain = decode(True, fused=False)
+    warps_launched = kernel_launches(da, "_kivi_decode_warps_kernel")
+    mma_launched = kernel_launches(da, "_kivi_decode_mma_kernel")
+    out, fused = decode(True)
+    assert (fused.qkeys.order, fused.qvalues.order) == want and plain.qkeys.order == "kivi"
+    assert fused.nbytes() == plain.nbytes()
+    assert bool(warps_launched) == (want[1] == "mma_w") and bool(mma_launched) == (want == ("mma", "mma"))
+    outs = [out, decode(False)[0]]  # the picked order's kernel, and the general one (operand_order=False)
+    kivi = decode(False)[1]
+    assert (kivi.qkeys.order, kivi.qvalues.order) == ("kivi", "kivi")
+    if bits == 4:  # the other mma orders, asked for by name
+        for order, values in (("mma", "mma"), ("warps", "mma_w")):
+            out, layer = decode(order)
+            assert (layer.qkeys.order, layer.qvalues.order) == ("mma", values) and layer.nbytes() == plain.nbytes()
+            outs.append(out)
+    for out in outs:
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=0)
+        assert (out - ref).abs().max() < 0.01 * ref.abs().max()
     with pytest.raises(ValueError, match="operand_order"):
         G.QuantizedKVCache(model.config, bits=bits, operand_order="fast")
 

@@ -576,7 +576,7 @@ if HAS_TRITON:
     @triton.jit
     def _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, D: tl.constexpr,
                     NB: tl.constexpr, NJ: tl.constexpr, G: tl.constexpr, KEY_META_REGS: tl.constexpr,
-                    ASM: tl.constexpr, MASKED: tl.constexpr):
+                    ASM: tl.constexpr, MASKED: tl.constexpr, SWAP_PV: tl.constexpr):
         """One 64-token tile of the warps kernel: each warp's 16 tokens dequantized into its dot operands, its
         scores, and its running maximum, sum and output updated (``MASKED``: tokens past ``hi`` score
         -inf)."""
@@ -603,9 +603,20 @@ if HAS_TRITON:
         # 16 w + 4 kl + 2 i1 + i0 and group nl // NS meet them; then the operand (rows tokens, columns n)
         cv = _dequant_pairs(_word_pairs8(tl.reshape(vw, (4, 8, 4, NJ))), _value_frag(v_s, NJ),
                             _value_frag(v_m, NJ), ASM)  # (w, nl, kl, j, i1, i2, i0)
-        v = tl.reshape(tl.permute(cv, (0, 2, 4, 6, 3, 5, 1)), (4, 16, D))
-        acc = acc * alpha[:, :, None] + tl.dot(p.to(tl.float16), v)
+        if SWAP_PV:  # acc^T (4, D, 8) += V^T P^T: the first 8 query rows only
+            vt = tl.reshape(tl.permute(cv, (0, 3, 5, 1, 2, 4, 6)), (4, D, 16))
+            pt = _first8(tl.permute(p.to(tl.float16), (0, 2, 1)), 4, 16)  # (4, 16 tokens, 8 heads)
+            acc = acc * _first8(tl.reshape(alpha, (4, 1, 16)), 4, 1) + tl.dot(vt, pt)
+        else:
+            v = tl.reshape(tl.permute(cv, (0, 2, 4, 6, 3, 5, 1)), (4, 16, D))
+            acc = acc * alpha[:, :, None] + tl.dot(p.to(tl.float16), v)
         return m_new, l_i, acc
+
+    @triton.jit
+    def _first8(x, A: tl.constexpr, B: tl.constexpr):
+        """The first 8 of the 16 entries along the last axis of an ``(A, B, 16)`` tensor."""
+        lo, hi = tl.split(tl.permute(tl.reshape(x, (A, B, 2, 8)), (0, 1, 3, 2)))
+        return lo
 
     @triton.jit
     def _kivi_decode_warps_kernel(
@@ -618,7 +629,7 @@ if HAS_TRITON:
         skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
         soa_b, soa_h, soa_s, soml_b, soml_h, soml_s,
         D: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr,
-        KEY_META_REGS: tl.constexpr, ASM: tl.constexpr, META_AHEAD: tl.constexpr,
+        KEY_META_REGS: tl.constexpr, ASM: tl.constexpr, META_AHEAD: tl.constexpr, SWAP_PV: tl.constexpr,
     ):
         """4-bit keys in mma order and values in mma_w order (``kv_quant.to_mma_order``), 64-token tiles, 4
         warps, each warp on its own 16 tokens of every tile: a batched dot with the warps on the batch axis.
@@ -663,7 +674,10 @@ if HAS_TRITON:
 
         m_i = tl.full((4, BLOCK_H), float("-inf"), tl.float32)
         l_i = tl.zeros((4, BLOCK_H), tl.float32)
-        acc = tl.zeros((4, BLOCK_H, D), tl.float32)
+        if SWAP_PV:
+            acc = tl.zeros((4, D, 8), tl.float32)
+        else:
+            acc = tl.zeros((4, BLOCK_H, D), tl.float32)
         # whole tiles in the loop, with no mask at all (the last one's prefetch reads that tile again rather
         # than past the end); a partial last tile after it, masked
         hi_full = lo + (hi - lo) // 64 * 64
@@ -680,14 +694,17 @@ if HAS_TRITON:
                 kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(start + 64, last), hi, w_, nl, kl, k_off, k_tok, v_off,
                 skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False)
             m_i, l_i, acc = _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, D,
-                                        NB, NJ, G, KEY_META_REGS, ASM, False)
+                                        NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV)
         if hi_full < hi:
             k_s, k_m, v_s, v_m, kw, vw = _warps_tile_load(
                 kp, ks, km, ku, vp, vs, vm, vu, hi_full, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g, sku_g,
                 svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True)
             m_i, l_i, acc = _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, hi_full, hi, tok, qk_scale, D,
-                                        NB, NJ, G, KEY_META_REGS, ASM, True)
+                                        NB, NJ, G, KEY_META_REGS, ASM, True, SWAP_PV)
 
+        if SWAP_PV:  # back to (4, BLOCK_H, D), query rows 8.. zero
+            acc = tl.permute(acc, (0, 2, 1))
+            acc = tl.reshape(tl.permute(tl.join(acc, tl.zeros_like(acc)), (0, 3, 1, 2)), (4, BLOCK_H, D))
         # the warps' states merged: one cross-warp reduction a program
         m_w = tl.max(m_i, axis=0)
         sc = tl.exp2(m_i - tl.where(m_w == float("-inf"), 0.0, m_w)[None, :])
@@ -957,7 +974,7 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     if kq is not None and vq.order == "mma_w":
         _kivi_decode_warps_kernel[grid](
             *args, D=d, N_REP=n_rep, BLOCK_H=16, G=g, DQ=dq, KEY_META_REGS=WARPS_KEY_META_IN_REGISTERS,
-            ASM=WARPS_ASM and not interpreting(), META_AHEAD=WARPS_META_AHEAD,
+            ASM=WARPS_ASM and not interpreting(), META_AHEAD=WARPS_META_AHEAD, SWAP_PV=WARPS_SWAP_PV and n_rep <= 8,
             **({"maxnreg": WARPS_MAXNREG} if WARPS_MAXNREG and not interpreting() else {}),
             num_warps=4, num_stages=1,
         )
@@ -1005,10 +1022,13 @@ WARPS_KEY_META_IN_REGISTERS = True
 # the warps kernel dequantizes code pairs with inline PTX (f16x2); False: the same arithmetic in Triton operations
 WARPS_ASM = True
 # the warps kernel's scales and minimums: fetched a tile ahead, with the words (True), or at the start of their
-# own tile (False: ~95 loop instructions and ~25 registers of loop-carried state fewer, their latency exposed)
-WARPS_META_AHEAD = True
+# own tile (False: ~65-95 loop instructions of loop-carried state fewer, their latency exposed)
+WARPS_META_AHEAD = False
 # a register cap for the warps kernel (ptxas): 168 lets three programs share an SM instead of two
 WARPS_MAXNREG = None
+# the warps kernel's P V product as (V^T P^T)^T with 8 query rows (GQA groups of at most 8): half the output
+# accumulator and half the P V tensor-core instructions of the 16-row product
+WARPS_SWAP_PV = True
 
 
 def warps_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: int, n_rep: int) -> bool:

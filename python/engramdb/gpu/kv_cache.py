@@ -97,8 +97,8 @@ class QuantizedKVLayer(CacheLayerMixin):
                  observation_window: int = 32, pool_kernel: int = 5, meta_round: str = "cover",
                  rotate_values: bool = False, operand_order=True):
         super().__init__()
-        if operand_order not in (True, False, "warps"):
-            raise ValueError(f"operand_order must be True, False or 'warps', got {operand_order!r}")
+        if operand_order not in (True, False, "mma", "warps"):
+            raise ValueError(f"operand_order must be True, False, 'mma' or 'warps', got {operand_order!r}")
         self.operand_order = operand_order
         if meta_bits not in (8, 16):
             raise ValueError(f"meta_bits must be 8 or 16, got {meta_bits}")
@@ -172,7 +172,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         if n_imp > 0:
             self._refine(k_old, v_old, kq, vq, n_imp)
         if self.mma_order:  # what the fused decode kernel reads fastest (kv_quant.to_mma_order)
-            kq, vq = to_mma_order(kq), to_mma_order(vq, warps=self.operand_order == "warps")
+            kq, vq = to_mma_order(kq), to_mma_order(vq, warps=self._warps_order)
         self.qkeys = _cat_quantized(self.qkeys, kq)
         self.qvalues = _cat_quantized(self.qvalues, vq)
         self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + n :]], -2)
@@ -181,21 +181,30 @@ class QuantizedKVLayer(CacheLayerMixin):
     @property
     def mma_order(self) -> bool:
         """Whether the quantized part is stored in tensor-core operand order: with the fused attention on an
-        fp16 model, no refinement codes, a shape the mma kernel takes (:func:`decode_attention.mma_kernel_takes`)
-        and groups of at least 32 tokens (a flush then appends whole 32-token value blocks); the fused kernel
-        then reads no tile through shared memory. Heads of at least 128 channels only: that is where an H100
-        measured the mma kernel faster (1.4-1.6x); at head size 64 its kernel time was 1.7-1.9x the KIVI-order
-        kernel's (B 4 x 16K tokens, queries in registers). ``operand_order=False`` keeps KIVI's packing.
-        ``operand_order="warps"`` (opt-in, not yet timed on a GPU): values in mma_w order for the kernel with a
-        warp per 16 tokens of a tile (4-bit, head size 64 or 128, :func:`decode_attention.warps_kernel_takes`)."""
+        fp16 model, no refinement codes and groups of at least 32 tokens (a flush then appends whole 32-token
+        value blocks); the fused kernels then read no tile through shared memory. ``operand_order=True``
+        picks, by shape: 4-bit caches of head size 64 or 128 keep their values for the kernel that gives
+        each warp its own 16 tokens of a tile (``"warps"``, :func:`decode_attention.warps_kernel_takes`);
+        other caches with heads of at least 128 channels the mma order of the 2D kernel (``"mma"``; at head
+        size 64 an H100 measured that kernel slower than the KIVI-order one); the rest KIVI's packing,
+        which ``operand_order=False`` always keeps. ``"mma"`` and ``"warps"`` ask for one order."""
         if not (self.operand_order and self.fused_attention and self.important_ratio == 0 and self.is_initialized
                 and self.dtype == torch.float16 and self.group_size >= 32
                 and pick_backend(self.backend, self.keys) == "triton"):
             return False
         d = self.keys.shape[-1]
+        if self._warps_order:
+            return True
         if self.operand_order == "warps":
-            return warps_kernel_takes(self.key_bits, self.value_bits, d, self.group_size, 1)
-        return d >= 128 and mma_kernel_takes(self.key_bits, self.value_bits, d, self.group_size)
+            return False
+        return (d >= 128 or self.operand_order == "mma") and mma_kernel_takes(self.key_bits, self.value_bits, d,
+                                                                              self.group_size)
+
+    @property
+    def _warps_order(self) -> bool:
+        """Values in mma_w order (with :attr:`mma_order`): asked for, or picked by ``operand_order=True``."""
+        return self.operand_order in (True, "warps") and warps_kernel_takes(
+            self.key_bits, self.value_bits, self.keys.shape[-1], self.group_size, 1)
 
     # -- mixed precision (MiKV's idea with SnapKV's importance rule)
     def observe(self, query: torch.Tensor, scaling: Optional[float]) -> None:
@@ -356,11 +365,10 @@ class QuantizedKVCache(Cache):
     :mod:`kv_quant`), ``meta_round`` (with ``meta_bits=8``: ``"cover"`` or ``"nearest"``, see
     :func:`kv_quant.quantize_keys`), ``rotate_values`` (quantize values after a Hadamard rotation of their
     channels, undone on the dequantized values or, in the fused path, on the attention output; the head size
-    must be a power of two), ``operand_order`` (with ``fused_attention`` on an fp16 model with heads of at
-    least 128 channels: store the codes in tensor-core operand order, :func:`kv_quant.to_mma_order`, which
-    the fused kernel reads without staging tiles in shared memory; ``False`` keeps KIVI's packing and the
-    general kernel; ``"warps"``: 4-bit caches of head size 64 or 128 store their values for the decode kernel
-    that gives each warp its own 16 tokens of a tile, not yet timed on a GPU).
+    must be a power of two), ``operand_order`` (with ``fused_attention`` on an fp16 model: store the codes
+    in tensor-core operand order, :func:`kv_quant.to_mma_order`, which the fused kernels read without
+    staging tiles in shared memory; ``True`` picks the order by shape (see :attr:`QuantizedKVLayer.mma_order`),
+    ``"mma"`` or ``"warps"`` ask for one, ``False`` keeps KIVI's packing and the general kernel).
     ``key_bits`` and ``value_bits`` may also be a sequence with one entry per layer (``config`` needed), e.g.
     4-bit keys in the few layers whose 2-bit keys err most (chosen on a calibration text).
     Without ``config`` the layers are created as the model first reaches them.
