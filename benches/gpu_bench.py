@@ -54,6 +54,8 @@ def main(argv=None) -> int:
                          "search's chunk and tile sizes (measured before; off by default to keep a device call short)")
     ap.add_argument("--decode-shapes", type=int, default=0,
                     help="time only the first N decode shapes (the GPU-bound one first)")
+    ap.add_argument("--configs", help="decode: only these configurations (a JSON list of the dicts below), 4-bit "
+                                      "caches with 16-bit scales only (a short device call)")
     ap.add_argument("--smoke", action="store_true",
                     help="run every step on tiny shapes on the CPU (Triton interpreter, wall-clock timer): checks "
                          "the script, measures nothing")
@@ -131,20 +133,25 @@ def main(argv=None) -> int:
         # in RESULTS.md; --sweep-kivi runs them again)
         # (the queries-in-registers on/off rows of the mma kernel ran on an H100 and an H200 on 2026-11-27 and
         # are in RESULTS.md: the default picks the better)
-        # "mma_w" knobs (decode_attention.WARPS_*): "swap" (P V as (V^T P^T)^T, 8 query rows; default on),
-        # "meta" ("tile": scales loaded at their own tile, the default; "ahead": a tile ahead), "maxnreg" (a
-        # register cap), "asm" (pairs dequantized by inline PTX; default on), "key_meta" ("shared")
+        # "mma_w" knobs (decode_attention.WARPS_*, whose values are the defaults): "key_meta" ("registers" /
+        # "shared"), "meta" ("ahead" / "tile"), "swap" (P V as (V^T P^T)^T), "asm" (pairs dequantized by
+        # inline PTX), "maxnreg" (a register cap)
+        # (the H200's rows of 2026-11-27 in RESULTS.md: key_meta "shared" + meta "ahead" + swap, now the
+        # defaults, 315 us; the others 324-543 us)
         mma = [{"order": "mma"}, {"order": "mma", "block_t": 128}, {"order": "mma", "splits": "x2"},
                {"order": "mma_w"}, {"order": "mma_w", "splits": "x2"}, {"order": "mma_w", "splits": "/2"},
-               {"order": "mma_w", "meta": "ahead"}, {"order": "mma_w", "maxnreg": 128},
-               {"order": "mma_w", "swap": False, "maxnreg": 168}, {"order": "mma_w", "swap": False, "meta": "ahead"},
-               {"order": "mma_w", "asm": False}, {"order": "mma_w", "key_meta": "shared", "meta": "ahead"}]
+               {"order": "mma_w", "meta": "tile"}, {"order": "mma_w", "meta": "tile", "maxnreg": 128},
+               {"order": "mma_w", "maxnreg": 168}, {"order": "mma_w", "key_meta": "registers"},
+               {"order": "mma_w", "asm": False}, {"order": "mma_w", "swap": False}]
         kivi_sweep = [{"prefetch": "meta"}, {"prefetch": "all", "num_stages": 2},
                       {"prefetch": "all", "block_t": 128, "num_warps": 8}, {"prefetch": "none"},
                       {"unpack": "expand", "prefetch": "none"}] if args.sweep_kivi else []
         configs = [{}, *mma, *kivi_sweep, {"splits": "x2"}]
+        warps_defaults = {var: getattr(da_mod, var) for var in dir(da_mod) if var.startswith("WARPS_")}
         if args.quick:
             configs = configs[:2] + configs[-1:]
+        if args.configs:
+            configs = json.loads(args.configs)
         # the GPU-bound shape first: it is the figure that counts, and a time limit must not cost it
         shapes = [] if args.quick else [(32, 32, 8, 128, 16384)]
         shapes += [(1, 32, 8, 128, 32768), (8, 32, 8, 128, 8192), (4, 9, 3, 64, 16384)]
@@ -162,8 +169,8 @@ def main(argv=None) -> int:
             sdpa_ms = bench(torch.nn.functional.scaled_dot_product_attention, q, k, v, enable_gqa=True)
             sdpa_bytes = 2 * k.numel() * 2
             shape = f"B{b} Hq{hq} Hkv{hkv} D{d} T{t}"
-            for bits in (4, 2):
-                for meta_bits in (16, 8):
+            for bits in (4,) if args.configs else (4, 2):
+                for meta_bits in (16,) if args.configs else (16, 8):
                     kq = kv_quant.quantize_keys(k[:, :, :tq], bits, 32, meta_bits=meta_bits)
                     vq = kv_quant.quantize_values(v[:, :, :tq], bits, 32, meta_bits=meta_bits)
                     kr, vr = k[:, :, tq:].contiguous(), v[:, :, tq:].contiguous()
@@ -173,7 +180,7 @@ def main(argv=None) -> int:
                     # values for the kernel with a warp per 16 tokens (4-bit, head size 64 or 128; keys as mma)
                     vqw = kv_quant.to_mma_order(vq, warps=True) if bits == 4 and d in (64, 128) else None
                     short = [configs[0], mma[0], mma[3]]  # the defaults of each order
-                    todo = configs if meta_bits == 16 and si == 0 else short + [mma[7]] if meta_bits == 16 else short
+                    todo = configs if (meta_bits == 16 and si == 0) or args.configs else short + [mma[7]] if meta_bits == 16 else short
                     for cfg in todo:
                         order = cfg.get("order", "kivi")
                         if order == "mma_w" and vqw is None:
@@ -184,11 +191,19 @@ def main(argv=None) -> int:
                         kw.update({key: val for key, val in cfg.items()
                                    if key not in ("splits", "order", "key_meta", "asm", "meta", "maxnreg", "swap")})
                         # the warps kernel's key scales: each thread's own (default) or through shared memory
-                        da_mod.WARPS_KEY_META_IN_REGISTERS = cfg.get("key_meta", "registers") == "registers"
-                        da_mod.WARPS_ASM = cfg.get("asm", True)  # code pairs dequantized by inline PTX
-                        da_mod.WARPS_META_AHEAD = cfg.get("meta", "tile") == "ahead"  # scales a tile ahead
-                        da_mod.WARPS_SWAP_PV = cfg.get("swap", True)
-                        da_mod.WARPS_MAXNREG = cfg.get("maxnreg")  # a register cap
+                        # the warps kernel's knobs: the module's defaults unless the configuration names one
+                        for var, val in warps_defaults.items():
+                            setattr(da_mod, var, val)
+                        if "key_meta" in cfg:  # the key scales: each thread's own, or the tile's through shared
+                            da_mod.WARPS_KEY_META_IN_REGISTERS = cfg["key_meta"] == "registers"
+                        if "asm" in cfg:  # code pairs dequantized by inline PTX
+                            da_mod.WARPS_ASM = cfg["asm"]
+                        if "meta" in cfg:  # scales a tile ahead, or at their own tile
+                            da_mod.WARPS_META_AHEAD = cfg["meta"] == "ahead"
+                        if "swap" in cfg:  # P V as (V^T P^T)^T
+                            da_mod.WARPS_SWAP_PV = cfg["swap"]
+                        if "maxnreg" in cfg:  # a register cap
+                            da_mod.WARPS_MAXNREG = cfg["maxnreg"]
                         sp = cfg.get("splits")
                         if sp is not None:  # relative to the kernel's default split count
                             sms = 132 if args.smoke else torch.cuda.get_device_properties(0).multi_processor_count
@@ -208,11 +223,12 @@ def main(argv=None) -> int:
                         row = {"kernel": "kivi_decode", "bits": bits, "meta_bits": meta_bits, "shape": shape, "order": order,
                                "block_t": bt, "num_warps": nw, "unpack": ex, "num_splits": ns, "num_stages": st,
                                "prefetch": kw["prefetch"], "q_in_registers": kw["q_in_registers"], "splits_rule": sp,
-                               "key_meta": cfg.get("key_meta") if order == "mma_w" else None,
-                               "asm": cfg.get("asm", True) if order == "mma_w" else None,
-                               "meta": cfg.get("meta", "tile") if order == "mma_w" else None,
-                               "swap_pv": cfg.get("swap", True) if order == "mma_w" else None,
-                               "maxnreg": cfg.get("maxnreg") if order == "mma_w" else None,
+                               "key_meta": None if order != "mma_w" else (
+                                   "registers" if da_mod.WARPS_KEY_META_IN_REGISTERS else "shared"),
+                               "asm": da_mod.WARPS_ASM if order == "mma_w" else None,
+                               "meta": None if order != "mma_w" else ("ahead" if da_mod.WARPS_META_AHEAD else "tile"),
+                               "swap_pv": da_mod.WARPS_SWAP_PV if order == "mma_w" else None,
+                               "maxnreg": da_mod.WARPS_MAXNREG if order == "mma_w" else None,
                                "ms": ms, "bytes": nbytes,
                                "GB/s": nbytes / ms / 1e6, "frac_bw": nbytes / (ms * 1e-3) / bw,
                                "sdpa_fp16_ms": sdpa_ms, "sdpa_frac_bw": sdpa_bytes / (sdpa_ms * 1e-3) / bw, "max_err": err}
@@ -233,7 +249,7 @@ def main(argv=None) -> int:
                         rows.append(row)
                         print(f"decode {shape:28s} {bits}b m{meta_bits:<2d} {order:4s} bt{bt:<3d} w{nw} {ex:6s} s{sp} st{st} "
                               f"pf-{kw['prefetch']} qr-{kw['q_in_registers']}"
-                              + (f" km-{row['key_meta'] or 'registers'} asm-{row['asm']} meta-{row['meta']} "
+                              + (f" km-{row['key_meta']} asm-{row['asm']} meta-{row['meta']} "
                                  f"reg-{row['maxnreg']} swap-{row['swap_pv']}" if order == "mma_w" else "")
                               + ": "
                               f"{ms * 1e3:8.1f} us {row['frac_bw']:6.1%} bw | SDPA fp16 {sdpa_ms * 1e3:8.1f} us "

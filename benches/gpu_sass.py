@@ -43,7 +43,7 @@ class _Caught(Exception):
     pass
 
 
-def capture_launch(order: str, bits: int, d: int, **kw):
+def capture_launch(order: str, bits: int, d: int, meta_bits: int = 16, **kw):
     """(kernel, positional args, keyword args) of the launch a B1 x 4 query heads x 1 kv head x 4K-token call
     would make."""
     caught = {}
@@ -65,8 +65,8 @@ def capture_launch(order: str, bits: int, d: int, **kw):
         t, hkv, n_rep = 4096, 1, 4
         q = torch.randn(1, hkv * n_rep, d, dtype=torch.float16)
         k = torch.randn(1, hkv, t, d, dtype=torch.float16)
-        kq = G.kv_quant.quantize_keys(k[:, :, : t - 64], bits, 32)
-        vq = G.kv_quant.quantize_values(k[:, :, : t - 64], bits, 32)
+        kq = G.kv_quant.quantize_keys(k[:, :, : t - 64], bits, 32, meta_bits=meta_bits)
+        vq = G.kv_quant.quantize_values(k[:, :, : t - 64], bits, 32, meta_bits=meta_bits)
         if order != "kivi":
             kq = G.kv_quant.to_mma_order(kq)
             vq = G.kv_quant.to_mma_order(vq, warps=order == "mma_w")
@@ -151,6 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--order", default="mma_w", choices=("mma_w", "mma", "kivi"))
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--meta-bits", type=int, default=16, choices=(16, 8))
     ap.add_argument("--key-meta", default="registers", choices=("registers", "shared"))
     ap.add_argument("--q-in-registers", default=None, choices=("on", "off"))
     ap.add_argument("--block-t", type=int, default=None)
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
         kw["q_regs"] = args.q_in_registers == "on"
     if args.block_t:
         kw["block_t"] = args.block_t
-    fn, a, k = capture_launch(args.order, args.bits, args.d, **kw)
+    fn, a, k = capture_launch(args.order, args.bits, args.d, args.meta_bits, **kw)
     sass, usage, ptx = compile_kernel(fn, a, k)
     if args.listing:
         with open(args.listing, "w") as f:

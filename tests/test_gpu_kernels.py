@@ -458,6 +458,8 @@ WARPS_CASES = [
     (1, 9, 3, 160, 17, 64, 16, 3, 8),       # groups of 16, 8-bit metadata, three splits, a ragged window
     (1, 16, 1, 64, 5, 128, 64, None, 16),   # 16 query heads a kv head, groups of 64
     (1, 4, 1, 224, 3, 128, 32, 1, 16),      # one split: 3 whole tiles (unmasked loop), then a masked half tile
+    (1, 6, 2, 256, 8, 64, 16, 2, 16),       # groups of 16 at head size 64, 16-bit scales
+    (1, 8, 1, 256, 0, 128, 128, 1, 16),     # groups of 128 tokens and channels
 ]
 
 

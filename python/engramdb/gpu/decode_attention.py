@@ -974,7 +974,9 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     if kq is not None and vq.order == "mma_w":
         _kivi_decode_warps_kernel[grid](
             *args, D=d, N_REP=n_rep, BLOCK_H=16, G=g, DQ=dq, KEY_META_REGS=WARPS_KEY_META_IN_REGISTERS,
-            ASM=WARPS_ASM and not interpreting(), META_AHEAD=WARPS_META_AHEAD, SWAP_PV=WARPS_SWAP_PV and n_rep <= 8,
+            # (8-bit scales: Triton lays the pairs out otherwise there, and the asm's pairing no longer holds)
+            ASM=WARPS_ASM and not dq and not interpreting(), META_AHEAD=WARPS_META_AHEAD,
+            SWAP_PV=WARPS_SWAP_PV and n_rep <= 8,
             **({"maxnreg": WARPS_MAXNREG} if WARPS_MAXNREG and not interpreting() else {}),
             num_warps=4, num_stages=1,
         )
@@ -1015,19 +1017,23 @@ def mma_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: 
             and group_size >= max(16, head_dim // 4))
 
 
-# The warps kernel's key scales: each thread loads those of its own codes (True: no barrier in the loop), or
-# the tile's are fetched once and spread through shared memory (False: 4 barriers, ~90 instructions fewer a
-# tile). Which is faster has not been timed: benches/gpu_bench.py runs both ("mma_w" rows).
-WARPS_KEY_META_IN_REGISTERS = True
-# the warps kernel dequantizes code pairs with inline PTX (f16x2); False: the same arithmetic in Triton operations
+# Knobs of the warps kernel (decode_attention's module variables; gpu_bench.py times them, "mma_w" rows). The
+# defaults are the fastest on an H200 (2026-11-27, B 32 x 16K tokens, 4-bit: 315 us, 50.6% of the copy
+# bandwidth; benches/RESULTS.md has every row):
+# the key scales: each thread loads those of its own codes (True: no barrier in the loop, but 8 lanes load
+# the same values: 348 us), or the tile's are fetched once and spread through shared memory (False: 4
+# barriers a tile)
+WARPS_KEY_META_IN_REGISTERS = False
+# code pairs dequantized with inline PTX (three f16x2 instructions a pair; 16-bit scales only); False: the
+# same arithmetic in Triton operations (8% slower)
 WARPS_ASM = True
-# the warps kernel's scales and minimums: fetched a tile ahead, with the words (True), or at the start of their
-# own tile (False: ~65-95 loop instructions of loop-carried state fewer, their latency exposed)
-WARPS_META_AHEAD = False
-# a register cap for the warps kernel (ptxas): 168 lets three programs share an SM instead of two
+# the scales and minimums: fetched a tile ahead, with the words (True), or at the start of their own tile
+# (False: ~65-95 loop instructions of loop-carried state fewer, but their latency exposed: 454 against 348 us)
+WARPS_META_AHEAD = True
+# a register cap (ptxas's), e.g. 168 for three programs an SM instead of two or 128 for four (spills)
 WARPS_MAXNREG = None
-# the warps kernel's P V product as (V^T P^T)^T with 8 query rows (GQA groups of at most 8): half the output
-# accumulator and half the P V tensor-core instructions of the 16-row product
+# P V as (V^T P^T)^T with 8 query rows (GQA groups of at most 8): half the output accumulator and half the
+# P V tensor-core instructions of the 16-row product
 WARPS_SWAP_PV = True
 
 
