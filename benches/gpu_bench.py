@@ -180,7 +180,10 @@ def main(argv=None) -> int:
                     # values for the kernel with a warp per 16 tokens (4-bit, head size 64 or 128; keys as mma)
                     vqw = kv_quant.to_mma_order(vq, warps=True) if bits == 4 and d in (64, 128) else None
                     short = [configs[0], mma[0], mma[3]]  # the defaults of each order
-                    todo = configs if (meta_bits == 16 and si == 0) or args.configs else short + [mma[7]] if meta_bits == 16 else short
+                    if meta_bits == 16 and (si == 0 or args.configs):
+                        todo = configs
+                    else:  # (8-bit scales: no warps kernel, see decode_attention.warps_kernel_takes)
+                        todo = short + [mma[7]] if meta_bits == 16 else short[:2]
                     for cfg in todo:
                         order = cfg.get("order", "kivi")
                         if order == "mma_w" and vqw is None:

@@ -493,14 +493,16 @@ def test_decode_attention_warps_kernel_matches_reference(case, key_meta_regs, me
     km, vw = kv_quant.to_mma_order(kq), kv_quant.to_mma_order(vq, warps=True)
     ref = G.kivi_decode_attention_ref(q.cpu(), _cpu(kq), _cpu(vq), k_res.cpu(), v_res.cpu())
     got = G.kivi_decode_attention(q, km, vw, k_res, v_res, num_splits=splits, backend="triton")
-    assert len(launched) == 1 and got.shape == (b, hq, d) and got.dtype == torch.float16
+    # 8-bit scales: the kernel is not trusted with them (wrong on an H200); the cache goes the general way
+    runs = 1 if meta_bits == 16 else 0
+    assert len(launched) == runs and got.shape == (b, hq, d) and got.dtype == torch.float16
     torch.testing.assert_close(got.float().cpu(), ref.float(), atol=4e-3, rtol=0)
     kivi = G.kivi_decode_attention(q, kq, vq, k_res, v_res, num_splits=splits, backend="triton")
     torch.testing.assert_close(got.float().cpu(), kivi.float().cpu(), atol=4e-3, rtol=0)
     # float32 queries: the kernel does not take them, the cache is re-packed for the general kernel
     got32 = G.kivi_decode_attention(q.float(), km, vw, k_res.float(), v_res.float(), num_splits=splits,
                                     backend="triton")
-    assert len(launched) == 1
+    assert len(launched) == runs
     torch.testing.assert_close(got32.cpu(), ref.float(), atol=4e-3, rtol=0)
     with pytest.raises(ValueError, match="order"):  # values in mma_w order need keys in mma order
         G.kivi_decode_attention(q, kq, vw, k_res, v_res, backend="triton")

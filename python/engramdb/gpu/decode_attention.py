@@ -1037,18 +1037,22 @@ WARPS_MAXNREG = None
 WARPS_SWAP_PV = True
 
 
-def warps_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: int, n_rep: int) -> bool:
+def warps_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: int, n_rep: int,
+                       meta_bits: int = 16) -> bool:
     """Whether :func:`_kivi_decode_warps_kernel` (a warp per 16 tokens of a tile; keys in mma order, values
-    in mma_w order) takes a cache of this shape with fp16 queries: 4-bit keys and values, head size 64 or
-    128, groups of at least 16 tokens and D / 8 channels, and at most 16 query heads a kv head."""
+    in mma_w order) takes a cache of this shape with fp16 queries: 4-bit keys and values with 16-bit scales,
+    head size 64 or 128, groups of at least 16 tokens and D / 8 channels, and at most 16 query heads a kv
+    head. (With 8-bit scales the kernel passes in the interpreter but gave wrong results on an H200 on
+    2026-11-27, for every knob setting, asm off too; such caches go to the other kernels until that is
+    found: gpu/NOTES.md.)"""
     return (key_bits == value_bits == 4 and head_dim in (64, 128) and group_size >= max(16, head_dim // 8)
-            and n_rep <= 16)
+            and n_rep <= 16 and meta_bits == 16)
 
 
 def _mma_kernel_fits(q, kq, vq) -> bool:
     if vq.order == "mma_w":
         return q.dtype == torch.float16 and kq.order == "mma" and warps_kernel_takes(
-            kq.bits, vq.bits, q.shape[-1], kq.group_size, q.shape[1] // kq.shape[1])
+            kq.bits, vq.bits, q.shape[-1], kq.group_size, q.shape[1] // kq.shape[1], kq.meta_bits)
     return q.dtype == torch.float16 and mma_kernel_takes(kq.bits, vq.bits, q.shape[-1], kq.group_size)
 
 

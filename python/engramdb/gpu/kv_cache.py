@@ -204,7 +204,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     def _warps_order(self) -> bool:
         """Values in mma_w order (with :attr:`mma_order`): asked for, or picked by ``operand_order=True``."""
         return self.operand_order in (True, "warps") and warps_kernel_takes(
-            self.key_bits, self.value_bits, self.keys.shape[-1], self.group_size, 1)
+            self.key_bits, self.value_bits, self.keys.shape[-1], self.group_size, 1, self.meta_bits)
 
     # -- mixed precision (MiKV's idea with SnapKV's importance rule)
     def observe(self, query: torch.Tensor, scaling: Optional[float]) -> None:
