@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from collections import Counter
 
 import triton
@@ -33,6 +31,7 @@ try:
     from engramdb.gpu.decode_attention import _codes8
 except Exception:  # no native module: the gpu package stands alone
     from gpu.decode_attention import _codes8
+from gpu_sass import disassemble, loop_ops  # noqa: E402  (benches/, beside this script)
 
 
 @triton.jit
@@ -126,37 +125,14 @@ def _split_columns(Q, K, V, Out, T):
     tl.store(Out + h[:, None] * 128 + d[None, :], acc / l_i[:, None])
 
 
-def main_loop_ops(sass: str) -> Counter:
-    """Opcode counts of the longest backward-branch loop in an nvdisasm listing."""
-    ins, labels = [], {}
-    for line in sass.splitlines():
-        m = re.match(r"^\s*\.(L_x_\d+):", line)
-        if m:
-            labels[m.group(1)] = len(ins)
-        m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
-        if m:
-            ins.append(m.group(1))
-    loops = [(i - labels[m.group(1)], labels[m.group(1)], i) for i, t in enumerate(ins)
-             if (m := re.search(r"BRA\s+(?:`\()?\.?(L_x_\d+)", t)) and labels.get(m.group(1), len(ins)) <= i]
-    _, a, b = max(loops)
-    return Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in ins[a:b + 1])
-
-
 def compile_counts(fn) -> tuple[Counter, str]:
     sig = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "Out": "*fp32", "T": "i32"}
     if fn is _batched_warps_packed:
         sig = {"Q": "*fp16", "KW": "*i32", "VW": "*i32", "Out": "*fp32", "T": "i32"}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
     k = triton.compile(ASTSource(fn, sig, attrs=attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
-    return main_loop_ops(sass), " ".join(re.findall(r"REG:\d+", usage))
+    sass, usage = disassemble(k.asm["cubin"])
+    return loop_ops(sass), " ".join(re.findall(r"REG:\d+", usage))
 
 
 def main() -> int:

@@ -131,18 +131,25 @@ def loop_ops(sass: str) -> Counter:
     return Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in ins[a:b + 1])
 
 
-def compile_kernel(fn, args, kwargs):
-    sig, constexprs, attrs, opts = signature(fn, args, kwargs)
-    k = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                       options=opts)
+def disassemble(cubin: bytes) -> tuple[str, str]:
+    """The ``nvdisasm`` listing and the ``cuobjdump`` resource usage (registers, stack, shared memory) of a
+    cubin, with the tools Triton ships."""
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
+        f.write(cubin)
         f.flush()
         sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
                               check=True).stdout
         usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-resource-usage", f.name],
                                capture_output=True, text=True, check=True).stdout
+    return sass, usage
+
+
+def compile_kernel(fn, args, kwargs):
+    sig, constexprs, attrs, opts = signature(fn, args, kwargs)
+    k = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options=opts)
+    sass, usage = disassemble(k.asm["cubin"])
     return sass, usage, k.asm.get("ptx", "")
 
 
@@ -152,7 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--meta-bits", type=int, default=16, choices=(16, 8))
-    ap.add_argument("--key-meta", default="registers", choices=("registers", "shared"))
+    ap.add_argument("--key-meta", choices=("registers", "shared"),
+                    help="the warps kernel's key scales (WARPS_KEY_META_IN_REGISTERS; default: the module's)")
     ap.add_argument("--q-in-registers", default=None, choices=("on", "off"))
     ap.add_argument("--block-t", type=int, default=None)
     ap.add_argument("--maxnreg", type=int, help="the warps kernel's register cap (decode_attention.WARPS_MAXNREG)")
@@ -162,7 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--listing", help="write the nvdisasm listing here")
     ap.add_argument("--ptx", help="write the PTX here")
     args = ap.parse_args(argv)
-    DA.WARPS_KEY_META_IN_REGISTERS = args.key_meta == "registers"
+    if args.key_meta:
+        DA.WARPS_KEY_META_IN_REGISTERS = args.key_meta == "registers"
     if args.meta:
         DA.WARPS_META_AHEAD = args.meta == "ahead"
     if args.maxnreg:
