@@ -153,6 +153,13 @@ def compile_kernel(fn, args, kwargs):
     return sass, usage, k.asm.get("ptx", "")
 
 
+def asm_pair_words(ptx: str) -> tuple[int, int]:
+    """(pair dequantizations, those whose two elements got one word) in the PTX of a ``--check-pairs``
+    compile, where the asm reads its second word ($2) into ``t`` just before the first ($1)."""
+    pairs = re.findall(r"mov\.b32 t, (%r\d+); lop3\.b32 t, (%r\d+),", ptx)
+    return len(pairs), sum(a == b for a, b in pairs)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--order", default="mma_w", choices=("mma_w", "mma", "kivi"))
@@ -167,6 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--meta", choices=("ahead", "tile"),
                     help="the warps kernel's scales fetched a tile ahead or at their tile (WARPS_META_AHEAD)")
     ap.add_argument("--swap-pv", choices=("on", "off"), help="the warps kernel's P V as (V^T P^T)^T (WARPS_SWAP_PV)")
+    ap.add_argument("--check-pairs", action="store_true",
+                    help="check that every inline-asm pair dequantization of the warps kernel gets one word for "
+                         "both of its elements (exit 1 otherwise)")
     ap.add_argument("--listing", help="write the nvdisasm listing here")
     ap.add_argument("--ptx", help="write the PTX here")
     args = ap.parse_args(argv)
@@ -183,6 +193,8 @@ def main(argv=None) -> int:
         kw["q_regs"] = args.q_in_registers == "on"
     if args.block_t:
         kw["block_t"] = args.block_t
+    if args.check_pairs:  # the same asm, reading $2 too, so that the PTX names the register Triton binds to it
+        DA._PAIR_ASM = triton.language.constexpr(DA._PAIR_ASM.value.replace("lop3.b32 t, $1", "mov.b32 t, $2; lop3.b32 t, $1"))
     fn, a, k = capture_launch(args.order, args.bits, args.d, args.meta_bits, **kw)
     sass, usage, ptx = compile_kernel(fn, a, k)
     if args.listing:
@@ -191,6 +203,11 @@ def main(argv=None) -> int:
     if args.ptx:
         with open(args.ptx, "w") as f:
             f.write(ptx)
+    if args.check_pairs:
+        n, same = asm_pair_words(ptx)
+        print(f"asm pairs: {n}, one word for both elements: {same}, two words: {n - same}")
+        if not n or same != n:
+            return 1
     ops = loop_ops(sass)
     regs = " ".join(re.findall(r"(?:REG|STACK|SHARED):\d+", usage))
     print(f"{fn.__name__} (triton {triton.__version__}, sm_90) order {args.order} {args.bits}-bit D{args.d}: "

@@ -844,6 +844,30 @@ def test_search_torch_path_matches_published_ground_truth():
     _assert_same_ranking(i, gts.double(), gt, full, tol=1e-5)
 
 
+@pytest.mark.parametrize("d", [128, 64])
+def test_warps_kernel_asm_gets_one_word_a_pair(d):
+    """The warps kernel's inline PTX reads one word for both elements of a code pair, which holds only if
+    Triton hands it the two elements of one pair. Compiled for sm_90 with the installed Triton (no GPU
+    needed; benches/gpu_sass.py --check-pairs makes the asm read the second element's word too, so that
+    the PTX names both), every pair must get one word; and the check itself can fail."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = ROOT / "benches" / "gpu_sass.py"
+    r = subprocess.run([sys.executable, str(script), "--check-pairs", "--d", str(d)], env=env, capture_output=True,
+                       text=True, timeout=900)
+    if r.returncode and "ptxas" in r.stderr and "not found" in r.stderr:
+        pytest.skip("this Triton cannot compile for sm_90 here (no ptxas)")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    n = 64 if d == 128 else 32  # 16 words a thread a tile, 4 pairs a word; half at head size 64
+    assert f"asm pairs: {n}, one word for both elements: {n}, two words: 0" in r.stdout
+    probe = ("import sys; sys.argv = ['x']; sys.path.insert(0, %r); from gpu_sass import asm_pair_words as f; "
+             "print(f('mov.b32 t, %%r7; lop3.b32 t, %%r7, k'), f('mov.b32 t, %%r8; lop3.b32 t, %%r7, k'))"
+             % str(ROOT / "benches"))
+    r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert r.stdout.split("\n")[-2] == "(1, 1) (1, 0)", r.stdout + r.stderr
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="the smoke run is for CPU-only machines; on a GPU run the benchmark")
 def test_gpu_bench_smoke_run(tmp_path):
     """benches/gpu_bench.py stays runnable without a GPU: every step on tiny CPU shapes, outputs checked."""

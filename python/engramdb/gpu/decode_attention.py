@@ -255,6 +255,12 @@ if HAS_TRITON:
         e7 = tl.join(_half(_pair(wu, 7, 2), 0), _half(_pair(wu, 7, 2), 1))
         return tl.join(tl.join(tl.join(e0, e1), tl.join(e2, e3)), tl.join(tl.join(e4, e5), tl.join(e6, e7)))
 
+    # The pair's dequantization: $1 is the word of both elements (the second copy, $2, is not read: Triton
+    # must hand the asm the two elements of one pair, which benches/gpu_sass.py --check-pairs verifies in the
+    # compiled PTX, and tests/test_gpu_kernels.py with it); $3, $4: the pair's scales and minimums.
+    _PAIR_ASM = tl.constexpr("{ .reg .b32 k, c, t; mov.b32 k, 0x000F000F; mov.b32 c, 0x64006400;"
+                             " lop3.b32 t, $1, k, c, 0xEA; sub.rn.f16x2 t, t, c; fma.rn.f16x2 $0, t, $3, $4; }")
+
     @triton.jit
     def _word_pairs8(w):
         """The four code pairs of each 4-bit mma-ordered int32 word (see :func:`_codes8`) as uint32 words, each
@@ -271,10 +277,8 @@ if HAS_TRITON:
         1024, fused multiply-add), so that each pair stays one 32-bit register from the load to the dot
         operand. Without it (the CPU interpreter runs no PTX) the same arithmetic in Triton operations."""
         if ASM:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 k, c, t; mov.b32 k, 0x000F000F; mov.b32 c, 0x64006400;"
-                " lop3.b32 t, $1, k, c, 0xEA; sub.rn.f16x2 t, t, c; fma.rn.f16x2 $0, t, $3, $4; }",
-                "=r,r,r,r,r", [tl.join(x, x), s, m], dtype=tl.float16, is_pure=True, pack=2)
+            return tl.inline_asm_elementwise(_PAIR_ASM, "=r,r,r,r,r", [tl.join(x, x), s, m], dtype=tl.float16,
+                                             is_pure=True, pack=2)
         else:
             y = (x & 0x000F000F) | 0x64006400
             return (tl.join(_half(y, 0), _half(y, 1)) - 1024.0) * s + m
@@ -974,8 +978,7 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     if kq is not None and vq.order == "mma_w":
         _kivi_decode_warps_kernel[grid](
             *args, D=d, N_REP=n_rep, BLOCK_H=16, G=g, DQ=dq, KEY_META_REGS=WARPS_KEY_META_IN_REGISTERS,
-            # (8-bit scales: Triton lays the pairs out otherwise there, and the asm's pairing no longer holds)
-            ASM=WARPS_ASM and not dq and not interpreting(), META_AHEAD=WARPS_META_AHEAD,
+            ASM=WARPS_ASM and not interpreting(), META_AHEAD=WARPS_META_AHEAD,
             SWAP_PV=WARPS_SWAP_PV and n_rep <= 8,
             **({"maxnreg": WARPS_MAXNREG} if WARPS_MAXNREG and not interpreting() else {}),
             num_warps=4, num_stages=1,
@@ -1024,8 +1027,8 @@ def mma_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: 
 # the same values: 348 us), or the tile's are fetched once and spread through shared memory (False: 4
 # barriers a tile)
 WARPS_KEY_META_IN_REGISTERS = False
-# code pairs dequantized with inline PTX (three f16x2 instructions a pair; 16-bit scales only); False: the
-# same arithmetic in Triton operations (8% slower)
+# code pairs dequantized with inline PTX (three f16x2 instructions a pair); False: the same arithmetic in
+# Triton operations (8% slower)
 WARPS_ASM = True
 # the scales and minimums: fetched a tile ahead, with the words (True), or at the start of their own tile
 # (False: ~65-95 loop instructions of loop-carried state fewer, but their latency exposed: 454 against 348 us)
