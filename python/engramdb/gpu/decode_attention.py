@@ -639,10 +639,13 @@ if HAS_TRITON:
         warps, each warp on its own 16 tokens of every tile: a batched dot with the warps on the batch axis.
         Every warp keeps its own running maximum, sum and output, merged across warps once after the loop,
         so a tile needs no cross-warp reduction, and p goes from the scores' registers into the PV operand
-        without a trip through shared memory. Each thread loads the scales and minimums of its own codes
-        (:func:`_key_meta_frag`, :func:`_value_meta_frag`): the loop has no barrier and no shared-memory
-        operation at all (see gpu/NOTES.md). ``KEY_META_REGS=False`` fetches the key scales per tile and
-        spreads them through shared memory instead (4 barriers, ~90 instructions fewer a tile)."""
+        without a trip through shared memory. Code pairs are dequantized in the words' own shape (``ASM``:
+        three f16x2 PTX instructions a pair). Whole tiles run unmasked, a partial last tile after the loop.
+        The value scales are each thread's own (:func:`_value_meta_frag`); the key scales too with
+        ``KEY_META_REGS`` (no barrier at all in the loop), else the tile's are spread through shared memory
+        (4 barriers; faster on an H200). ``META_AHEAD``: the scales are fetched a tile ahead with the words.
+        ``SWAP_PV`` (GQA groups of at most 8): P V as (V^T P^T)^T with 8 query rows. Knobs and timings:
+        the ``WARPS_*`` module variables, gpu/NOTES.md."""
         NB: tl.constexpr = D // 32
         NJ: tl.constexpr = D // 16  # value words a thread a tile
         NG: tl.constexpr = D // G if G < D else 1  # value groups in a row
