@@ -572,7 +572,9 @@ if HAS_TRITON:
         (:func:`_warps_meta_load`) and each thread's packed key and value words."""
         k_s, k_m, v_s, v_m = _warps_meta_load(ks, km, ku, vs, vm, vu, start, hi, w_, nl, kl, sks_g, sku_g, svs_t,
                                               svu_g, d, dmask, NB, NS, G, DQ, KEY_META_REGS, MASKED)
-        kw = _thread_words(kp + start * skp_t, k_off, (start + k_tok) < hi, NB, MASKED)
+        kw = tl.reshape(tl.join(_thread_words(kp + start * skp_t, k_off, (start + k_tok) < hi, NB, MASKED),
+                                _thread_words(kp + (start + 8) * skp_t, k_off, (start + 8 + k_tok) < hi, NB,
+                                              MASKED)), (128, NB, 2))
         vw = _thread_words(vp + (start // 4) * svp_r, v_off, (start + 16 * w_ + 4 * kl < hi)[:, None, None], NJ,
                            MASKED)
         return k_s, k_m, v_s, v_m, kw, vw
@@ -671,8 +673,9 @@ if HAS_TRITON:
         nl = (th // 4) % 8
         kl = th % 4
         kb = tl.arange(0, NB if NB < 4 else 4)
-        kr_ = tl.arange(0, 2)
-        k_tok = (nl + 16 * w_)[:, None, None] + 8 * kr_[None, None, :]
+        # (a thread's key words of its two columns r: loaded apart and joined, so that r is a register axis
+        # by construction; one 3D load let Triton 3.9 spread r over lanes)
+        k_tok = (nl + 16 * w_)[:, None, None]
         k_off = k_tok * skp_t + (kl[:, None, None] * NB + kb[None, :, None])
         v_off = ((4 * w_ + kl)[:, None] * svp_r + (nl * NJ)[:, None] + tl.arange(0, 4)[None, :])[:, :, None]
         n = tl.arange(0, D)
