@@ -194,7 +194,9 @@ def main(argv=None) -> int:
     if args.block_t:
         kw["block_t"] = args.block_t
     if args.check_pairs:  # the same asm, reading $2 too, so that the PTX names the register Triton binds to it
-        DA._PAIR_ASM = triton.language.constexpr(DA._PAIR_ASM.value.replace("lop3.b32 t, $1", "mov.b32 t, $2; lop3.b32 t, $1"))
+        for name in ("_PAIR_ASM", "_CODES_ASM"):
+            probe = getattr(DA, name).value.replace("lop3.b32 t, $1", "mov.b32 t, $2; lop3.b32 t, $1")
+            setattr(DA, name, triton.language.constexpr(probe))
     fn, a, k = capture_launch(args.order, args.bits, args.d, args.meta_bits, **kw)
     sass, usage, ptx = compile_kernel(fn, a, k)
     if args.listing:

@@ -859,7 +859,9 @@ def test_warps_kernel_asm_gets_one_word_a_pair(d):
     if r.returncode and "ptxas" in r.stderr and "not found" in r.stderr:
         pytest.skip("this Triton cannot compile for sm_90 here (no ptxas)")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    n = 64 if d == 128 else 32  # 16 words a thread a tile, 4 pairs a word; half at head size 64
+    # value pairs (8 words a thread, 4 pairs a word, the loop's body twice: whole tiles, then the partial
+    # one), and at head size 128 the key pairs as well; half the words at head size 64
+    n = 128 if d == 128 else 32
     assert f"asm pairs: {n}, one word for both elements: {n}, two words: 0" in r.stdout
     probe = ("import sys; sys.argv = ['x']; sys.path.insert(0, %r); from gpu_sass import asm_pair_words as f; "
              "print(f('mov.b32 t, %%r7; lop3.b32 t, %%r7, k'), f('mov.b32 t, %%r8; lop3.b32 t, %%r7, k'))"
