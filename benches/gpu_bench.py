@@ -148,6 +148,13 @@ def main(argv=None) -> int:
                       {"unpack": "expand", "prefetch": "none"}] if args.sweep_kivi else []
         configs = [{}, *mma, *kivi_sweep, {"splits": "x2"}]
         warps_defaults = {var: getattr(da_mod, var) for var in dir(da_mod) if var.startswith("WARPS_")}
+        warps_knobs = {  # configuration key: (decode_attention variable, its value from the key's)
+            "key_meta": ("WARPS_KEY_META_IN_REGISTERS", lambda v: v == "registers"),  # each thread's / shared
+            "meta": ("WARPS_META_AHEAD", lambda v: v == "ahead"),  # scales a tile ahead / at their own tile
+            "swap": ("WARPS_SWAP_PV", bool),  # P V as (V^T P^T)^T
+            "asm": ("WARPS_ASM", bool),  # code pairs dequantized by inline PTX
+            "maxnreg": ("WARPS_MAXNREG", lambda v: v),  # a register cap
+        }
         if args.quick:
             configs = configs[:2] + configs[-1:]
         if args.configs:
@@ -178,7 +185,8 @@ def main(argv=None) -> int:
                     nbytes = kq.nbytes() + vq.nbytes() + 2 * kr.numel() * 2 + q.numel() * 2
                     kqm, vqm = kv_quant.to_mma_order(kq), kv_quant.to_mma_order(vq)
                     # values for the kernel with a warp per 16 tokens (4-bit, head size 64 or 128; keys as mma)
-                    vqw = kv_quant.to_mma_order(vq, warps=True) if bits == 4 and d in (64, 128) else None
+                    vqw = (kv_quant.to_mma_order(vq, warps=True) if bits == 4 and d in (64, 128) and meta_bits == 16
+                           else None)
                     short = [configs[0], mma[0], mma[3]]  # the defaults of each order
                     if meta_bits == 16 and (si == 0 or args.configs):
                         todo = configs
@@ -192,21 +200,13 @@ def main(argv=None) -> int:
                         kw = {"block_t": 64, "num_warps": 4, "unpack": "join", "num_stages": None, "prefetch": "all",
                               "num_splits": None, "q_in_registers": None}
                         kw.update({key: val for key, val in cfg.items()
-                                   if key not in ("splits", "order", "key_meta", "asm", "meta", "maxnreg", "swap")})
-                        # the warps kernel's key scales: each thread's own (default) or through shared memory
+                                   if key not in ("splits", "order", *warps_knobs)})
                         # the warps kernel's knobs: the module's defaults unless the configuration names one
                         for var, val in warps_defaults.items():
                             setattr(da_mod, var, val)
-                        if "key_meta" in cfg:  # the key scales: each thread's own, or the tile's through shared
-                            da_mod.WARPS_KEY_META_IN_REGISTERS = cfg["key_meta"] == "registers"
-                        if "asm" in cfg:  # code pairs dequantized by inline PTX
-                            da_mod.WARPS_ASM = cfg["asm"]
-                        if "meta" in cfg:  # scales a tile ahead, or at their own tile
-                            da_mod.WARPS_META_AHEAD = cfg["meta"] == "ahead"
-                        if "swap" in cfg:  # P V as (V^T P^T)^T
-                            da_mod.WARPS_SWAP_PV = cfg["swap"]
-                        if "maxnreg" in cfg:  # a register cap
-                            da_mod.WARPS_MAXNREG = cfg["maxnreg"]
+                        for key, (var, value_of) in warps_knobs.items():
+                            if key in cfg:
+                                setattr(da_mod, var, value_of(cfg[key]))
                         sp = cfg.get("splits")
                         if sp is not None:  # relative to the kernel's default split count
                             sms = 132 if args.smoke else torch.cuda.get_device_properties(0).multi_processor_count

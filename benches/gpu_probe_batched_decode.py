@@ -35,6 +35,23 @@ from gpu_sass import disassemble, loop_ops  # noqa: E402  (benches/, beside this
 
 
 @triton.jit
+def _warp_softmax_step(s, m_i, l_i):
+    """Each warp's online-softmax update for its scores ``s`` (4, 16, 16): new maximum, rescale, p, sum."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=2))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, :, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=2)
+
+
+@triton.jit
+def _merge_warps(m_i, l_i, acc):
+    """The 4 warps' states merged into the normalized output (16, 128)."""
+    m = tl.max(m_i, axis=0)
+    sc = tl.exp2(m_i - m[None, :])
+    return tl.sum(acc * sc[:, :, None], axis=0) / tl.sum(l_i * sc, axis=0)[:, None]
+
+
+@triton.jit
 def _batched_warps(Q, K, V, Out, T):
     """Warp w takes tokens 16 w .. 16 w + 15 of every 64-token tile: its own running max, sum and output,
     merged across warps once at the end."""
@@ -50,17 +67,11 @@ def _batched_warps(Q, K, V, Out, T):
     for s0 in range(0, T, 64):
         kt = tl.load(K + (s0 + 16 * w[:, None, None] + t[None, None, :]) * 128 + d[None, :, None])
         s = tl.dot(qb, kt)
-        m_new = tl.maximum(m_i, tl.max(s, axis=2))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, :, None])
-        l_i = l_i * alpha + tl.sum(p, axis=2)
+        m_new, alpha, p, l_i = _warp_softmax_step(s, m_i, l_i)
         v = tl.load(V + (s0 + 16 * w[:, None, None] + t[None, :, None]) * 128 + d[None, None, :])
         acc = acc * alpha[:, :, None] + tl.dot(p.to(tl.float16), v)
         m_i = m_new
-    m = tl.max(m_i, axis=0)
-    sc = tl.exp2(m_i - m[None, :])
-    o = tl.sum(acc * sc[:, :, None], axis=0) / tl.sum(l_i * sc, axis=0)[:, None]
-    tl.store(Out + h[:, None] * 128 + d[None, :], o)
+    tl.store(Out + h[:, None] * 128 + d[None, :], _merge_warps(m_i, l_i, acc))
 
 
 @triton.jit
@@ -86,19 +97,13 @@ def _batched_warps_packed(Q, KW, VW, Out, T):
         c = _codes8(tl.reshape(kw, (4, 8, 4, 4, 2)))  # (w, nl, kl, a, r, i0, i1, i2)
         kt = tl.reshape(tl.permute(c, (0, 3, 7, 2, 6, 5, 4, 1)), (4, 128, 16)) - 1024.0  # (w, a, i2, kl, i1, i0, r, nl)
         s = tl.dot(qb, kt)
-        m_new = tl.maximum(m_i, tl.max(s, axis=2))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, :, None])
-        l_i = l_i * alpha + tl.sum(p, axis=2)
+        m_new, alpha, p, l_i = _warp_softmax_step(s, m_i, l_i)
         vw = tl.load(VW + s0 * 256 + th[:, None] * 8 + vj[None, :])
         cv = _codes8(tl.reshape(vw, (4, 8, 4, 8)))  # (w, nl, kl, j, i0, i1, i2)
         v = tl.reshape(tl.permute(cv, (0, 2, 5, 4, 3, 6, 1)), (4, 16, 128)) - 1024.0  # (w, kl, i1, i0, j, i2, nl)
         acc = acc * alpha[:, :, None] + tl.dot(p.to(tl.float16), v)
         m_i = m_new
-    m = tl.max(m_i, axis=0)
-    sc = tl.exp2(m_i - m[None, :])
-    o = tl.sum(acc * sc[:, :, None], axis=0) / tl.sum(l_i * sc, axis=0)[:, None]
-    tl.store(Out + h[:, None] * 128 + d[None, :], o)
+    tl.store(Out + h[:, None] * 128 + d[None, :], _merge_warps(m_i, l_i, acc))
 
 
 @triton.jit

@@ -237,8 +237,8 @@ def test_fp16_fused_cache_keeps_mma_order_and_matches_dequantize_path(bits, head
     assert (fused.qkeys.order, fused.qvalues.order) == want and plain.qkeys.order == "kivi"
     assert fused.nbytes() == plain.nbytes()
     assert bool(warps_launched) == (want[1] == "mma_w") and bool(mma_launched) == (want == ("mma", "mma"))
-    outs = [out, decode(False)[0]]  # the picked order's kernel, and the general one (operand_order=False)
-    kivi = decode(False)[1]
+    out_kivi, kivi = decode(False)
+    outs = [out, out_kivi]  # the picked order's kernel, and the general one (operand_order=False)
     assert (kivi.qkeys.order, kivi.qvalues.order) == ("kivi", "kivi")
     if bits == 4:  # the other mma orders, asked for by name
         for order, values in (("mma", "mma"), ("warps", "mma_w")):

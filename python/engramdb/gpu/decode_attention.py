@@ -194,6 +194,15 @@ if HAS_TRITON:
         return b, hk, heads, hmask, d, dmask, q, m_i, l_i, acc
 
     @triton.jit
+    def _cache_pointers(KP, KS, KM, VP, VS, VM, KU, VU, b, hk, skp_b, skp_h, sks_b, sks_h, svp_b, svp_h, svs_b, svs_h,
+                        sku_b, sku_h, svu_b, svu_h):
+        """The packed words, scales, minimums and super-scales of keys and values of sequence ``b``, kv head
+        ``hk``: ``(kp, ks, km, vp, vs, vm, ku, vu)``."""
+        return (KP + b * skp_b + hk * skp_h, KS + b * sks_b + hk * sks_h, KM + b * sks_b + hk * sks_h,
+                VP + b * svp_b + hk * svp_h, VS + b * svs_b + hk * svs_h, VM + b * svs_b + hk * svs_h,
+                KU + b * sku_b + hk * sku_h, VU + b * svu_b + hk * svu_h)
+
+    @triton.jit
     def _attend_full(q, m_i, l_i, acc, kr, vr, lo, hi, skr_t, svr_t, qk_scale, d, dmask, vcol, BLOCK_T: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
         """The online softmax carried over full-precision tokens ``[lo, hi)`` (the recent window); column ``j``
@@ -424,14 +433,8 @@ if HAS_TRITON:
             q = _q_operand(Q, b * sq_b, sq_h, hk, N_REP, D)
         lo = split * chunk_q
         hi = tl.minimum(lo + chunk_q, Tq)
-        kp = KP + b * skp_b + hk * skp_h
-        ks = KS + b * sks_b + hk * sks_h
-        km = KM + b * sks_b + hk * sks_h
-        vp = VP + b * svp_b + hk * svp_h
-        vs = VS + b * svs_b + hk * svs_h
-        vm = VM + b * svs_b + hk * svs_h
-        ku = KU + b * sku_b + hk * sku_h
-        vu = VU + b * svu_b + hk * svu_h
+        kp, ks, km, vp, vs, vm, ku, vu = _cache_pointers(KP, KS, KM, VP, VS, VM, KU, VU, b, hk, skp_b, skp_h, sks_b,
+                                                         sks_h, svp_b, svp_h, svs_b, svs_h, sku_b, sku_h, svu_b, svu_h)
         # Thread 32 w + 4 nl + kl holds, of the K^T operand (D x BLOCK_T), column n = nl + 8 w + 32 r (r < RT)
         # for D / 4 of the channels, and of the V operand (BLOCK_T x D) column n = nl + 8 w + 32 r (r < NB) for
         # BLOCK_T / 4 tokens. Which token and channel a column stands for is ours to choose: column n of K^T
@@ -674,14 +677,8 @@ if HAS_TRITON:
         qb = tl.broadcast_to(q[None, :, :], (4, BLOCK_H, D))
         lo = split * chunk_q
         hi = tl.minimum(lo + chunk_q, Tq)
-        kp = KP + b * skp_b + hk * skp_h
-        ks = KS + b * sks_b + hk * sks_h
-        km = KM + b * sks_b + hk * sks_h
-        vp = VP + b * svp_b + hk * svp_h
-        vs = VS + b * svs_b + hk * svs_h
-        vm = VM + b * svs_b + hk * svs_h
-        ku = KU + b * sku_b + hk * sku_h
-        vu = VU + b * svu_b + hk * svu_h
+        kp, ks, km, vp, vs, vm, ku, vu = _cache_pointers(KP, KS, KM, VP, VS, VM, KU, VU, b, hk, skp_b, skp_h, sks_b,
+                                                         sks_h, svp_b, svp_h, svs_b, svs_h, sku_b, sku_h, svu_b, svu_h)
         # thread 32 w + 4 nl + kl: key words as in the mma kernel (warp w's K^T columns nl + 8 r are tokens
         # 16 w + 8 r + nl); value words (row 4 (slice) + kl, word nl NJ + j) hold its 4 tokens x D / 8 channels
         th = tl.arange(0, 128)
@@ -769,14 +766,8 @@ if HAS_TRITON:
         # ---- quantized tokens of this split
         lo = split * chunk_q
         hi = tl.minimum(lo + chunk_q, Tq)
-        kp = KP + b * skp_b + hk * skp_h
-        ks = KS + b * sks_b + hk * sks_h
-        km = KM + b * sks_b + hk * sks_h
-        vp = VP + b * svp_b + hk * svp_h
-        vs = VS + b * svs_b + hk * svs_h
-        vm = VM + b * svs_b + hk * svs_h
-        ku = KU + b * sku_b + hk * sku_h
-        vu = VU + b * svu_b + hk * svu_h
+        kp, ks, km, vp, vs, vm, ku, vu = _cache_pointers(KP, KS, KM, VP, VS, VM, KU, VU, b, hk, skp_b, skp_h, sks_b,
+                                                         sks_h, svp_b, svp_h, svs_b, svs_h, sku_b, sku_h, svu_b, svu_h)
         if UNPACK == 2:
             if PREFETCH:
                 k_s_nx, k_m_nx = _key_meta(ks, km, ku, lo, hi, d, dmask, sks_g, sku_g, BLOCK_T, G, DQ, DEQ_DTYPE)

@@ -186,7 +186,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         picks, by shape: 4-bit caches of head size 64 or 128 keep their values for the kernel that gives
         each warp its own 16 tokens of a tile (``"warps"``, :func:`decode_attention.warps_kernel_takes`);
         other caches with heads of at least 128 channels the mma order of the 2D kernel (``"mma"``; at head
-        size 64 an H100 measured that kernel slower than the KIVI-order one); the rest KIVI's packing,
+        size 64 it was measured slower than the KIVI-order kernel on an H100 with the queries in registers,
+        and at 2 bits on a par on an H200); the rest KIVI's packing,
         which ``operand_order=False`` always keeps. ``"mma"`` and ``"warps"`` ask for one order."""
         if not (self.operand_order and self.fused_attention and self.important_ratio == 0 and self.is_initialized
                 and self.dtype == torch.float16 and self.group_size >= 32
