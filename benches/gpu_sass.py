@@ -116,7 +116,8 @@ def signature(fn, args, kwargs):
 
 
 def loop_ops(sass: str) -> Counter:
-    """Opcode counts of the longest backward-branch loop in an nvdisasm listing."""
+    """Opcode counts of the first backward-branch loop in an nvdisasm listing: the quantized cache's tile loop
+    (the full-precision residual's loop comes after it, and can be the longer one)."""
     ins, labels = [], {}
     for line in sass.splitlines():
         m = re.match(r"^\s*\.(L_x_\d+):", line)
@@ -127,7 +128,7 @@ def loop_ops(sass: str) -> Counter:
             ins.append(m.group(1))
     loops = [(i - labels[m.group(1)], labels[m.group(1)], i) for i, t in enumerate(ins)
              if (m := re.search(r"BRA\s+(?:`\()?\.?(L_x_\d+)", t)) and labels.get(m.group(1), len(ins)) <= i]
-    _, a, b = max(loops)
+    _, a, b = min(loops, key=lambda x: x[1])
     return Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in ins[a:b + 1])
 
 

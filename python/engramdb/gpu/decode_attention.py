@@ -266,45 +266,72 @@ if HAS_TRITON:
 
     # The pair's dequantization: $1 is the word of both elements (the second copy, $2, is not read: Triton
     # must hand the asm the two elements of one pair, which benches/gpu_sass.py --check-pairs verifies in the
-    # compiled PTX, and tests/test_gpu_kernels.py with it); $3, $4: the pair's scales and minimums.
-    _PAIR_ASM = tl.constexpr("{ .reg .b32 k, c, t; mov.b32 k, 0x000F000F; mov.b32 c, 0x64006400;"
-                             " lop3.b32 t, $1, k, c, 0xEA; sub.rn.f16x2 t, t, c; fma.rn.f16x2 $0, t, $3, $4; }")
+    # compiled PTX, and tests/test_gpu_kernels.py with it); $3: the pair's mask (0x000F000F, or 0x00F000F0 for
+    # the codes at bits 4-7 and 20-23, so that a word is shifted once for its four pairs, not three times);
+    # $5, $6: the pair's code = (1024 + code) * 1 - 1024, or (1024 + 16 code) / 16 - 64, both exact; $7, $8:
+    # the pair's scales and minimums.
+    _PAIR_ASM = tl.constexpr("{ .reg .b32 c, t; mov.b32 c, 0x64006400; lop3.b32 t, $1, $3, c, 0xEA;"
+                             " fma.rn.f16x2 t, t, $5, $6; fma.rn.f16x2 $0, t, $7, $8; }")
 
     # The same without the scaling: the codes alone, as exact fp16 values (two instructions a pair).
-    _CODES_ASM = tl.constexpr("{ .reg .b32 k, c, t; mov.b32 k, 0x000F000F; mov.b32 c, 0x64006400;"
-                              " lop3.b32 t, $1, k, c, 0xEA; sub.rn.f16x2 $0, t, c; }")
+    _CODES_ASM = tl.constexpr("{ .reg .b32 c, t; mov.b32 c, 0x64006400; lop3.b32 t, $1, $3, c, 0xEA;"
+                              " fma.rn.f16x2 $0, t, $5, $6; }")
 
     @triton.jit
     def _word_pairs8(w):
-        """The four code pairs of each 4-bit mma-ordered int32 word (see :func:`_codes8`) as uint32 words, each
-        pair in the low four bits of its two halves (the rest of the bits not yet masked), along two new axes
-        ``(i1, i2)``: pair ``(i1, i2)`` = codes ``i0 + 2 i1 + 4 i2`` for ``i0 = 0, 1``."""
+        """The four code pairs of each 4-bit mma-ordered int32 word (see :func:`_codes8`) as ``(words, masks)``,
+        uint32, along two new axes ``(i1, i2)``: pair ``(i1, i2)`` = codes ``i0 + 2 i1 + 4 i2`` for ``i0 = 0,
+        1``, at bits ``16 i0 + 8 i2 + 4 i1`` of the word, i.e. the bits ``masks`` selects of ``words`` (the word
+        shifted by ``8 i2``: one shift a word)."""
         wu = w.to(tl.uint32, bitcast=True)
-        return tl.join(tl.join(wu, wu >> 4), tl.join(wu >> 8, wu >> 12))
+        w8 = wu >> 8
+        lo = tl.zeros_like(wu) + 0x000F000F
+        hi = tl.zeros_like(wu) + 0x00F000F0
+        return tl.join(tl.join(wu, wu), tl.join(w8, w8)), tl.join(tl.join(lo, hi), tl.join(lo, hi))
 
     @triton.jit
-    def _dequant_pairs(x, s, m, ASM: tl.constexpr):
-        """``code * s + m`` in fp16 for the code pairs of ``x`` (uint32, from :func:`_word_pairs8`; the pair
-        along a new innermost axis ``i0`` of the result) with ``s``, ``m`` fp16 of the result's shape.
-        ``ASM``: three f16x2 instructions a pair (mask-and-or into the fp16 pattern of 1024 + code, minus
-        1024, fused multiply-add), so that each pair stays one 32-bit register from the load to the dot
-        operand. Without it (the CPU interpreter runs no PTX) the same arithmetic in Triton operations."""
-        if ASM:
-            return tl.inline_asm_elementwise(_PAIR_ASM, "=r,r,r,r,r", [tl.join(x, x), s, m], dtype=tl.float16,
-                                             is_pure=True, pack=2)
-        else:
-            y = (x & 0x000F000F) | 0x64006400
-            return (tl.join(_half(y, 0), _half(y, 1)) - 1024.0) * s + m
+    def _pair_scale(k):
+        """``(a, b)``, fp16 with a new innermost axis of two: ``(1024 + code) a + b`` = code for the pairs
+        masked by ``k`` at bits 0-3 (``a`` = 1, ``b`` = -1024), and ``(1024 + 16 code) a + b`` = code for those at
+        bits 4-7 (``a`` = 1/16, ``b`` = -64); both exact."""
+        low = k == 0x000F000F
+        a = tl.where(low, 1.0, 0.0625).to(tl.float16)
+        b = tl.where(low, -1024.0, -64.0).to(tl.float16)
+        return tl.join(a, a), tl.join(b, b)
 
     @triton.jit
-    def _pair_codes(x, ASM: tl.constexpr):
-        """The code pairs of ``x`` (as in :func:`_dequant_pairs`) as exact fp16 values, not yet scaled."""
+    def _masked_halves(x, k):
+        """The pairs of ``x`` masked by ``k`` and ORed into the fp16 pattern of 1024, as fp16 along a new
+        innermost axis (the interpreter's arithmetic for the asm's first instruction)."""
+        y = (x & k) | 0x64006400
+        return tl.join(_half(y, 0), _half(y, 1))
+
+    @triton.jit
+    def _dequant_pairs(xk, s, m, ASM: tl.constexpr):
+        """``code * s + m`` in fp16 for the code pairs ``xk = (words, masks)`` (from :func:`_word_pairs8`; the
+        pair along a new innermost axis ``i0`` of the result) with ``s``, ``m`` fp16 of the result's shape.
+        ``ASM``: three f16x2 instructions a pair (mask-and-or into the fp16 pattern of 1024 + code or 1024 +
+        16 code, back to the code, fused multiply-add), so that each pair stays one 32-bit register from the
+        load to the dot operand. Without it (the CPU interpreter runs no PTX) the same arithmetic in Triton
+        operations."""
+        x, k = xk
+        a, b = _pair_scale(k)
         if ASM:
-            return tl.inline_asm_elementwise(_CODES_ASM, "=r,r,r", [tl.join(x, x)], dtype=tl.float16, is_pure=True,
-                                             pack=2)
+            return tl.inline_asm_elementwise(_PAIR_ASM, "=r,r,r,r,r,r,r,r,r", [tl.join(x, x), tl.join(k, k), a, b, s,
+                                                                          m], dtype=tl.float16, is_pure=True, pack=2)
         else:
-            y = (x & 0x000F000F) | 0x64006400
-            return tl.join(_half(y, 0), _half(y, 1)) - 1024.0
+            return (_masked_halves(x, k) * a + b) * s + m
+
+    @triton.jit
+    def _pair_codes(xk, ASM: tl.constexpr):
+        """The code pairs ``xk`` (as in :func:`_dequant_pairs`) as exact fp16 values, not yet scaled."""
+        x, k = xk
+        a, b = _pair_scale(k)
+        if ASM:
+            return tl.inline_asm_elementwise(_CODES_ASM, "=r,r,r,r,r,r,r", [tl.join(x, x), tl.join(k, k), a, b],
+                                             dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            return _masked_halves(x, k) * a + b
 
     @triton.jit
     def _mma_operand2(w, KA: tl.constexpr, NB: tl.constexpr):
@@ -611,7 +638,7 @@ if HAS_TRITON:
         else:  # the tile's (token group, channel) scales broadcast to warp w's group (16 w) // G
             KG: tl.constexpr = 64 // G if G < 64 else 1
             # (the codes by inline PTX at head size 128: 513 -> 474 loop instructions with Triton 3.6, 627 -> 536
-            # with 3.9; at 64 the Triton arithmetic compiles shorter, 400 against 418)
+            # with 3.9; at 64 the Triton arithmetic compiles shorter: 386 against 397 since the shift-once unpack)
             c = _pair_codes(_word_pairs8(tl.reshape(kw, (4, 8, 4, NB, 2))), ASM and D == 128)  # (.., i1, i2, i0)
             kt = tl.reshape(tl.permute(c, (0, 3, 6, 2, 5, 7, 4, 1)), (4, D, 16))
             kt = (kt * tl.reshape(tl.broadcast_to(tl.reshape(k_s, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16))
