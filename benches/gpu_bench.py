@@ -122,7 +122,8 @@ def main(argv=None) -> int:
 
     def decode_section():
         # ---- decode attention: the shipped defaults plus a sweep of the kernel's tuning knobs (keyword
-        # arguments of kivi_decode_attention; "splits": "x2" / "/2" = twice / half the default split count);
+        # arguments of kivi_decode_attention; "splits": "x2" / "/2" = twice / half the default split count, or
+        # a count);
         # the first is the default, the best of the sweep is reported beside it; "expand" was the default
         # unpacking before "join"
         # "order": "mma": the cache re-packed in tensor-core operand order (kv_quant.to_mma_order, what
@@ -135,14 +136,14 @@ def main(argv=None) -> int:
         # are in RESULTS.md: the default picks the better)
         # "mma_w" knobs (decode_attention.WARPS_*, whose values are the defaults): "key_meta" ("registers" /
         # "shared"), "meta" ("ahead" / "tile"), "swap" (P V as (V^T P^T)^T), "asm" (pairs dequantized by
-        # inline PTX), "maxnreg" (a register cap)
-        # (the H200's rows of 2026-11-27 in RESULTS.md: key_meta "shared" + meta "ahead" + swap, now the
-        # defaults, 315 us; the others 324-543 us)
+        # inline PTX), "maxnreg" (a register cap), "swap_qk" (scores as K Q^T), "movm" (its P^T by movmatrix)
+        # (the H200's rows of 2026-11-27 in RESULTS.md: key_meta "shared" + meta "ahead" + swap, 315 us; the
+        # others 324-543 us; swap_qk came after them and is the default untimed)
         mma = [{"order": "mma"}, {"order": "mma", "block_t": 128}, {"order": "mma", "splits": "x2"},
                {"order": "mma_w"}, {"order": "mma_w", "splits": "x2"}, {"order": "mma_w", "splits": "/2"},
-               {"order": "mma_w", "meta": "tile"}, {"order": "mma_w", "meta": "tile", "maxnreg": 128},
-               {"order": "mma_w", "maxnreg": 168}, {"order": "mma_w", "key_meta": "registers"},
-               {"order": "mma_w", "asm": False}, {"order": "mma_w", "swap": False}]
+               {"order": "mma_w", "meta": "tile"}, {"order": "mma_w", "movm": True},
+               {"order": "mma_w", "swap_qk": False}, {"order": "mma_w", "swap_qk": False, "splits": 2},
+               {"order": "mma_w", "key_meta": "registers"}, {"order": "mma_w", "swap_qk": False, "maxnreg": 168}]
         kivi_sweep = [{"prefetch": "meta"}, {"prefetch": "all", "num_stages": 2},
                       {"prefetch": "all", "block_t": 128, "num_warps": 8}, {"prefetch": "none"},
                       {"unpack": "expand", "prefetch": "none"}] if args.sweep_kivi else []
@@ -154,6 +155,8 @@ def main(argv=None) -> int:
             "swap": ("WARPS_SWAP_PV", bool),  # P V as (V^T P^T)^T
             "asm": ("WARPS_ASM", bool),  # code pairs dequantized by inline PTX
             "maxnreg": ("WARPS_MAXNREG", lambda v: v),  # a register cap
+            "swap_qk": ("WARPS_SWAP_QK", bool),  # the scores as K Q^T
+            "movm": ("WARPS_MOVMATRIX", bool),  # with swap_qk: P^T transposed by movmatrix
         }
         if args.quick:
             configs = configs[:2] + configs[-1:]
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
                     if meta_bits == 16 and (si == 0 or args.configs):
                         todo = configs
                     else:  # (8-bit scales: no warps kernel, see decode_attention.warps_kernel_takes)
-                        todo = short + [mma[7]] if meta_bits == 16 else short[:2]
+                        todo = short + [mma[8]] if meta_bits == 16 else short[:2]
                     for cfg in todo:
                         order = cfg.get("order", "kivi")
                         if order == "mma_w" and vqw is None:
@@ -208,13 +211,16 @@ def main(argv=None) -> int:
                             if key in cfg:
                                 setattr(da_mod, var, value_of(cfg[key]))
                         sp = cfg.get("splits")
-                        if sp is not None:  # relative to the kernel's default split count
-                            sms = 132 if args.smoke else torch.cuda.get_device_properties(0).multi_processor_count
-                            ns = max(1, min(max(1, 4 * sms // (b * hkv)), triton.cdiv(t, 256)))
+                        if isinstance(sp, int):
+                            kw["num_splits"] = sp
+                        elif sp is not None:  # relative to the split count the default rule picks
+                            kivi_decode_attention(q, ck, cv, kr, vr, **kw)
+                            ns = da_mod.LAST_LAUNCH["num_splits"]
                             kw["num_splits"] = max(1, min(ns * 2 if sp == "x2" else ns // 2, triton.cdiv(t, 32)))
                         bt, nw, ex, ns, st = kw["block_t"], kw["num_warps"], kw["unpack"], kw["num_splits"], kw["num_stages"]
                         try:  # one configuration failing must not cost the others' rows
                             out = kivi_decode_attention(q, ck, cv, kr, vr, **kw)
+                            launch = dict(da_mod.LAST_LAUNCH)  # the split count and occupancy that ran
                             err = (out[:, :, 0].float() - ref.float()).abs().max().item()
                             assert err < 1e-2, f"decode attention differs from the reference by {err}"
                             ms = bench(kivi_decode_attention, q, ck, cv, kr, vr, **kw)
@@ -232,6 +238,9 @@ def main(argv=None) -> int:
                                "meta": None if order != "mma_w" else ("ahead" if da_mod.WARPS_META_AHEAD else "tile"),
                                "swap_pv": da_mod.WARPS_SWAP_PV if order == "mma_w" else None,
                                "maxnreg": da_mod.WARPS_MAXNREG if order == "mma_w" else None,
+                               "swap_qk": da_mod.WARPS_SWAP_QK if order == "mma_w" else None,
+                               "movm": da_mod.WARPS_MOVMATRIX if order == "mma_w" else None,
+                               "splits_run": launch.get("num_splits"), "programs_per_sm": launch.get("programs_per_sm"),
                                "ms": ms, "bytes": nbytes,
                                "GB/s": nbytes / ms / 1e6, "frac_bw": nbytes / (ms * 1e-3) / bw,
                                "sdpa_fp16_ms": sdpa_ms, "sdpa_frac_bw": sdpa_bytes / (sdpa_ms * 1e-3) / bw, "max_err": err}
@@ -253,7 +262,9 @@ def main(argv=None) -> int:
                         print(f"decode {shape:28s} {bits}b m{meta_bits:<2d} {order:4s} bt{bt:<3d} w{nw} {ex:6s} s{sp} st{st} "
                               f"pf-{kw['prefetch']} qr-{kw['q_in_registers']}"
                               + (f" km-{row['key_meta']} asm-{row['asm']} meta-{row['meta']} "
-                                 f"reg-{row['maxnreg']} swap-{row['swap_pv']}" if order == "mma_w" else "")
+                                 f"reg-{row['maxnreg']} swap-{row['swap_pv']} qk-{row['swap_qk']} movm-{row['movm']}"
+                                 if order == "mma_w" else "")
+                              + f" [{row['splits_run']} splits, {row['programs_per_sm']}/SM]"
                               + ": "
                               f"{ms * 1e3:8.1f} us {row['frac_bw']:6.1%} bw | SDPA fp16 {sdpa_ms * 1e3:8.1f} us "
                               f"({row['sdpa_frac_bw']:5.1%}); {sdpa_ms / ms:.2f}x"

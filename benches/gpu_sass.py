@@ -2,7 +2,8 @@
 the JIT would for a real call, and count the main loop's instructions and the registers.
 
     python benches/gpu_sass.py [--order mma_w|mma|kivi] [--bits 4] [--d 128] [--key-meta registers|shared]
-                               [--meta ahead|tile] [--swap-pv on|off] [--maxnreg N] [--listing FILE]
+                               [--meta ahead|tile] [--swap-pv on|off] [--swap-qk on|off] [--movmatrix on|off]
+                               [--maxnreg N] [--listing FILE]
 
 The host code of ``kivi_decode_attention`` runs on CPU tensors up to the launch; the launch is caught and
 its arguments give the signature (pointer dtypes, integers divisible by 16 and integers equal to 1 as the
@@ -175,6 +176,9 @@ def main(argv=None) -> int:
     ap.add_argument("--meta", choices=("ahead", "tile"),
                     help="the warps kernel's scales fetched a tile ahead or at their tile (WARPS_META_AHEAD)")
     ap.add_argument("--swap-pv", choices=("on", "off"), help="the warps kernel's P V as (V^T P^T)^T (WARPS_SWAP_PV)")
+    ap.add_argument("--swap-qk", choices=("on", "off"), help="the warps kernel's scores as K Q^T (WARPS_SWAP_QK)")
+    ap.add_argument("--movmatrix", choices=("on", "off"),
+                    help="with --swap-qk on: P^T transposed by movmatrix (WARPS_MOVMATRIX)")
     ap.add_argument("--check-pairs", action="store_true",
                     help="check that every inline-asm pair dequantization of the warps kernel gets one word for "
                          "both of its elements (exit 1 otherwise)")
@@ -189,6 +193,10 @@ def main(argv=None) -> int:
         DA.WARPS_MAXNREG = args.maxnreg
     if args.swap_pv:
         DA.WARPS_SWAP_PV = args.swap_pv == "on"
+    if args.swap_qk:
+        DA.WARPS_SWAP_QK = args.swap_qk == "on"
+    if args.movmatrix:
+        DA.WARPS_MOVMATRIX = args.movmatrix == "on"
     kw = {}
     if args.q_in_registers:
         kw["q_regs"] = args.q_in_registers == "on"

@@ -463,24 +463,38 @@ WARPS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("key_meta_regs,meta_ahead,swap_pv", [(True, True, False), (False, True, False),
-                                                              (True, False, False), (True, False, True),
-                                                              (False, True, True)],
-                         ids=["key-scales-in-registers", "key-scales-via-shared", "scales-at-their-tile",
-                              "scales-at-their-tile-swapped-pv", "key-scales-via-shared-swapped-pv"])
+# the warps kernel's knob settings (decode_attention.WARPS_*): key scales each thread's own (registers) or
+# spread through shared memory, scales a tile ahead or at their tile, P V as (V^T P^T)^T, scores as K Q^T (with
+# P^T transposed by Triton or, GPU only, by movmatrix)
+WARPS_SETTINGS = {
+    "key-scales-in-registers": (True, True, False, False, False),
+    "key-scales-via-shared": (False, True, False, False, False),
+    "scales-at-their-tile": (True, False, False, False, False),
+    "scales-at-their-tile-swapped-pv": (True, False, True, False, False),
+    "key-scales-via-shared-swapped-pv": (False, True, True, False, False),
+    "key-scales-via-shared-swapped-qk": (False, True, True, True, False),
+    "scales-at-their-tile-swapped-qk": (True, False, False, True, False),
+    "swapped-qk-movmatrix": (False, True, True, True, True),
+}
+
+
+@pytest.mark.parametrize("setting", WARPS_SETTINGS)
 @pytest.mark.parametrize("case", WARPS_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_decode_attention_warps_kernel_matches_reference(case, key_meta_regs, meta_ahead, swap_pv,
-                                                         kernel_launches, monkeypatch):
+def test_decode_attention_warps_kernel_matches_reference(case, setting, kernel_launches, monkeypatch):
     """Keys in mma order and values in mma_w order go to the kernel that gives each warp its own 16 tokens
     of a tile (a batched dot; the warps merge once at the end): it runs, and it matches the float32
-    reference and the KIVI-order kernel, splits with warps that see no token included, with the key
-    scales loaded by each thread for its own codes or spread through shared memory, fetched a tile ahead
-    or at their own tile, and P V as a 16-row product or as (V^T P^T)^T with 8 query rows."""
+    reference and the KIVI-order kernel, splits with warps that see no token included, in every knob
+    setting (``WARPS_SETTINGS``)."""
+    key_meta_regs, meta_ahead, swap_pv, swap_qk, movm = WARPS_SETTINGS[setting]
+    if movm and DEVICE == "cpu":
+        pytest.skip("movmatrix is PTX, which the interpreter does not run (the setting is the one above there)")
     b, hq, hkv, tq, tr, d, g, splits, meta_bits = case
     da = import_module(G.__name__ + ".decode_attention")
     monkeypatch.setattr(da, "WARPS_KEY_META_IN_REGISTERS", key_meta_regs)
     monkeypatch.setattr(da, "WARPS_META_AHEAD", meta_ahead)
     monkeypatch.setattr(da, "WARPS_SWAP_PV", swap_pv)
+    monkeypatch.setattr(da, "WARPS_SWAP_QK", swap_qk)
+    monkeypatch.setattr(da, "WARPS_MOVMATRIX", movm)
     launched = kernel_launches(da, "_kivi_decode_warps_kernel")
     r = gen(sum(case[:7]) + meta_bits)
     q = torch.randn(b, hq, d, generator=r).to(DEVICE, torch.float16)
@@ -506,6 +520,21 @@ def test_decode_attention_warps_kernel_matches_reference(case, key_meta_regs, me
     torch.testing.assert_close(got32.cpu(), ref.float(), atol=4e-3, rtol=0)
     with pytest.raises(ValueError, match="order"):  # values in mma_w order need keys in mma order
         G.kivi_decode_attention(q, kq, vw, k_res, v_res, backend="triton")
+
+
+def test_decode_split_count_fills_whole_waves():
+    """The default split count on a GPU (``wave_splits``): as many programs as fill whole waves of the slots
+    (programs an SM x SMs), each wave as short as it can be, never more splits than allowed."""
+    da = import_module(G.__name__ + ".decode_attention")
+    # B 32 x 8 kv heads over 16K tokens: three programs an SM on 132 SMs (396 slots) -> 3 splits, 768
+    # programs in 1.94 waves (2 would leave the second wave 29% full); two an SM (264) -> 1 split, 256 programs
+    assert da.wave_splits(256, 16384, 396, 64) == 3
+    assert da.wave_splits(256, 16384, 264, 64) == 1
+    # one sequence, 8 kv heads: up to 49 splits fit one wave; 47 give the same 704-token chunks (whole
+    # 64-token tiles) with fewer programs; never more than `most`
+    assert da.wave_splits(8, 32768, 396, 128) == 47
+    assert da.wave_splits(8, 32768, 396, 16) == 16
+    assert da.wave_splits(1, 64, 396, 1) == 1
 
 
 def test_decode_attention_rejects_bad_tuning_knobs():

@@ -422,6 +422,21 @@ if HAS_TRITON:
         return tl.reshape(x, (16, D)).to(tl.float16)
 
     @triton.jit
+    def _qt_operand(Q, qb, sq_h, hk, N_REP: tl.constexpr, D: tl.constexpr):
+        """Q^T of a GQA group of up to 8 heads (fp16, head size 64 or 128) as the warps kernel's ``(4, D, 8)``
+        B operand of K Q^T, built in the layout of its mma fragments as the keys' words are (thread ``32 w +
+        4 nl + kl`` holds head ``nl``'s channels ``32 a + 16 i2 + 4 kl + (0..3)``, every warp the same), so that
+        it stays in registers for the whole loop."""
+        th = tl.arange(0, 128)
+        nl = (th // 4) % 8
+        x = _q_half(Q + qb, (hk * N_REP + nl) * sq_h, th % 4, nl < N_REP, D // 32)  # (128, 4, 2 i2, a bits...)
+        if D == 64:
+            x = tl.permute(tl.reshape(x, (4, 8, 4, 4, 2, 2)), (0, 5, 4, 2, 3, 1))  # (w, a, i2, kl, 4, nl)
+        else:
+            x = tl.permute(tl.reshape(x, (4, 8, 4, 4, 2, 2, 2)), (0, 6, 5, 4, 2, 3, 1))  # (w, a1, a0, i2, kl, 4, nl)
+        return tl.reshape(x, (4, D, 8)).to(tl.float16)
+
+    @triton.jit
     def _thread_words(ptr, off, mask, N: tl.constexpr, MASKED: tl.constexpr = True):
         """A thread's ``N`` adjacent packed words ``(128, N, R)`` from offsets ``(128, min(N, 4), R)`` (key
         words of both mma kernels, value words of the warps kernel): at most four (16 bytes) a load, so that
@@ -626,36 +641,60 @@ if HAS_TRITON:
     @triton.jit
     def _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, D: tl.constexpr,
                     NB: tl.constexpr, NJ: tl.constexpr, G: tl.constexpr, KEY_META_REGS: tl.constexpr,
-                    ASM: tl.constexpr, MASKED: tl.constexpr, SWAP_PV: tl.constexpr):
+                    ASM: tl.constexpr, MASKED: tl.constexpr, SWAP_PV: tl.constexpr, SWAP_QK: tl.constexpr,
+                    MOVM: tl.constexpr):
         """One 64-token tile of the warps kernel: each warp's 16 tokens dequantized into its dot operands, its
         scores, and its running maximum, sum and output updated (``MASKED``: tokens past ``hi`` score
-        -inf)."""
-        # keys dequantized in the words' own shape, then K^T of each warp: (4, D, 16)
+        -inf). ``SWAP_QK``: the scores transposed, ``(4, 16 tokens, 8 heads)``, from K Q^T (``qb``: Q^T)."""
+        # keys dequantized in the words' own shape, then K^T of each warp (4, D, 16), or K (4, 16, D)
         if KEY_META_REGS:
             c = _dequant_pairs(_word_pairs8(tl.reshape(kw, (4, 8, 4, NB, 2))), _key_frag(k_s, NB),
                                _key_frag(k_m, NB), ASM)  # (w, nl, kl, a, r, i1, i2, i0)
-            kt = tl.reshape(tl.permute(c, (0, 3, 6, 2, 5, 7, 4, 1)), (4, D, 16))
+            if SWAP_QK:
+                kt = tl.reshape(tl.permute(c, (0, 4, 1, 3, 6, 2, 5, 7)), (4, 16, D))
+            else:
+                kt = tl.reshape(tl.permute(c, (0, 3, 6, 2, 5, 7, 4, 1)), (4, D, 16))
         else:  # the tile's (token group, channel) scales broadcast to warp w's group (16 w) // G
             KG: tl.constexpr = 64 // G if G < 64 else 1
             # (the codes by inline PTX at head size 128: 513 -> 474 loop instructions with Triton 3.6, 627 -> 536
             # with 3.9; at 64 the Triton arithmetic compiles shorter: 386 against 397 since the shift-once unpack)
             c = _pair_codes(_word_pairs8(tl.reshape(kw, (4, 8, 4, NB, 2))), ASM and D == 128)  # (.., i1, i2, i0)
-            kt = tl.reshape(tl.permute(c, (0, 3, 6, 2, 5, 7, 4, 1)), (4, D, 16))
-            kt = (kt * tl.reshape(tl.broadcast_to(tl.reshape(k_s, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16))
-                  + tl.reshape(tl.broadcast_to(tl.reshape(k_m, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16)))
-        s = tl.dot(qb, kt) * qk_scale
-        if MASKED:
-            s = tl.where((start + tok) < hi, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=2))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no token yet: nothing to scale
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, :, None])
-        l_i = l_i * alpha + tl.sum(p, axis=2)
+            if SWAP_QK:
+                kt = tl.reshape(tl.permute(c, (0, 4, 1, 3, 6, 2, 5, 7)), (4, 16, D))
+                kt = (kt * tl.reshape(tl.broadcast_to(tl.reshape(k_s, (KG, 1, 1, D)), (KG, 4 // KG, 16, D)),
+                                      (4, 16, D))
+                      + tl.reshape(tl.broadcast_to(tl.reshape(k_m, (KG, 1, 1, D)), (KG, 4 // KG, 16, D)), (4, 16, D)))
+            else:
+                kt = tl.reshape(tl.permute(c, (0, 3, 6, 2, 5, 7, 4, 1)), (4, D, 16))
+                kt = (kt * tl.reshape(tl.broadcast_to(tl.reshape(k_s, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)),
+                                      (4, D, 16))
+                      + tl.reshape(tl.broadcast_to(tl.reshape(k_m, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16)))
+        if SWAP_QK:  # s^T: (4, 16 tokens, 8 heads); the softmax runs down its columns
+            s = tl.dot(kt, qb) * qk_scale
+            if MASKED:
+                s = tl.where((start + tok) < hi, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no token yet: nothing to scale
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None, :])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+        else:
+            s = tl.dot(qb, kt) * qk_scale
+            if MASKED:
+                s = tl.where((start + tok) < hi, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=2))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no token yet: nothing to scale
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, :, None])
+            l_i = l_i * alpha + tl.sum(p, axis=2)
         # values dequantized in the words' own shape (w, nl, kl, j, i1, i2, i0), where the scales of token
         # 16 w + 4 kl + 2 i1 + i0 and group nl // NS meet them; then the operand (rows tokens, columns n)
         cv = _dequant_pairs(_word_pairs8(tl.reshape(vw, (4, 8, 4, NJ))), _value_frag(v_s, NJ),
                             _value_frag(v_m, NJ), ASM)  # (w, nl, kl, j, i1, i2, i0)
-        if SWAP_PV:  # acc^T (4, D, 8) += V^T P^T: the first 8 query rows only
+        if SWAP_QK:  # acc^T (4, D, 8) += V^T P^T, P^T from s^T's registers by a transpose of each 8 x 8 block
+            vt = tl.reshape(tl.permute(cv, (0, 3, 5, 1, 2, 4, 6)), (4, D, 16))
+            acc = acc * alpha[:, None, :] + tl.dot(vt, _scores_to_operand(p.to(tl.float16), MOVM))
+        elif SWAP_PV:  # acc^T (4, D, 8) += V^T P^T: the first 8 query rows only
             vt = tl.reshape(tl.permute(cv, (0, 3, 5, 1, 2, 4, 6)), (4, D, 16))
             pt = _first8(tl.permute(p.to(tl.float16), (0, 2, 1)), 4, 16)  # (4, 16 tokens, 8 heads)
             acc = acc * _first8(tl.reshape(alpha, (4, 1, 16)), 4, 1) + tl.dot(vt, pt)
@@ -663,6 +702,26 @@ if HAS_TRITON:
             v = tl.reshape(tl.permute(cv, (0, 2, 4, 6, 3, 5, 1)), (4, 16, D))
             acc = acc * alpha[:, :, None] + tl.dot(p.to(tl.float16), v)
         return m_new, l_i, acc
+
+    # A transpose of the 8 x 8 fp16 matrix the 32 lanes of a warp hold a row pair each of (lane 4 g + t: row g,
+    # columns 2 t, 2 t + 1), in one instruction; its result in the same registers.
+    _MOVMATRIX_ASM = tl.constexpr("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;")
+
+    @triton.jit
+    def _scores_to_operand(p, MOVM: tl.constexpr):
+        """P^T ``(4, 16 tokens, 8 heads)`` fp16 as the B operand of V^T P^T, from ``p``, the same matrix in
+        the accumulator layout of K Q^T. The accumulator gives lane ``4 g + t`` tokens ``g, g + 8`` of heads
+        ``2 t, 2 t + 1``; the operand wants tokens ``2 t, 2 t + 1, 2 t + 8, 2 t + 9`` of head ``g``: each 8 x 8
+        block transposed across the lanes. Triton converts the layout itself through shared memory (a matrix
+        store, a transposing matrix load, two barriers). ``MOVM``: one ``movmatrix`` a block moves the data in
+        registers instead (Triton takes the asm for elementwise, so its result is relabelled, block by block
+        transposed, at no cost; what is left is the shuffle conversion the operand needs in the 16-row
+        variant too). The interpreter runs no PTX: there ``p`` goes as it is."""
+        if MOVM:
+            y = tl.inline_asm_elementwise(_MOVMATRIX_ASM, "=r,r", [p], dtype=tl.float16, is_pure=True, pack=2)
+            return tl.reshape(tl.permute(tl.reshape(y, (4, 2, 8, 8)), (0, 1, 3, 2)), (4, 16, 8))
+        else:
+            return p
 
     @triton.jit
     def _first8(x, A: tl.constexpr, B: tl.constexpr):
@@ -682,6 +741,7 @@ if HAS_TRITON:
         soa_b, soa_h, soa_s, soml_b, soml_h, soml_s,
         D: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr,
         KEY_META_REGS: tl.constexpr, ASM: tl.constexpr, META_AHEAD: tl.constexpr, SWAP_PV: tl.constexpr,
+        SWAP_QK: tl.constexpr, MOVM: tl.constexpr,
     ):
         """4-bit keys in mma order and values in mma_w order (``kv_quant.to_mma_order``), 64-token tiles, 4
         warps, each warp on its own 16 tokens of every tile: a batched dot with the warps on the batch axis.
@@ -692,7 +752,8 @@ if HAS_TRITON:
         The value scales are each thread's own (:func:`_value_meta_frag`); the key scales too with
         ``KEY_META_REGS`` (no barrier at all in the loop), else the tile's are spread through shared memory
         (4 barriers; faster on an H200). ``META_AHEAD``: the scales are fetched a tile ahead with the words.
-        ``SWAP_PV`` (GQA groups of at most 8): P V as (V^T P^T)^T with 8 query rows. Knobs and timings:
+        ``SWAP_PV`` (GQA groups of at most 8): P V as (V^T P^T)^T with 8 query rows. ``SWAP_QK`` (the same
+        groups): the scores as K Q^T, 8 heads wide (``MOVM``: P^T transposed by movmatrix). Knobs and timings:
         the ``WARPS_*`` module variables, gpu/NOTES.md."""
         NB: tl.constexpr = D // 32
         NJ: tl.constexpr = D // 16  # value words a thread a tile
@@ -701,7 +762,10 @@ if HAS_TRITON:
         split = tl.program_id(1)
         b, hk, heads, hmask, d, dmask, q, m_0, l_0, acc_0 = _program_start(Q, sq_b, sq_h, H_KV, N_REP, BLOCK_H, D,
                                                                             D, tl.float16)
-        qb = tl.broadcast_to(q[None, :, :], (4, BLOCK_H, D))
+        if SWAP_QK:  # Q^T of the first 8 heads: (4, D, 8)
+            qb = _qt_operand(Q, b * sq_b, sq_h, hk, N_REP, D)
+        else:
+            qb = tl.broadcast_to(q[None, :, :], (4, BLOCK_H, D))
         lo = split * chunk_q
         hi = tl.minimum(lo + chunk_q, Tq)
         kp, ks, km, vp, vs, vm, ku, vu = _cache_pointers(KP, KS, KM, VP, VS, VM, KU, VU, b, hk, skp_b, skp_h, sks_b,
@@ -720,11 +784,15 @@ if HAS_TRITON:
         v_off = ((4 * w_ + kl)[:, None] * svp_r + (nl * NJ)[:, None] + tl.arange(0, 4)[None, :])[:, :, None]
         n = tl.arange(0, D)
         chan = D // 8 * (n % 8) + 2 * (n // 16) + (n // 8) % 2  # channel of acc column n
-        tok = 16 * tl.arange(0, 4)[:, None, None] + tl.arange(0, 16)[None, None, :]  # token of score (w, :, n)
-
-        m_i = tl.full((4, BLOCK_H), float("-inf"), tl.float32)
-        l_i = tl.zeros((4, BLOCK_H), tl.float32)
-        if SWAP_PV:
+        if SWAP_QK:  # token of score (w, n, :)
+            tok = 16 * tl.arange(0, 4)[:, None, None] + tl.arange(0, 16)[None, :, None]
+            m_i = tl.full((4, 8), float("-inf"), tl.float32)
+            l_i = tl.zeros((4, 8), tl.float32)
+        else:  # token of score (w, :, n)
+            tok = 16 * tl.arange(0, 4)[:, None, None] + tl.arange(0, 16)[None, None, :]
+            m_i = tl.full((4, BLOCK_H), float("-inf"), tl.float32)
+            l_i = tl.zeros((4, BLOCK_H), tl.float32)
+        if SWAP_PV or SWAP_QK:
             acc = tl.zeros((4, D, 8), tl.float32)
         else:
             acc = tl.zeros((4, BLOCK_H, D), tl.float32)
@@ -744,15 +812,19 @@ if HAS_TRITON:
                 kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(start + 64, last), hi, w_, nl, kl, k_off, k_tok, v_off,
                 skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False)
             m_i, l_i, acc = _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, D,
-                                        NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV)
+                                        NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK, MOVM)
         if hi_full < hi:
             k_s, k_m, v_s, v_m, kw, vw = _warps_tile_load(
                 kp, ks, km, ku, vp, vs, vm, vu, hi_full, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g, sku_g,
                 svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True)
             m_i, l_i, acc = _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, hi_full, hi, tok, qk_scale, D,
-                                        NB, NJ, G, KEY_META_REGS, ASM, True, SWAP_PV)
+                                        NB, NJ, G, KEY_META_REGS, ASM, True, SWAP_PV, SWAP_QK, MOVM)
 
-        if SWAP_PV:  # back to (4, BLOCK_H, D), query rows 8.. zero
+        if SWAP_QK:  # the states of heads 8.. (none): -inf and 0
+            m_i = tl.reshape(tl.permute(tl.join(m_i, tl.full((4, 8), float("-inf"), tl.float32)), (0, 2, 1)),
+                             (4, BLOCK_H))
+            l_i = tl.reshape(tl.permute(tl.join(l_i, tl.zeros((4, 8), tl.float32)), (0, 2, 1)), (4, BLOCK_H))
+        if SWAP_PV or SWAP_QK:  # back to (4, BLOCK_H, D), query rows 8.. zero
             acc = tl.permute(acc, (0, 2, 1))
             acc = tl.reshape(tl.permute(tl.join(acc, tl.zeros_like(acc)), (0, 3, 1, 2)), (4, BLOCK_H, D))
         # the warps' states merged: one cross-warp reduction a program
@@ -961,6 +1033,48 @@ def _sm_count(dev: torch.device) -> int:
     return _sm_count_of(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 132
 
 
+# The last Triton launch of kivi_decode_attention: which kernel, its split count and (on a GPU) how many of its
+# programs an SM holds; benches read it to record what ran
+LAST_LAUNCH: dict = {}
+_PROGRAMS_PER_SM: dict = {}
+
+
+def _programs_per_sm(kernel, consts: dict, args: tuple, dev: torch.device) -> int:
+    """How many programs of ``kernel`` (as compiled for these arguments) one SM of ``dev`` holds at once: the
+    fewest that its registers, shared memory and threads allow. Compiles the kernel if it is not yet (the
+    launch then finds it in Triton's cache); 4 if the compiled kernel's resources cannot be read."""
+    key = (kernel.__name__, dev.index, tuple(sorted(consts.items())),
+           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    n = _PROGRAMS_PER_SM.get(key)
+    if n is None:
+        try:
+            k = kernel.warmup(*args, grid=(1, 1), **consts)
+            k._init_handles()
+            props = torch.cuda.get_device_properties(dev)
+            threads = k.metadata.num_warps * 32
+            by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (threads * ((k.n_regs + 7) // 8 * 8))
+            by_smem = (getattr(props, "shared_memory_per_multiprocessor", 233472) // (k.metadata.shared + 1024)
+                       if k.metadata.shared else 32)
+            n = max(1, min(by_regs, by_smem, props.max_threads_per_multi_processor // threads, 32))
+        except Exception:  # an older or newer Triton without these attributes: the former assumption
+            n = 4
+        _PROGRAMS_PER_SM[key] = n
+    return n
+
+
+def wave_splits(heads: int, tokens: int, slots: int, most: int, block_t: int = 64, overhead: int = 128) -> int:
+    """The split count (1 to ``most``) for ``heads`` (sequences x kv heads) programs a split over ``tokens``
+    tokens when ``slots`` programs run at once on the GPU: the fewest whole waves, each as short as it can be.
+    A latency-bound kernel runs a wave of resident programs in about the time of one program, so the time
+    is modelled as waves x (tokens a split + ``overhead``, a program's fixed cost in tokens); ties go to
+    fewer splits. E.g. 256 programs a split over 16K tokens: 3 splits with 396 slots (768 programs, 1.94
+    waves), 1 with 264."""
+    def cost(s):
+        chunk = triton.cdiv(triton.cdiv(tokens, s), block_t) * block_t
+        return triton.cdiv(heads * s, slots) * (chunk + overhead), s
+    return min(range(1, max(1, most) + 1), key=cost)
+
+
 def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warps, unpack, num_stages, q_regs,
                    prefetch):
     b, hq, d = q.shape
@@ -988,60 +1102,68 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
         k_res, v_res = k_res.contiguous(), v_res.contiguous()
     q = q.contiguous()
     n_rep = hq // h_kv
-    if num_splits is None:
-        # one wave of programs: about four fit on an SM at once (~120 registers a thread, 4 warps); each
-        # split at least 256 tokens
-        target = max(1, 4 * _sm_count(dev) // max(1, b * h_kv))
-        num_splits = max(1, min(target, triton.cdiv(tq + tr, 256)))
     if kq is not None and kq.order == "mma" and (block_t not in (64, 128) or g < block_t // 4 or vq.order == "mma_w"):
         block_t = 64  # the mma kernels' tiles: 64 or 128 tokens (128 needs groups of at least 32; mma_w: 64)
     mode = UNPACK_MODES[unpack]
     if mode >= 1 and block_t < 32 // min(bits_k, bits_v):  # a tile must hold whole packed words
         mode = 0
-    # every split starts on a tile boundary (and, with unpack="expand", on a packed word's and a group's)
-    chunk_q = triton.cdiv(triton.cdiv(tq, num_splits), block_t) * block_t if tq else 0
-    chunk_r = triton.cdiv(triton.cdiv(tr, num_splits), block_t) * block_t if tr else 0
-    oa = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=dev)
-    oml = torch.empty(b, hq, num_splits, 2, dtype=torch.float32, device=dev)
     dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(q.dtype, tl.float32)
     # fp32 caches get fp32 products (the default for fp32 dots on a GPU is tf32, ~1e-3 relative)
     precision = "ieee" if dot_dtype == tl.float32 else "tf32"
     block_d = max(16, next_pow2(d))
-    grid = (b * h_kv, num_splits)
-    # both kernels take the same tensors and strides (the packed words' third stride: key word rows or
-    # tokens, value tokens or word rows, as the order has them)
-    args = (q, kp, ks, km, vp, vs, vm, ku, vu, k_res, v_res, oa, oml,
-            tq, tr, chunk_q, chunk_r, scale * 1.4426950408889634, h_kv,
-            *q.stride()[:2], *kp.stride()[:3], *ks.stride()[:3], *vp.stride()[:3], *vs.stride()[:3],
-            *ku.stride()[:3], *vu.stride()[:3], *k_res.stride()[:3], *v_res.stride()[:3], *oa.stride()[:3],
-            *oml.stride()[:3])
     if kq is not None and vq.order == "mma_w":
-        _kivi_decode_warps_kernel[grid](
-            *args, D=d, N_REP=n_rep, BLOCK_H=16, G=g, DQ=dq, KEY_META_REGS=WARPS_KEY_META_IN_REGISTERS,
+        kernel, consts = _kivi_decode_warps_kernel, dict(
+            D=d, N_REP=n_rep, BLOCK_H=16, G=g, DQ=dq, KEY_META_REGS=WARPS_KEY_META_IN_REGISTERS,
             ASM=WARPS_ASM and not interpreting(), META_AHEAD=WARPS_META_AHEAD,
-            SWAP_PV=WARPS_SWAP_PV and n_rep <= 8,
+            SWAP_PV=WARPS_SWAP_PV and n_rep <= 8, SWAP_QK=WARPS_SWAP_QK and n_rep <= 8 and d == 128,
+            MOVM=WARPS_MOVMATRIX and not interpreting(),
             **({"maxnreg": WARPS_MAXNREG} if WARPS_MAXNREG and not interpreting() else {}),
-            num_warps=4, num_stages=1,
-        )
+            num_warps=4, num_stages=1)
     elif kq is not None and kq.order == "mma":
-        _kivi_decode_mma_kernel[grid](
-            *args,
+        chunk_hint = triton.cdiv(tq, num_splits or max(1, 4 * _sm_count(dev) // max(1, b * h_kv)))
+        kernel, consts = _kivi_decode_mma_kernel, dict(
             D=d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)), G=g, DQ=dq, BLOCK_T=block_t, BITS=bits_k,
-            Q_REGS=n_rep <= 16 and (q_regs if q_regs is not None else bits_k == 4 and chunk_q >= 32 * block_t),
-            num_warps=4, num_stages=1,
-        )
+            Q_REGS=n_rep <= 16 and (q_regs if q_regs is not None else bits_k == 4 and chunk_hint >= 32 * block_t),
+            num_warps=4, num_stages=1)
     else:
-        _kivi_decode_kernel[grid](
-            *args,
+        kernel, consts = _kivi_decode_kernel, dict(
             D=d, BLOCK_D=block_d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)),
             BITS_K=bits_k, BITS_V=bits_v, G=g, BLOCK_T=block_t, DOT_DTYPE=dot_dtype, PRECISION=precision,
-            DQ=dq, UNPACK=mode, DEQ_DTYPE=tl.float16 if dot_dtype == tl.float16 else tl.float32, PREFETCH=PREFETCH_MODES[prefetch],
-            num_warps=num_warps,
+            DQ=dq, UNPACK=mode, DEQ_DTYPE=tl.float16 if dot_dtype == tl.float16 else tl.float32,
+            PREFETCH=PREFETCH_MODES[prefetch], num_warps=num_warps,
             # (fp32 tiles are twice as large: without software pipelining they fit in shared memory at any block_t;
             # with unpack="join" and prefetch="all" the packed words wait in registers: no pipeline needed)
             num_stages=num_stages if num_stages is not None else (
-                1 if dot_dtype == tl.float32 or (mode == 2 and prefetch == "all") else 2),
-        )
+                1 if dot_dtype == tl.float32 or (mode == 2 and prefetch == "all") else 2))
+
+    def launch_args(splits):
+        # every split starts on a tile boundary (and, with unpack="expand", on a packed word's and a group's);
+        # the partials' split axis is padded to a multiple of 8 so that their strides, and with them the
+        # compiled kernel's specialization, do not depend on the split count
+        chunk_q = triton.cdiv(triton.cdiv(tq, splits), block_t) * block_t if tq else 0
+        chunk_r = triton.cdiv(triton.cdiv(tr, splits), block_t) * block_t if tr else 0
+        oa = torch.empty(b, hq, triton.cdiv(splits, 8) * 8, d, dtype=torch.float32, device=dev)
+        oml = torch.empty(b, hq, triton.cdiv(splits, 8) * 8, 2, dtype=torch.float32, device=dev)
+        # both kernels take the same tensors and strides (the packed words' third stride: key word rows or
+        # tokens, value tokens or word rows, as the order has them)
+        return oa, oml, (q, kp, ks, km, vp, vs, vm, ku, vu, k_res, v_res, oa, oml,
+                         tq, tr, chunk_q, chunk_r, scale * 1.4426950408889634, h_kv,
+                         *q.stride()[:2], *kp.stride()[:3], *ks.stride()[:3], *vp.stride()[:3], *vs.stride()[:3],
+                         *ku.stride()[:3], *vu.stride()[:3], *k_res.stride()[:3], *v_res.stride()[:3],
+                         *oa.stride()[:3], *oml.stride()[:3])
+
+    programs_per_sm = None
+    if num_splits is None:
+        most = triton.cdiv(tq + tr, 256)  # each split at least 256 tokens
+        if dev.type == "cuda":  # whole waves of the programs an SM holds at once
+            programs_per_sm = _programs_per_sm(kernel, consts, launch_args(1)[2], dev)
+            num_splits = wave_splits(b * h_kv, tq + tr, programs_per_sm * _sm_count(dev), most, block_t)
+        else:  # (the interpreter: about four programs an SM, as for the GPU's ~120-register kernels)
+            num_splits = max(1, min(max(1, 4 * _sm_count(dev) // max(1, b * h_kv)), most))
+    oa, oml, args = launch_args(num_splits)
+    kernel[(b * h_kv, num_splits)](*args, **consts)
+    LAST_LAUNCH.clear()
+    LAST_LAUNCH.update(kernel=getattr(kernel, "__name__", type(kernel).__name__), num_splits=num_splits, programs_per_sm=programs_per_sm)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
     _merge_splits_kernel[(b * hq,)](
         oa, oml, out, num_splits, oa.stride(1), oa.stride(2), oml.stride(1), oml.stride(2), out.stride(1),
@@ -1078,6 +1200,13 @@ WARPS_MAXNREG = None
 # P V as (V^T P^T)^T with 8 query rows (GQA groups of at most 8): half the output accumulator and half the
 # P V tensor-core instructions of the 16-row product
 WARPS_SWAP_PV = True
+# the scores as K Q^T, (16 tokens, 8 heads) a warp (GQA groups of at most 8, head size 128): half the tensor-core
+# instructions, exponentials and query registers of the 16-row Q K^T; P^T then passes through shared memory on
+# its way to P V (each 8 x 8 block transposed). Offline sm_90 compile (Triton 3.6): 450 -> 428 loop
+# instructions, 198 -> 168 registers (three programs an SM instead of two). Untimed: chosen on that count
+WARPS_SWAP_QK = True
+# with WARPS_SWAP_QK: the transposes by movmatrix, in registers (433 instructions, no barrier added), instead
+WARPS_MOVMATRIX = False
 
 
 def warps_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: int, n_rep: int,
@@ -1111,8 +1240,8 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
     ``Tq`` oldest tokens (or ``None``); ``k_res``/``v_res``: ``(B, Hkv, Tr, D)`` recent tokens in full
     precision (or ``None``). ``Hq`` must be a multiple of ``Hkv`` (grouped-query attention). Returns
     ``(B, Hq, D)`` (or ``(B, Hq, 1, D)``) in ``q``'s dtype. No mask: every cached token is attended to.
-    Tuning knobs of the Triton kernel: ``num_splits`` (sequence slices; default: one wave of programs
-    on the GPU), ``block_t`` (tokens per tile, a power of two), ``num_warps``, ``num_stages`` (Triton's
+    Tuning knobs of the Triton kernel: ``num_splits`` (sequence slices; default on a GPU: whole waves of
+    as many programs as an SM holds of the compiled kernel, :func:`wave_splits`), ``block_t`` (tokens per tile, a power of two), ``num_warps``, ``num_stages`` (Triton's
     shared-memory pipeline depth; default 1 with ``unpack="join", prefetch="all"`` or fp32 caches, else 2);
     ``unpack``: ``"join"`` (each packed word split into fp16 codes in the thread that loaded it, no
     int-to-float conversions), ``"expand"`` (the codes spread through a reshape) or ``"gather"`` (one
@@ -1133,11 +1262,11 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
     1.7-2x longer with it.
 
     Keys in mma order with values in mma_w order (``kv_quant.to_mma_order(values, warps=True)``; 4-bit, head
-    size 64 or 128) go to a third kernel, which gives each warp its own 16 tokens of every 64-token tile
-    and merges the warps once at the end. Each thread also loads the scales of its own codes, so its loop
-    has no barrier and no shared-memory operation (the mma kernel's has 14 barriers; offline sm_90
-    compile). Not yet timed on a GPU: a cache stores that order only when asked
-    (``QuantizedKVCache(operand_order="warps")``).
+    size 64 or 128, 16-bit scales) go to a third kernel, which gives each warp its own 16 tokens of every
+    64-token tile and merges the warps once at the end; its knobs are the ``WARPS_*`` module variables.
+    On an H200 it ran B 32 x 16K tokens in 315 us against 442 us for the mma kernel and 688 us for the
+    KIVI-order one (benches/RESULTS.md). ``QuantizedKVCache(operand_order=True)`` stores that order where
+    this kernel takes it.
     """
     if unpack not in UNPACK_MODES:
         raise ValueError(f"unpack must be one of {tuple(UNPACK_MODES)}, got {unpack!r}")
