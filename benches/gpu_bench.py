@@ -136,14 +136,16 @@ def main(argv=None) -> int:
         # are in RESULTS.md: the default picks the better)
         # "mma_w" knobs (decode_attention.WARPS_*, whose values are the defaults): "key_meta" ("registers" /
         # "shared"), "meta" ("ahead" / "tile"), "swap" (P V as (V^T P^T)^T), "asm" (pairs dequantized by
-        # inline PTX), "maxnreg" (a register cap), "swap_qk" (scores as K Q^T), "movm" (its P^T by movmatrix)
+        # inline PTX), "maxnreg" (a register cap), "swap_qk" (scores as K Q^T), "movm" (its P^T by movmatrix),
+        # "unroll2" (the loop unrolled by two)
         # (the H200's rows of 2026-11-27 in RESULTS.md: key_meta "shared" + meta "ahead" + swap, 315 us; the
         # others 324-543 us; swap_qk came after them and is the default untimed)
         mma = [{"order": "mma"}, {"order": "mma", "block_t": 128}, {"order": "mma", "splits": "x2"},
                {"order": "mma_w"}, {"order": "mma_w", "splits": "x2"}, {"order": "mma_w", "splits": "/2"},
                {"order": "mma_w", "meta": "tile"}, {"order": "mma_w", "movm": True},
                {"order": "mma_w", "swap_qk": False}, {"order": "mma_w", "swap_qk": False, "splits": 2},
-               {"order": "mma_w", "key_meta": "registers"}, {"order": "mma_w", "swap_qk": False, "maxnreg": 168}]
+               {"order": "mma_w", "key_meta": "registers"}, {"order": "mma_w", "swap_qk": False, "maxnreg": 168},
+               {"order": "mma_w", "unroll2": True}]
         kivi_sweep = [{"prefetch": "meta"}, {"prefetch": "all", "num_stages": 2},
                       {"prefetch": "all", "block_t": 128, "num_warps": 8}, {"prefetch": "none"},
                       {"unpack": "expand", "prefetch": "none"}] if args.sweep_kivi else []
@@ -157,6 +159,7 @@ def main(argv=None) -> int:
             "maxnreg": ("WARPS_MAXNREG", lambda v: v),  # a register cap
             "swap_qk": ("WARPS_SWAP_QK", bool),  # the scores as K Q^T
             "movm": ("WARPS_MOVMATRIX", bool),  # with swap_qk: P^T transposed by movmatrix
+            "unroll2": ("WARPS_UNROLL2", bool),  # the loop unrolled by two, two prefetch buffers
         }
         if args.quick:
             configs = configs[:2] + configs[-1:]

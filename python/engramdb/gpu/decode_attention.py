@@ -741,7 +741,7 @@ if HAS_TRITON:
         soa_b, soa_h, soa_s, soml_b, soml_h, soml_s,
         D: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr,
         KEY_META_REGS: tl.constexpr, ASM: tl.constexpr, META_AHEAD: tl.constexpr, SWAP_PV: tl.constexpr,
-        SWAP_QK: tl.constexpr, MOVM: tl.constexpr,
+        SWAP_QK: tl.constexpr, MOVM: tl.constexpr, UNROLL2: tl.constexpr,
     ):
         """4-bit keys in mma order and values in mma_w order (``kv_quant.to_mma_order``), 64-token tiles, 4
         warps, each warp on its own 16 tokens of every tile: a batched dot with the warps on the batch axis.
@@ -800,19 +800,44 @@ if HAS_TRITON:
         # than past the end); a partial last tile after it, masked
         hi_full = lo + (hi - lo) // 64 * 64
         last = tl.maximum(hi_full - 64, lo)
-        k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx = _warps_tile_load(
-            kp, ks, km, ku, vp, vs, vm, vu, lo, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g, sku_g, svp_r,
-            svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True)
-        for start in range(lo, hi_full, 64):
-            k_s, k_m, v_s, v_m, kw, vw = k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx
-            if not META_AHEAD:  # this tile's scales now (the prefetched ones are then never loaded)
-                k_s, k_m, v_s, v_m = _warps_meta_load(ks, km, ku, vs, vm, vu, start, hi, w_, nl, kl, sks_g, sku_g,
-                                                      svs_t, svu_g, d, dmask, NB, NS, G, DQ, KEY_META_REGS, False)
+        if UNROLL2:  # two buffers, each reloaded right after its tile: no register copies a tile
+            ks_a, km_a, vs_a, vm_a, kw_a, vw_a = _warps_tile_load(
+                kp, ks, km, ku, vp, vs, vm, vu, lo, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g, sku_g, svp_r,
+                svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True)
+            ks_b, km_b, vs_b, vm_b, kw_b, vw_b = _warps_tile_load(
+                kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(lo + 64, last), hi, w_, nl, kl, k_off, k_tok, v_off, skp_t,
+                sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True)
+            n_full = (hi_full - lo) // 64
+            for start in range(lo, lo + n_full // 2 * 128, 128):
+                m_i, l_i, acc = _warps_tile(qb, kw_a, vw_a, ks_a, km_a, vs_a, vm_a, m_i, l_i, acc, start, hi, tok,
+                                            qk_scale, D, NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK, MOVM)
+                ks_a, km_a, vs_a, vm_a, kw_a, vw_a = _warps_tile_load(
+                    kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(start + 128, last), hi, w_, nl, kl, k_off, k_tok,
+                    v_off, skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False)
+                m_i, l_i, acc = _warps_tile(qb, kw_b, vw_b, ks_b, km_b, vs_b, vm_b, m_i, l_i, acc, start + 64, hi,
+                                            tok, qk_scale, D, NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK,
+                                            MOVM)
+                ks_b, km_b, vs_b, vm_b, kw_b, vw_b = _warps_tile_load(
+                    kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(start + 192, last), hi, w_, nl, kl, k_off, k_tok,
+                    v_off, skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False)
+            if n_full % 2:  # an odd whole tile: buffer a holds it
+                m_i, l_i, acc = _warps_tile(qb, kw_a, vw_a, ks_a, km_a, vs_a, vm_a, m_i, l_i, acc, hi_full - 64, hi,
+                                            tok, qk_scale, D, NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK,
+                                            MOVM)
+        else:
             k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx = _warps_tile_load(
-                kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(start + 64, last), hi, w_, nl, kl, k_off, k_tok, v_off,
-                skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False)
-            m_i, l_i, acc = _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, D,
-                                        NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK, MOVM)
+                kp, ks, km, ku, vp, vs, vm, vu, lo, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g, sku_g, svp_r,
+                svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True)
+            for start in range(lo, hi_full, 64):
+                k_s, k_m, v_s, v_m, kw, vw = k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx
+                if not META_AHEAD:  # this tile's scales now (the prefetched ones are then never loaded)
+                    k_s, k_m, v_s, v_m = _warps_meta_load(ks, km, ku, vs, vm, vu, start, hi, w_, nl, kl, sks_g, sku_g,
+                                                          svs_t, svu_g, d, dmask, NB, NS, G, DQ, KEY_META_REGS, False)
+                k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx = _warps_tile_load(
+                    kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(start + 64, last), hi, w_, nl, kl, k_off, k_tok, v_off,
+                    skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False)
+                m_i, l_i, acc = _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, D,
+                                            NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK, MOVM)
         if hi_full < hi:
             k_s, k_m, v_s, v_m, kw, vw = _warps_tile_load(
                 kp, ks, km, ku, vp, vs, vm, vu, hi_full, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g, sku_g,
@@ -1116,7 +1141,7 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
             D=d, N_REP=n_rep, BLOCK_H=16, G=g, DQ=dq, KEY_META_REGS=WARPS_KEY_META_IN_REGISTERS,
             ASM=WARPS_ASM and not interpreting(), META_AHEAD=WARPS_META_AHEAD,
             SWAP_PV=WARPS_SWAP_PV and n_rep <= 8, SWAP_QK=WARPS_SWAP_QK and n_rep <= 8 and d == 128,
-            MOVM=WARPS_MOVMATRIX and not interpreting(),
+            MOVM=WARPS_MOVMATRIX and not interpreting(), UNROLL2=WARPS_UNROLL2 and WARPS_META_AHEAD,
             **({"maxnreg": WARPS_MAXNREG} if WARPS_MAXNREG and not interpreting() else {}),
             num_warps=4, num_stages=1)
     elif kq is not None and kq.order == "mma":
@@ -1207,6 +1232,11 @@ WARPS_SWAP_PV = True
 WARPS_SWAP_QK = True
 # with WARPS_SWAP_QK: the transposes by movmatrix, in registers (433 instructions, no barrier added), instead
 WARPS_MOVMATRIX = False
+# the loop unrolled by two with two buffers of prefetched words and scales, each refilled right after its tile
+# is done: no register copies of the prefetched tile a tile (with the scales a tile ahead). Offline (3.6): 787
+# loop instructions for two tiles (393 a tile, against 428) but 232 registers (two programs an SM, not three;
+# a 168 cap spills). Untimed
+WARPS_UNROLL2 = False
 
 
 def warps_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: int, n_rep: int,
