@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         # "mma_w" knobs (decode_attention.WARPS_*, whose values are the defaults): "key_meta" ("registers" /
         # "shared"), "meta" ("ahead" / "tile"), "swap" (P V as (V^T P^T)^T), "asm" (pairs dequantized by
         # inline PTX), "maxnreg" (a register cap), "swap_qk" (scores as K Q^T), "movm" (its P^T by movmatrix),
-        # "unroll2" (the loop unrolled by two)
+        # "unroll2" (the loop unrolled by two), "fold" (the keys' codes as fp16 subnormals, scales folded into Q^T)
         # (the H200's rows of 2026-11-27 in RESULTS.md: key_meta "shared" + meta "ahead" + swap, 315 us; the
         # others 324-543 us; swap_qk came after them and is the default untimed)
         mma = [{"order": "mma"}, {"order": "mma", "block_t": 128}, {"order": "mma", "splits": "x2"},
@@ -145,7 +145,8 @@ def main(argv=None) -> int:
                {"order": "mma_w", "meta": "tile"}, {"order": "mma_w", "movm": True},
                {"order": "mma_w", "swap_qk": False}, {"order": "mma_w", "swap_qk": False, "splits": 2},
                {"order": "mma_w", "key_meta": "registers"}, {"order": "mma_w", "swap_qk": False, "maxnreg": 168},
-               {"order": "mma_w", "unroll2": True}]
+               {"order": "mma_w", "unroll2": True}, {"order": "mma_w", "fold": True},
+               {"order": "mma_w", "fold": True, "unroll2": True}]
         kivi_sweep = [{"prefetch": "meta"}, {"prefetch": "all", "num_stages": 2},
                       {"prefetch": "all", "block_t": 128, "num_warps": 8}, {"prefetch": "none"},
                       {"unpack": "expand", "prefetch": "none"}] if args.sweep_kivi else []
@@ -160,6 +161,7 @@ def main(argv=None) -> int:
             "swap_qk": ("WARPS_SWAP_QK", bool),  # the scores as K Q^T
             "movm": ("WARPS_MOVMATRIX", bool),  # with swap_qk: P^T transposed by movmatrix
             "unroll2": ("WARPS_UNROLL2", bool),  # the loop unrolled by two, two prefetch buffers
+            "fold": ("WARPS_FOLD_KEYS", bool),  # keys as subnormal codes, scales folded into Q^T
         }
         if args.quick:
             configs = configs[:2] + configs[-1:]
@@ -243,6 +245,8 @@ def main(argv=None) -> int:
                                "maxnreg": da_mod.WARPS_MAXNREG if order == "mma_w" else None,
                                "swap_qk": da_mod.WARPS_SWAP_QK if order == "mma_w" else None,
                                "movm": da_mod.WARPS_MOVMATRIX if order == "mma_w" else None,
+                               "unroll2": da_mod.WARPS_UNROLL2 if order == "mma_w" else None,
+                               "fold": da_mod.WARPS_FOLD_KEYS if order == "mma_w" else None,
                                "splits_run": launch.get("num_splits"), "programs_per_sm": launch.get("programs_per_sm"),
                                "ms": ms, "bytes": nbytes,
                                "GB/s": nbytes / ms / 1e6, "frac_bw": nbytes / (ms * 1e-3) / bw,
@@ -265,7 +269,8 @@ def main(argv=None) -> int:
                         print(f"decode {shape:28s} {bits}b m{meta_bits:<2d} {order:4s} bt{bt:<3d} w{nw} {ex:6s} s{sp} st{st} "
                               f"pf-{kw['prefetch']} qr-{kw['q_in_registers']}"
                               + (f" km-{row['key_meta']} asm-{row['asm']} meta-{row['meta']} "
-                                 f"reg-{row['maxnreg']} swap-{row['swap_pv']} qk-{row['swap_qk']} movm-{row['movm']}"
+                                 f"reg-{row['maxnreg']} swap-{row['swap_pv']} qk-{row['swap_qk']} movm-{row['movm']} "
+                                 f"u2-{row['unroll2']} fold-{row['fold']}"
                                  if order == "mma_w" else "")
                               + f" [{row['splits_run']} splits, {row['programs_per_sm']}/SM]"
                               + ": "

@@ -465,18 +465,21 @@ WARPS_CASES = [
 
 # the warps kernel's knob settings (decode_attention.WARPS_*): key scales each thread's own (registers) or
 # spread through shared memory, scales a tile ahead or at their tile, P V as (V^T P^T)^T, scores as K Q^T (with
-# P^T transposed by Triton or, GPU only, by movmatrix), the loop unrolled by two
-WARPS_SETTINGS = {  # (key scales in registers, scales a tile ahead, swap P V, swap Q K, movmatrix, unroll by 2)
-    "key-scales-in-registers": (True, True, False, False, False, False),
-    "key-scales-via-shared": (False, True, False, False, False, False),
-    "scales-at-their-tile": (True, False, False, False, False, False),
-    "scales-at-their-tile-swapped-pv": (True, False, True, False, False, False),
-    "key-scales-via-shared-swapped-pv": (False, True, True, False, False, False),
-    "key-scales-via-shared-swapped-qk": (False, True, True, True, False, False),
-    "scales-at-their-tile-swapped-qk": (True, False, False, True, False, False),
-    "swapped-qk-unrolled": (False, True, True, True, False, True),
-    "swapped-pv-unrolled": (True, True, True, False, False, True),
-    "swapped-qk-movmatrix": (False, True, True, True, True, False),
+# P^T transposed by Triton or, GPU only, by movmatrix), the loop unrolled by two, the keys' codes as fp16
+# subnormals with their scales folded into Q^T and their minimums as score offsets
+WARPS_SETTINGS = {  # (key scales in registers, scales a tile ahead, swap P V, swap Q K, movmatrix, unroll by 2, fold keys)
+    "key-scales-in-registers": (True, True, False, False, False, False, False),
+    "key-scales-via-shared": (False, True, False, False, False, False, False),
+    "scales-at-their-tile": (True, False, False, False, False, False, False),
+    "scales-at-their-tile-swapped-pv": (True, False, True, False, False, False, False),
+    "key-scales-via-shared-swapped-pv": (False, True, True, False, False, False, False),
+    "key-scales-via-shared-swapped-qk": (False, True, True, True, False, False, False),
+    "scales-at-their-tile-swapped-qk": (True, False, False, True, False, False, False),
+    "swapped-qk-unrolled": (False, True, True, True, False, True, False),
+    "swapped-pv-unrolled": (True, True, True, False, False, True, False),
+    "swapped-qk-movmatrix": (False, True, True, True, True, False, False),
+    "swapped-qk-folded-keys": (False, True, True, True, False, False, True),
+    "folded-keys-unrolled": (False, True, True, True, False, True, True),
 }
 
 
@@ -487,7 +490,7 @@ def test_decode_attention_warps_kernel_matches_reference(case, setting, kernel_l
     of a tile (a batched dot; the warps merge once at the end): it runs, and it matches the float32
     reference and the KIVI-order kernel, splits with warps that see no token included, in every knob
     setting (``WARPS_SETTINGS``)."""
-    key_meta_regs, meta_ahead, swap_pv, swap_qk, movm, unroll2 = WARPS_SETTINGS[setting]
+    key_meta_regs, meta_ahead, swap_pv, swap_qk, movm, unroll2, fold = WARPS_SETTINGS[setting]
     if movm and DEVICE == "cpu":
         pytest.skip("movmatrix is PTX, which the interpreter does not run (the setting is the one above there)")
     b, hq, hkv, tq, tr, d, g, splits, meta_bits = case
@@ -498,6 +501,7 @@ def test_decode_attention_warps_kernel_matches_reference(case, setting, kernel_l
     monkeypatch.setattr(da, "WARPS_SWAP_QK", swap_qk)
     monkeypatch.setattr(da, "WARPS_MOVMATRIX", movm)
     monkeypatch.setattr(da, "WARPS_UNROLL2", unroll2)
+    monkeypatch.setattr(da, "WARPS_FOLD_KEYS", fold)
     launched = kernel_launches(da, "_kivi_decode_warps_kernel")
     r = gen(sum(case[:7]) + meta_bits)
     q = torch.randn(b, hq, d, generator=r).to(DEVICE, torch.float16)

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ._triton import HAS_TRITON, interpreting, next_pow2, pick_backend, tl, triton
-from .kv_quant import QuantizedTensor, dequantize, from_mma_order
+from .kv_quant import QuantizedTensor, dequantize, effective_meta, from_mma_order
 
 __all__ = ["kivi_decode_attention", "kivi_decode_attention_ref"]
 
@@ -112,20 +112,25 @@ if HAS_TRITON:
 
     @triton.jit
     def _key_meta(ks, km, ku, start, hi, d, dmask, sks_g, sku_g, BLOCK_T: tl.constexpr, G: tl.constexpr,
-                  DQ: tl.constexpr, DEQ_DTYPE: tl.constexpr):
+                  DQ: tl.constexpr, DEQ_DTYPE: tl.constexpr, MINIMUMS: tl.constexpr = True):
         """Scale and minimum of each token group of the key tile at ``start`` (``(max(1, BLOCK_T // G),
-        BLOCK_D)`` each; groups past ``hi`` read 0): small enough to be fetched a tile ahead."""
+        BLOCK_D)`` each; groups past ``hi`` read 0): small enough to be fetched a tile ahead. Without
+        ``MINIMUMS`` the minimums are not read (the second result is then the scales too)."""
         NG: tl.constexpr = BLOCK_T // G if BLOCK_T >= G else 1
         gr = start // G + tl.arange(0, NG)
         gv = gr * G < hi
         goff = gr[:, None] * sks_g + d[None, :]
         k_s = tl.load(ks + goff, mask=gv[:, None] & dmask[None, :], other=0)
-        k_m = tl.load(km + goff, mask=gv[:, None] & dmask[None, :], other=0)
+        if MINIMUMS:
+            k_m = tl.load(km + goff, mask=gv[:, None] & dmask[None, :], other=0)
         if DQ:  # 8-bit codes against their token group's (scale step, minimum base, minimum step)
             up = ku + gr * sku_g
             k_s = k_s.to(tl.float32) * tl.load(up, mask=gv, other=0.0).to(tl.float32)[:, None]
-            k_m = (tl.load(up + 1, mask=gv, other=0.0).to(tl.float32)[:, None]
-                   + k_m.to(tl.float32) * tl.load(up + 2, mask=gv, other=0.0).to(tl.float32)[:, None])
+            if MINIMUMS:
+                k_m = (tl.load(up + 1, mask=gv, other=0.0).to(tl.float32)[:, None]
+                       + k_m.to(tl.float32) * tl.load(up + 2, mask=gv, other=0.0).to(tl.float32)[:, None])
+        if not MINIMUMS:
+            k_m = k_s
         return k_s.to(DEQ_DTYPE), k_m.to(DEQ_DTYPE)
 
     @triton.jit
@@ -321,6 +326,22 @@ if HAS_TRITON:
                                                                           m], dtype=tl.float16, is_pure=True, pack=2)
         else:
             return (_masked_halves(x, k) * a + b) * s + m
+
+    # A pair's codes as fp16 subnormals: the masked word itself, each half code x 2^-24 (x 2^-20 at bits 4-7)
+    _SUBNORMALS_ASM = tl.constexpr("and.b32 $0, $1, $3;")
+
+    @triton.jit
+    def _pair_subnormals(xk, ASM: tl.constexpr):
+        """The code pairs ``xk`` (as in :func:`_dequant_pairs`) as exact fp16 subnormals, code x 2^-24 for the
+        pairs masked at bits 0-3 and code x 2^-20 for those at bits 4-7: one AND a pair, no offset to take
+        off (tensor cores multiply fp16 subnormals exactly)."""
+        x, k = xk
+        if ASM:
+            return tl.inline_asm_elementwise(_SUBNORMALS_ASM, "=r,r,r,r,r", [tl.join(x, x), tl.join(k, k)],
+                                             dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            y = x & k
+            return tl.join(_half(y, 0), _half(y, 1))
 
     @triton.jit
     def _pair_codes(xk, ASM: tl.constexpr):
@@ -613,11 +634,18 @@ if HAS_TRITON:
     @triton.jit
     def _warps_meta_load(ks, km, ku, vs, vm, vu, start, hi, w_, nl, kl, sks_g, sku_g, svs_t, svu_g, d, dmask,
                          NB: tl.constexpr, NS: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr,
-                         KEY_META_REGS: tl.constexpr, MASKED: tl.constexpr):
+                         KEY_META_REGS: tl.constexpr, MASKED: tl.constexpr, kb, skb_g,
+                         FOLD: tl.constexpr):
         """The key and value scales and minimums the warps kernel's threads need for the 64-token tile at
-        ``start`` (``MASKED``: tokens past ``hi`` read 0; else the tile must be whole)."""
+        ``start`` (``MASKED``: tokens past ``hi`` read 0; else the tile must be whole). ``FOLD``: instead of
+        the key minimums, each warp's token group's score offsets ``kb`` (``(4 warps, 8 heads)`` float32)."""
         if KEY_META_REGS:
             k_s, k_m = _key_meta_frag(ks, km, ku, start, hi, w_, kl, sks_g, sku_g, NB, G, DQ, MASKED)
+        elif FOLD:
+            k_s, _ = _key_meta(ks, km, ku, start, hi, d, dmask, sks_g, sku_g, 64, G, DQ, tl.float16, False)
+            gr = (start + 16 * tl.arange(0, 4)) // G
+            k_m = tl.load(kb + gr[:, None] * skb_g + tl.arange(0, 8)[None, :], mask=(gr * G < hi)[:, None],
+                          other=0.0)
         else:
             k_s, k_m = _key_meta(ks, km, ku, start, hi, d, dmask, sks_g, sku_g, 64, G, DQ, tl.float16)
         v_s, v_m = _value_meta_frag(vs, vm, vu, start, hi, svs_t, svu_g, w_, nl, kl, NS, G, DQ, MASKED)
@@ -626,11 +654,12 @@ if HAS_TRITON:
     @triton.jit
     def _warps_tile_load(kp, ks, km, ku, vp, vs, vm, vu, start, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g,
                          sku_g, svp_r, svs_t, svu_g, d, dmask, NB: tl.constexpr, NJ: tl.constexpr, NS: tl.constexpr,
-                         G: tl.constexpr, DQ: tl.constexpr, KEY_META_REGS: tl.constexpr, MASKED: tl.constexpr):
+                         G: tl.constexpr, DQ: tl.constexpr, KEY_META_REGS: tl.constexpr, MASKED: tl.constexpr,
+                         kb, skb_g, FOLD: tl.constexpr):
         """All of the warps kernel's loads for the 64-token tile at ``start``: the scales and minimums
         (:func:`_warps_meta_load`) and each thread's packed key and value words."""
         k_s, k_m, v_s, v_m = _warps_meta_load(ks, km, ku, vs, vm, vu, start, hi, w_, nl, kl, sks_g, sku_g, svs_t,
-                                              svu_g, d, dmask, NB, NS, G, DQ, KEY_META_REGS, MASKED)
+                                              svu_g, d, dmask, NB, NS, G, DQ, KEY_META_REGS, MASKED, kb, skb_g, FOLD)
         kw = tl.reshape(tl.join(_thread_words(kp + start * skp_t, k_off, (start + k_tok) < hi, NB, MASKED),
                                 _thread_words(kp + (start + 8) * skp_t, k_off, (start + 8 + k_tok) < hi, NB,
                                               MASKED)), (128, NB, 2))
@@ -642,7 +671,7 @@ if HAS_TRITON:
     def _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, D: tl.constexpr,
                     NB: tl.constexpr, NJ: tl.constexpr, G: tl.constexpr, KEY_META_REGS: tl.constexpr,
                     ASM: tl.constexpr, MASKED: tl.constexpr, SWAP_PV: tl.constexpr, SWAP_QK: tl.constexpr,
-                    MOVM: tl.constexpr):
+                    MOVM: tl.constexpr, FOLD: tl.constexpr):
         """One 64-token tile of the warps kernel: each warp's 16 tokens dequantized into its dot operands, its
         scores, and its running maximum, sum and output updated (``MASKED``: tokens past ``hi`` score
         -inf). ``SWAP_QK``: the scores transposed, ``(4, 16 tokens, 8 heads)``, from K Q^T (``qb``: Q^T)."""
@@ -658,8 +687,16 @@ if HAS_TRITON:
             KG: tl.constexpr = 64 // G if G < 64 else 1
             # (the codes by inline PTX at head size 128: 513 -> 474 loop instructions with Triton 3.6, 627 -> 536
             # with 3.9; at 64 the Triton arithmetic compiles shorter: 386 against 397 since the shift-once unpack)
-            c = _pair_codes(_word_pairs8(tl.reshape(kw, (4, 8, 4, NB, 2))), ASM and D == 128)  # (.., i1, i2, i0)
-            if SWAP_QK:
+            if FOLD:  # raw codes (subnormals); the scales go into Q^T, the minimums come as score offsets (k_m)
+                c = _pair_subnormals(_word_pairs8(tl.reshape(kw, (4, 8, 4, NB, 2))), ASM)
+                kt = tl.reshape(tl.permute(c, (0, 4, 1, 3, 6, 2, 5, 7)), (4, 16, D))
+                qb = (qb * tl.reshape(tl.broadcast_to(tl.reshape(k_s, (KG, 1, D, 1)), (KG, 4 // KG, D, 8)),
+                                      (4, D, 8))).to(tl.float16)
+            else:
+                c = _pair_codes(_word_pairs8(tl.reshape(kw, (4, 8, 4, NB, 2))), ASM and D == 128)
+            if FOLD:
+                pass
+            elif SWAP_QK:
                 kt = tl.reshape(tl.permute(c, (0, 4, 1, 3, 6, 2, 5, 7)), (4, 16, D))
                 kt = (kt * tl.reshape(tl.broadcast_to(tl.reshape(k_s, (KG, 1, 1, D)), (KG, 4 // KG, 16, D)),
                                       (4, 16, D))
@@ -670,7 +707,10 @@ if HAS_TRITON:
                                       (4, D, 16))
                       + tl.reshape(tl.broadcast_to(tl.reshape(k_m, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)), (4, D, 16)))
         if SWAP_QK:  # s^T: (4, 16 tokens, 8 heads); the softmax runs down its columns
-            s = tl.dot(kt, qb) * qk_scale
+            if FOLD:  # 2^24 undoes the subnormals' scale; k_m: each warp's token group's offsets (4, 8)
+                s = tl.dot(kt, qb) * (qk_scale * 16777216.0) + k_m[:, None, :] * qk_scale
+            else:
+                s = tl.dot(kt, qb) * qk_scale
             if MASKED:
                 s = tl.where((start + tok) < hi, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -738,10 +778,10 @@ if HAS_TRITON:
         svp_b, svp_h, svp_r, svs_b, svs_h, svs_t,
         sku_b, sku_h, sku_g, svu_b, svu_h, svu_g,
         skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
-        soa_b, soa_h, soa_s, soml_b, soml_h, soml_s,
+        soa_b, soa_h, soa_s, soml_b, soml_h, soml_s, KB, skb_b, skb_h, skb_g,
         D: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr,
         KEY_META_REGS: tl.constexpr, ASM: tl.constexpr, META_AHEAD: tl.constexpr, SWAP_PV: tl.constexpr,
-        SWAP_QK: tl.constexpr, MOVM: tl.constexpr, UNROLL2: tl.constexpr,
+        SWAP_QK: tl.constexpr, MOVM: tl.constexpr, UNROLL2: tl.constexpr, FOLD: tl.constexpr,
     ):
         """4-bit keys in mma order and values in mma_w order (``kv_quant.to_mma_order``), 64-token tiles, 4
         warps, each warp on its own 16 tokens of every tile: a batched dot with the warps on the batch axis.
@@ -753,8 +793,11 @@ if HAS_TRITON:
         ``KEY_META_REGS`` (no barrier at all in the loop), else the tile's are spread through shared memory
         (4 barriers; faster on an H200). ``META_AHEAD``: the scales are fetched a tile ahead with the words.
         ``SWAP_PV`` (GQA groups of at most 8): P V as (V^T P^T)^T with 8 query rows. ``SWAP_QK`` (the same
-        groups): the scores as K Q^T, 8 heads wide (``MOVM``: P^T transposed by movmatrix). Knobs and timings:
-        the ``WARPS_*`` module variables, gpu/NOTES.md."""
+        groups): the scores as K Q^T, 8 heads wide (``MOVM``: P^T transposed by movmatrix). ``FOLD`` (with
+        ``SWAP_QK`` and the key scales through shared memory): the keys' codes enter the dot raw, as fp16
+        subnormals (code x 2^-24, one AND a pair), their scales are folded into Q^T each tile and their
+        minimums come as each token group's score offset ``KB`` = minimums . q, computed by the host. Knobs
+        and timings: the ``WARPS_*`` module variables, gpu/NOTES.md."""
         NB: tl.constexpr = D // 32
         NJ: tl.constexpr = D // 16  # value words a thread a tile
         NG: tl.constexpr = D // G if G < D else 1  # value groups in a row
@@ -770,6 +813,10 @@ if HAS_TRITON:
         hi = tl.minimum(lo + chunk_q, Tq)
         kp, ks, km, vp, vs, vm, ku, vu = _cache_pointers(KP, KS, KM, VP, VS, VM, KU, VU, b, hk, skp_b, skp_h, sks_b,
                                                          sks_h, svp_b, svp_h, svs_b, svs_h, sku_b, sku_h, svu_b, svu_h)
+        kbp = KB + b * skb_b + hk * skb_h
+        if FOLD:  # the codes at bits 4-7 of a byte enter as 16 x code x 2^-24: their channels' queries / 16
+            dq_ = tl.arange(0, D)[None, :, None]
+            qb = (qb * tl.where((dq_ // 2) % 2 == 1, 0.0625, 1.0)).to(tl.float16)
         # thread 32 w + 4 nl + kl: key words as in the mma kernel (warp w's K^T columns nl + 8 r are tokens
         # 16 w + 8 r + nl); value words (row 4 (slice) + kl, word nl NJ + j) hold its 4 tokens x D / 8 channels
         th = tl.arange(0, 128)
@@ -803,47 +850,47 @@ if HAS_TRITON:
         if UNROLL2:  # two buffers, each reloaded right after its tile: no register copies a tile
             ks_a, km_a, vs_a, vm_a, kw_a, vw_a = _warps_tile_load(
                 kp, ks, km, ku, vp, vs, vm, vu, lo, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g, sku_g, svp_r,
-                svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True)
+                svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True, kbp, skb_g, FOLD)
             ks_b, km_b, vs_b, vm_b, kw_b, vw_b = _warps_tile_load(
                 kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(lo + 64, last), hi, w_, nl, kl, k_off, k_tok, v_off, skp_t,
-                sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True)
+                sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True, kbp, skb_g, FOLD)
             n_full = (hi_full - lo) // 64
             for start in range(lo, lo + n_full // 2 * 128, 128):
                 m_i, l_i, acc = _warps_tile(qb, kw_a, vw_a, ks_a, km_a, vs_a, vm_a, m_i, l_i, acc, start, hi, tok,
-                                            qk_scale, D, NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK, MOVM)
+                                            qk_scale, D, NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK, MOVM, FOLD)
                 ks_a, km_a, vs_a, vm_a, kw_a, vw_a = _warps_tile_load(
                     kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(start + 128, last), hi, w_, nl, kl, k_off, k_tok,
-                    v_off, skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False)
+                    v_off, skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False, kbp, skb_g, FOLD)
                 m_i, l_i, acc = _warps_tile(qb, kw_b, vw_b, ks_b, km_b, vs_b, vm_b, m_i, l_i, acc, start + 64, hi,
                                             tok, qk_scale, D, NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK,
-                                            MOVM)
+                                            MOVM, FOLD)
                 ks_b, km_b, vs_b, vm_b, kw_b, vw_b = _warps_tile_load(
                     kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(start + 192, last), hi, w_, nl, kl, k_off, k_tok,
-                    v_off, skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False)
+                    v_off, skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False, kbp, skb_g, FOLD)
             if n_full % 2:  # an odd whole tile: buffer a holds it
                 m_i, l_i, acc = _warps_tile(qb, kw_a, vw_a, ks_a, km_a, vs_a, vm_a, m_i, l_i, acc, hi_full - 64, hi,
                                             tok, qk_scale, D, NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK,
-                                            MOVM)
+                                            MOVM, FOLD)
         else:
             k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx = _warps_tile_load(
                 kp, ks, km, ku, vp, vs, vm, vu, lo, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g, sku_g, svp_r,
-                svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True)
+                svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True, kbp, skb_g, FOLD)
             for start in range(lo, hi_full, 64):
                 k_s, k_m, v_s, v_m, kw, vw = k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx
                 if not META_AHEAD:  # this tile's scales now (the prefetched ones are then never loaded)
                     k_s, k_m, v_s, v_m = _warps_meta_load(ks, km, ku, vs, vm, vu, start, hi, w_, nl, kl, sks_g, sku_g,
-                                                          svs_t, svu_g, d, dmask, NB, NS, G, DQ, KEY_META_REGS, False)
+                                                          svs_t, svu_g, d, dmask, NB, NS, G, DQ, KEY_META_REGS, False, kbp, skb_g, FOLD)
                 k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx = _warps_tile_load(
                     kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(start + 64, last), hi, w_, nl, kl, k_off, k_tok, v_off,
-                    skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False)
+                    skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False, kbp, skb_g, FOLD)
                 m_i, l_i, acc = _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, D,
-                                            NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK, MOVM)
+                                            NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK, MOVM, FOLD)
         if hi_full < hi:
             k_s, k_m, v_s, v_m, kw, vw = _warps_tile_load(
                 kp, ks, km, ku, vp, vs, vm, vu, hi_full, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g, sku_g,
-                svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True)
+                svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True, kbp, skb_g, FOLD)
             m_i, l_i, acc = _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, hi_full, hi, tok, qk_scale, D,
-                                        NB, NJ, G, KEY_META_REGS, ASM, True, SWAP_PV, SWAP_QK, MOVM)
+                                        NB, NJ, G, KEY_META_REGS, ASM, True, SWAP_PV, SWAP_QK, MOVM, FOLD)
 
         if SWAP_QK:  # the states of heads 8.. (none): -inf and 0
             m_i = tl.reshape(tl.permute(tl.join(m_i, tl.full((4, 8), float("-inf"), tl.float32)), (0, 2, 1)),
@@ -1136,12 +1183,21 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     # fp32 caches get fp32 products (the default for fp32 dots on a GPU is tf32, ~1e-3 relative)
     precision = "ieee" if dot_dtype == tl.float32 else "tf32"
     block_d = max(16, next_pow2(d))
+    fold = (kq is not None and vq.order == "mma_w" and WARPS_FOLD_KEYS and WARPS_SWAP_QK and n_rep <= 8 and d == 128
+            and not WARPS_KEY_META_IN_REGISTERS)
+    if fold:  # each key token group's score offset per query head: minimums . q, (B, Hkv, Tq / G, 8) float32
+        kmin = effective_meta(kq)[1]
+        kbias = torch.zeros(b, h_kv, kmin.shape[2], 8, dtype=torch.float32, device=dev)
+        kbias[..., :n_rep] = torch.einsum("bhgd,bhrd->bhgr", kmin, q.float().reshape(b, h_kv, n_rep, d))
+    else:
+        kbias = torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=dev)
     if kq is not None and vq.order == "mma_w":
         kernel, consts = _kivi_decode_warps_kernel, dict(
             D=d, N_REP=n_rep, BLOCK_H=16, G=g, DQ=dq, KEY_META_REGS=WARPS_KEY_META_IN_REGISTERS,
             ASM=WARPS_ASM and not interpreting(), META_AHEAD=WARPS_META_AHEAD,
             SWAP_PV=WARPS_SWAP_PV and n_rep <= 8, SWAP_QK=WARPS_SWAP_QK and n_rep <= 8 and d == 128,
             MOVM=WARPS_MOVMATRIX and not interpreting(), UNROLL2=WARPS_UNROLL2 and WARPS_META_AHEAD,
+            FOLD=fold,
             **({"maxnreg": WARPS_MAXNREG} if WARPS_MAXNREG and not interpreting() else {}),
             num_warps=4, num_stages=1)
     elif kq is not None and kq.order == "mma":
@@ -1171,11 +1227,14 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
         oml = torch.empty(b, hq, triton.cdiv(splits, 8) * 8, 2, dtype=torch.float32, device=dev)
         # both kernels take the same tensors and strides (the packed words' third stride: key word rows or
         # tokens, value tokens or word rows, as the order has them)
-        return oa, oml, (q, kp, ks, km, vp, vs, vm, ku, vu, k_res, v_res, oa, oml,
-                         tq, tr, chunk_q, chunk_r, scale * 1.4426950408889634, h_kv,
-                         *q.stride()[:2], *kp.stride()[:3], *ks.stride()[:3], *vp.stride()[:3], *vs.stride()[:3],
-                         *ku.stride()[:3], *vu.stride()[:3], *k_res.stride()[:3], *v_res.stride()[:3],
-                         *oa.stride()[:3], *oml.stride()[:3])
+        args = (q, kp, ks, km, vp, vs, vm, ku, vu, k_res, v_res, oa, oml,
+                tq, tr, chunk_q, chunk_r, scale * 1.4426950408889634, h_kv,
+                *q.stride()[:2], *kp.stride()[:3], *ks.stride()[:3], *vp.stride()[:3], *vs.stride()[:3],
+                *ku.stride()[:3], *vu.stride()[:3], *k_res.stride()[:3], *v_res.stride()[:3],
+                *oa.stride()[:3], *oml.stride()[:3])
+        if kernel is _kivi_decode_warps_kernel:  # (its keys' score offsets)
+            args += (kbias, *kbias.stride()[:3])
+        return oa, oml, args
 
     programs_per_sm = None
     if num_splits is None:
@@ -1237,6 +1296,11 @@ WARPS_MOVMATRIX = False
 # loop instructions for two tiles (393 a tile, against 428) but 232 registers (two programs an SM, not three;
 # a 168 cap spills). Untimed
 WARPS_UNROLL2 = False
+# with WARPS_SWAP_QK and the key scales through shared memory: the keys' codes enter the dot as fp16 subnormals
+# (one AND a pair, no offset and no scaling), their scales are folded into Q^T each tile, their minimums added
+# as a score offset per token group (computed on the host, a small einsum). Relies on the tensor cores
+# multiplying fp16 subnormals exactly. Offline (3.6): see gpu/NOTES.md. Untimed, and not yet run on a GPU
+WARPS_FOLD_KEYS = False
 
 
 def warps_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: int, n_rep: int,
