@@ -458,6 +458,45 @@ if HAS_TRITON:
         return tl.reshape(x, (4, D, 8)).to(tl.float16)
 
     @triton.jit
+    def _ks_operand(ks, ku, start, hi, sks_g, sku_g, G: tl.constexpr, DQ: tl.constexpr, D: tl.constexpr,
+                    MASKED: tl.constexpr):
+        """The key scales of each warp's token group of the tile at ``start`` in the layout of
+        :func:`_qt_operand` (``(4, D, 8)``, the same for the 8 heads; fp16; ``MASKED``: groups past ``hi``
+        read 0), so that they scale Q^T in place: each thread loads those of its own channels (the 8 lanes of
+        a channel set load the same bytes, from L1: :func:`_warps_meta_load` prefetched them)."""
+        th = tl.arange(0, 128)
+        gr = (start + 16 * (th // 32)) // G
+        if MASKED:
+            valid = gr * G < hi
+        else:
+            valid = th >= 0
+        x = _q_half(ks, gr * sks_g, th % 4, valid, D // 32)  # (128, 4, 2 i2, a bits...)
+        if DQ:  # 8-bit codes times their group's scale step
+            st = tl.load(ku + gr * sku_g, mask=valid, other=0.0).to(tl.float32)
+            if D == 64:
+                x = x.to(tl.float32) * st[:, None, None, None]
+            else:
+                x = x.to(tl.float32) * st[:, None, None, None, None]
+        if D == 64:
+            x = tl.permute(tl.reshape(x, (4, 8, 4, 4, 2, 2)), (0, 5, 4, 2, 3, 1))  # (w, a, i2, kl, 4, nl)
+        else:
+            x = tl.permute(tl.reshape(x, (4, 8, 4, 4, 2, 2, 2)), (0, 6, 5, 4, 2, 3, 1))  # (w, a1, a0, i2, kl, 4, nl)
+        return tl.reshape(x, (4, D, 8)).to(tl.float16)
+
+    @triton.jit
+    def _fold_scales(k_s, ks, ku, start, hi, sks_g, sku_g, G: tl.constexpr, DQ: tl.constexpr, D: tl.constexpr,
+                     FOLD: tl.constexpr, MASKED: tl.constexpr = False):
+        """``FOLD``: the key scales of the tile at ``start`` in Q^T's layout (:func:`_ks_operand`), else
+        ``k_s`` as it is."""
+        if FOLD:
+            return _ks_operand(ks, ku, start, hi, sks_g, sku_g, G, DQ, D, MASKED)
+        else:
+            return k_s
+
+    # A hint: the line at $1 into L1 (no register waits for it; $0 is a dummy)
+    _PREFETCH_ASM = tl.constexpr("prefetch.global.L1 [$1]; mov.b32 $0, 0;")
+
+    @triton.jit
     def _thread_words(ptr, off, mask, N: tl.constexpr, MASKED: tl.constexpr = True):
         """A thread's ``N`` adjacent packed words ``(128, N, R)`` from offsets ``(128, min(N, 4), R)`` (key
         words of both mma kernels, value words of the warps kernel): at most four (16 bytes) a load, so that
@@ -641,8 +680,15 @@ if HAS_TRITON:
         the key minimums, each warp's token group's score offsets ``kb`` (``(4 warps, 8 heads)`` float32)."""
         if KEY_META_REGS:
             k_s, k_m = _key_meta_frag(ks, km, ku, start, hi, w_, kl, sks_g, sku_g, NB, G, DQ, MASKED)
-        elif FOLD:
-            k_s, _ = _key_meta(ks, km, ku, start, hi, d, dmask, sks_g, sku_g, 64, G, DQ, tl.float16, False)
+        elif FOLD:  # the scales are read at their tile (_ks_operand); here only prefetched into L1 (FOLD 2: PTX,
+            # not in the interpreter; the last valid group's row stands in for groups past the end)
+            if FOLD == 2:
+                th = tl.arange(0, 128)
+                gr = tl.minimum((start + 16 * (th // 32)) // G, tl.maximum(hi - 1, 0) // G)
+                k_s = tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l", [ks + gr * sks_g + (32 * (th % 4)) % (32 * NB)],
+                                                dtype=tl.int32, is_pure=False, pack=1)
+            else:
+                k_s = start  # (nothing to carry)
             gr = (start + 16 * tl.arange(0, 4)) // G
             k_m = tl.load(kb + gr[:, None] * skb_g + tl.arange(0, 8)[None, :], mask=(gr * G < hi)[:, None],
                           other=0.0)
@@ -690,8 +736,7 @@ if HAS_TRITON:
             if FOLD:  # raw codes (subnormals); the scales go into Q^T, the minimums come as score offsets (k_m)
                 c = _pair_subnormals(_word_pairs8(tl.reshape(kw, (4, 8, 4, NB, 2))), ASM)
                 kt = tl.reshape(tl.permute(c, (0, 4, 1, 3, 6, 2, 5, 7)), (4, 16, D))
-                qb = (qb * tl.reshape(tl.broadcast_to(tl.reshape(k_s, (KG, 1, D, 1)), (KG, 4 // KG, D, 8)),
-                                      (4, D, 8))).to(tl.float16)
+                qb = (qb * k_s).to(tl.float16)
             else:
                 c = _pair_codes(_word_pairs8(tl.reshape(kw, (4, 8, 4, NB, 2))), ASM and D == 128)
             if FOLD:
@@ -793,7 +838,8 @@ if HAS_TRITON:
         ``KEY_META_REGS`` (no barrier at all in the loop), else the tile's are spread through shared memory
         (4 barriers; faster on an H200). ``META_AHEAD``: the scales are fetched a tile ahead with the words.
         ``SWAP_PV`` (GQA groups of at most 8): P V as (V^T P^T)^T with 8 query rows. ``SWAP_QK`` (the same
-        groups): the scores as K Q^T, 8 heads wide (``MOVM``: P^T transposed by movmatrix). ``FOLD`` (with
+        groups): the scores as K Q^T, 8 heads wide (``MOVM``: P^T transposed by movmatrix). ``FOLD`` (1, or 2
+        with the key scales prefetched into L1 by PTX; with
         ``SWAP_QK`` and the key scales through shared memory): the keys' codes enter the dot raw, as fp16
         subnormals (code x 2^-24, one AND a pair), their scales are folded into Q^T each tile and their
         minimums come as each token group's score offset ``KB`` = minimums . q, computed by the host. Knobs
@@ -856,19 +902,19 @@ if HAS_TRITON:
                 sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True, kbp, skb_g, FOLD)
             n_full = (hi_full - lo) // 64
             for start in range(lo, lo + n_full // 2 * 128, 128):
-                m_i, l_i, acc = _warps_tile(qb, kw_a, vw_a, ks_a, km_a, vs_a, vm_a, m_i, l_i, acc, start, hi, tok,
+                m_i, l_i, acc = _warps_tile(qb, kw_a, vw_a, _fold_scales(ks_a, ks, ku, start, hi, sks_g, sku_g, G, DQ, D, FOLD), km_a, vs_a, vm_a, m_i, l_i, acc, start, hi, tok,
                                             qk_scale, D, NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK, MOVM, FOLD)
                 ks_a, km_a, vs_a, vm_a, kw_a, vw_a = _warps_tile_load(
                     kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(start + 128, last), hi, w_, nl, kl, k_off, k_tok,
                     v_off, skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False, kbp, skb_g, FOLD)
-                m_i, l_i, acc = _warps_tile(qb, kw_b, vw_b, ks_b, km_b, vs_b, vm_b, m_i, l_i, acc, start + 64, hi,
+                m_i, l_i, acc = _warps_tile(qb, kw_b, vw_b, _fold_scales(ks_b, ks, ku, start + 64, hi, sks_g, sku_g, G, DQ, D, FOLD), km_b, vs_b, vm_b, m_i, l_i, acc, start + 64, hi,
                                             tok, qk_scale, D, NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK,
                                             MOVM, FOLD)
                 ks_b, km_b, vs_b, vm_b, kw_b, vw_b = _warps_tile_load(
                     kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(start + 192, last), hi, w_, nl, kl, k_off, k_tok,
                     v_off, skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False, kbp, skb_g, FOLD)
             if n_full % 2:  # an odd whole tile: buffer a holds it
-                m_i, l_i, acc = _warps_tile(qb, kw_a, vw_a, ks_a, km_a, vs_a, vm_a, m_i, l_i, acc, hi_full - 64, hi,
+                m_i, l_i, acc = _warps_tile(qb, kw_a, vw_a, _fold_scales(ks_a, ks, ku, hi_full - 64, hi, sks_g, sku_g, G, DQ, D, FOLD), km_a, vs_a, vm_a, m_i, l_i, acc, hi_full - 64, hi,
                                             tok, qk_scale, D, NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK,
                                             MOVM, FOLD)
         else:
@@ -883,13 +929,13 @@ if HAS_TRITON:
                 k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx = _warps_tile_load(
                     kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(start + 64, last), hi, w_, nl, kl, k_off, k_tok, v_off,
                     skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False, kbp, skb_g, FOLD)
-                m_i, l_i, acc = _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, D,
+                m_i, l_i, acc = _warps_tile(qb, kw, vw, _fold_scales(k_s, ks, ku, start, hi, sks_g, sku_g, G, DQ, D, FOLD), k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, D,
                                             NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK, MOVM, FOLD)
         if hi_full < hi:
             k_s, k_m, v_s, v_m, kw, vw = _warps_tile_load(
                 kp, ks, km, ku, vp, vs, vm, vu, hi_full, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g, sku_g,
                 svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True, kbp, skb_g, FOLD)
-            m_i, l_i, acc = _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, hi_full, hi, tok, qk_scale, D,
+            m_i, l_i, acc = _warps_tile(qb, kw, vw, _fold_scales(k_s, ks, ku, hi_full, hi, sks_g, sku_g, G, DQ, D, FOLD, True), k_m, v_s, v_m, m_i, l_i, acc, hi_full, hi, tok, qk_scale, D,
                                         NB, NJ, G, KEY_META_REGS, ASM, True, SWAP_PV, SWAP_QK, MOVM, FOLD)
 
         if SWAP_QK:  # the states of heads 8.. (none): -inf and 0
@@ -1197,7 +1243,7 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
             ASM=WARPS_ASM and not interpreting(), META_AHEAD=WARPS_META_AHEAD,
             SWAP_PV=WARPS_SWAP_PV and n_rep <= 8, SWAP_QK=WARPS_SWAP_QK and n_rep <= 8 and d == 128,
             MOVM=WARPS_MOVMATRIX and not interpreting(), UNROLL2=WARPS_UNROLL2 and WARPS_META_AHEAD,
-            FOLD=fold,
+            FOLD=(1 if interpreting() else 2) if fold else 0,
             **({"maxnreg": WARPS_MAXNREG} if WARPS_MAXNREG and not interpreting() else {}),
             num_warps=4, num_stages=1)
     elif kq is not None and kq.order == "mma":
