@@ -529,6 +529,43 @@ def test_decode_attention_warps_kernel_matches_reference(case, setting, kernel_l
         G.kivi_decode_attention(q, kq, vw, k_res, v_res, backend="triton")
 
 
+def test_warps_kernel_folds_the_keys_only_where_subnormals_multiply_exactly(monkeypatch):
+    """WARPS_FOLD_KEYS feeds the keys' codes to the dot as fp16 subnormals. A probe dot decides once a device
+    whether that is exact; the decode is right either way: folded where the probe passes, the keys
+    dequantized as before where it fails. The probe itself says no when the dot loses the subnormals."""
+    da = import_module(G.__name__ + ".decode_attention")
+    dev = torch.device(DEVICE)
+    key = (dev.type, dev.index)
+    monkeypatch.setattr(da, "_SUBNORMAL_DOT", {})
+    # the interpreter's dot is exact; on a GPU this is the tensor cores' answer
+    assert da.subnormal_dot_ok(dev), "fp16 subnormals lost in the dot: the folded keys are off on this device"
+    r = gen(11)
+    q = torch.randn(2, 8, 128, generator=r).to(DEVICE, torch.float16)
+    k = (torch.randn(2, 2, 192, 128, generator=r) * 2).to(DEVICE, torch.float16)
+    v = torch.randn(2, 2, 192, 128, generator=r).to(DEVICE, torch.float16)
+    kq, vq = kv_quant.quantize_keys(k, 4, 32), kv_quant.quantize_values(v, 4, 32)
+    km, vw = kv_quant.to_mma_order(kq), kv_quant.to_mma_order(vq, warps=True)
+    k_res = torch.randn(2, 2, 5, 128, generator=r).to(DEVICE, torch.float16)
+    ref = G.kivi_decode_attention_ref(q.cpu(), _cpu(kq), _cpu(vq), k_res.cpu(), k_res.cpu())
+    got = G.kivi_decode_attention(q, km, vw, k_res, k_res, backend="triton")
+    assert da.LAST_LAUNCH["fold_keys"] is True
+    torch.testing.assert_close(got.float().cpu(), ref.float(), atol=4e-3, rtol=0)
+    da._SUBNORMAL_DOT[key] = False  # a device whose dot flushes them
+    got = G.kivi_decode_attention(q, km, vw, k_res, k_res, backend="triton")
+    assert da.LAST_LAUNCH["fold_keys"] is False
+    torch.testing.assert_close(got.float().cpu(), ref.float(), atol=4e-3, rtol=0)
+
+    class Flushing:  # a dot that flushes subnormal inputs to zero
+        def __getitem__(self, grid):
+            def launch(a, b, c, **kw):
+                c.copy_(torch.zeros_like(a, dtype=torch.float32) @ b.float())
+            return launch
+
+    da._SUBNORMAL_DOT.clear()
+    monkeypatch.setattr(da, "_subnormal_dot_probe_kernel", Flushing())
+    assert not da.subnormal_dot_ok(dev)
+
+
 def test_decode_split_count_fills_whole_waves():
     """The default split count on a GPU (``wave_splits``): as many programs as fill whole waves of the slots
     (programs an SM x SMs), each wave as short as it can be, never more splits than allowed."""

@@ -1117,6 +1117,14 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _subnormal_dot_probe_kernel(A, B, C):
+        """One 16 x 16 x 16 fp16 dot (a tensor-core instruction on a GPU), fp32 out."""
+        r = tl.arange(0, 16)
+        a = tl.load(A + r[:, None] * 16 + r[None, :])
+        b = tl.load(B + r[:, None] * 16 + r[None, :])
+        tl.store(C + r[:, None] * 16 + r[None, :], tl.dot(a, b))
+
+    @triton.jit
     def _merge_splits_kernel(OA, OML, OUT, S, soa_r, soa_s, soml_r, soml_s, so_r,
                              D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CH: tl.constexpr):
         """Combine the per-split partial softmax results of one (sequence, query head) row."""
@@ -1149,6 +1157,32 @@ def _sm_count_of(index: int) -> int:
 def _sm_count(dev: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (132 stands in for the interpreter's CPU tensors)."""
     return _sm_count_of(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 132
+
+
+_SUBNORMAL_DOT: dict = {}
+
+
+def subnormal_dot_ok(dev: torch.device) -> bool:
+    """Whether Triton's fp16 dot on ``dev`` multiplies fp16 subnormals exactly (WARPS_FOLD_KEYS feeds the
+    keys' codes to the tensor cores as subnormals): one probe dot a device, its answer kept. The codes as
+    they would arrive (code x 2^-24 and 16 code x 2^-24) against random normal values, checked against the
+    float64 product."""
+    key = (dev.type, dev.index)
+    ok = _SUBNORMAL_DOT.get(key)
+    if ok is None:
+        g = torch.Generator().manual_seed(7)
+        codes = torch.randint(0, 16, (16, 16), generator=g, dtype=torch.int16)
+        codes[:, 8:] <<= 4  # the codes at bits 4-7 of a byte
+        b = (torch.rand(16, 16, generator=g) * 2 - 1).half()
+        out = torch.empty(16, 16, dtype=torch.float32, device=dev)
+        try:
+            _subnormal_dot_probe_kernel[(1,)](codes.view(torch.float16).to(dev), b.to(dev), out, num_warps=1)
+            want = codes.double() * 2.0 ** -24 @ b.double()
+            ok = bool(torch.allclose(out.cpu().double(), want, rtol=1e-5, atol=2.0 ** -40))
+        except Exception:  # no answer: assume not
+            ok = False
+        _SUBNORMAL_DOT[key] = ok
+    return ok
 
 
 # The last Triton launch of kivi_decode_attention: which kernel, its split count and (on a GPU) how many of its
@@ -1229,8 +1263,8 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     # fp32 caches get fp32 products (the default for fp32 dots on a GPU is tf32, ~1e-3 relative)
     precision = "ieee" if dot_dtype == tl.float32 else "tf32"
     block_d = max(16, next_pow2(d))
-    fold = (kq is not None and vq.order == "mma_w" and WARPS_FOLD_KEYS and WARPS_SWAP_QK and n_rep <= 8 and d == 128
-            and not WARPS_KEY_META_IN_REGISTERS)
+    fold = bool(kq is not None and vq.order == "mma_w" and WARPS_FOLD_KEYS and WARPS_SWAP_QK and n_rep <= 8 and d == 128
+            and not WARPS_KEY_META_IN_REGISTERS and subnormal_dot_ok(dev))
     if fold:  # each key token group's score offset per query head: minimums . q, (B, Hkv, Tq / G, 8) float32
         kmin = effective_meta(kq)[1]
         kbias = torch.zeros(b, h_kv, kmin.shape[2], 8, dtype=torch.float32, device=dev)
@@ -1293,7 +1327,8 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     oa, oml, args = launch_args(num_splits)
     kernel[(b * h_kv, num_splits)](*args, **consts)
     LAST_LAUNCH.clear()
-    LAST_LAUNCH.update(kernel=getattr(kernel, "__name__", type(kernel).__name__), num_splits=num_splits, programs_per_sm=programs_per_sm)
+    LAST_LAUNCH.update(kernel=getattr(kernel, "__name__", type(kernel).__name__), num_splits=num_splits,
+                       programs_per_sm=programs_per_sm, fold_keys=fold)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
     _merge_splits_kernel[(b * hq,)](
         oa, oml, out, num_splits, oa.stride(1), oa.stride(2), oml.stride(1), oml.stride(2), out.stride(1),
@@ -1345,8 +1380,10 @@ WARPS_UNROLL2 = False
 # with WARPS_SWAP_QK and the key scales through shared memory: the keys' codes enter the dot as fp16 subnormals
 # (one AND a pair, no offset and no scaling), their scales are folded into Q^T each tile, their minimums added
 # as a score offset per token group (computed on the host, a small einsum). Relies on the tensor cores
-# multiplying fp16 subnormals exactly. Offline (3.6): see gpu/NOTES.md. Untimed, and not yet run on a GPU
-WARPS_FOLD_KEYS = False
+# multiplying fp16 subnormals exactly: a probe dot checks that once a device (subnormal_dot_ok), and without it
+# the keys are dequantized as before. Offline sm_90 compile: 428 -> 382 loop instructions at 168 registers
+# (Triton 3.6), 426 at 183 -> 385 at 167 (3.9). Untimed: the default on that count
+WARPS_FOLD_KEYS = True
 
 
 def warps_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: int, n_rep: int,
