@@ -214,6 +214,12 @@ def main(argv=None) -> int:
         for name in ("_PAIR_ASM", "_CODES_ASM"):
             probe = getattr(DA, name).value.replace("lop3.b32 t, $1", "mov.b32 t, $2; lop3.b32 t, $1")
             setattr(DA, name, triton.language.constexpr(probe))
+        # the folded keys' AND: the same pattern ahead of it, its result unused
+        DA._SUBNORMALS_ASM = triton.language.constexpr(
+            "{ .reg .b32 t; mov.b32 t, $2; lop3.b32 t, $1, t, t, 0x80; } " + DA._SUBNORMALS_ASM.value)
+    # (the launch is caught on CPU tensors, where the probe of WARPS_FOLD_KEYS cannot run: compile as for a GPU
+    # whose fp16 dot keeps subnormals)
+    DA._SUBNORMAL_DOT[("cpu", None)] = True
     fn, a, k = capture_launch(args.order, args.bits, args.d, args.meta_bits, **kw)
     sass, usage, ptx = compile_kernel(fn, a, k)
     if args.listing:
