@@ -450,7 +450,12 @@ if HAS_TRITON:
         it stays in registers for the whole loop."""
         th = tl.arange(0, 128)
         nl = (th // 4) % 8
-        x = _q_half(Q + qb, (hk * N_REP + nl) * sq_h, th % 4, nl < N_REP, D // 32)  # (128, 4, 2 i2, a bits...)
+        return _b_fragments(_q_half(Q + qb, (hk * N_REP + nl) * sq_h, th % 4, nl < N_REP, D // 32), D)
+
+    @triton.jit
+    def _b_fragments(x, D: tl.constexpr):
+        """Per-thread channel runs ``(128, 4, 2 i2, a bits...)`` (as :func:`_q_half` loads them; thread ``32 w +
+        4 nl + kl``) as the warps kernel's ``(4, D, 8)`` B operand of K Q^T, column ``nl``: no data moves."""
         if D == 64:
             x = tl.permute(tl.reshape(x, (4, 8, 4, 4, 2, 2)), (0, 5, 4, 2, 3, 1))  # (w, a, i2, kl, 4, nl)
         else:
@@ -470,18 +475,12 @@ if HAS_TRITON:
             valid = gr * G < hi
         else:
             valid = th >= 0
-        x = _q_half(ks, gr * sks_g, th % 4, valid, D // 32)  # (128, 4, 2 i2, a bits...)
-        if DQ:  # 8-bit codes times their group's scale step
-            st = tl.load(ku + gr * sku_g, mask=valid, other=0.0).to(tl.float32)
-            if D == 64:
-                x = x.to(tl.float32) * st[:, None, None, None]
-            else:
-                x = x.to(tl.float32) * st[:, None, None, None, None]
-        if D == 64:
-            x = tl.permute(tl.reshape(x, (4, 8, 4, 4, 2, 2)), (0, 5, 4, 2, 3, 1))  # (w, a, i2, kl, 4, nl)
-        else:
-            x = tl.permute(tl.reshape(x, (4, 8, 4, 4, 2, 2, 2)), (0, 6, 5, 4, 2, 3, 1))  # (w, a1, a0, i2, kl, 4, nl)
-        return tl.reshape(x, (4, D, 8)).to(tl.float16)
+        x = _b_fragments(_q_half(ks, gr * sks_g, th % 4, valid, D // 32), D)
+        if DQ:  # 8-bit codes times their group's scale step (one a warp)
+            gw = (start + 16 * tl.arange(0, 4)) // G
+            st = tl.load(ku + gw * sku_g, mask=(gw * G < hi) | (not MASKED), other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * st[:, None, None]).to(tl.float16)
+        return x
 
     @triton.jit
     def _fold_scales(k_s, ks, ku, start, hi, sks_g, sku_g, G: tl.constexpr, DQ: tl.constexpr, D: tl.constexpr,
