@@ -1265,9 +1265,8 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     fold = bool(kq is not None and vq.order == "mma_w" and WARPS_FOLD_KEYS and WARPS_SWAP_QK and n_rep <= 8 and d == 128
             and not WARPS_KEY_META_IN_REGISTERS and subnormal_dot_ok(dev))
     if fold:  # each key token group's score offset per query head: minimums . q, (B, Hkv, Tq / G, 8) float32
-        kmin = effective_meta(kq)[1]
-        kbias = torch.zeros(b, h_kv, kmin.shape[2], 8, dtype=torch.float32, device=dev)
-        kbias[..., :n_rep] = torch.einsum("bhgd,bhrd->bhgr", kmin, q.float().reshape(b, h_kv, n_rep, d))
+        kbias = torch.matmul(effective_meta(kq)[1], q.float().reshape(b, h_kv, n_rep, d).transpose(-1, -2))
+        kbias = torch.nn.functional.pad(kbias, (0, 8 - n_rep)) if n_rep < 8 else kbias.contiguous()
     else:
         kbias = torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=dev)
     if kq is not None and vq.order == "mma_w":
