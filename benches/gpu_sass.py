@@ -61,6 +61,12 @@ def capture_launch(order: str, bits: int, d: int, meta_bits: int = 16, **kw):
                 raise _Caught
             return launch
 
+    class Skipped:  # the small kernels the host runs before the decode kernel (the folded keys' offsets)
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    saved["_key_offsets_kernel"] = DA._key_offsets_kernel
+    DA._key_offsets_kernel = Skipped()
     for name in KERNELS:
         setattr(DA, name, Recorder(name))
     try:

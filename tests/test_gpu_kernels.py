@@ -566,6 +566,22 @@ def test_warps_kernel_folds_the_keys_only_where_subnormals_multiply_exactly(monk
     assert not da.subnormal_dot_ok(dev)
 
 
+@pytest.mark.parametrize("meta_bits", [16, 8])
+def test_key_score_offsets_are_minimums_dot_queries(meta_bits):
+    """The folded keys' offsets (a Triton kernel): each token group's effective key minimums . each query
+    head of its GQA group, zero past the group's heads, for 16-bit and 8-bit scales."""
+    da = import_module(G.__name__ + ".decode_attention")
+    r = gen(meta_bits)
+    q = torch.randn(2, 6, 128, generator=r).to(DEVICE, torch.float16)
+    k = (torch.randn(2, 2, 96, 128, generator=r) * 2).to(DEVICE, torch.float16)
+    kq = kv_quant.quantize_keys(k, 4, 32, meta_bits=meta_bits)
+    got = da.key_score_offsets(kq, q).cpu()
+    mins = kv_quant.effective_meta(_cpu(kq))[1]  # (B, Hkv, T / G, D)
+    want = torch.einsum("bhgd,bhrd->bhgr", mins.double(), q.cpu().double().reshape(2, 2, 3, 128))
+    assert got.shape == (2, 2, 3, 8) and torch.all(got[..., 3:] == 0)
+    torch.testing.assert_close(got[..., :3].double(), want, atol=1e-3, rtol=1e-4)
+
+
 def test_decode_split_count_fills_whole_waves():
     """The default split count on a GPU (``wave_splits``): as many programs as fill whole waves of the slots
     (programs an SM x SMs), each wave as short as it can be, never more splits than allowed."""

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ._triton import HAS_TRITON, interpreting, next_pow2, pick_backend, tl, triton
-from .kv_quant import QuantizedTensor, dequantize, effective_meta, from_mma_order
+from .kv_quant import QuantizedTensor, dequantize, from_mma_order
 
 __all__ = ["kivi_decode_attention", "kivi_decode_attention_ref"]
 
@@ -1116,6 +1116,34 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _key_offsets_kernel(KM, KU, Q, OUT, NGR, H_KV, skm_b, skm_h, skm_g, sku_b, sku_h, sku_g, sq_b, sq_h,
+                            so_b, so_h, so_g, D: tl.constexpr, N_REP: tl.constexpr, DQ: tl.constexpr,
+                            BLOCK: tl.constexpr):
+        """The folded keys' score offsets: for ``BLOCK`` token groups of one (sequence, kv head), each group's
+        key minimums . each query head's q, float32 ``(groups, 8)`` (heads past ``N_REP`` get 0). Reads the
+        minimums once, as the decode kernel would have."""
+        pid = tl.program_id(0)
+        b = pid // H_KV
+        hk = pid % H_KV
+        gr = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        gmask = gr < NGR
+        d = tl.arange(0, D)
+        m = tl.load(KM + b * skm_b + hk * skm_h + gr[:, None] * skm_g + d[None, :], mask=gmask[:, None], other=0)
+        if DQ:  # 8-bit codes against their group's (minimum base, minimum step)
+            up = KU + b * sku_b + hk * sku_h + gr * sku_g
+            m = (tl.load(up + 1, mask=gmask, other=0.0).to(tl.float32)[:, None]
+                 + m.to(tl.float32) * tl.load(up + 2, mask=gmask, other=0.0).to(tl.float32)[:, None])
+        h = tl.arange(0, 16)
+        q = tl.load(Q + b * sq_b + (hk * N_REP + h)[:, None] * sq_h + d[None, :], mask=(h < N_REP)[:, None],
+                    other=0.0)
+        if DQ:  # (BLOCK, 16): fp32 products in full precision
+            out = tl.dot(m, tl.trans(q.to(tl.float32)), input_precision="ieee")
+        else:  # fp16 products are exact, summed in fp32
+            out = tl.dot(m, tl.trans(q))
+        o = OUT + b * so_b + hk * so_h + gr[:, None] * so_g + h[None, :]
+        tl.store(o, out, mask=gmask[:, None] & (h < 8)[None, :])
+
+    @triton.jit
     def _subnormal_dot_probe_kernel(A, B, C):
         """One 16 x 16 x 16 fp16 dot (a tensor-core instruction on a GPU), fp32 out."""
         r = tl.arange(0, 16)
@@ -1159,6 +1187,21 @@ def _sm_count(dev: torch.device) -> int:
 
 
 _SUBNORMAL_DOT: dict = {}
+
+
+def key_score_offsets(kq: QuantizedTensor, q: torch.Tensor) -> torch.Tensor:
+    """The folded keys' score offsets (WARPS_FOLD_KEYS): for each token group of the quantized keys and each
+    query head of its GQA group, the group's (effective) key minimums . the head's query, float32 ``(B, Hkv,
+    Tq / G, 8)`` (heads past the group's size 0). ``q``: ``(B, Hq, D)`` fp16."""
+    b, hq, d = q.shape
+    h_kv, ngr = kq.shape[1], kq.minimum.shape[2]
+    dq = kq.sup is not None
+    out = torch.empty(b, h_kv, ngr, 8, dtype=torch.float32, device=q.device)
+    kmu = kq.sup if dq else kq.minimum
+    _key_offsets_kernel[(b * h_kv, triton.cdiv(ngr, 16))](
+        kq.minimum, kmu, q, out, ngr, h_kv, *kq.minimum.stride()[:3], *kmu.stride()[:3], *q.stride()[:2],
+        *out.stride()[:3], D=d, N_REP=hq // h_kv, DQ=dq, BLOCK=16)
+    return out
 
 
 def subnormal_dot_ok(dev: torch.device) -> bool:
@@ -1265,8 +1308,7 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     fold = bool(kq is not None and vq.order == "mma_w" and WARPS_FOLD_KEYS and WARPS_SWAP_QK and n_rep <= 8 and d == 128
             and not WARPS_KEY_META_IN_REGISTERS and subnormal_dot_ok(dev))
     if fold:  # each key token group's score offset per query head: minimums . q, (B, Hkv, Tq / G, 8) float32
-        kbias = torch.matmul(effective_meta(kq)[1], q.float().reshape(b, h_kv, n_rep, d).transpose(-1, -2))
-        kbias = torch.nn.functional.pad(kbias, (0, 8 - n_rep)) if n_rep < 8 else kbias.contiguous()
+        kbias = key_score_offsets(kq, q)
     else:
         kbias = torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=dev)
     if kq is not None and vq.order == "mma_w":
