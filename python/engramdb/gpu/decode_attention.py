@@ -841,7 +841,7 @@ if HAS_TRITON:
         with the key scales prefetched into L1 by PTX; with
         ``SWAP_QK`` and the key scales through shared memory): the keys' codes enter the dot raw, as fp16
         subnormals (code x 2^-24, one AND a pair), their scales are folded into Q^T each tile and their
-        minimums come as each token group's score offset ``KB`` = minimums . q, computed by the host. Knobs
+        minimums come as each token group's score offset ``KB`` = minimums . q (``key_score_offsets``). Knobs
         and timings: the ``WARPS_*`` module variables, gpu/NOTES.md."""
         NB: tl.constexpr = D // 32
         NJ: tl.constexpr = D // 16  # value words a thread a tile
@@ -1419,7 +1419,7 @@ WARPS_MOVMATRIX = False
 WARPS_UNROLL2 = False
 # with WARPS_SWAP_QK and the key scales through shared memory: the keys' codes enter the dot as fp16 subnormals
 # (one AND a pair, no offset and no scaling), their scales are folded into Q^T each tile, their minimums added
-# as a score offset per token group (computed on the host, a small einsum). Relies on the tensor cores
+# as a score offset per token group (key_score_offsets, a small kernel launched first). Relies on the tensor cores
 # multiplying fp16 subnormals exactly: a probe dot checks that once a device (subnormal_dot_ok), and without it
 # the keys are dequantized as before. Offline sm_90 compile: 428 -> 382 loop instructions at 168 registers
 # (Triton 3.6), 426 at 183 -> 385 at 167 (3.9). Untimed: the default on that count
