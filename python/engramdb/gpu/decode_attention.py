@@ -8,11 +8,17 @@ program handles one kv head (all query heads of its GQA group at once, so each p
 once) and one slice of tokens, keeps an online softmax, and writes a partial result; a second small
 kernel merges the slices.
 
-Where the time goes (Nsight Compute on an H100, 4-bit, 32 x 16K tokens): the kernel is bound by the
-L1/shared-memory pipe (78% busy) at 29% of DRAM bandwidth. The packed codes arrive in a layout the
-tensor cores cannot take, so each dequantized fp16 tile is written to shared memory and read back as
-a dot operand: about 4 bytes of shared traffic per element against half a byte from DRAM. Packing the
-codes in the order of the mma operand fragments (as Marlin does for weights) would remove that.
+Three kernels, by how the cache's codes are packed (:func:`kv_quant.to_mma_order`):
+- KIVI order (``_kivi_decode_kernel``): any bit width and head size; each dequantized tile goes through
+  shared memory on its way to the tensor cores.
+- mma order (``_kivi_decode_mma_kernel``): each thread loads the words of its own dot-operand fragments
+  and dequantizes them there, 2 or 4 bits.
+- keys in mma order, values in mma_w order (``_kivi_decode_warps_kernel``, 4 bits, head size 64 or 128):
+  each warp takes its own 16 tokens of a 64-token tile, the warps merge once at the end. Its knobs are
+  the ``WARPS_*`` variables below.
+
+Timings on an H100 and an H200, and the fraction of the copy bandwidth each reaches: benches/RESULTS.md;
+what was predicted and measured for each kernel version: gpu/NOTES.md.
 """
 
 from __future__ import annotations
