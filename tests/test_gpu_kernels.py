@@ -15,6 +15,7 @@ Tolerances:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import sys
@@ -549,6 +550,11 @@ def test_warps_kernel_folds_the_keys_only_where_subnormals_multiply_exactly(monk
     ref = G.kivi_decode_attention_ref(q.cpu(), _cpu(kq), _cpu(vq), k_res.cpu(), k_res.cpu())
     got = G.kivi_decode_attention(q, km, vw, k_res, k_res, backend="triton")
     assert da.LAST_LAUNCH["fold_keys"] is True
+    torch.testing.assert_close(got.float().cpu(), ref.float(), atol=4e-3, rtol=0)
+    # value scales in the plain (token-major) layout rather than token-contiguous: the same result
+    plain = dataclasses.replace(vw, scale=vw.scale.contiguous(), minimum=vw.minimum.contiguous())
+    assert vw.scale.stride(2) == 1 and plain.scale.stride(2) != 1
+    got = G.kivi_decode_attention(q, km, plain, k_res, k_res, backend="triton")
     torch.testing.assert_close(got.float().cpu(), ref.float(), atol=4e-3, rtol=0)
     da._SUBNORMAL_DOT[key] = False  # a device whose dot flushes them
     got = G.kivi_decode_attention(q, km, vw, k_res, k_res, backend="triton")

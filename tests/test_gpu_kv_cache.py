@@ -235,6 +235,7 @@ def test_fp16_fused_cache_keeps_mma_order_and_matches_dequantize_path(bits, head
     mma_launched = kernel_launches(da, "_kivi_decode_mma_kernel")
     out, fused = decode(True)
     assert (fused.qkeys.order, fused.qvalues.order) == want and plain.qkeys.order == "kivi"
+    assert (fused.qvalues.scale.stride(2) == 1) == (want[1] == "mma_w")  # mma_w: token-contiguous scales
     assert fused.nbytes() == plain.nbytes()
     assert bool(warps_launched) == (want[1] == "mma_w") and bool(mma_launched) == (want == ("mma", "mma"))
     out_kivi, kivi = decode(False)
@@ -250,6 +251,29 @@ def test_fp16_fused_cache_keeps_mma_order_and_matches_dequantize_path(bits, head
         assert (out - ref).abs().max() < 0.01 * ref.abs().max()
     with pytest.raises(ValueError, match="operand_order"):
         G.QuantizedKVCache(model.config, bits=bits, operand_order="fast")
+
+
+def test_mma_w_value_scales_stay_token_contiguous_through_appends_and_reorders():
+    """Values in mma_w order keep each channel group's per-token scales and minimums adjacent in memory
+    (the warps kernel reads a thread's 4 tokens of a group in one load): through the cache's appends, its
+    batch reorders, and back to contiguous in KIVI order. The values themselves are unchanged throughout."""
+    kv_cache = sys.modules[G.__name__ + ".kv_cache"]
+    r = torch.Generator().manual_seed(3)
+    parts = [G.kv_quant.to_mma_order(G.kv_quant.quantize_values(torch.randn(2, 3, t, 128, generator=r), 4, 32,
+                                                                  backend="torch"), warps=True) for t in (64, 32)]
+    assert all(p.scale.stride(2) == 1 and p.minimum.stride(2) == 1 for p in parts)
+    cat = kv_cache._cat_quantized(parts[0], parts[1])
+    assert cat.scale.shape == (2, 3, 96, 4) and cat.scale.stride(2) == 1 and cat.minimum.stride(2) == 1
+    assert torch.equal(cat.scale, torch.cat([parts[0].scale, parts[1].scale], 2))
+    assert torch.equal(cat.minimum, torch.cat([parts[0].minimum, parts[1].minimum], 2))
+    flipped = kv_cache._index_quantized(cat, lambda t: t.index_select(0, torch.tensor([1, 0])))
+    assert flipped.scale.stride(2) == 1 and torch.equal(flipped.scale, cat.scale[[1, 0]])
+    assert torch.equal(flipped.minimum, cat.minimum[[1, 0]])
+    back = G.kv_quant.from_mma_order(cat)
+    assert back.scale.is_contiguous() and back.minimum.is_contiguous() and torch.equal(back.scale, cat.scale)
+    keys = G.kv_quant.quantize_keys(torch.randn(2, 3, 96, 128, generator=r), 4, 32, backend="torch")
+    both = kv_cache._cat_quantized(keys, keys)  # key scales (one row a token group) append as before
+    assert both.scale.is_contiguous() and torch.equal(both.scale, torch.cat([keys.scale, keys.scale], 2))
 
 
 def test_rotated_values_roundtrip_error_and_bytes():

@@ -628,12 +628,14 @@ if HAS_TRITON:
                          DQ: tl.constexpr, MASKED: tl.constexpr = True):
         """Scale and minimum of each value a thread of the warps kernel holds, loaded by that thread: its 4
         tokens ``start + 16 w + 4 kl + (2 i1 + i0)`` in its channel group ``nl // NS``, ``(128, 4)`` each (no
-        layout conversion on the way to its codes; ``MASKED``: tokens past ``hi`` read 0)."""
+        layout conversion on the way to its codes; ``MASKED``: tokens past ``hi`` read 0). ``vs``, ``vm``:
+        each thread's base pointers, its group's column (with token-contiguous scales, ``svs_t`` = 1, the 4
+        tokens are one load)."""
         t = start + (16 * w_ + 4 * kl)[:, None] + tl.arange(0, 4)[None, :]
         tmask = t < hi
-        off = t * svs_t + (nl // NS)[:, None]
-        v_s = _ld(vs + off, tmask, 0, MASKED)
-        v_m = _ld(vm + off, tmask, 0, MASKED)
+        off = t * svs_t
+        v_s = _ld(vs[:, None] + off, tmask, 0, MASKED)
+        v_m = _ld(vm[:, None] + off, tmask, 0, MASKED)
         if DQ:
             up = vu + (t // G) * svu_g
             v_s = v_s.to(tl.float32) * _ld(up, tmask, 0.0, MASKED).to(tl.float32)
@@ -828,7 +830,7 @@ if HAS_TRITON:
         svp_b, svp_h, svp_r, svs_b, svs_h, svs_t,
         sku_b, sku_h, sku_g, svu_b, svu_h, svu_g,
         skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
-        soa_b, soa_h, soa_s, soml_b, soml_h, soml_s, KB, skb_b, skb_h, skb_g,
+        soa_b, soa_h, soa_s, soml_b, soml_h, soml_s, KB, skb_b, skb_h, skb_g, svs_c,
         D: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr,
         KEY_META_REGS: tl.constexpr, ASM: tl.constexpr, META_AHEAD: tl.constexpr, SWAP_PV: tl.constexpr,
         SWAP_QK: tl.constexpr, MOVM: tl.constexpr, UNROLL2: tl.constexpr, FOLD: tl.constexpr,
@@ -852,7 +854,6 @@ if HAS_TRITON:
         NB: tl.constexpr = D // 32
         NJ: tl.constexpr = D // 16  # value words a thread a tile
         NG: tl.constexpr = D // G if G < D else 1  # value groups in a row
-        NS: tl.constexpr = 8 // NG  # operand column groups (nl) a value group spans
         split = tl.program_id(1)
         b, hk, heads, hmask, d, dmask, q, m_0, l_0, acc_0 = _program_start(Q, sq_b, sq_h, H_KV, N_REP, BLOCK_H, D,
                                                                             D, tl.float16)
@@ -865,6 +866,10 @@ if HAS_TRITON:
         kp, ks, km, vp, vs, vm, ku, vu = _cache_pointers(KP, KS, KM, VP, VS, VM, KU, VU, b, hk, skp_b, skp_h, sks_b,
                                                          sks_h, svp_b, svp_h, svs_b, svs_h, sku_b, sku_h, svu_b, svu_h)
         kbp = KB + b * skb_b + hk * skb_h
+        NS: tl.constexpr = 8 // NG  # operand column groups (nl) a value group spans
+        th_ = tl.arange(0, 128)
+        vs = vs + ((th_ // 4) % 8 // NS) * svs_c  # each thread's value group's column of scales and minimums
+        vm = vm + ((th_ // 4) % 8 // NS) * svs_c
         if FOLD:  # the codes at bits 4-7 of a byte enter as 16 x code x 2^-24: their channels' queries / 16
             dq_ = tl.arange(0, D)[None, :, None]
             qb = (qb * tl.where((dq_ // 2) % 2 == 1, 0.0625, 1.0)).to(tl.float16)
@@ -1359,7 +1364,7 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
                 *ku.stride()[:3], *vu.stride()[:3], *k_res.stride()[:3], *v_res.stride()[:3],
                 *oa.stride()[:3], *oml.stride()[:3])
         if kernel is _kivi_decode_warps_kernel:  # (its keys' score offsets)
-            args += (kbias, *kbias.stride()[:3])
+            args += (kbias, *kbias.stride()[:3], vs.stride(3))
         return oa, oml, args
 
     programs_per_sm = None

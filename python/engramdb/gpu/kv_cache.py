@@ -45,6 +45,7 @@ from ._triton import pick_backend
 from .decode_attention import kivi_decode_attention, mma_kernel_takes, warps_kernel_takes
 from .kv_quant import (
     QuantizedTensor,
+    cat_tokens,
     dequantize,
     hadamard,
     quantize_keys,
@@ -69,16 +70,23 @@ def _cat_quantized(a: Optional[QuantizedTensor], b: QuantizedTensor) -> Quantize
     if a.order != b.order:
         raise ValueError(f"cannot append {b.order}-ordered codes to {a.order}-ordered ones")
     return QuantizedTensor(
-        torch.cat([a.packed, b.packed], 2), torch.cat([a.scale, b.scale], 2), torch.cat([a.minimum, b.minimum], 2),
+        torch.cat([a.packed, b.packed], 2), cat_tokens(a.scale, b.scale), cat_tokens(a.minimum, b.minimum),
         a.bits, a.group_size, a.axis, (a.shape[0], a.shape[1], a.shape[2] + b.shape[2], a.shape[3]),
         None if a.sup is None else torch.cat([a.sup, b.sup], 2), a.order,
     )
 
 
+def _on_batch(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn`` (a selection along the batch axis) applied to per-token scales in their memory layout."""
+    if x.shape[3] > 1 and x.stride(2) == 1:  # token-contiguous (kv_quant.token_contiguous)
+        return fn(x.transpose(2, 3)).transpose(2, 3)
+    return fn(x)
+
+
 def _index_quantized(q: Optional[QuantizedTensor], fn) -> Optional[QuantizedTensor]:
     if q is None:
         return None
-    packed, scale, minimum = fn(q.packed), fn(q.scale), fn(q.minimum)
+    packed, scale, minimum = fn(q.packed), _on_batch(fn, q.scale), _on_batch(fn, q.minimum)
     return QuantizedTensor(packed, scale, minimum, q.bits, q.group_size, q.axis, (packed.shape[0], *q.shape[1:]),
                            None if q.sup is None else fn(q.sup), q.order)
 

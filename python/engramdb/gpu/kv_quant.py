@@ -678,6 +678,9 @@ def to_mma_order(q: QuantizedTensor, *, warps: bool = False) -> QuantizedTensor:
     codes = _codes(q)  # (B, H, T, D)
     tok, chan = _mma_sources(q.bits, q.axis, t, d, codes.device, order)
     packed = _pack_last_ref(codes[:, :, tok, chan].reshape(b, h, tok.shape[0], -1), q.bits)
+    if warps:  # the scales with each group's tokens adjacent: a thread reads its 4 tokens' in one load
+        return replace(q, packed=packed.contiguous(), order=order, scale=token_contiguous(q.scale),
+                       minimum=token_contiguous(q.minimum))
     return replace(q, packed=packed.contiguous(), order=order)
 
 
@@ -685,7 +688,23 @@ def from_mma_order(q: QuantizedTensor) -> QuantizedTensor:
     """Inverse of :func:`to_mma_order`: the codes in KIVI's packing (``order="kivi"``)."""
     if q.order not in MMA_ORDERS:
         return q
-    return replace(q, packed=_pack_kivi(_codes(q), q.bits, q.axis), order="kivi")
+    return replace(q, packed=_pack_kivi(_codes(q), q.bits, q.axis), order="kivi", scale=q.scale.contiguous(),
+                   minimum=q.minimum.contiguous())
+
+
+def token_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, H, T, N)`` (per-token scales or minimums of N channel groups) with each group's tokens
+    adjacent in memory: a transposed view of a contiguous ``(B, H, N, T)`` tensor. Values in mma_w order
+    keep theirs so (the warps kernel reads a thread's 4 tokens of a group in one load)."""
+    return x.transpose(2, 3).contiguous().transpose(2, 3)
+
+
+def cat_tokens(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a`` and ``b`` ``(B, H, T, N)`` joined along the tokens, in ``a``'s memory layout (token-contiguous,
+    :func:`token_contiguous`, stays so)."""
+    if a.shape[3] > 1 and a.stride(2) == 1:
+        return torch.cat([a.transpose(2, 3), b.transpose(2, 3)], 3).transpose(2, 3)
+    return torch.cat([a, b], 2)
 
 
 def dequantize(q: QuantizedTensor, dtype=torch.float32, *, backend: str = "auto") -> torch.Tensor:
