@@ -476,14 +476,14 @@ if HAS_TRITON:
         read 0), so that they scale Q^T in place: each thread loads those of its own channels (the 8 lanes of
         a channel set load the same bytes, from L1: :func:`_warps_meta_load` prefetched them)."""
         th = tl.arange(0, 128)
-        gr = (start + 16 * (th // 32)) // G
+        gr = _udiv(start + 16 * (th // 32), G)
         if MASKED:
             valid = gr * G < hi
         else:
             valid = th >= 0
         x = _b_fragments(_q_half(ks, gr * sks_g, th % 4, valid, D // 32), D)
         if DQ:  # 8-bit codes times their group's scale step (one a warp)
-            gw = (start + 16 * tl.arange(0, 4)) // G
+            gw = _udiv(start + 16 * tl.arange(0, 4), G)
             st = tl.load(ku + gw * sku_g, mask=(gw * G < hi) | (not MASKED), other=0.0).to(tl.float32)
             x = (x.to(tl.float32) * st[:, None, None]).to(tl.float16)
         return x
@@ -614,6 +614,12 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _udiv(x, N: tl.constexpr):
+        """``x // N`` for ``x >= 0`` (token indices): as unsigned, a power of two ``N`` is one shift, with no
+        rounding fix-up for negative values."""
+        return (x.to(tl.uint32) // N).to(tl.int32)
+
+    @triton.jit
     def _ld(ptr, mask, other, MASKED: tl.constexpr):
         """``tl.load`` under ``mask`` when ``MASKED``, else unmasked (a tile known to be whole: no predicates
         and no zero-fill instructions)."""
@@ -691,12 +697,12 @@ if HAS_TRITON:
             # not in the interpreter; the last valid group's row stands in for groups past the end)
             if FOLD == 2:
                 th = tl.arange(0, 128)
-                gr = tl.minimum((start + 16 * (th // 32)) // G, tl.maximum(hi - 1, 0) // G)
+                gr = tl.minimum(_udiv(start + 16 * (th // 32), G), _udiv(tl.maximum(hi - 1, 0), G))
                 k_s = tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l", [ks + gr * sks_g + (32 * (th % 4)) % (32 * NB)],
                                                 dtype=tl.int32, is_pure=False, pack=1)
             else:
                 k_s = start  # (nothing to carry)
-            gr = (start + 16 * tl.arange(0, 4)) // G
+            gr = _udiv(start + 16 * tl.arange(0, 4), G)
             k_m = tl.load(kb + gr[:, None] * skb_g + tl.arange(0, 8)[None, :], mask=(gr * G < hi)[:, None],
                           other=0.0)
         else:
@@ -716,7 +722,7 @@ if HAS_TRITON:
         kw = tl.reshape(tl.join(_thread_words(kp + start * skp_t, k_off, (start + k_tok) < hi, NB, MASKED),
                                 _thread_words(kp + (start + 8) * skp_t, k_off, (start + 8 + k_tok) < hi, NB,
                                               MASKED)), (128, NB, 2))
-        vw = _thread_words(vp + (start // 4) * svp_r, v_off, (start + 16 * w_ + 4 * kl < hi)[:, None, None], NJ,
+        vw = _thread_words(vp + _udiv(start, 4) * svp_r, v_off, (start + 16 * w_ + 4 * kl < hi)[:, None, None], NJ,
                            MASKED)
         return k_s, k_m, v_s, v_m, kw, vw
 
