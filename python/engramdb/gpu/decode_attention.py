@@ -727,6 +727,19 @@ if HAS_TRITON:
         return k_s, k_m, v_s, v_m, kw, vw
 
     @triton.jit
+    def _softmax_step(s, m_i, l_i, start, hi, tok, MASKED: tl.constexpr, AXIS: tl.constexpr):
+        """One tile's online-softmax step over the token axis ``AXIS`` of the scores ``s`` (``MASKED``: tokens
+        ``start + tok`` past ``hi`` score -inf): ``(new running max, new running sum, the old sums' and
+        outputs' rescale, p)``."""
+        if MASKED:
+            s = tl.where((start + tok) < hi, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=AXIS))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no token yet: nothing to scale
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - tl.expand_dims(m_use, AXIS))
+        return m_new, l_i * alpha + tl.sum(p, axis=AXIS), alpha, p
+
+    @triton.jit
     def _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, D: tl.constexpr,
                     NB: tl.constexpr, NJ: tl.constexpr, G: tl.constexpr, KEY_META_REGS: tl.constexpr,
                     ASM: tl.constexpr, MASKED: tl.constexpr, SWAP_PV: tl.constexpr, SWAP_QK: tl.constexpr,
@@ -769,22 +782,9 @@ if HAS_TRITON:
                 s = tl.dot(kt, qb) * (qk_scale * 16777216.0) + k_m[:, None, :] * qk_scale
             else:
                 s = tl.dot(kt, qb) * qk_scale
-            if MASKED:
-                s = tl.where((start + tok) < hi, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no token yet: nothing to scale
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None, :])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_new, l_i, alpha, p = _softmax_step(s, m_i, l_i, start, hi, tok, MASKED, 1)
         else:
-            s = tl.dot(qb, kt) * qk_scale
-            if MASKED:
-                s = tl.where((start + tok) < hi, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=2))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no token yet: nothing to scale
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, :, None])
-            l_i = l_i * alpha + tl.sum(p, axis=2)
+            m_new, l_i, alpha, p = _softmax_step(tl.dot(qb, kt) * qk_scale, m_i, l_i, start, hi, tok, MASKED, 2)
         # values dequantized in the words' own shape (w, nl, kl, j, i1, i2, i0), where the scales of token
         # 16 w + 4 kl + 2 i1 + i0 and group nl // NS meet them; then the operand (rows tokens, columns n)
         cv = _dequant_pairs(_word_pairs8(tl.reshape(vw, (4, 8, 4, NJ))), _value_frag(v_s, NJ),
