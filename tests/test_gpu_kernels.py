@@ -588,6 +588,18 @@ def test_key_score_offsets_are_minimums_dot_queries(meta_bits):
     torch.testing.assert_close(got[..., :3].double(), want, atol=1e-3, rtol=1e-4)
 
 
+def test_decode_occupancy_from_registers_shared_memory_and_threads():
+    """Programs an SM holds (what the default split count plans waves with): the warps kernel at 168
+    registers fits three of its 4-warp programs, at 198-200 two, at 128 four; shared memory and the thread
+    limit cap it too (the fourth session's Nsight run: 168 registers, 36.9 KB -> 3)."""
+    da = import_module(G.__name__ + ".decode_attention")
+    assert [da.occupancy(r, 1024, 4) for r in (168, 198, 200, 128, 255)] == [3, 2, 2, 4, 2]
+    assert da.occupancy(168, 37_748, 4) == 3
+    assert da.occupancy(32, 60_000, 4) == 3  # shared memory: 233,472 // 61,024
+    assert da.occupancy(16, 0, 4) == 16  # threads: 2,048 // 128
+    assert da.occupancy(255, 0, 8) == 1
+
+
 def test_decode_split_count_fills_whole_waves():
     """The default split count on a GPU (``wave_splits``): as many programs as fill whole waves of the slots
     (programs an SM x SMs), each wave as short as it can be, never more splits than allowed."""

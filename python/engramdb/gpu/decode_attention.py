@@ -1262,15 +1262,25 @@ def _programs_per_sm(kernel, consts: dict, args: tuple, dev: torch.device) -> in
             k = kernel.warmup(*args, grid=(1, 1), **consts)
             k._init_handles()
             props = torch.cuda.get_device_properties(dev)
-            threads = k.metadata.num_warps * 32
-            by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (threads * ((k.n_regs + 7) // 8 * 8))
-            by_smem = (getattr(props, "shared_memory_per_multiprocessor", 233472) // (k.metadata.shared + 1024)
-                       if k.metadata.shared else 32)
-            n = max(1, min(by_regs, by_smem, props.max_threads_per_multi_processor // threads, 32))
+            n = occupancy(k.n_regs, k.metadata.shared, k.metadata.num_warps,
+                          getattr(props, "regs_per_multiprocessor", 65536),
+                          getattr(props, "shared_memory_per_multiprocessor", 233472),
+                          props.max_threads_per_multi_processor)
         except Exception:  # an older or newer Triton without these attributes: the former assumption
             n = 4
         _PROGRAMS_PER_SM[key] = n
     return n
+
+
+def occupancy(n_regs: int, shared: int, num_warps: int, regs_per_sm: int = 65536, smem_per_sm: int = 233472,
+              max_threads: int = 2048) -> int:
+    """Programs of ``num_warps`` warps an SM holds at once with ``n_regs`` registers a thread (allocated by
+    eights) and ``shared`` bytes of shared memory (plus the 1 KB the driver reserves a block): the fewest
+    that registers, shared memory and threads allow (1 to 32). Defaults: an H100's or H200's SM."""
+    threads = num_warps * 32
+    by_regs = regs_per_sm // (threads * ((max(n_regs, 1) + 7) // 8 * 8))
+    by_smem = smem_per_sm // (shared + 1024) if shared else 32
+    return max(1, min(by_regs, by_smem, max_threads // threads, 32))
 
 
 def wave_splits(heads: int, tokens: int, slots: int, most: int, block_t: int = 64, overhead: int = 128) -> int:
