@@ -118,25 +118,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _key_meta(ks, km, ku, start, hi, d, dmask, sks_g, sku_g, BLOCK_T: tl.constexpr, G: tl.constexpr,
-                  DQ: tl.constexpr, DEQ_DTYPE: tl.constexpr, MINIMUMS: tl.constexpr = True):
+                  DQ: tl.constexpr, DEQ_DTYPE: tl.constexpr):
         """Scale and minimum of each token group of the key tile at ``start`` (``(max(1, BLOCK_T // G),
-        BLOCK_D)`` each; groups past ``hi`` read 0): small enough to be fetched a tile ahead. Without
-        ``MINIMUMS`` the minimums are not read (the second result is then the scales too)."""
+        BLOCK_D)`` each; groups past ``hi`` read 0): small enough to be fetched a tile ahead."""
         NG: tl.constexpr = BLOCK_T // G if BLOCK_T >= G else 1
         gr = start // G + tl.arange(0, NG)
         gv = gr * G < hi
         goff = gr[:, None] * sks_g + d[None, :]
         k_s = tl.load(ks + goff, mask=gv[:, None] & dmask[None, :], other=0)
-        if MINIMUMS:
-            k_m = tl.load(km + goff, mask=gv[:, None] & dmask[None, :], other=0)
+        k_m = tl.load(km + goff, mask=gv[:, None] & dmask[None, :], other=0)
         if DQ:  # 8-bit codes against their token group's (scale step, minimum base, minimum step)
             up = ku + gr * sku_g
             k_s = k_s.to(tl.float32) * tl.load(up, mask=gv, other=0.0).to(tl.float32)[:, None]
-            if MINIMUMS:
-                k_m = (tl.load(up + 1, mask=gv, other=0.0).to(tl.float32)[:, None]
-                       + k_m.to(tl.float32) * tl.load(up + 2, mask=gv, other=0.0).to(tl.float32)[:, None])
-        if not MINIMUMS:
-            k_m = k_s
+            k_m = (tl.load(up + 1, mask=gv, other=0.0).to(tl.float32)[:, None]
+                   + k_m.to(tl.float32) * tl.load(up + 2, mask=gv, other=0.0).to(tl.float32)[:, None])
         return k_s.to(DEQ_DTYPE), k_m.to(DEQ_DTYPE)
 
     @triton.jit
@@ -488,16 +483,6 @@ if HAS_TRITON:
             x = (x.to(tl.float32) * st[:, None, None]).to(tl.float16)
         return x
 
-    @triton.jit
-    def _fold_scales(k_s, ks, ku, start, hi, sks_g, sku_g, G: tl.constexpr, DQ: tl.constexpr, D: tl.constexpr,
-                     FOLD: tl.constexpr, MASKED: tl.constexpr = False):
-        """``FOLD``: the key scales of the tile at ``start`` in Q^T's layout (:func:`_ks_operand`), else
-        ``k_s`` as it is."""
-        if FOLD:
-            return _ks_operand(ks, ku, start, hi, sks_g, sku_g, G, DQ, D, MASKED)
-        else:
-            return k_s
-
     # A hint: the line at $1 into L1 (no register waits for it; $0 is a dummy)
     _PREFETCH_ASM = tl.constexpr("prefetch.global.L1 [$1]; mov.b32 $0, 0;")
 
@@ -740,10 +725,10 @@ if HAS_TRITON:
         return m_new, l_i * alpha + tl.sum(p, axis=AXIS), alpha, p
 
     @triton.jit
-    def _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, D: tl.constexpr,
-                    NB: tl.constexpr, NJ: tl.constexpr, G: tl.constexpr, KEY_META_REGS: tl.constexpr,
-                    ASM: tl.constexpr, MASKED: tl.constexpr, SWAP_PV: tl.constexpr, SWAP_QK: tl.constexpr,
-                    MOVM: tl.constexpr, FOLD: tl.constexpr):
+    def _warps_tile(qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, ks, ku, sks_g, sku_g,
+                    D: tl.constexpr, NB: tl.constexpr, NJ: tl.constexpr, G: tl.constexpr, DQ: tl.constexpr,
+                    KEY_META_REGS: tl.constexpr, ASM: tl.constexpr, MASKED: tl.constexpr, SWAP_PV: tl.constexpr,
+                    SWAP_QK: tl.constexpr, MOVM: tl.constexpr, FOLD: tl.constexpr):
         """One 64-token tile of the warps kernel: each warp's 16 tokens dequantized into its dot operands, its
         scores, and its running maximum, sum and output updated (``MASKED``: tokens past ``hi`` score
         -inf). ``SWAP_QK``: the scores transposed, ``(4, 16 tokens, 8 heads)``, from K Q^T (``qb``: Q^T)."""
@@ -759,20 +744,18 @@ if HAS_TRITON:
             KG: tl.constexpr = 64 // G if G < 64 else 1
             # (the codes by inline PTX at head size 128: 513 -> 474 loop instructions with Triton 3.6, 627 -> 536
             # with 3.9; at 64 the Triton arithmetic compiles shorter: 386 against 397 since the shift-once unpack)
-            if FOLD:  # raw codes (subnormals); the scales go into Q^T, the minimums come as score offsets (k_m)
+            if FOLD:  # raw codes (subnormals); this tile's scales into Q^T, the minimums as score offsets (k_m)
                 c = _pair_subnormals(_word_pairs8(tl.reshape(kw, (4, 8, 4, NB, 2))), ASM)
                 kt = tl.reshape(tl.permute(c, (0, 4, 1, 3, 6, 2, 5, 7)), (4, 16, D))
-                qb = (qb * k_s).to(tl.float16)
-            else:
-                c = _pair_codes(_word_pairs8(tl.reshape(kw, (4, 8, 4, NB, 2))), ASM and D == 128)
-            if FOLD:
-                pass
+                qb = (qb * _ks_operand(ks, ku, start, hi, sks_g, sku_g, G, DQ, D, MASKED)).to(tl.float16)
             elif SWAP_QK:
+                c = _pair_codes(_word_pairs8(tl.reshape(kw, (4, 8, 4, NB, 2))), ASM and D == 128)
                 kt = tl.reshape(tl.permute(c, (0, 4, 1, 3, 6, 2, 5, 7)), (4, 16, D))
                 kt = (kt * tl.reshape(tl.broadcast_to(tl.reshape(k_s, (KG, 1, 1, D)), (KG, 4 // KG, 16, D)),
                                       (4, 16, D))
                       + tl.reshape(tl.broadcast_to(tl.reshape(k_m, (KG, 1, 1, D)), (KG, 4 // KG, 16, D)), (4, 16, D)))
             else:
+                c = _pair_codes(_word_pairs8(tl.reshape(kw, (4, 8, 4, NB, 2))), ASM and D == 128)
                 kt = tl.reshape(tl.permute(c, (0, 3, 6, 2, 5, 7, 4, 1)), (4, D, 16))
                 kt = (kt * tl.reshape(tl.broadcast_to(tl.reshape(k_s, (KG, 1, D, 1)), (KG, 4 // KG, D, 16)),
                                       (4, D, 16))
@@ -851,12 +834,12 @@ if HAS_TRITON:
         ``KEY_META_REGS`` (no barrier at all in the loop), else the tile's are spread through shared memory
         (4 barriers; faster on an H200). ``META_AHEAD``: the scales are fetched a tile ahead with the words.
         ``SWAP_PV`` (GQA groups of at most 8): P V as (V^T P^T)^T with 8 query rows. ``SWAP_QK`` (the same
-        groups): the scores as K Q^T, 8 heads wide (``MOVM``: P^T transposed by movmatrix). ``FOLD`` (1, or 2
-        with the key scales prefetched into L1 by PTX; with
-        ``SWAP_QK`` and the key scales through shared memory): the keys' codes enter the dot raw, as fp16
-        subnormals (code x 2^-24, one AND a pair), their scales are folded into Q^T each tile and their
-        minimums come as each token group's score offset ``KB`` = minimums . q (``key_score_offsets``). Knobs
-        and timings: the ``WARPS_*`` module variables, gpu/NOTES.md."""
+        groups): the scores as K Q^T, 8 heads wide (``MOVM``: P^T transposed by movmatrix). ``FOLD`` (with
+        ``SWAP_QK``, not ``KEY_META_REGS``): the keys' codes enter the dot raw, as fp16 subnormals (code x
+        2^-24, one AND a pair), each tile's key scales multiply Q^T (loaded at the tile; ``FOLD`` = 2: the
+        lines prefetched into L1 a tile ahead by PTX, 1: not, in the interpreter) and the minimums come as
+        each token group's score offset ``KB`` = minimums . q (``key_score_offsets``). Knobs and timings: the
+        ``WARPS_*`` module variables, gpu/NOTES.md."""
         NB: tl.constexpr = D // 32
         NJ: tl.constexpr = D // 16  # value words a thread a tile
         NG: tl.constexpr = D // G if G < D else 1  # value groups in a row
@@ -914,25 +897,29 @@ if HAS_TRITON:
                 kp, ks, km, ku, vp, vs, vm, vu, lo, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g, sku_g, svp_r,
                 svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True, kbp, skb_g, FOLD)
             ks_b, km_b, vs_b, vm_b, kw_b, vw_b = _warps_tile_load(
-                kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(lo + 64, last), hi, w_, nl, kl, k_off, k_tok, v_off, skp_t,
-                sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True, kbp, skb_g, FOLD)
+                kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(lo + 64, last), hi, w_, nl, kl, k_off, k_tok, v_off,
+                skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True, kbp,
+                skb_g, FOLD)
             n_full = (hi_full - lo) // 64
             for start in range(lo, lo + n_full // 2 * 128, 128):
-                m_i, l_i, acc = _warps_tile(qb, kw_a, vw_a, _fold_scales(ks_a, ks, ku, start, hi, sks_g, sku_g, G, DQ, D, FOLD), km_a, vs_a, vm_a, m_i, l_i, acc, start, hi, tok,
-                                            qk_scale, D, NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK, MOVM, FOLD)
+                m_i, l_i, acc = _warps_tile(
+                    qb, kw_a, vw_a, ks_a, km_a, vs_a, vm_a, m_i, l_i, acc, start, hi, tok, qk_scale, ks, ku, sks_g,
+                    sku_g, D, NB, NJ, G, DQ, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK, MOVM, FOLD)
                 ks_a, km_a, vs_a, vm_a, kw_a, vw_a = _warps_tile_load(
                     kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(start + 128, last), hi, w_, nl, kl, k_off, k_tok,
-                    v_off, skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False, kbp, skb_g, FOLD)
-                m_i, l_i, acc = _warps_tile(qb, kw_b, vw_b, _fold_scales(ks_b, ks, ku, start + 64, hi, sks_g, sku_g, G, DQ, D, FOLD), km_b, vs_b, vm_b, m_i, l_i, acc, start + 64, hi,
-                                            tok, qk_scale, D, NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK,
-                                            MOVM, FOLD)
+                    v_off, skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS,
+                    False, kbp, skb_g, FOLD)
+                m_i, l_i, acc = _warps_tile(
+                    qb, kw_b, vw_b, ks_b, km_b, vs_b, vm_b, m_i, l_i, acc, start + 64, hi, tok, qk_scale, ks, ku,
+                    sks_g, sku_g, D, NB, NJ, G, DQ, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK, MOVM, FOLD)
                 ks_b, km_b, vs_b, vm_b, kw_b, vw_b = _warps_tile_load(
                     kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(start + 192, last), hi, w_, nl, kl, k_off, k_tok,
-                    v_off, skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False, kbp, skb_g, FOLD)
+                    v_off, skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS,
+                    False, kbp, skb_g, FOLD)
             if n_full % 2:  # an odd whole tile: buffer a holds it
-                m_i, l_i, acc = _warps_tile(qb, kw_a, vw_a, _fold_scales(ks_a, ks, ku, hi_full - 64, hi, sks_g, sku_g, G, DQ, D, FOLD), km_a, vs_a, vm_a, m_i, l_i, acc, hi_full - 64, hi,
-                                            tok, qk_scale, D, NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK,
-                                            MOVM, FOLD)
+                m_i, l_i, acc = _warps_tile(
+                    qb, kw_a, vw_a, ks_a, km_a, vs_a, vm_a, m_i, l_i, acc, hi_full - 64, hi, tok, qk_scale, ks, ku,
+                    sks_g, sku_g, D, NB, NJ, G, DQ, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK, MOVM, FOLD)
         else:
             k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx = _warps_tile_load(
                 kp, ks, km, ku, vp, vs, vm, vu, lo, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g, sku_g, svp_r,
@@ -940,19 +927,23 @@ if HAS_TRITON:
             for start in range(lo, hi_full, 64):
                 k_s, k_m, v_s, v_m, kw, vw = k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx
                 if not META_AHEAD:  # this tile's scales now (the prefetched ones are then never loaded)
-                    k_s, k_m, v_s, v_m = _warps_meta_load(ks, km, ku, vs, vm, vu, start, hi, w_, nl, kl, sks_g, sku_g,
-                                                          svs_t, svu_g, d, dmask, NB, NS, G, DQ, KEY_META_REGS, False, kbp, skb_g, FOLD)
+                    k_s, k_m, v_s, v_m = _warps_meta_load(
+                        ks, km, ku, vs, vm, vu, start, hi, w_, nl, kl, sks_g, sku_g, svs_t, svu_g, d, dmask, NB, NS,
+                        G, DQ, KEY_META_REGS, False, kbp, skb_g, FOLD)
                 k_s_nx, k_m_nx, v_s_nx, v_m_nx, kw_nx, vw_nx = _warps_tile_load(
                     kp, ks, km, ku, vp, vs, vm, vu, tl.minimum(start + 64, last), hi, w_, nl, kl, k_off, k_tok, v_off,
-                    skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False, kbp, skb_g, FOLD)
-                m_i, l_i, acc = _warps_tile(qb, kw, vw, _fold_scales(k_s, ks, ku, start, hi, sks_g, sku_g, G, DQ, D, FOLD), k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, D,
-                                            NB, NJ, G, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK, MOVM, FOLD)
+                    skp_t, sks_g, sku_g, svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, False, kbp,
+                    skb_g, FOLD)
+                m_i, l_i, acc = _warps_tile(
+                    qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, start, hi, tok, qk_scale, ks, ku, sks_g, sku_g, D,
+                    NB, NJ, G, DQ, KEY_META_REGS, ASM, False, SWAP_PV, SWAP_QK, MOVM, FOLD)
         if hi_full < hi:
             k_s, k_m, v_s, v_m, kw, vw = _warps_tile_load(
                 kp, ks, km, ku, vp, vs, vm, vu, hi_full, hi, w_, nl, kl, k_off, k_tok, v_off, skp_t, sks_g, sku_g,
                 svp_r, svs_t, svu_g, d, dmask, NB, NJ, NS, G, DQ, KEY_META_REGS, True, kbp, skb_g, FOLD)
-            m_i, l_i, acc = _warps_tile(qb, kw, vw, _fold_scales(k_s, ks, ku, hi_full, hi, sks_g, sku_g, G, DQ, D, FOLD, True), k_m, v_s, v_m, m_i, l_i, acc, hi_full, hi, tok, qk_scale, D,
-                                        NB, NJ, G, KEY_META_REGS, ASM, True, SWAP_PV, SWAP_QK, MOVM, FOLD)
+            m_i, l_i, acc = _warps_tile(
+                qb, kw, vw, k_s, k_m, v_s, v_m, m_i, l_i, acc, hi_full, hi, tok, qk_scale, ks, ku, sks_g, sku_g, D,
+                NB, NJ, G, DQ, KEY_META_REGS, ASM, True, SWAP_PV, SWAP_QK, MOVM, FOLD)
 
         if SWAP_QK:  # the states of heads 8.. (none): -inf and 0
             m_i = tl.reshape(tl.permute(tl.join(m_i, tl.full((4, 8), float("-inf"), tl.float32)), (0, 2, 1)),
@@ -1485,8 +1476,8 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
     precision (or ``None``). ``Hq`` must be a multiple of ``Hkv`` (grouped-query attention). Returns
     ``(B, Hq, D)`` (or ``(B, Hq, 1, D)``) in ``q``'s dtype. No mask: every cached token is attended to.
     Tuning knobs of the Triton kernel: ``num_splits`` (sequence slices; default on a GPU: whole waves of
-    as many programs as an SM holds of the compiled kernel, :func:`wave_splits`), ``block_t`` (tokens per tile, a power of two), ``num_warps``, ``num_stages`` (Triton's
-    shared-memory pipeline depth; default 1 with ``unpack="join", prefetch="all"`` or fp32 caches, else 2);
+    as many programs as an SM holds of the compiled kernel, :func:`wave_splits`), ``block_t`` (tokens per
+    tile, a power of two), ``num_warps``, ``num_stages`` (Triton's shared-memory pipeline depth; default 1 with ``unpack="join", prefetch="all"`` or fp32 caches, else 2);
     ``unpack``: ``"join"`` (each packed word split into fp16 codes in the thread that loaded it, no
     int-to-float conversions), ``"expand"`` (the codes spread through a reshape) or ``"gather"`` (one
     load per element); ``prefetch``: what the next tile fetches while this one is computed:
