@@ -48,6 +48,7 @@ from .kv_quant import (
     cat_tokens,
     dequantize,
     hadamard,
+    is_token_contiguous,
     quantize_keys,
     quantize_values,
     refine_decode,
@@ -78,7 +79,7 @@ def _cat_quantized(a: Optional[QuantizedTensor], b: QuantizedTensor) -> Quantize
 
 def _on_batch(fn, x: torch.Tensor) -> torch.Tensor:
     """``fn`` (a selection along the batch axis) applied to per-token scales in their memory layout."""
-    if x.shape[3] > 1 and x.stride(2) == 1:  # token-contiguous (kv_quant.token_contiguous)
+    if is_token_contiguous(x):
         return fn(x.transpose(2, 3)).transpose(2, 3)
     return fn(x)
 

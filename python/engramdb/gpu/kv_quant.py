@@ -699,10 +699,15 @@ def token_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(2, 3).contiguous().transpose(2, 3)
 
 
+def is_token_contiguous(x: torch.Tensor) -> bool:
+    """Whether ``x`` ``(B, H, T, N)``, N > 1, is laid out as :func:`token_contiguous` makes it."""
+    return x.shape[3] > 1 and x.stride(2) == 1
+
+
 def cat_tokens(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a`` and ``b`` ``(B, H, T, N)`` joined along the tokens, in ``a``'s memory layout (token-contiguous,
     :func:`token_contiguous`, stays so)."""
-    if a.shape[3] > 1 and a.stride(2) == 1:
+    if is_token_contiguous(a):
         return torch.cat([a.transpose(2, 3), b.transpose(2, 3)], 3).transpose(2, 3)
     return torch.cat([a, b], 2)
 
