@@ -105,7 +105,7 @@ def signature(fn, args, kwargs):
             constexprs[(i,)] = v
         elif isinstance(v, torch.Tensor):
             sig[name] = "*" + {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16",
-                               torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8"}[v.dtype]
+                               torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8"}[v.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]  # the caching allocator's pointers are 16-byte aligned
         elif isinstance(v, bool):
             sig[name] = "i1"

@@ -763,11 +763,14 @@ def test_brute_force_index_matches_search_topk(metric):
         assert torch.equal(i.cpu(), ref)
 
 
-@pytest.mark.parametrize("metric,kind", [("ip", "fp16"), ("l2", "int8")])  # the interpreter's sort is slow
-def test_search_fused_select_ranks_like_the_reference(metric, kind):
+@pytest.mark.parametrize("metric,kind,select", [("ip", "fp16", "fused"), ("l2", "int8", "fused"),
+                                                ("ip", "int8", "parallel"), ("l2", "fp16", "parallel")])
+def test_search_fused_select_ranks_like_the_reference(metric, kind, select):
     """select="fused" (one kernel: a threshold from the tile maxima, the rows that reach it, their top k by
-    (score, id) keys): the exact ids on continuous data and on small integers full of ties, for k of 1, a
-    power of two and neither, over several chunks, and through BruteForceIndex."""
+    (score, id) keys) and select="parallel" (the same in three launches, many programs a query): the exact ids
+    on continuous data and on small integers full of ties, for k of 1, a power of two and neither, over
+    several chunks, and through BruteForceIndex. (Two metric and row kinds each: the interpreter's sort is
+    slow.)"""
     r = gen(55)
     for data in ("float", "int"):
         if data == "float":
@@ -788,38 +791,44 @@ def test_search_fused_select_ranks_like_the_reference(metric, kind):
         cases = ((1, None), (33, None), (7, 1500)) if data == "float" else ((10, None), (32, None))
         for k, chunk in cases:
             s, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), k, metric, base_scale=dscale, chunk_rows=chunk,
-                                 select="fused", backend="triton")
+                                 select=select, backend="triton")
             rs, ri = G.search_topk_ref(q, base, k, metric, base_scale=scale)
             assert torch.equal(i.cpu(), ri), (data, k, chunk)
             torch.testing.assert_close(s.double().cpu(), rs, atol=1e-3, rtol=1e-5)
-    index = G.BruteForceIndex(base.to(DEVICE), metric, base_scale=dscale, select="fused")
+    index = G.BruteForceIndex(base.to(DEVICE), metric, base_scale=dscale, select=select)
     assert torch.equal(index.search(q.to(DEVICE), 5)[1].cpu(), G.search_topk_ref(q, base, 5, metric, base_scale=scale)[1])
     with pytest.raises(ValueError, match="select"):
         G.search_topk(q, base, 5, select="heap")
-    # the default picks the fused kernel on a GPU and the torch select elsewhere
-    assert G.BruteForceIndex(base.to(DEVICE), metric, base_scale=dscale).select == (
-        "fused" if DEVICE == "cuda" else "torch")
+    with pytest.raises(ValueError, match="select"):
+        G.BruteForceIndex(base, select="heap")
+    # the default: on a GPU the fused kernel, the parallel one from PARALLEL_FROM_K on; the torch select elsewhere
+    auto = G.BruteForceIndex(base.to(DEVICE), metric, base_scale=dscale)
+    search = import_module(G.__name__ + ".search")
+    for k, want in ((10, "fused"), (search.PARALLEL_FROM_K - 1, "fused"), (search.PARALLEL_FROM_K, "parallel")):
+        assert auto.select_for(k) == (want if DEVICE == "cuda" else "torch")
 
 
-def test_search_fused_select_threshold_keeps_few_rows_and_overflow_falls_back(monkeypatch):
-    """The fused select's threshold lets through few more rows than k on continuous data (it is what makes
-    the kernel cheap); a tie of 2,001 rows is ranked over several key blocks; and when more rows reach it
-    than its key buffer holds (thousands of equal scores) the kernel ranks the listed tiles instead: the
-    answer is still exact, with no exact path on the host and no host synchronisation."""
+@pytest.mark.parametrize("select,launcher", [("fused", "_threshold_select"), ("parallel", "_parallel_select")])
+def test_search_fused_select_threshold_keeps_few_rows_and_overflow_falls_back(monkeypatch, select, launcher):
+    """The fused and parallel selects' threshold lets through few more rows than k on continuous data (it is
+    what makes them cheap); a tie of 2,001 rows is ranked over several key blocks; and when more rows reach it
+    than the key buffer holds (thousands of equal scores) the listed tiles are ranked instead (the parallel
+    select: in its rank launch). The answer is still exact, with no exact path on the host and no host
+    synchronisation."""
     search = import_module(G.__name__ + ".search")
     seen = []
-    real = search._threshold_select
+    real = getattr(search, launcher)
 
     def spy(s, tmax, n, bn, kk, row0):
         out = real(s, tmax, n, bn, kk, row0)
         seen.append((s, tmax, kk, out[2].cpu()))
         return out
 
-    monkeypatch.setattr(search, "_threshold_select", spy)
+    monkeypatch.setattr(search, launcher, spy)
     r = gen(66)
     base = torch.randn(12000, 32, generator=r).half()
     q = torch.randn(2, 32, generator=r)
-    _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), 10, select="fused", backend="triton")
+    _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), 10, select=select, backend="triton")
     assert torch.equal(i.cpu(), G.search_topk_ref(q, base, 10)[1])
     s, tmax, kk, n_keys = seen[-1]
     # rebuild the kernel's threshold: the kk-th best of the 64 group maxima (94 tiles dealt 2 to a group)
@@ -830,9 +839,9 @@ def test_search_fused_select_threshold_keeps_few_rows_and_overflow_falls_back(mo
     assert bool(((passed >= kk) & (passed <= 4 * kk)).all()), passed
     assert torch.equal(n_keys.long(), passed.cpu().long())  # the kernel counted the same rows
     dup = base.clone()
-    dup[1000:3000] = dup[7]  # 2,001 equal rows reach the threshold: ranked in two blocks of 1,024 keys, no overflow
+    dup[1000:3000] = dup[7]  # 2,001 equal rows reach the threshold: ranked in several key blocks, no overflow
     q = dup[7].float().repeat(2, 1)
-    _, i = G.search_topk(q.to(DEVICE), dup.to(DEVICE), 10, select="fused", backend="triton")
+    _, i = G.search_topk(q.to(DEVICE), dup.to(DEVICE), 10, select=select, backend="triton")
     assert bool((seen[-1][3] == 2001).all())  # within the 4,096 keys the buffer holds
     assert torch.equal(i.cpu(), G.search_topk_ref(q, dup, 10)[1])  # the ten lowest ids of the tie
     calls = []
@@ -841,14 +850,37 @@ def test_search_fused_select_threshold_keeps_few_rows_and_overflow_falls_back(mo
     dup = base.clone()
     dup[1000:6000] = dup[7]  # 5,001 equal rows: all reach the threshold, more than the 4,096 keys it keeps
     q = dup[7].float().repeat(2, 1)
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: pytest.fail("the fused select waited on the host"))
-    _, i = G.search_topk(q.to(DEVICE), dup.to(DEVICE), 10, select="fused", backend="triton")
-    _, i6 = G.search_topk(q.to(DEVICE), dup.to(DEVICE), 64, select="fused", backend="triton")
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: pytest.fail(f"the {select} select waited on the host"))
+    _, i = G.search_topk(q.to(DEVICE), dup.to(DEVICE), 10, select=select, backend="triton")
+    _, i6 = G.search_topk(q.to(DEVICE), dup.to(DEVICE), 64, select=select, backend="triton")
     monkeypatch.undo()
     assert bool((seen[-2][3] == 5001).all()) and bool((seen[-1][3] > 4096).all())  # the buffer overflowed ...
     assert calls == [False, False]  # ... yet no chunk went to the exact path
     assert torch.equal(i.cpu(), G.search_topk_ref(q, dup, 10)[1])  # ranked from the listed tiles, exactly
     assert torch.equal(i6.cpu(), G.search_topk_ref(q, dup, 64)[1])
+
+
+def test_search_parallel_select_many_programs_a_query_matches_the_one_program_select():
+    """The parallel select at a large k: more tiles than one gather program takes (2 a query, both holding
+    rows of the answer), integer scores tied by the dozen at the cut. Its three outputs (scores, ids, rows that
+    reached the threshold) equal the one-program kernel's, and the ids the reference's. (Key buffers of many
+    blocks are in the tie test above.)"""
+    search = import_module(G.__name__ + ".search")
+    r = gen(77)
+    n, k = 140_000, 300
+    base = torch.randint(-6, 7, (n, 8), generator=r).half()
+    q = torch.randint(-3, 4, (2, 8), generator=r).float()
+    s, tmax, bn = search._chunk_scores_triton(q.to(DEVICE), base.to(DEVICE), None, None, False, search._TILE)
+    assert tmax.shape[1] > search._GATHER_TILES  # two gather programs a query
+    one = search._threshold_select(s, tmax, n, bn, k, 0)
+    par = search._parallel_select(s, tmax, n, bn, k, 0)
+    for a, b in zip(one, par):
+        assert torch.equal(a, b)
+    assert torch.equal(par[1].cpu(), G.search_topk_ref(q, base, k)[1])
+    last = par[0][:, -1:]  # the k-th best score
+    assert bool(((s[:, :n] == last).sum(1) > 1).all())  # ties straddle the cut in both queries
+    split = search._GATHER_TILES
+    assert bool(((tmax[:, :split] >= last).any(1) & (tmax[:, split:] >= last).any(1)).all())
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])

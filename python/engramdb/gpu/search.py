@@ -173,81 +173,177 @@ if HAS_TRITON:
         _store_tile(acc, XS, XN, OUT, TMAX, rm, rn, mmask, nmask, so_m, st_m, pid_n, True, IS_L2)
 
     @triton.jit
-    def _threshold_select_kernel(S, TMAX, TL, KB, OUT_S, OUT_I, NKEYS, n, nt, row0, kk, ss_m, st_m, stl_m, skb_m,
-                                 so_m, BN: tl.constexpr, KP: tl.constexpr, GN: tl.constexpr, TB: tl.constexpr,
-                                 BT: tl.constexpr, CB: tl.constexpr, CAP: tl.constexpr):
-        """One query's top ``kk`` rows of a chunk, from its scores ``S`` and best score per tile ``TMAX``, in one
-        launch, ranked by 64-bit keys (monotone score bits, then the complement of the row id): best first,
-        equal scores by ascending id.
-
-        1. A threshold that at least ``kk`` rows reach: the tiles are dealt into ``GN`` groups; ``kk`` groups
-           whose best score is at least t hold ``kk`` distinct rows scoring at least t, so t = the ``kk``-th
-           highest group maximum will do (read from the tile maxima only).
-        2. The tiles whose maximum reaches it are listed (``TL``, a prefix-sum compaction).
-        3. Their rows that reach it are written as keys to ``KB`` (at most ``CAP``) and counted (``NKEYS``).
-        4. The top ``KP`` of those keys, merged a block of ``CB`` at a time. If more than ``CAP`` rows reached
-           the threshold (thousands of equal scores), the listed tiles are ranked instead, ``BT`` tiles of
-           rows at a time, rows under the threshold masked out: slower, still exact, and still on the GPU."""
-        q = tl.program_id(0)
-        MIN: tl.constexpr = -9223372036854775807 - 1
-        tmax = TMAX + q * st_m
-        # 1. the threshold
+    def _group_threshold(tmax, nt, kk, KP: tl.constexpr, GN: tl.constexpr, TB: tl.constexpr):
+        """A score that at least ``kk`` rows reach, from one query's best score per tile ``tmax`` alone: the
+        tiles are dealt into ``GN`` groups; ``kk`` groups whose best is at least t hold ``kk`` distinct rows
+        scoring at least t, so t = the ``kk``-th highest group maximum will do."""
         gmax = tl.full([GN], float("-inf"), tl.float32)
         for b0 in range(0, nt, TB):
             t = b0 + tl.arange(0, TB)
             v = tl.load(tmax + t, mask=t < nt, other=float("-inf"))
             gmax = tl.maximum(gmax, tl.max(tl.reshape(v, [GN, TB // GN]), axis=1))
         ranked = tl.topk(gmax, KP)  # descending
-        thr = tl.max(tl.where(tl.arange(0, KP) == kk - 1, ranked, float("-inf")), axis=0)
-        # 2. the tiles that can hold a row at or above it
+        return tl.max(tl.where(tl.arange(0, KP) == kk - 1, ranked, float("-inf")), axis=0)
+
+    @triton.jit
+    def _list_tiles(tmax, tiles_out, t0, t1, thr, TB: tl.constexpr):
+        """The tiles in ``[t0, t1)`` whose best score reaches ``thr``, written in order to ``tiles_out`` (a
+        prefix-sum compaction); returns how many. The caller reads the list back only after a barrier."""
         n_tiles = tl.zeros([], tl.int32)
-        for b0 in range(0, nt, TB):
+        for b0 in range(t0, t1, TB):
             t = b0 + tl.arange(0, TB)
-            hit = (tl.load(tmax + t, mask=t < nt, other=float("-inf")) >= thr) & (t < nt)
+            hit = (tl.load(tmax + t, mask=t < t1, other=float("-inf")) >= thr) & (t < t1)
             pos = n_tiles + tl.cumsum(hit.to(tl.int32), axis=0) - 1
-            tl.store(TL + q * stl_m + pos, t, mask=hit)
+            tl.store(tiles_out + pos, t, mask=hit)
             n_tiles += tl.sum(hit.to(tl.int32), axis=0)
+        return n_tiles
+
+    @triton.jit
+    def _listed_rows(S, tiles_in, i0, n_tiles, n, thr, BN: tl.constexpr, BT: tl.constexpr):
+        """Listed tiles ``i0 .. i0 + BT`` (of ``n_tiles``) as ``BT * BN`` rows: ``(rows, scores, keep)``, keep =
+        the row exists and reaches ``thr``. -0.0 is folded into +0.0, so the keys rank it as equal."""
+        j = i0 + tl.arange(0, BT)
+        tiles = tl.load(tiles_in + j, mask=j < n_tiles, other=0)
+        rows = tl.reshape(tiles[:, None] * BN + tl.arange(0, BN)[None, :], [BT * BN])
+        valid = tl.reshape(tl.broadcast_to((j < n_tiles)[:, None], [BT, BN]), [BT * BN]) & (rows < n)
+        sc = tl.load(S + rows, mask=valid, other=float("-inf")) + 0.0
+        return rows, sc, valid & (sc >= thr)
+
+    @triton.jit
+    def _score_keys(sc, rows, row0):
+        """64-bit keys: the score's bits made monotone in the float order (signed), then the complement of the
+        row id, so that a higher key is a better row and equal scores rank by ascending id."""
+        b = sc.to(tl.int32, bitcast=True)
+        return (tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64) << 32) | (0xFFFFFFFF - (rows + row0).to(tl.int64))
+
+    @triton.jit
+    def _key_score(key):
+        k32 = (key >> 32).to(tl.int32)
+        return tl.where(k32 < 0, k32 ^ 0x7FFFFFFF, k32).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _rank_listed_tiles(S, tiles_in, n_tiles, n, thr, row0, BN: tl.constexpr, BT: tl.constexpr,
+                           KP: tl.constexpr):
+        """The best ``KP`` keys of the listed tiles' rows that reach ``thr``, ``BT`` tiles at a time: the exact
+        path whatever the number of such rows (thousands of equal scores)."""
+        MIN: tl.constexpr = -9223372036854775807 - 1
+        best = tl.full([KP], MIN, tl.int64)
+        for i0 in range(0, n_tiles, BT):
+            rows, sc, keep = _listed_rows(S, tiles_in, i0, n_tiles, n, thr, BN, BT)
+            key = tl.where(keep, _score_keys(sc, rows, row0), MIN)
+            best = tl.topk(tl.reshape(tl.join(best, tl.topk(key, KP)), [2 * KP]), KP)
+        return best
+
+    @triton.jit
+    def _best_keys(keys, n_keys, KP: tl.constexpr, CB: tl.constexpr):
+        """The best ``KP`` of ``n_keys`` keys (``CB >= KP``), sorted: the first block's top ``KP``, then each
+        further block's merged in (at most ~1.6 k keys reach the threshold on real data, k = 1024: one block)."""
+        MIN: tl.constexpr = -9223372036854775807 - 1
+        c = tl.arange(0, CB)
+        best = tl.topk(tl.load(keys + c, mask=c < n_keys, other=MIN), KP)
+        for c0 in range(CB, n_keys, CB):
+            block = tl.topk(tl.load(keys + c0 + c, mask=c0 + c < n_keys, other=MIN), KP)
+            best = tl.topk(tl.reshape(tl.join(best, block), [2 * KP]), KP)
+        return best
+
+    @triton.jit
+    def _store_best(best, OUT_S, OUT_I, kk, KP: tl.constexpr):
+        o = tl.arange(0, KP)
+        tl.store(OUT_S + o, _key_score(best), mask=o < kk)
+        tl.store(OUT_I + o, 0xFFFFFFFF - (best & 0xFFFFFFFF), mask=o < kk)
+
+    @triton.jit
+    def _threshold_select_kernel(S, TMAX, TL, KB, OUT_S, OUT_I, NKEYS, n, nt, row0, kk, ss_m, st_m, stl_m, skb_m,
+                                 so_m, BN: tl.constexpr, KP: tl.constexpr, GN: tl.constexpr, TB: tl.constexpr,
+                                 BT: tl.constexpr, CB: tl.constexpr, CAP: tl.constexpr):
+        """One query's top ``kk`` rows of a chunk, from its scores ``S`` and best score per tile ``TMAX``, in one
+        program, ranked by 64-bit keys (:func:`_score_keys`): best first, equal scores by ascending id.
+
+        1. A threshold that at least ``kk`` rows reach (:func:`_group_threshold`).
+        2. The tiles whose maximum reaches it are listed (``TL``).
+        3. Their rows that reach it are written as keys to ``KB`` (at most ``CAP``) and counted (``NKEYS``).
+        4. The top ``KP`` of those keys, merged a block of ``CB`` at a time. If more than ``CAP`` rows reached
+           the threshold (thousands of equal scores), the listed tiles are ranked instead, ``BT`` tiles of
+           rows at a time, rows under the threshold masked out: slower, still exact, and still on the GPU."""
+        q = tl.program_id(0)
+        S += q * ss_m
+        tiles = TL + q * stl_m
+        keys = KB + q * skb_m
+        thr = _group_threshold(TMAX + q * st_m, nt, kk, KP, GN, TB)
+        n_tiles = _list_tiles(TMAX + q * st_m, tiles, 0, nt, thr, TB)
         tl.debug_barrier()  # the list is read back by other threads of this program
-        # 3. their rows at or above it, as keys
         n_keys = tl.zeros([], tl.int32)
         for i0 in range(0, n_tiles, BT):
-            j = i0 + tl.arange(0, BT)
-            tiles = tl.load(TL + q * stl_m + j, mask=j < n_tiles, other=0)
-            rows = tl.reshape(tiles[:, None] * BN + tl.arange(0, BN)[None, :], [BT * BN])
-            valid = tl.reshape(tl.broadcast_to((j < n_tiles)[:, None], [BT, BN]), [BT * BN]) & (rows < n)
-            sc = tl.load(S + q * ss_m + rows, mask=valid, other=float("-inf")) + 0.0  # -0.0 ranks as +0.0
-            keep = valid & (sc >= thr)
-            b = sc.to(tl.int32, bitcast=True)
-            key = tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64) << 32  # signed: monotone in the float order
-            key = key | (0xFFFFFFFF - (rows + row0).to(tl.int64))
+            rows, sc, keep = _listed_rows(S, tiles, i0, n_tiles, n, thr, BN, BT)
             pos = n_keys + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-            tl.store(KB + q * skb_m + pos, key, mask=keep & (pos < CAP))
+            tl.store(keys + pos, _score_keys(sc, rows, row0), mask=keep & (pos < CAP))
             n_keys += tl.sum(keep.to(tl.int32), axis=0)
         tl.debug_barrier()
-        # 4. the best KP keys: from the key buffer, or (it overflowed) from the listed tiles again
-        best = tl.full([KP], MIN, tl.int64)
-        overflow = n_keys > CAP
-        for c0 in range(0, tl.where(overflow, 0, n_keys), CB):
-            c = c0 + tl.arange(0, CB)
-            block = tl.topk(tl.load(KB + q * skb_m + c, mask=c < n_keys, other=MIN), KP)
-            best = tl.topk(tl.reshape(tl.join(best, block), [2 * KP]), KP)
-        for i0 in range(0, tl.where(overflow, n_tiles, 0), BT):
-            j = i0 + tl.arange(0, BT)
-            tiles = tl.load(TL + q * stl_m + j, mask=j < n_tiles, other=0)
-            rows = tl.reshape(tiles[:, None] * BN + tl.arange(0, BN)[None, :], [BT * BN])
-            valid = tl.reshape(tl.broadcast_to((j < n_tiles)[:, None], [BT, BN]), [BT * BN]) & (rows < n)
-            sc = tl.load(S + q * ss_m + rows, mask=valid, other=float("-inf")) + 0.0
-            b = sc.to(tl.int32, bitcast=True)
-            key = tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64) << 32
-            key = tl.where(valid & (sc >= thr), key | (0xFFFFFFFF - (rows + row0).to(tl.int64)), MIN)
-            best = tl.topk(tl.reshape(tl.join(best, tl.topk(key, KP)), [2 * KP]), KP)
-        k32 = (best >> 32).to(tl.int32)
-        out_s = tl.where(k32 < 0, k32 ^ 0x7FFFFFFF, k32).to(tl.float32, bitcast=True)
-        out_i = 0xFFFFFFFF - (best & 0xFFFFFFFF)
-        o = tl.arange(0, KP)
-        tl.store(OUT_S + q * so_m + o, out_s, mask=o < kk)
-        tl.store(OUT_I + q * so_m + o, out_i, mask=o < kk)
+        if n_keys > CAP:
+            best = _rank_listed_tiles(S, tiles, n_tiles, n, thr, row0, BN, BT, KP)
+        else:
+            best = _best_keys(keys, n_keys, KP, CB)
+        _store_best(best, OUT_S + q * so_m, OUT_I + q * so_m, kk, KP)
         tl.store(NKEYS + q, n_keys)
+
+    @triton.jit
+    def _parallel_threshold_kernel(TMAX, THR, NKEYS, nt, kk, st_m, KP: tl.constexpr, GN: tl.constexpr,
+                                   TB: tl.constexpr):
+        """Parallel select, launch 1 of 3 (one program per query): the threshold, and the key count zeroed."""
+        q = tl.program_id(0)
+        tl.store(THR + q, _group_threshold(TMAX + q * st_m, nt, kk, KP, GN, TB))
+        tl.store(NKEYS + q, 0)
+
+    @triton.jit
+    def _parallel_gather_kernel(S, TMAX, THR, TL, KB, NKEYS, n, nt, row0, ss_m, st_m, stl_m, skb_m,
+                                BN: tl.constexpr, TP: tl.constexpr, BT: tl.constexpr, CAP: tl.constexpr):
+        """Launch 2 (``TP`` tiles per program, many programs per query): the program's tiles that reach the
+        threshold are listed in its own stretch of ``TL``; each of their rows that reaches it takes a place in
+        the query's key buffer with an atomic add on the query's count (about one row a listed tile does, so
+        this is cheaper than a prefix sum over the block; the order in the buffer does not matter: launch 3
+        sorts by key). Every such row is counted, those past ``CAP`` are not stored."""
+        q = tl.program_id(0)
+        t0 = tl.program_id(1) * TP
+        thr = tl.load(THR + q)
+        tiles = TL + q * stl_m + t0
+        n_tiles = _list_tiles(TMAX + q * st_m, tiles, t0, tl.minimum(t0 + TP, nt), thr, TP)
+        if n_tiles > 0:
+            tl.debug_barrier()
+            counter = NKEYS + q + tl.zeros([BT * BN], tl.int32)
+            for i0 in range(0, n_tiles, BT):
+                rows, sc, keep = _listed_rows(S + q * ss_m, tiles, i0, n_tiles, n, thr, BN, BT)
+                pos = tl.atomic_add(counter, 1, mask=keep, sem="relaxed")  # launch 3 reads it, no fence needed
+                tl.store(KB + q * skb_m + pos, _score_keys(sc, rows, row0), mask=keep & (pos < CAP))
+
+    @triton.jit
+    def _parallel_rank_kernel(S, TMAX, THR, TL, KB, NKEYS, OUT_S, OUT_I, n, nt, row0, kk, ss_m, st_m, stl_m, skb_m,
+                              so_m, BN: tl.constexpr, KP: tl.constexpr, TB: tl.constexpr, BT: tl.constexpr,
+                              CB: tl.constexpr, CAP: tl.constexpr):
+        """Launch 3 (one program per query): the top ``KP`` of the query's keys (:func:`_best_keys`), or, if more
+        than ``CAP`` rows reached the threshold (thousands of equal scores), of the listed tiles' rows
+        (:func:`_rank_listed_tiles`), as the one-program select ranks them."""
+        q = tl.program_id(0)
+        n_keys = tl.load(NKEYS + q)
+        if n_keys > CAP:
+            tiles = TL + q * stl_m
+            thr = tl.load(THR + q)
+            n_tiles = _list_tiles(TMAX + q * st_m, tiles, 0, nt, thr, TB)
+            tl.debug_barrier()
+            best = _rank_listed_tiles(S + q * ss_m, tiles, n_tiles, n, thr, row0, BN, BT, KP)
+        else:
+            best = _best_keys(KB + q * skb_m, n_keys, KP, CB)
+        _store_best(best, OUT_S + q * so_m, OUT_I + q * so_m, kk, KP)
+
+
+def _select_sizes(nt, bn, kk):
+    """Block sizes shared by both selects: ``(KP, GN, TB, BT, CAP)``."""
+    kp = max(2, next_pow2(kk))
+    gn = max(64, 4 * kp)  # groups: more of them, a threshold closer to the kk-th best score
+    tb = max(gn, min(4096, next_pow2(nt)))
+    # blocks sized for the ~1.1 k rows that typically reach the threshold (more only loop more): tiles of rows
+    # gathered BT at a time (was 32 tiles whatever k; on an H100 the one-program kernel went from 16.5 to
+    # 12.4 us at m = 1, k = 10 and from 39.0 to 32.8 us at m = 16, k = 100)
+    return kp, gn, tb, max(1, min(4096 // bn, kp)), max(4096, 16 * kp)
 
 
 def _threshold_select(s, tmax, n, bn, kk, row0):
@@ -255,13 +351,7 @@ def _threshold_select(s, tmax, n, bn, kk, row0):
     reached the threshold (m,) int32)``, exact whatever that count (past the key buffer's ``cap`` the kernel
     ranks the listed tiles instead)."""
     m, nt = tmax.shape
-    kp = max(2, next_pow2(kk))
-    gn = max(64, 4 * kp)  # groups: more of them, a threshold closer to the kk-th best score
-    tb = max(gn, min(4096, next_pow2(nt)))
-    cap = max(4096, 16 * kp)
-    # blocks sized for the ~1.1 k rows that typically reach the threshold (more only loop more): tiles of rows
-    # gathered BT at a time, keys ranked CB at a time (was 32 tiles and 1,024 keys whatever k; on an H100 the
-    # kernel went from 16.5 to 12.4 us at m = 1, k = 10 and from 39.0 to 32.8 us at m = 16, k = 100)
+    kp, gn, tb, bt, cap = _select_sizes(nt, bn, kk)
     tiles = torch.empty(m, nt, dtype=torch.int32, device=s.device)
     keys = torch.empty(m, cap, dtype=torch.int64, device=s.device)
     out_s = torch.empty(m, kk, dtype=torch.float32, device=s.device)
@@ -269,8 +359,39 @@ def _threshold_select(s, tmax, n, bn, kk, row0):
     n_keys = torch.empty(m, dtype=torch.int32, device=s.device)
     _threshold_select_kernel[(m,)](s, tmax, tiles, keys, out_s, out_i, n_keys, n, nt, row0, kk, s.stride(0),
                                    tmax.stride(0), tiles.stride(0), keys.stride(0), out_s.stride(0),
-                                   BN=bn, KP=kp, GN=gn, TB=tb, BT=max(1, min(4096 // bn, kp)), CB=max(64, 2 * kp),
-                                   CAP=cap, num_warps=8)
+                                   BN=bn, KP=kp, GN=gn, TB=tb, BT=bt, CB=max(64, 2 * kp), CAP=cap, num_warps=8)
+    return out_s, out_i, n_keys
+
+
+# the parallel select: tiles of maxima per gather program
+_GATHER_TILES = 1024
+
+
+def _parallel_select(s, tmax, n, bn, kk, row0):
+    """The same answer as :func:`_threshold_select` in three launches: the threshold, one program a query
+    (:func:`_parallel_threshold_kernel`); the rows that reach it, gathered by ``ceil(tiles / 1024)`` programs a
+    query (:func:`_parallel_gather_kernel`); their top ``kk``, one program a query (:func:`_parallel_rank_kernel`).
+    In the one-program select the gather is a chain of ~k / 32 dependent rounds of loads: at k = 1024 and 64
+    queries that select took 270 us (H200), the chain ~54 k instructions a thread (sm_90, Triton 3.6), with
+    half the SMs idle. Here it is split ~8 ways a query."""
+    m, nt = tmax.shape
+    kp, gn, tb, bt, cap = _select_sizes(nt, bn, kk)
+    tp = min(_GATHER_TILES, max(16, next_pow2(nt)))
+    dev = s.device
+    thr = torch.empty(m, dtype=torch.float32, device=dev)
+    n_keys = torch.empty(m, dtype=torch.int32, device=dev)
+    tiles = torch.empty(m, nt, dtype=torch.int32, device=dev)
+    keys = torch.empty(m, cap, dtype=torch.int64, device=dev)
+    out_s = torch.empty(m, kk, dtype=torch.float32, device=dev)
+    out_i = torch.empty(m, kk, dtype=torch.int64, device=dev)
+    _parallel_threshold_kernel[(m,)](tmax, thr, n_keys, nt, kk, tmax.stride(0), KP=kp, GN=gn, TB=tb, num_warps=8)
+    _parallel_gather_kernel[(m, triton.cdiv(nt, tp))](
+        s, tmax, thr, tiles, keys, n_keys, n, nt, row0, s.stride(0), tmax.stride(0), tiles.stride(0),
+        keys.stride(0), BN=bn, TP=tp, BT=bt, CAP=cap, num_warps=8)
+    _parallel_rank_kernel[(m,)](
+        s, tmax, thr, tiles, keys, n_keys, out_s, out_i, n, nt, row0, kk, s.stride(0), tmax.stride(0),
+        tiles.stride(0), keys.stride(0), out_s.stride(0), BN=bn, KP=kp, TB=tb, BT=bt, CB=max(64, 2 * kp), CAP=cap,
+        num_warps=8)
     return out_s, out_i, n_keys
 
 
@@ -356,8 +477,8 @@ def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_
     if tmax is None or kk >= tmax.shape[1]:
         top, i, tied = _float_topk(s[:, :n], kk)
         return top, i + r0, tied, False
-    if select == "fused":  # one kernel, exact and already in key order: nothing to check on the host
-        top, ids, _ = _threshold_select(s, tmax, n, bn, kk, r0)
+    if select in ("fused", "parallel"):  # exact and already in key order: nothing to check on the host
+        top, ids, _ = (_threshold_select if select == "fused" else _parallel_select)(s, tmax, n, bn, kk, r0)
         return top, ids, None, True
     _, ti, tile_tied = _float_topk(tmax, kk)
     pos = (ti[:, :, None] * bn + torch.arange(r0, r0 + bn, device=s.device)).reshape(m, -1)
@@ -403,7 +524,9 @@ def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, sele
     return _merge(parts, k)
 
 
-SELECTS = ("auto", "torch", "fused")
+SELECTS = ("auto", "torch", "fused", "parallel")
+# "auto" on a GPU: the parallel select from this k on (a prediction, not yet timed: gpu/NOTES.md)
+PARALLEL_FROM_K = 256
 
 # scores of one chunk held at once: m * chunk_rows * 4 bytes, at most 256 MiB
 _CHUNK_SCORES = 1 << 26
@@ -447,15 +570,23 @@ def _plan(queries, base, k, chunk_rows, tile, backend):
     return (_chunk_scores_triton if use_triton else _chunk_scores_torch), max(chunk_rows, k), tile or _TILE
 
 
-def _pick_select(select, base):
-    """``select`` checked, ``"auto"`` resolved: the fused kernel on a GPU (an H100 measured it 1.24-1.62x
-    faster than the torch select, and 9x where int8 rows tie by the thousand; benches/RESULTS.md), the
-    torch ops elsewhere (in Triton's CPU interpreter the one-program-per-query kernel is the slower)."""
+def _check_select(select):
     if select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
-    if select == "auto":
-        return "fused" if base.is_cuda else "torch"
     return select
+
+
+def _pick_select(select, base, k):
+    """``"auto"`` resolved for ``k`` results over ``base``: on a GPU the one-program fused kernel (an H100
+    measured it 1.24-1.62x faster than the torch select, and 9x where int8 rows tie by the thousand;
+    benches/RESULTS.md), and from ``PARALLEL_FROM_K`` on the parallel select, whose many programs per query
+    replace the one program's long sequential chain; the torch ops on the CPU (in Triton's interpreter the
+    kernels are the slower)."""
+    if _check_select(select) != "auto":
+        return select
+    if not base.is_cuda:
+        return "torch"
+    return "parallel" if k >= PARALLEL_FROM_K else "fused"
 
 
 def _finish(queries, s, is_l2):
@@ -481,8 +612,9 @@ def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str =
     where it is the faster, ``"torch"`` on the CPU.
     For many searches over one matrix, :class:`BruteForceIndex` replays a CUDA graph.
     """
-    select = _pick_select(select, base)
+    _check_select(select)
     queries, base, xs, xn, k, is_l2 = _prepare(queries, base, k, metric, base_scale, base_sq_norms)
+    select = _pick_select(select, base, k)
     scores_fn, chunk, tile = _plan(queries, base, k, chunk_rows, tile, backend)
     # float top-k per chunk; a chunk where equal scores straddle the cut (duplicate rows, integer data) is
     # ranked again by (score, id) keys, so ties always come out in ascending id order
@@ -507,7 +639,7 @@ class BruteForceIndex:
     def __init__(self, base: torch.Tensor, metric: str = "ip", *, base_scale: Optional[torch.Tensor] = None,
                  use_graphs: bool = True, chunk_rows: Optional[int] = None, tile: Optional[tuple] = None,
                  backend: str = "auto", select: str = "auto"):
-        select = _pick_select(select, base)
+        _check_select(select)
         probe = torch.zeros(1, base.shape[1], dtype=torch.float32, device=base.device)
         _, self.base, self.scale, self.sq_norms, _, self.is_l2 = _prepare(probe, base, 1, metric, base_scale, None)
         self.metric = metric
@@ -515,6 +647,10 @@ class BruteForceIndex:
         self._options = (chunk_rows, tile, backend)
         self.select = select
         self._graphs: dict = {}
+
+    def select_for(self, k: int) -> str:
+        """The select a search for ``k`` results uses (``select="auto"`` resolved)."""
+        return _pick_select(self.select, self.base, min(k, self.base.shape[0]))
 
     @property
     def recorded_shapes(self) -> list:
@@ -525,7 +661,7 @@ class BruteForceIndex:
         """Top-``k`` rows for each query: ``(scores float32 (m, k), ids int64 (m, k))``."""
         queries, base, xs, xn, k, is_l2 = _prepare(queries, self.base, k, self.metric, self.scale, self.sq_norms)
         scores_fn, chunk, tile = _plan(queries, base, k, *self._options)
-        args = (scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, self.select)
+        args = (scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, self.select_for(k))
         if not (self.use_graphs and queries.is_cuda):
             s, i = _search_chunks(*args)
             return _finish(queries, s, is_l2), i

@@ -1,0 +1,88 @@
+"""Offline look at the search selects' machine code (no GPU needed): compile the one-program select
+(``select="fused"``) and the three kernels of the parallel select (``select="parallel"``) for sm_90 as the JIT
+would for a search of ``m`` queries and ``k`` results over ``n`` rows, and print each kernel's registers,
+spills, whole-kernel instruction count and the instruction count of each loop.
+
+    python benches/gpu_sass_search.py [--n 1048576] [--shapes 1:10,16:100,64:1024]
+
+Use the lent GPUs' Triton (3.6.0): the same source compiles differently under other versions. The launches
+are caught on CPU tensors (nothing runs); see ``gpu_sass.py`` for the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from gpu_sass import G, compile_kernel, torch
+
+S = sys.modules[G.__name__ + ".search"]
+KERNELS = ("_threshold_select_kernel", "_parallel_threshold_kernel", "_parallel_gather_kernel",
+           "_parallel_rank_kernel")
+
+
+def capture(select: str, m: int, n: int, k: int) -> list:
+    """(kernel, grid, args, kwargs) of each launch the select makes for one chunk of ``n`` rows."""
+    caught = []
+    saved = {name: getattr(S, name) for name in KERNELS}
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: caught.append((self.fn, grid, a, kw))
+
+    for name, fn in saved.items():
+        setattr(S, name, Recorder(fn))
+    try:
+        nt = -(-n // 128)
+        s = torch.empty(m, nt * 128)
+        tmax = torch.empty(m, nt)
+        (S._threshold_select if select == "fused" else S._parallel_select)(s, tmax, n, 128, k, 0)
+    finally:
+        for name, fn in saved.items():
+            setattr(S, name, fn)
+    return caught
+
+
+def loops(sass: str) -> list:
+    """(first, last, instructions) of every backward branch's loop, outermost first."""
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        mt = re.match(r"^\s*\.(L_x_\d+):", line)
+        if mt:
+            labels[mt.group(1)] = len(ins)
+        mt = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if mt:
+            ins.append(mt.group(1))
+    found = [(labels[mt.group(1)], i, i - labels[mt.group(1)] + 1) for i, t in enumerate(ins)
+             if (mt := re.search(r"BRA\s+(?:`\()?\.?(L_x_\d+)", t)) and labels.get(mt.group(1), len(ins)) <= i]
+    return len(ins), sorted(found)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1 << 20)
+    ap.add_argument("--shapes", default="1:10,16:100,64:1024", help="m:k pairs")
+    args = ap.parse_args(argv)
+    import triton
+
+    for shape in args.shapes.split(","):
+        m, k = map(int, shape.split(":"))
+        for select in ("fused", "parallel"):
+            for fn, grid, a, kw in capture(select, m, args.n, k):
+                kw = dict(kw)
+                sass, usage, _ = compile_kernel(fn, a, kw)
+                total, found = loops(sass)
+                res = " ".join(re.findall(r"(?:REG|STACK|SHARED):\d+", usage))
+                name = fn.fn.__name__ if hasattr(fn, "fn") else fn.__name__
+                print(f"m{m} k{k} {select:8s} {name:28s} grid {str(tuple(grid)):12s} (triton {triton.__version__}, "
+                      f"sm_90): {total} instructions; {res}")
+                print("    loops (first, last, size): " + ", ".join(f"{a_}-{b_}:{c_}" for a_, b_, c_ in found))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
