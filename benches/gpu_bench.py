@@ -137,7 +137,8 @@ def main(argv=None) -> int:
         # "mma_w" knobs (decode_attention.WARPS_*, whose values are the defaults): "key_meta" ("registers" /
         # "shared"), "meta" ("ahead" / "tile"), "swap" (P V as (V^T P^T)^T), "asm" (pairs dequantized by
         # inline PTX), "maxnreg" (a register cap), "swap_qk" (scores as K Q^T), "movm" (its P^T by movmatrix),
-        # "unroll2" (the loop unrolled by two), "fold" (the keys' codes as fp16 subnormals, scales folded into Q^T)
+        # "unroll2" (the loop unrolled by two), "fold" (the keys' codes as fp16 subnormals, scales folded into Q^T),
+        # "stages" (Triton's pipeline depth: most of the loop's loads as cp.async copies 1-2 tiles further ahead)
         # (the H200's rows of 2026-11-27 in RESULTS.md: key_meta "shared" + meta "ahead" + swap, 315 us; the
         # others 324-543 us; swap_qk and fold came after them and are the defaults untimed: {"swap_qk": False}
         # is the timed default of then, with the shift-once unpack)
@@ -147,7 +148,8 @@ def main(argv=None) -> int:
                {"order": "mma_w", "swap_qk": False}, {"order": "mma_w", "swap_qk": False, "splits": 2},
                {"order": "mma_w", "key_meta": "registers"}, {"order": "mma_w", "swap_qk": False, "maxnreg": 168},
                {"order": "mma_w", "unroll2": True}, {"order": "mma_w", "fold": False},
-               {"order": "mma_w", "fold": False, "unroll2": True}]
+               {"order": "mma_w", "fold": False, "unroll2": True}, {"order": "mma_w", "stages": 2},
+               {"order": "mma_w", "stages": 3}]
         kivi_sweep = [{"prefetch": "meta"}, {"prefetch": "all", "num_stages": 2},
                       {"prefetch": "all", "block_t": 128, "num_warps": 8}, {"prefetch": "none"},
                       {"unpack": "expand", "prefetch": "none"}] if args.sweep_kivi else []
@@ -163,6 +165,7 @@ def main(argv=None) -> int:
             "movm": ("WARPS_MOVMATRIX", bool),  # with swap_qk: P^T transposed by movmatrix
             "unroll2": ("WARPS_UNROLL2", bool),  # the loop unrolled by two, two prefetch buffers
             "fold": ("WARPS_FOLD_KEYS", bool),  # keys as subnormal codes, scales folded into Q^T
+            "stages": ("WARPS_NUM_STAGES", int),  # Triton's pipeline depth: loads as cp.async, tiles ahead
         }
         if args.quick:
             configs = configs[:2] + configs[-1:]
@@ -248,6 +251,7 @@ def main(argv=None) -> int:
                                "movm": da_mod.WARPS_MOVMATRIX if order == "mma_w" else None,
                                "unroll2": da_mod.WARPS_UNROLL2 if order == "mma_w" else None,
                                "fold": da_mod.WARPS_FOLD_KEYS if order == "mma_w" else None,
+                               "stages": da_mod.WARPS_NUM_STAGES if order == "mma_w" else None,
                                "splits_run": launch.get("num_splits"), "programs_per_sm": launch.get("programs_per_sm"),
                                "ms": ms, "bytes": nbytes,
                                "GB/s": nbytes / ms / 1e6, "frac_bw": nbytes / (ms * 1e-3) / bw,
@@ -333,11 +337,11 @@ def main(argv=None) -> int:
                               f"{row['frac_bw']:6.1%} bw | torch.topk(X@q) fp16 {base_ms * 1e3:8.1f} us "
                               f"({row['torch_frac_bw']:5.1%})", flush=True)
                     # the same search through BruteForceIndex: a CUDA graph replayed per search, with the torch
-                    # selection and with select="fused" (one kernel: a threshold from the tile maxima, the rows
-                    # that reach it, their top k)
+                    # selection, select="fused" (one kernel: a threshold from the tile maxima, the rows that reach
+                    # it, their top k) and select="parallel" (the same over many programs a query)
                     want = search_topk(qq, x, k_, base_scale=xs)
-                    for sel in ("torch", "fused"):
-                        try:  # (the fused kernel has not run on a GPU yet: a failure must not cost the rest)
+                    for sel in ("torch", "fused", "parallel"):
+                        try:  # (the parallel select has not run on a GPU yet: a failure must not cost the rest)
                             index = BruteForceIndex(x, base_scale=xs, select=sel)
                             got = index.search(qq, k_)
                             assert torch.equal(got[1], want[1]), f"BruteForceIndex({sel}) differs from search_topk"
@@ -379,8 +383,9 @@ def main(argv=None) -> int:
             index = BruteForceIndex(x16)
             calls = (("search_topk", functools.partial(search_topk, q, x16, k_)),
                      ("index", functools.partial(index.search, q, k_)))
-            fused = BruteForceIndex(x16, select="fused")
-            calls += (("index select=fused", functools.partial(fused.search, q, k_)),)
+            for sel in ("fused", "parallel"):
+                other = BruteForceIndex(x16, select=sel)
+                calls += ((f"index select={sel}", functools.partial(other.search, q, k_)),)
             for label, fn in calls:
                 for _ in range(3):
                     fn()

@@ -3,7 +3,7 @@ the JIT would for a real call, and count the main loop's instructions and the re
 
     python benches/gpu_sass.py [--order mma_w|mma|kivi] [--bits 4] [--d 128] [--key-meta registers|shared]
                                [--meta ahead|tile] [--swap-pv on|off] [--swap-qk on|off] [--movmatrix on|off]
-                               [--unroll2 on|off] [--fold-keys on|off]
+                               [--unroll2 on|off] [--fold-keys on|off] [--stages N]
                                [--maxnreg N] [--listing FILE]
 
 The host code of ``kivi_decode_attention`` runs on CPU tensors up to the launch; the launch is caught and
@@ -189,6 +189,7 @@ def main(argv=None) -> int:
     ap.add_argument("--unroll2", choices=("on", "off"), help="the warps kernel's loop unrolled by two (WARPS_UNROLL2)")
     ap.add_argument("--fold-keys", choices=("on", "off"),
                     help="the warps kernel's keys as subnormal codes, scales folded into Q^T (WARPS_FOLD_KEYS)")
+    ap.add_argument("--stages", type=int, help="the warps kernel's Triton pipeline depth (WARPS_NUM_STAGES)")
     ap.add_argument("--check-pairs", action="store_true",
                     help="check that every inline-asm pair dequantization of the warps kernel gets one word for "
                          "both of its elements (exit 1 otherwise)")
@@ -211,6 +212,8 @@ def main(argv=None) -> int:
         DA.WARPS_UNROLL2 = args.unroll2 == "on"
     if args.fold_keys:
         DA.WARPS_FOLD_KEYS = args.fold_keys == "on"
+    if args.stages:
+        DA.WARPS_NUM_STAGES = args.stages
     kw = {}
     if args.q_in_registers:
         kw["q_regs"] = args.q_in_registers == "on"

@@ -467,20 +467,23 @@ WARPS_CASES = [
 # the warps kernel's knob settings (decode_attention.WARPS_*): key scales each thread's own (registers) or
 # spread through shared memory, scales a tile ahead or at their tile, P V as (V^T P^T)^T, scores as K Q^T (with
 # P^T transposed by Triton or, GPU only, by movmatrix), the loop unrolled by two, the keys' codes as fp16
-# subnormals with their scales folded into Q^T and their minimums as score offsets
-WARPS_SETTINGS = {  # (key scales in registers, scales a tile ahead, swap P V, swap Q K, movmatrix, unroll by 2, fold keys)
-    "key-scales-in-registers": (True, True, False, False, False, False, False),
-    "key-scales-via-shared": (False, True, False, False, False, False, False),
-    "scales-at-their-tile": (True, False, False, False, False, False, False),
-    "scales-at-their-tile-swapped-pv": (True, False, True, False, False, False, False),
-    "key-scales-via-shared-swapped-pv": (False, True, True, False, False, False, False),
-    "key-scales-via-shared-swapped-qk": (False, True, True, True, False, False, False),
-    "scales-at-their-tile-swapped-qk": (True, False, False, True, False, False, False),
-    "swapped-qk-unrolled": (False, True, True, True, False, True, False),
-    "swapped-pv-unrolled": (True, True, True, False, False, True, False),
-    "swapped-qk-movmatrix": (False, True, True, True, True, False, False),
-    "swapped-qk-folded-keys": (False, True, True, True, False, False, True),
-    "folded-keys-unrolled": (False, True, True, True, False, True, True),
+# subnormals with their scales folded into Q^T and their minimums as score offsets, and (GPU only) Triton's
+# pipeline moving loads to cp.async copies. Each: (key scales in registers, scales a tile ahead, swap P V,
+# swap Q K, movmatrix, unroll by 2, fold keys, Triton pipeline stages)
+WARPS_SETTINGS = {
+    "key-scales-in-registers": (True, True, False, False, False, False, False, 1),
+    "key-scales-via-shared": (False, True, False, False, False, False, False, 1),
+    "scales-at-their-tile": (True, False, False, False, False, False, False, 1),
+    "scales-at-their-tile-swapped-pv": (True, False, True, False, False, False, False, 1),
+    "key-scales-via-shared-swapped-pv": (False, True, True, False, False, False, False, 1),
+    "key-scales-via-shared-swapped-qk": (False, True, True, True, False, False, False, 1),
+    "scales-at-their-tile-swapped-qk": (True, False, False, True, False, False, False, 1),
+    "swapped-qk-unrolled": (False, True, True, True, False, True, False, 1),
+    "swapped-pv-unrolled": (True, True, True, False, False, True, False, 1),
+    "swapped-qk-movmatrix": (False, True, True, True, True, False, False, 1),
+    "swapped-qk-folded-keys": (False, True, True, True, False, False, True, 1),
+    "folded-keys-unrolled": (False, True, True, True, False, True, True, 1),
+    "folded-keys-3-stages": (False, True, True, True, False, False, True, 3),
 }
 
 
@@ -491,9 +494,9 @@ def test_decode_attention_warps_kernel_matches_reference(case, setting, kernel_l
     of a tile (a batched dot; the warps merge once at the end): it runs, and it matches the float32
     reference and the KIVI-order kernel, splits with warps that see no token included, in every knob
     setting (``WARPS_SETTINGS``)."""
-    key_meta_regs, meta_ahead, swap_pv, swap_qk, movm, unroll2, fold = WARPS_SETTINGS[setting]
-    if movm and DEVICE == "cpu":
-        pytest.skip("movmatrix is PTX, which the interpreter does not run (the setting is the one above there)")
+    key_meta_regs, meta_ahead, swap_pv, swap_qk, movm, unroll2, fold, stages = WARPS_SETTINGS[setting]
+    if (movm or stages > 1) and DEVICE == "cpu":
+        pytest.skip("movmatrix is PTX and the interpreter has no pipeline: there this is a setting above")
     b, hq, hkv, tq, tr, d, g, splits, meta_bits = case
     da = import_module(G.__name__ + ".decode_attention")
     monkeypatch.setattr(da, "WARPS_KEY_META_IN_REGISTERS", key_meta_regs)
@@ -503,6 +506,7 @@ def test_decode_attention_warps_kernel_matches_reference(case, setting, kernel_l
     monkeypatch.setattr(da, "WARPS_MOVMATRIX", movm)
     monkeypatch.setattr(da, "WARPS_UNROLL2", unroll2)
     monkeypatch.setattr(da, "WARPS_FOLD_KEYS", fold)
+    monkeypatch.setattr(da, "WARPS_NUM_STAGES", stages)
     launched = kernel_launches(da, "_kivi_decode_warps_kernel")
     r = gen(sum(case[:7]) + meta_bits)
     q = torch.randn(b, hq, d, generator=r).to(DEVICE, torch.float16)
@@ -1023,7 +1027,8 @@ def test_gpu_bench_smoke_run(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     kinds = {r["kernel"] for r in rows}
     assert kinds == {"kivi_decode", "search_fp16", "search_int8", "scores_only_fp16", "scores_only_int8", "index_fp16",
-                     "index_int8", "index_fp16_fused", "index_int8_fused"}
+                     "index_int8", "index_fp16_fused", "index_int8_fused", "index_fp16_parallel",
+                     "index_int8_parallel"}
     assert all(r["ms"] > 0 for r in rows)
     assert all(r["max_err"] < 1e-2 for r in rows if r["kernel"] == "kivi_decode")
     assert {(r["order"], r["block_t"]) for r in rows if r["kernel"] == "kivi_decode" and r["bits"] == 4} >= {

@@ -1337,7 +1337,7 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
             MOVM=WARPS_MOVMATRIX and not interpreting(), UNROLL2=WARPS_UNROLL2 and WARPS_META_AHEAD,
             FOLD=(1 if interpreting() else 2) if fold else 0,
             **({"maxnreg": WARPS_MAXNREG} if WARPS_MAXNREG and not interpreting() else {}),
-            num_warps=4, num_stages=1)
+            num_warps=4, num_stages=WARPS_NUM_STAGES)
     elif kq is not None and kq.order == "mma":
         chunk_hint = triton.cdiv(tq, num_splits or max(1, 4 * _sm_count(dev) // max(1, b * h_kv)))
         kernel, consts = _kivi_decode_mma_kernel, dict(
@@ -1442,6 +1442,12 @@ WARPS_UNROLL2 = False
 # the keys are dequantized as before. Offline sm_90 compile: 428 -> 382 loop instructions at 168 registers
 # (Triton 3.6), 426 at 183 -> 385 at 167 (3.9). Untimed: the default on that count
 WARPS_FOLD_KEYS = True
+# Triton's software pipeline depth for the warps kernel (its own prefetch keeps the next tile in registers
+# either way). At 2 or 3, Triton moves 8 of the loop's 10 64-bit loads to cp.async copies into shared memory,
+# 1 or 2 tiles further ahead: offline (3.6) 351 -> 376 / 388 loop instructions, still 168 registers. For the
+# latency-bound loop of the Nsight reading (65% of cycles with no eligible warp), more bytes in flight without
+# more registers. Untimed: stays 1 until the bench has a row for it
+WARPS_NUM_STAGES = 1
 
 
 def warps_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: int, n_rep: int,

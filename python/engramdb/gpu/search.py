@@ -526,7 +526,7 @@ def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, sele
 
 SELECTS = ("auto", "torch", "fused", "parallel")
 # "auto" on a GPU: the parallel select from this k on (a prediction, not yet timed: gpu/NOTES.md)
-PARALLEL_FROM_K = 256
+PARALLEL_FROM_K = 64
 
 # scores of one chunk held at once: m * chunk_rows * 4 bytes, at most 256 MiB
 _CHUNK_SCORES = 1 << 26
