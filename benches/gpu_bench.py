@@ -321,6 +321,16 @@ def main(argv=None) -> int:
                 rows.append({"kernel": f"scores_only_{kind}", "queries": "q32", "shape": f"n{n} d{d} m{m}", "ms": ms,
                              "bytes": nbytes, "frac_bw": nbytes / (ms * 1e-3) / bw})
                 print(f"stage-1 kernel only {kind} m{m}: {ms * 1e3:8.1f} us {rows[-1]['frac_bw']:6.1%} bw", flush=True)
+                if kind == "int8" and m <= 16:  # the fragment kernel with its words two steps ahead
+                    search_mod.INT8_STEPS_AHEAD, saved = 2, search_mod.INT8_STEPS_AHEAD
+                    try:
+                        ms = bench(search_mod._chunk_scores_triton, q, x, xs, None, False, search_mod._TILE)
+                    finally:
+                        search_mod.INT8_STEPS_AHEAD = saved
+                    rows.append({**rows[-1], "kernel": "scores_only_int8_ahead2", "ms": ms,
+                                 "frac_bw": nbytes / (ms * 1e-3) / bw})
+                    print(f"stage-1 kernel only int8 m{m}, two steps ahead: {ms * 1e3:8.1f} us "
+                          f"{rows[-1]['frac_bw']:6.1%} bw", flush=True)
             base_ms = bench(_matmul_topk, x16, q16, k_)
             base_bytes = x16.numel() * 2
             for kind, x, xs in (("fp16", x16, None), ("int8", codes, scale)):

@@ -887,12 +887,15 @@ def test_search_parallel_select_many_programs_a_query_matches_the_one_program_se
     assert bool(((tmax[:, :split] >= last).any(1) & (tmax[:, split:] >= last).any(1)).all())
 
 
-@pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_search_int8_fragment_kernel_and_general_kernel_agree(metric, kernel_launches):
+@pytest.mark.parametrize("metric,ahead", [("ip", 1), ("l2", 1), ("ip", 2)])
+def test_search_int8_fragment_kernel_and_general_kernel_agree(metric, ahead, kernel_launches, monkeypatch):
     """Int8 rows with up to 16 queries go to the kernel that loads each int32 word of four features into
     its mma fragment and turns bytes into fp16 without conversions; more queries, or a width that is not a
-    multiple of 4, take the general kernel. Both give the exact ids (ties included) and the same scores."""
-    used = kernel_launches(import_module(G.__name__ + ".search"), "_scores_int8_kernel")
+    multiple of 4, take the general kernel. Both give the exact ids (ties included) and the same scores,
+    with the fragment kernel's words loaded one or two steps ahead (``INT8_STEPS_AHEAD``)."""
+    search = import_module(G.__name__ + ".search")
+    monkeypatch.setattr(search, "INT8_STEPS_AHEAD", ahead)
+    used = kernel_launches(search, "_scores_int8_kernel")
     r = gen(71)
     for m, d, fragment in ((16, 48, True), (1, 384, True), (17, 48, False), (4, 30, False)):
         used.clear()
@@ -1026,7 +1029,8 @@ def test_gpu_bench_smoke_run(tmp_path):
     assert bench.main(["--smoke", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     kinds = {r["kernel"] for r in rows}
-    assert kinds == {"kivi_decode", "search_fp16", "search_int8", "scores_only_fp16", "scores_only_int8", "index_fp16",
+    assert kinds == {"kivi_decode", "search_fp16", "search_int8", "scores_only_fp16", "scores_only_int8",
+                     "scores_only_int8_ahead2", "index_fp16",
                      "index_int8", "index_fp16_fused", "index_int8_fused", "index_fp16_parallel",
                      "index_int8_parallel"}
     assert all(r["ms"] > 0 for r in rows)

@@ -140,7 +140,7 @@ if HAS_TRITON:
     def _scores_int8_kernel(
         Q, QL, XW, XS, XN, OUT, TMAX, M, N, D, D4,
         sq_m, sx_n, so_m, st_m,
-        IS_L2: tl.constexpr, SPLIT_Q: tl.constexpr,
+        IS_L2: tl.constexpr, SPLIT_Q: tl.constexpr, AHEAD: tl.constexpr,
     ):
         """:func:`_scores_kernel` for int8 rows (viewed as int32 words of four features), 16 queries, 128-row
         tiles, 4 warps. Each thread loads, a 64-feature step at a time, exactly the words its mma fragments
@@ -158,9 +158,15 @@ if HAS_TRITON:
         feat = 16 * ((kap // 4) % 4) + 4 * (kap // 16) + kap % 4
         acc = tl.zeros([16, 128], tl.float32)
         w_nx = _x_words(XW, row0, N, 0, D4, sx_n)
+        if AHEAD == 2:
+            w_nx2 = _x_words(XW, row0, N, 64, D4, sx_n)
         for k0 in range(0, D, 64):
             w = w_nx
-            w_nx = _x_words(XW, row0, N, k0 + 64, D4, sx_n)
+            if AHEAD == 2:  # two steps' words in flight
+                w_nx = w_nx2
+                w_nx2 = _x_words(XW, row0, N, k0 + 128, D4, sx_n)
+            else:
+                w_nx = _x_words(XW, row0, N, k0 + 64, D4, sx_n)
             x = _int8_words_to_f16(tl.reshape(w, (4, 8, 4, 4, 2, 2)))  # (w, nl, kl, m, r1, r0, t0, t1)
             x = tl.permute(x, (3, 2, 7, 6, 4, 5, 0, 1))  # (m, kl, t1, t0, r1, r0, w, nl): r = 2 r1 + r0
             xt = tl.reshape(x, (64, 128))
@@ -425,7 +431,8 @@ def _chunk_scores_triton(q, xc, xs, xn, is_l2, tile):
         # int8 rows, up to 16 queries: words loaded into their mma fragments, bytes to fp16 without conversions
         _scores_int8_kernel[(tiles,)](
             q, ql, xc.view(torch.int32), xs, xn if xn is not None else out, out, tmax, m, n, d, d // 4,
-            q.stride(0), xc.stride(0) // 4, out.stride(0), tmax.stride(0), IS_L2=is_l2, SPLIT_Q=split, num_warps=4,
+            q.stride(0), xc.stride(0) // 4, out.stride(0), tmax.stride(0), IS_L2=is_l2, SPLIT_Q=split,
+            AHEAD=INT8_STEPS_AHEAD, num_warps=4,
         )
         return out, tmax, block_n
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
@@ -531,6 +538,11 @@ PARALLEL_FROM_K = 64
 # scores of one chunk held at once: m * chunk_rows * 4 bytes, at most 256 MiB
 _CHUNK_SCORES = 1 << 26
 _TILE = (128, 4)  # (rows per program, warps)
+# the int8 fragment kernel's words of X loaded 1 or 2 64-feature steps ahead (Triton's pipeline does not take
+# these loads: they feed bit operations, not a dot). At 1 a program has 8 KB in flight, ~32 KB an SM at four
+# programs an SM: about what an H200 needs to hide DRAM latency, and the kernel ran at 56% of the copy
+# bandwidth. 2: twice that, 16 more registers (offline, Triton 3.6: see gpu/NOTES.md). Untimed: stays 1
+INT8_STEPS_AHEAD = 1
 
 
 def _prepare(queries, base, k, metric, base_scale, base_sq_norms):
