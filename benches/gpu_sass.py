@@ -123,9 +123,9 @@ def signature(fn, args, kwargs):
     return sig, constexprs, attrs, opts
 
 
-def loop_ops(sass: str) -> Counter:
-    """Opcode counts of the first backward-branch loop in an nvdisasm listing: the quantized cache's tile loop
-    (the full-precision residual's loop comes after it, and can be the longer one)."""
+def listing_loops(sass: str) -> tuple[list, list]:
+    """An nvdisasm listing's instructions, and its loops as ``(first, last)`` instruction indices (one per
+    backward branch), in the order of their branches."""
     ins, labels = [], {}
     for line in sass.splitlines():
         m = re.match(r"^\s*\.(L_x_\d+):", line)
@@ -134,9 +134,16 @@ def loop_ops(sass: str) -> Counter:
         m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
         if m:
             ins.append(m.group(1))
-    loops = [(i - labels[m.group(1)], labels[m.group(1)], i) for i, t in enumerate(ins)
+    loops = [(labels[m.group(1)], i) for i, t in enumerate(ins)
              if (m := re.search(r"BRA\s+(?:`\()?\.?(L_x_\d+)", t)) and labels.get(m.group(1), len(ins)) <= i]
-    _, a, b = min(loops, key=lambda x: x[1])
+    return ins, loops
+
+
+def loop_ops(sass: str) -> Counter:
+    """Opcode counts of the first backward-branch loop in an nvdisasm listing: the quantized cache's tile loop
+    (the full-precision residual's loop comes after it, and can be the longer one)."""
+    ins, loops = listing_loops(sass)
+    a, b = min(loops)
     return Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in ins[a:b + 1])
 
 

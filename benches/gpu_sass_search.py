@@ -15,7 +15,7 @@ import argparse
 import re
 import sys
 
-from gpu_sass import G, compile_kernel, torch
+from gpu_sass import G, compile_kernel, listing_loops, torch
 
 S = sys.modules[G.__name__ + ".search"]
 KERNELS = ("_threshold_select_kernel", "_parallel_threshold_kernel", "_parallel_gather_kernel",
@@ -47,27 +47,30 @@ def capture(select: str, m: int, n: int, k: int) -> list:
     return caught
 
 
-def loops(sass: str) -> list:
-    """(first, last, instructions) of every backward branch's loop, outermost first."""
-    ins, labels = [], {}
-    for line in sass.splitlines():
-        mt = re.match(r"^\s*\.(L_x_\d+):", line)
-        if mt:
-            labels[mt.group(1)] = len(ins)
-        mt = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
-        if mt:
-            ins.append(mt.group(1))
-    found = [(labels[mt.group(1)], i, i - labels[mt.group(1)] + 1) for i, t in enumerate(ins)
-             if (mt := re.search(r"BRA\s+(?:`\()?\.?(L_x_\d+)", t)) and labels.get(mt.group(1), len(ins)) <= i]
-    return len(ins), sorted(found)
+def loops(sass: str) -> tuple[int, list]:
+    """The listing's instruction count, and ``(first, last, instructions)`` of each loop, outermost first."""
+    ins, found = listing_loops(sass)
+    return len(ins), sorted((a, b, b - a + 1) for a, b in found)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1 << 20)
     ap.add_argument("--shapes", default="1:10,16:100,64:1024", help="m:k pairs")
+    ap.add_argument("--check-gather", action="store_true",
+                    help="compile only the parallel select's gather kernel; exit 1 if its code has a memory fence "
+                         "(its atomics must stay relaxed) or spills")
     args = ap.parse_args(argv)
     import triton
+
+    if args.check_gather:
+        m, k = map(int, args.shapes.split(",")[0].split(":"))
+        fn, _, a, kw = next(c for c in capture("parallel", m, args.n, k) if c[0].fn.__name__ == "_parallel_gather_kernel")
+        sass, usage, _ = compile_kernel(fn, a, dict(kw))
+        fences = len(re.findall(r"\bMEMBAR\b", sass))
+        spills = int((re.findall(r"STACK:(\d+)", usage) or ["0"])[0])
+        print(f"_parallel_gather_kernel m{m} k{k}: {fences} memory fences, {spills} bytes of stack")
+        return 1 if fences or spills else 0
 
     for shape in args.shapes.split(","):
         m, k = map(int, shape.split(":"))

@@ -990,6 +990,21 @@ def test_search_torch_path_matches_published_ground_truth():
     _assert_same_ranking(i, gts.double(), gt, full, tol=1e-5)
 
 
+def test_parallel_select_gather_atomics_compile_without_fences():
+    """The parallel select's gather places rows with relaxed atomic adds: compiled for sm_90 with the installed
+    Triton (no GPU needed), its code has no memory fence (the default acq_rel ordering put 16 in its loop)
+    and no spills; and the check fails without ``sem="relaxed"`` (benches/gpu_sass_search.py --check-gather)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = ROOT / "benches" / "gpu_sass_search.py"
+    r = subprocess.run([sys.executable, str(script), "--check-gather", "--shapes", "16:100"], env=env,
+                       capture_output=True, text=True, timeout=900, cwd=ROOT / "benches")
+    if r.returncode and "ptxas" in r.stderr and "not found" in r.stderr:
+        pytest.skip("this Triton cannot compile for sm_90 here (no ptxas)")
+    assert r.returncode == 0 and "0 memory fences" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("d", [128, 64])
 def test_warps_kernel_asm_gets_one_word_a_pair(d):
     """The warps kernel's inline PTX reads one word for both elements of a code pair, which holds only if
