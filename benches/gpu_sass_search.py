@@ -1,5 +1,6 @@
 """Offline look at the search selects' machine code (no GPU needed): compile the one-program select
-(``select="fused"``) and the three kernels of the parallel select (``select="parallel"``) for sm_90 as the JIT
+(``select="fused"``), the three kernels of the parallel select (``select="parallel"``) and the four of its
+rescoring variant (``select="rescore"``, fp16 rows of 384 features) for sm_90 as the JIT
 would for a search of ``m`` queries and ``k`` results over ``n`` rows, and print each kernel's registers,
 spills, whole-kernel instruction count and the instruction count of each loop.
 
@@ -19,7 +20,7 @@ from gpu_sass import G, compile_kernel, listing_loops, torch
 
 S = sys.modules[G.__name__ + ".search"]
 KERNELS = ("_threshold_select_kernel", "_parallel_threshold_kernel", "_parallel_gather_kernel",
-           "_parallel_rank_kernel")
+           "_parallel_rescore_kernel", "_parallel_rank_kernel")
 
 
 def capture(select: str, m: int, n: int, k: int) -> list:
@@ -40,7 +41,11 @@ def capture(select: str, m: int, n: int, k: int) -> list:
         nt = -(-n // 128)
         s = torch.empty(m, nt * 128)
         tmax = torch.empty(m, nt)
-        (S._threshold_select if select == "fused" else S._parallel_select)(s, tmax, n, 128, k, 0)
+        if select == "fused":
+            S._threshold_select(s, tmax, n, 128, k, 0)
+        else:  # "rescore": fp16 rows of 384 features, inner products
+            exact = (torch.empty(n, 384, dtype=torch.float16), None, None, torch.empty(m, 384), torch.empty(m))
+            S._parallel_select(s, tmax, n, 128, k, 0, exact if select == "rescore" else None)
     finally:
         for name, fn in saved.items():
             setattr(S, name, fn)
@@ -74,7 +79,7 @@ def main(argv=None) -> int:
 
     for shape in args.shapes.split(","):
         m, k = map(int, shape.split(":"))
-        for select in ("fused", "parallel"):
+        for select in ("fused", "parallel", "rescore"):
             for fn, grid, a, kw in capture(select, m, args.n, k):
                 kw = dict(kw)
                 sass, usage, _ = compile_kernel(fn, a, kw)

@@ -823,8 +823,8 @@ def test_search_fused_select_threshold_keeps_few_rows_and_overflow_falls_back(mo
     seen = []
     real = getattr(search, launcher)
 
-    def spy(s, tmax, n, bn, kk, row0):
-        out = real(s, tmax, n, bn, kk, row0)
+    def spy(s, tmax, n, bn, kk, *rest):
+        out = real(s, tmax, n, bn, kk, *rest)
         seen.append((s, tmax, kk, out[2].cpu()))
         return out
 
@@ -990,6 +990,107 @@ def test_search_torch_path_matches_published_ground_truth():
     _assert_same_ranking(i, gts.double(), gt, full, tol=1e-5)
 
 
+@pytest.mark.parametrize("metric,kind", [("ip", "fp16"), ("l2", "int8")])
+def test_search_rescore_select_ranks_by_exact_scores(metric, kind, monkeypatch):
+    """select="rescore": the stage-1 kernel takes the float32 queries' fp16 high halves alone (one dot), and the
+    rows within the error bound of the threshold are ranked by exact scores computed from the rows. The ids
+    equal the reference's on continuous data, on integer rows full of ties and over several chunks. On two
+    rows built so that the high halves alone rank them the wrong way round, the exact order comes out.
+    search_topk can rescore only for L2 (it needs the largest row norm), and falls back to the parallel select
+    for inner products."""
+    search = import_module(G.__name__ + ".search")
+    rescored = []
+    real = search._parallel_select
+    monkeypatch.setattr(search, "_parallel_select", lambda *a: rescored.append(a[6] is not None) or real(*a))
+    r = gen(88)
+    for data in ("float", "int"):
+        base = torch.randn(6000, 24, generator=r) if data == "float" else torch.randint(-3, 4, (6000, 24), generator=r).float()
+        q = torch.randn(4, 24, generator=r) if data == "float" else (
+            torch.randint(-2, 3, (4, 24), generator=r) + 1e-3 * torch.randn(4, 24, generator=r))
+        if kind == "int8":
+            base, scale = (G.quantize_rows_int8(base) if data == "float"
+                           else (base.to(torch.int8), torch.randint(1, 3, (6000,), generator=r).float()))
+        else:
+            base, scale = base.half(), None
+        dscale = None if scale is None else scale.to(DEVICE)
+        index = G.BruteForceIndex(base.to(DEVICE), metric, base_scale=dscale, select="rescore", backend="triton")
+        for k, chunk in ((10, None), (20, 3000)):  # (24 tiles of rows a chunk: more than k, so the select runs)
+            index._options = (chunk, None, "triton")
+            rescored.clear()
+            s, i = index.search(q.to(DEVICE), k)
+            rs, ri = G.search_topk_ref(q, base, k, metric, base_scale=scale)
+            assert rescored and all(rescored), (data, k, chunk)
+            assert torch.equal(i.cpu(), ri), (data, k, chunk)
+            torch.testing.assert_close(s.double().cpu(), rs, atol=1e-3, rtol=1e-5)
+    # row 900 beats row 5 by 3.7e-4, but the query's first coordinate rounds up to fp16 by exactly that: with
+    # the high halves alone the two tie, and the tie would go to the lower id
+    base = (torch.randn(6000, 24, generator=r) * 0.05).half()
+    base[5], base[900] = 0, 0
+    base[5, 0], base[900, 1] = 1.0, 1.0 + 2.0 ** -10
+    q = torch.zeros(2, 24)
+    q[:, 0], q[:, 1] = 1.0 + 2.0 ** -11 + 2.0 ** -13, 1.0
+    assert float(q[0].half().float() @ base[5].float()) == float(q[0].half().float() @ base[900].float())
+    index = G.BruteForceIndex(base.to(DEVICE), "ip", select="rescore", backend="triton")
+    rescored.clear()
+    _, i = index.search(q.to(DEVICE), 2)
+    assert rescored == [True] and i[:, :2].cpu().tolist() == [[900, 5], [900, 5]]
+    # row 17 is the best by 6e-5, yet with the high halves alone it scores 6e-5 under row 4000, which then
+    # sets the threshold: only the margin below it lets row 17 be rescored
+    near = base.clone()
+    near[17], near[4000] = 0, 0
+    near[17, 0], near[4000, 1], near[4000, 2] = 1.0 + 2.0 ** -9, 1.0 + 2.0 ** -10, 0.140625
+    q1 = torch.zeros(1, 24)
+    q1[0, 0], q1[0, 1], q1[0, 2] = 1.0 - 2.0 ** -11 + 2.0 ** -13, 1.0, 2.0 ** -8
+    hi, exact = q1.half().double() @ near.double().T, q1.double() @ near.double().T
+    assert hi[0, 4000] > hi[0, 17] and exact[0, 17] > exact[0, 4000] and int(exact.argmax()) == 17
+    index = G.BruteForceIndex(near.to(DEVICE), "ip", select="rescore", backend="triton")
+    assert index.search(q1.to(DEVICE), 1)[1].item() == 17
+    rescored.clear()
+    _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), 2, "ip", select="rescore", backend="triton")
+    assert rescored == [False] and i[:, :2].cpu().tolist() == [[900, 5], [900, 5]]  # two dots, no norm needed
+    rescored.clear()
+    _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), 2, "l2", select="rescore", backend="triton")
+    assert rescored == [True] and torch.equal(i.cpu(), G.search_topk_ref(q, base, 2, "l2")[1])
+    # auto: the rescoring variant from RESCORE_FROM_M float32 queries over fp16 or int8 rows, on a GPU
+    many = torch.zeros(search.RESCORE_FROM_M, 24, device=DEVICE)
+    want = "rescore" if DEVICE == "cuda" else "torch"
+    assert G.BruteForceIndex(base.to(DEVICE)).select_for(10, many) == want
+    assert G.BruteForceIndex(base.to(DEVICE)).select_for(10, many.half()) == ("fused" if DEVICE == "cuda" else "torch")
+    assert G.BruteForceIndex(base.to(DEVICE)).select_for(10, many[:-1]) == ("fused" if DEVICE == "cuda" else "torch")
+
+
+def test_search_rescore_select_overflow_ranks_by_exact_scores(monkeypatch):
+    """More rows reach the rescoring select's threshold than its key buffer holds (5,001 equal rows just under
+    the two rows of the test above): its last launch ranks the listed tiles' rows by their exact scores
+    instead, still with no host synchronisation. Row 900 comes first (the high halves alone would tie it with
+    row 5 and put 5 first), then 5, then the lowest ids of the tie."""
+    r = gen(99)
+    base = (torch.randn(12000, 24, generator=r) * 0.05).half()
+    base[5], base[900] = 0, 0
+    base[5, 0], base[900, 1] = 1.0, 1.0 + 2.0 ** -10
+    base[1000:6001] = 0
+    base[1000:6001, 0] = 0.999
+    q = torch.zeros(2, 24)
+    q[:, 0], q[:, 1] = 1.0 + 2.0 ** -11 + 2.0 ** -13, 1.0
+    index = G.BruteForceIndex(base.to(DEVICE), "ip", select="rescore", backend="triton")
+    seen = []
+    search = import_module(G.__name__ + ".search")
+    real = search._parallel_select
+
+    def spy(*a):
+        out = real(*a)
+        seen.append((a[6] is not None, out[2].cpu()))
+        return out
+
+    monkeypatch.setattr(search, "_parallel_select", spy)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: pytest.fail("the rescoring select waited on the host"))
+    _, i = index.search(q.to(DEVICE), 10)
+    monkeypatch.undo()
+    assert len(seen) == 1 and seen[0][0] and bool((seen[0][1] > 4096).all())  # rescoring, and an overflow
+    assert i.cpu().tolist() == [[900, 5, *range(1000, 1008)]] * 2
+    assert torch.equal(i.cpu(), G.search_topk_ref(q, base, 10)[1])
+
+
 def test_parallel_select_gather_atomics_compile_without_fences():
     """The parallel select's gather places rows with relaxed atomic adds: compiled for sm_90 with the installed
     Triton (no GPU needed), its code has no memory fence (the default acq_rel ordering put 16 in its loop)
@@ -1047,7 +1148,7 @@ def test_gpu_bench_smoke_run(tmp_path):
     assert kinds == {"kivi_decode", "search_fp16", "search_int8", "scores_only_fp16", "scores_only_int8",
                      "scores_only_int8_ahead2", "index_fp16",
                      "index_int8", "index_fp16_fused", "index_int8_fused", "index_fp16_parallel",
-                     "index_int8_parallel"}
+                     "index_int8_parallel", "index_fp16_rescore", "index_int8_rescore"}
     assert all(r["ms"] > 0 for r in rows)
     assert all(r["max_err"] < 1e-2 for r in rows if r["kernel"] == "kivi_decode")
     assert {(r["order"], r["block_t"]) for r in rows if r["kernel"] == "kivi_decode" and r["bits"] == 4} >= {

@@ -241,6 +241,39 @@ if HAS_TRITON:
         return best
 
     @triton.jit
+    def _exact_scores(X, XS, XN, QF, rows, mask, D, sx_n, HAS_SCALE: tl.constexpr, IS_L2: tl.constexpr,
+                      BD: tl.constexpr):
+        """Scores of the chunk's ``rows`` (where ``mask``) against one float32 query ``QF``, in float32 from the
+        rows themselves (``BD`` features at a time): what the stage-1 kernel computes with the query split in
+        two fp16 halves, to fp32 accuracy. ``X`` int8 rows are scaled by ``XS``; L2 gives ``2 q.x - |x|^2``."""
+        acc = tl.zeros(rows.shape, tl.float32)
+        for d0 in range(0, D, BD):
+            d = d0 + tl.arange(0, BD)
+            x = tl.load(X + rows[:, None].to(tl.int64) * sx_n + d[None, :], mask=mask[:, None] & (d < D)[None, :],
+                        other=0).to(tl.float32)
+            acc += tl.sum(x * tl.load(QF + d, mask=d < D, other=0.0)[None, :], axis=1)
+        if HAS_SCALE:
+            acc = acc * tl.load(XS + rows, mask=mask, other=0.0)
+        if IS_L2:
+            acc = 2.0 * acc - tl.load(XN + rows, mask=mask, other=0.0)
+        return acc + 0.0  # -0.0 ranks as +0.0
+
+    @triton.jit
+    def _rank_listed_tiles_exact(S, tiles_in, n_tiles, n, thr, row0, X, XS, XN, QF, D, sx_n, BN: tl.constexpr,
+                                 BT: tl.constexpr, KP: tl.constexpr, HAS_SCALE: tl.constexpr, IS_L2: tl.constexpr,
+                                 BD: tl.constexpr):
+        """:func:`_rank_listed_tiles` for scores from the queries' high halves alone: the rows that reach ``thr``
+        in ``S`` are ranked by their exact scores (:func:`_exact_scores`), ``BT`` tiles at a time."""
+        MIN: tl.constexpr = -9223372036854775807 - 1
+        best = tl.full([KP], MIN, tl.int64)
+        for i0 in range(0, n_tiles, BT):
+            rows, sc, keep = _listed_rows(S, tiles_in, i0, n_tiles, n, thr, BN, BT)
+            exact = _exact_scores(X, XS, XN, QF, rows, keep, D, sx_n, HAS_SCALE, IS_L2, BD)
+            key = tl.where(keep, _score_keys(exact, rows, row0), MIN)
+            best = tl.topk(tl.reshape(tl.join(best, tl.topk(key, KP)), [2 * KP]), KP)
+        return best
+
+    @triton.jit
     def _best_keys(keys, n_keys, KP: tl.constexpr, CB: tl.constexpr):
         """The best ``KP`` of ``n_keys`` keys (``CB >= KP``), sorted: the first block's top ``KP``, then each
         further block's merged in (at most ~1.6 k keys reach the threshold on real data, k = 1024: one block)."""
@@ -293,11 +326,17 @@ if HAS_TRITON:
         tl.store(NKEYS + q, n_keys)
 
     @triton.jit
-    def _parallel_threshold_kernel(TMAX, THR, NKEYS, nt, kk, st_m, KP: tl.constexpr, GN: tl.constexpr,
-                                   TB: tl.constexpr):
-        """Parallel select, launch 1 of 3 (one program per query): the threshold, and the key count zeroed."""
+    def _parallel_threshold_kernel(TMAX, THR, NKEYS, EPS, nt, kk, st_m, KP: tl.constexpr, GN: tl.constexpr,
+                                   TB: tl.constexpr, MARGIN: tl.constexpr):
+        """Parallel select, launch 1 of 3 (one program per query): the threshold, and the key count zeroed.
+        ``MARGIN`` (scores from the queries' high halves, rescored later): the threshold lowered by twice the
+        query's bound ``EPS`` on the distance between such a score and the exact one, so that every row of the
+        exact top k reaches it."""
         q = tl.program_id(0)
-        tl.store(THR + q, _group_threshold(TMAX + q * st_m, nt, kk, KP, GN, TB))
+        thr = _group_threshold(TMAX + q * st_m, nt, kk, KP, GN, TB)
+        if MARGIN:
+            thr = thr - 2.0 * tl.load(EPS + q)
+        tl.store(THR + q, thr)
         tl.store(NKEYS + q, 0)
 
     @triton.jit
@@ -322,12 +361,31 @@ if HAS_TRITON:
                 tl.store(KB + q * skb_m + pos, _score_keys(sc, rows, row0), mask=keep & (pos < CAP))
 
     @triton.jit
-    def _parallel_rank_kernel(S, TMAX, THR, TL, KB, NKEYS, OUT_S, OUT_I, n, nt, row0, kk, ss_m, st_m, stl_m, skb_m,
-                              so_m, BN: tl.constexpr, KP: tl.constexpr, TB: tl.constexpr, BT: tl.constexpr,
-                              CB: tl.constexpr, CAP: tl.constexpr):
+    def _parallel_rescore_kernel(KB, NKEYS, X, XS, XN, QF, row0, D, sx_n, sq_m, skb_m, HAS_SCALE: tl.constexpr,
+                                 IS_L2: tl.constexpr, RB: tl.constexpr, BD: tl.constexpr, CAP: tl.constexpr):
+        """Between launches 2 and 3 when the scores came from the queries' high halves alone: each key in the
+        buffer (programs ``r`` of a query take blocks ``r, r + R, ...`` of ``RB``) is rebuilt from its row's
+        exact score (:func:`_exact_scores`). Nothing to do if the buffer overflowed (launch 3 then rescores)."""
+        q = tl.program_id(0)
+        n_keys = tl.load(NKEYS + q)
+        keys = KB + q * skb_m
+        for b0 in range(tl.program_id(1) * RB, tl.where(n_keys <= CAP, n_keys, 0), tl.num_programs(1) * RB):
+            b = b0 + tl.arange(0, RB)
+            valid = b < n_keys
+            key = tl.load(keys + b, mask=valid, other=0)
+            rows = (0xFFFFFFFF - (key & 0xFFFFFFFF)).to(tl.int32) - row0
+            exact = _exact_scores(X, XS, XN, QF + q * sq_m, rows, valid, D, sx_n, HAS_SCALE, IS_L2, BD)
+            tl.store(keys + b, _score_keys(exact, rows, row0), mask=valid)
+
+    @triton.jit
+    def _parallel_rank_kernel(S, TMAX, THR, TL, KB, NKEYS, OUT_S, OUT_I, X, XS, XN, QF, n, nt, row0, kk, D, ss_m, st_m,
+                              stl_m, skb_m, so_m, sx_n, sq_m, BN: tl.constexpr, KP: tl.constexpr, TB: tl.constexpr,
+                              BT: tl.constexpr, CB: tl.constexpr, CAP: tl.constexpr, EXACT: tl.constexpr,
+                              BTE: tl.constexpr, BD: tl.constexpr, HAS_SCALE: tl.constexpr, IS_L2: tl.constexpr):
         """Launch 3 (one program per query): the top ``KP`` of the query's keys (:func:`_best_keys`), or, if more
         than ``CAP`` rows reached the threshold (thousands of equal scores), of the listed tiles' rows
-        (:func:`_rank_listed_tiles`), as the one-program select ranks them."""
+        (:func:`_rank_listed_tiles`), as the one-program select ranks them; ``EXACT`` (scores from the queries'
+        high halves): those rows by their exact scores (:func:`_rank_listed_tiles_exact`)."""
         q = tl.program_id(0)
         n_keys = tl.load(NKEYS + q)
         if n_keys > CAP:
@@ -335,7 +393,11 @@ if HAS_TRITON:
             thr = tl.load(THR + q)
             n_tiles = _list_tiles(TMAX + q * st_m, tiles, 0, nt, thr, TB)
             tl.debug_barrier()
-            best = _rank_listed_tiles(S + q * ss_m, tiles, n_tiles, n, thr, row0, BN, BT, KP)
+            if EXACT:
+                best = _rank_listed_tiles_exact(S + q * ss_m, tiles, n_tiles, n, thr, row0, X, XS, XN, QF + q * sq_m,
+                                                D, sx_n, BN, BTE, KP, HAS_SCALE, IS_L2, BD)
+            else:
+                best = _rank_listed_tiles(S + q * ss_m, tiles, n_tiles, n, thr, row0, BN, BT, KP)
         else:
             best = _best_keys(KB + q * skb_m, n_keys, KP, CB)
         _store_best(best, OUT_S + q * so_m, OUT_I + q * so_m, kk, KP)
@@ -373,13 +435,18 @@ def _threshold_select(s, tmax, n, bn, kk, row0):
 _GATHER_TILES = 1024
 
 
-def _parallel_select(s, tmax, n, bn, kk, row0):
+def _parallel_select(s, tmax, n, bn, kk, row0, exact=None):
     """The same answer as :func:`_threshold_select` in three launches: the threshold, one program a query
     (:func:`_parallel_threshold_kernel`); the rows that reach it, gathered by ``ceil(tiles / 1024)`` programs a
     query (:func:`_parallel_gather_kernel`); their top ``kk``, one program a query (:func:`_parallel_rank_kernel`).
     In the one-program select the gather is a chain of ~k / 32 dependent rounds of loads: at k = 1024 and 64
     queries that select took 270 us (H200), the chain ~54 k instructions a thread (sm_90, Triton 3.6), with
-    half the SMs idle. Here it is split ~8 ways a query."""
+    half the SMs idle. Here it is split ~8 ways a query.
+
+    ``exact``: ``(rows, row scales or None, squared norms or None, float32 queries, margins)`` when ``s`` holds
+    scores from the queries' fp16 high halves alone (:func:`_rescore_margins`): the threshold is lowered by
+    twice each query's margin, and the rows that reach it are ranked by exact scores computed from the rows
+    (:func:`_parallel_rescore_kernel`)."""
     m, nt = tmax.shape
     kp, gn, tb, bt, cap = _select_sizes(nt, bn, kk)
     tp = min(_GATHER_TILES, max(16, next_pow2(nt)))
@@ -390,15 +457,49 @@ def _parallel_select(s, tmax, n, bn, kk, row0):
     keys = torch.empty(m, cap, dtype=torch.int64, device=dev)
     out_s = torch.empty(m, kk, dtype=torch.float32, device=dev)
     out_i = torch.empty(m, kk, dtype=torch.int64, device=dev)
-    _parallel_threshold_kernel[(m,)](tmax, thr, n_keys, nt, kk, tmax.stride(0), KP=kp, GN=gn, TB=tb, num_warps=8)
+    if exact is not None:
+        xc, xs, xn, qf, eps = exact
+        d = xc.shape[1]
+        flags = dict(HAS_SCALE=xs is not None, IS_L2=xn is not None)
+        xs, xn = (xs if xs is not None else s), (xn if xn is not None else s)
+    else:
+        xc, xs, xn, qf, eps, d, flags = s, s, s, s, s, 1, dict(HAS_SCALE=False, IS_L2=False)
+    _parallel_threshold_kernel[(m,)](tmax, thr, n_keys, eps, nt, kk, tmax.stride(0), KP=kp, GN=gn, TB=tb,
+                                     MARGIN=exact is not None, num_warps=8)
     _parallel_gather_kernel[(m, triton.cdiv(nt, tp))](
         s, tmax, thr, tiles, keys, n_keys, n, nt, row0, s.stride(0), tmax.stride(0), tiles.stride(0),
         keys.stride(0), BN=bn, TP=tp, BT=bt, CAP=cap, num_warps=8)
+    if exact is not None:
+        _parallel_rescore_kernel[(m, max(1, triton.cdiv(2 * kp, _RESCORE_ROWS)))](
+            keys, n_keys, xc, xs, xn, qf, row0, d, xc.stride(0), qf.stride(0), keys.stride(0), **flags,
+            RB=_RESCORE_ROWS, BD=64, CAP=cap, num_warps=4)
+    bte = max(1, kp // bn)  # the exact overflow path: at least KP rows a step, at most 16 K elements a block
     _parallel_rank_kernel[(m,)](
-        s, tmax, thr, tiles, keys, n_keys, out_s, out_i, n, nt, row0, kk, s.stride(0), tmax.stride(0),
-        tiles.stride(0), keys.stride(0), out_s.stride(0), BN=bn, KP=kp, TB=tb, BT=bt, CB=max(64, 2 * kp), CAP=cap,
-        num_warps=8)
+        s, tmax, thr, tiles, keys, n_keys, out_s, out_i, xc, xs, xn, qf, n, nt, row0, kk, d, s.stride(0),
+        tmax.stride(0), tiles.stride(0), keys.stride(0), out_s.stride(0), xc.stride(0), qf.stride(0), BN=bn, KP=kp,
+        TB=tb, BT=bt, CB=max(64, 2 * kp), CAP=cap, EXACT=exact is not None, BTE=bte,
+        BD=max(16, 16384 // (bte * bn)), **flags, num_warps=8)
     return out_s, out_i, n_keys
+
+
+# rows rescored per block by the rescoring launch
+_RESCORE_ROWS = 64
+
+
+def _rescore_margins(queries, max_norm, d, is_l2):
+    """Per float32 query, a bound on the distance between a row's score from the query's fp16 high half alone
+    (one fp16 dot, as fp16 queries take) and its exact score: the low half's share, at most
+    ``|q - hi| * max|x|``, plus both float32 accumulations (``d`` terms each, at most ``d * 2^-24 * |q| max|x|``),
+    plus for L2 the doubling and the subtraction of ``|x|^2``; times 4 for safety (tensor cores truncate their
+    sums). Any row of the exact top k then scores within twice this of the threshold."""
+    qf = queries.float()
+    lo = qf - qf.half().float()
+    u = 2.0 ** -24
+    qn = qf.norm(dim=1)
+    eps = lo.norm(dim=1) * max_norm + (2 * d + 2) * u * qn * max_norm
+    if is_l2:
+        eps = 2 * eps + 4 * u * (2 * qn * max_norm + max_norm * max_norm)
+    return (4 * eps).contiguous()
 
 
 def _topk_with_ids(scores: torch.Tensor, ids: torch.Tensor, k: int):
@@ -465,7 +566,8 @@ def _float_topk(s, kk):
     return top[:, :kk], pos[:, :kk], top[:, kk - 1] == top[:, kk]
 
 
-def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_ties, select="torch"):
+def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_ties, select="torch",
+                margins=None):
     """Stage 1 over rows ``[r0, r1)``: ``(scores, ids, tied, keyed)``, ``tied`` a bool per query or ``None``,
     ``keyed`` whether the rows are already in (score, id) key order.
 
@@ -473,19 +575,31 @@ def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_
     The chunk's top ``kk`` all lie in the ``kk`` tiles with the highest best scores (the ``kk``-th best tile
     maximum is a score no higher than the ``kk``-th best score), so only those tiles' scores are ranked.
     ``tied`` flags queries where equal values straddle a cut (tile maxima or scores). ``exact_ties=True``
-    ranks every score of the chunk by its (score, id) key instead. No host synchronisation."""
-    s, tmax, bn = scores_fn(queries, base[r0:r1], None if xs is None else xs[r0:r1],
-                            None if xn is None else xn[r0:r1], is_l2, tile)
-    m, n = s.shape[0], r1 - r0
+    ranks every score of the chunk by its (score, id) key instead. No host synchronisation.
+
+    ``select="rescore"`` with ``margins`` (:func:`_rescore_margins`; float32 queries over fp16 or int8 rows,
+    and more than ``k`` tiles in the chunk): the scores come from the queries' fp16 high halves alone (one
+    dot instead of two) and the parallel select ranks the rows near its threshold by exact scores. Otherwise
+    it is ``"parallel"``."""
+    m, n = queries.shape[0], r1 - r0
     kk = min(k, n)
+    rescore = (select == "rescore" and margins is not None and not exact_ties and queries.dtype == torch.float32
+               and base.dtype in (torch.float16, torch.int8) and kk < -(-n // tile[0]))
+    xs_c = None if xs is None else xs[r0:r1]
+    xn_c = None if xn is None else xn[r0:r1]
+    s, tmax, bn = scores_fn(queries.half() if rescore else queries, base[r0:r1], xs_c, xn_c, is_l2, tile)
     if exact_ties:
         ids = torch.arange(r0, r1, device=s.device, dtype=torch.int64).expand(m, -1)
         return (*_topk_with_ids(s[:, :n], ids, kk), None, True)
     if tmax is None or kk >= tmax.shape[1]:
         top, i, tied = _float_topk(s[:, :n], kk)
         return top, i + r0, tied, False
-    if select in ("fused", "parallel"):  # exact and already in key order: nothing to check on the host
-        top, ids, _ = (_threshold_select if select == "fused" else _parallel_select)(s, tmax, n, bn, kk, r0)
+    if select == "fused":  # exact and already in key order: nothing to check on the host
+        top, ids, _ = _threshold_select(s, tmax, n, bn, kk, r0)
+        return top, ids, None, True
+    if select in ("parallel", "rescore"):
+        exact = (base[r0:r1], xs_c, xn_c, queries, margins) if rescore else None
+        top, ids, _ = _parallel_select(s, tmax, n, bn, kk, r0, exact)
         return top, ids, None, True
     _, ti, tile_tied = _float_topk(tmax, kk)
     pos = (ti[:, :, None] * bn + torch.arange(r0, r0 + bn, device=s.device)).reshape(m, -1)
@@ -499,12 +613,17 @@ def _merge(parts, k):
     return _topk_with_ids(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1), k)
 
 
-def _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select="torch"):
+def _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select="torch", max_norm=None):
     """Every chunk by the fast path, merged; no host synchronisation (so a CUDA graph can hold it).
     Returns ``(scores, ids, tied, parts)``: ``tied`` a bool per chunk (its cut split equal values), or
-    ``None`` when no chunk can be cut wrongly (the fused select), and ``parts`` each chunk's candidates."""
+    ``None`` when no chunk can be cut wrongly (the fused and parallel selects), and ``parts`` each chunk's
+    candidates. ``max_norm``: the largest row norm (a tensor), which ``select="rescore"`` needs."""
     n = base.shape[0]
-    parts = [_chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, min(n, r0 + chunk), tile, False, select)
+    margins = None
+    if select == "rescore" and max_norm is not None and scores_fn is _chunk_scores_triton:
+        margins = _rescore_margins(queries, max_norm, base.shape[1], is_l2)
+    parts = [_chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, min(n, r0 + chunk), tile, False, select,
+                         margins)
              for r0 in range(0, n, chunk)]
     tied = None
     if any(p[2] is not None for p in parts):
@@ -513,11 +632,12 @@ def _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select
     return (*_merge(parts, k), tied, parts)
 
 
-def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select="torch", fast=None):
+def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select="torch", max_norm=None,
+                   fast=None):
     """The fast path (or its result ``fast``); with the torch select, then, after one host synchronisation,
     the chunks whose cut split equal values scored again and ranked by (score, id) keys."""
     if fast is None:
-        fast = _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select)
+        fast = _fast_search(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select, max_norm)
     s, i, tied, parts = fast
     if tied is None:  # no host synchronisation: the caller gets the results as soon as the GPU has them
         return s, i
@@ -531,9 +651,11 @@ def _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, sele
     return _merge(parts, k)
 
 
-SELECTS = ("auto", "torch", "fused", "parallel")
-# "auto" on a GPU: the parallel select from this k on (a prediction, not yet timed: gpu/NOTES.md)
+SELECTS = ("auto", "torch", "fused", "parallel", "rescore")
+# "auto" on a GPU: the parallel select from this k on, and from this many float32 queries its rescoring
+# variant (predictions, not yet timed: gpu/NOTES.md)
 PARALLEL_FROM_K = 64
+RESCORE_FROM_M = 32
 
 # scores of one chunk held at once: m * chunk_rows * 4 bytes, at most 256 MiB
 _CHUNK_SCORES = 1 << 26
@@ -588,17 +710,30 @@ def _check_select(select):
     return select
 
 
-def _pick_select(select, base, k):
-    """``"auto"`` resolved for ``k`` results over ``base``: on a GPU the one-program fused kernel (an H100
-    measured it 1.24-1.62x faster than the torch select, and 9x where int8 rows tie by the thousand;
-    benches/RESULTS.md), and from ``PARALLEL_FROM_K`` on the parallel select, whose many programs per query
-    replace the one program's long sequential chain; the torch ops on the CPU (in Triton's interpreter the
-    kernels are the slower)."""
+def _pick_select(select, base, k, queries=None):
+    """``"auto"`` resolved for ``queries`` (``None``: one float32 query) and ``k`` results over ``base``: on the
+    CPU the torch ops (in Triton's interpreter the kernels are the slower); on a GPU the one-program fused
+    kernel (an H100 measured it 1.24-1.62x faster than the torch select, and 9x where int8 rows tie by the
+    thousand; benches/RESULTS.md), from ``PARALLEL_FROM_K`` on the parallel select, whose many programs per
+    query replace the one program's long sequential chain, and from ``RESCORE_FROM_M`` float32 queries over
+    fp16 or int8 rows its rescoring variant, which spares the stage-1 kernel its second dot."""
     if _check_select(select) != "auto":
         return select
     if not base.is_cuda:
         return "torch"
+    m, dtype = (1, torch.float32) if queries is None else (queries.shape[0], queries.dtype)
+    if m >= RESCORE_FROM_M and dtype == torch.float32 and base.dtype in (torch.float16, torch.int8):
+        return "rescore"
     return "parallel" if k >= PARALLEL_FROM_K else "fused"
+
+
+def _max_row_norm(base, xs, xn):
+    """The largest norm of the (dequantized) rows, as a 0-d float32 tensor (no host synchronisation)."""
+    if xn is not None:
+        return xn.max().clamp_min(0).sqrt()
+    step = 1 << 16  # rows at a time, so that no float copy of the whole matrix is made
+    norms = torch.cat([torch.linalg.vector_norm(base[r:r + step].float(), dim=1) for r in range(0, base.shape[0], step)])
+    return (norms * xs.abs() if xs is not None else norms).max()
 
 
 def _finish(queries, s, is_l2):
@@ -618,21 +753,30 @@ def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str =
     squared norms of the dequantized rows) to avoid recomputing them on every call.
     ``k`` is capped at ``n``; at most 1024. ``chunk_rows`` (rows scored per stage-1 step; default
     ``64M / m``, i.e. 256 MiB of scores) and ``tile`` (``(rows per program, warps)`` of the Triton kernel)
-    are tuning knobs. ``select``: how each chunk's top ``k`` is picked from its scores: ``"torch"`` (a float
-    top-k over the tile maxima, a gather of the best tiles, a float top-k and a merge by keys: ~25 small
-    launches per search) or ``"fused"`` (one Triton kernel: a threshold that at least ``k`` rows reach, read
-    from the tile maxima; the rows that reach it, typically 1.0-1.2 ``k`` of them; their top ``k`` by
-    (score, id) keys). Both give the same exact answer. ``"auto"`` (the default): ``"fused"`` on a GPU,
-    where it is the faster, ``"torch"`` on the CPU.
+    are tuning knobs. ``select``: how each chunk's top ``k`` is picked from its scores:
+    - ``"torch"``: a float top-k over the tile maxima, a gather of the best tiles, a float top-k and a merge
+      by keys (~25 small launches per search);
+    - ``"fused"``: one Triton kernel, one program a query: a threshold that at least ``k`` rows reach, read
+      from the tile maxima; the rows that reach it, typically 1.0-1.2 ``k`` of them; their top ``k`` by
+      (score, id) keys;
+    - ``"parallel"``: the same in three launches, ~8 programs a query gathering the rows (for large ``k``);
+    - ``"rescore"``: ``"parallel"`` over scores from the float32 queries' fp16 high halves alone (one dot
+      instead of two), the rows near the threshold rescored exactly from ``base``. It needs the largest row
+      norm, which only the L2 metric gives here (:class:`BruteForceIndex` keeps it for both); without it,
+      it is ``"parallel"``.
+
+    All give the same exact answer. ``"auto"`` (the default): on a GPU ``"fused"``, ``"parallel"`` from
+    ``k = PARALLEL_FROM_K``, ``"rescore"`` from ``RESCORE_FROM_M`` float32 queries; ``"torch"`` on the CPU.
     For many searches over one matrix, :class:`BruteForceIndex` replays a CUDA graph.
     """
     _check_select(select)
     queries, base, xs, xn, k, is_l2 = _prepare(queries, base, k, metric, base_scale, base_sq_norms)
-    select = _pick_select(select, base, k)
+    select = _pick_select(select, base, k, queries)
     scores_fn, chunk, tile = _plan(queries, base, k, chunk_rows, tile, backend)
+    max_norm = _max_row_norm(base, xs, xn) if select == "rescore" and xn is not None else None
     # float top-k per chunk; a chunk where equal scores straddle the cut (duplicate rows, integer data) is
     # ranked again by (score, id) keys, so ties always come out in ascending id order
-    s, i = _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select)
+    s, i = _search_chunks(scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select, max_norm)
     return _finish(queries, s, is_l2), i
 
 
@@ -643,8 +787,9 @@ class BruteForceIndex:
     once here). On CUDA, the first search for each (number of queries, ``k``, query dtype) records the
     search into a CUDA graph, and later searches of that shape copy the queries in and replay it: one
     launch instead of some thirty, which matters when a search takes well under a millisecond. Each
-    recorded shape keeps its own buffers (``m x n x 4`` bytes of scores at most 256 MiB). With the fused
-    select (the default on a GPU) a search never waits on the GPU; with the torch select it waits once for
+    recorded shape keeps its own buffers (``m x n x 4`` bytes of scores at most 256 MiB). With the fused,
+    parallel or rescoring select (the defaults on a GPU) a search never waits on the GPU; with the torch
+    select it waits once for
     the tie flags, and a search whose chunk cut splits equal scores is finished eagerly, ranking
     (score, id) keys, as in ``search_topk``.
     ``use_graphs=False`` (or a CPU tensor) always searches eagerly. ``select`` as in ``search_topk``.
@@ -660,11 +805,13 @@ class BruteForceIndex:
         self.use_graphs = use_graphs and base.is_cuda
         self._options = (chunk_rows, tile, backend)
         self.select = select
+        self.max_norm = _max_row_norm(self.base, self.scale, self.sq_norms)  # for select="rescore"
         self._graphs: dict = {}
 
-    def select_for(self, k: int) -> str:
-        """The select a search for ``k`` results uses (``select="auto"`` resolved)."""
-        return _pick_select(self.select, self.base, min(k, self.base.shape[0]))
+    def select_for(self, k: int, queries: Optional[torch.Tensor] = None) -> str:
+        """The select a search for ``k`` results (and ``queries``; default one float32 query) uses:
+        ``select="auto"`` resolved."""
+        return _pick_select(self.select, self.base, min(k, self.base.shape[0]), queries)
 
     @property
     def recorded_shapes(self) -> list:
@@ -675,7 +822,7 @@ class BruteForceIndex:
         """Top-``k`` rows for each query: ``(scores float32 (m, k), ids int64 (m, k))``."""
         queries, base, xs, xn, k, is_l2 = _prepare(queries, self.base, k, self.metric, self.scale, self.sq_norms)
         scores_fn, chunk, tile = _plan(queries, base, k, *self._options)
-        args = (scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, self.select_for(k))
+        args = (scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, self.select_for(k, queries), self.max_norm)
         if not (self.use_graphs and queries.is_cuda):
             s, i = _search_chunks(*args)
             return _finish(queries, s, is_l2), i
