@@ -927,6 +927,11 @@ def test_search_argument_checks():
         G.search_topk(torch.zeros(1, 8), base.to(torch.int8), 3)
     s, i = G.search_topk(torch.zeros(8), base, 50, backend="torch")
     assert i.shape == (1, 10) and torch.equal(i[0], torch.arange(10))  # all tied: ascending ids
+    # no rows: no results, for each query
+    empty = torch.zeros(0, 8, dtype=torch.float16, device=DEVICE)
+    for s, i in (G.search_topk(torch.zeros(3, 8, device=DEVICE), empty, 5, "l2"),
+                 G.BruteForceIndex(empty).search(torch.zeros(3, 8, device=DEVICE), 5)):
+        assert s.shape == i.shape == (3, 0) and s.dtype == torch.float32 and i.dtype == torch.int64
 
 
 def _assert_same_ranking(ids, ref_scores, ref_ids, all_scores, tol=1e-5):

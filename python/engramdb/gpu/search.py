@@ -729,11 +729,19 @@ def _pick_select(select, base, k, queries=None):
 
 def _max_row_norm(base, xs, xn):
     """The largest norm of the (dequantized) rows, as a 0-d float32 tensor (no host synchronisation)."""
+    if base.shape[0] == 0:
+        return torch.zeros((), dtype=torch.float32, device=base.device)
     if xn is not None:
         return xn.max().clamp_min(0).sqrt()
     step = 1 << 16  # rows at a time, so that no float copy of the whole matrix is made
     norms = torch.cat([torch.linalg.vector_norm(base[r:r + step].float(), dim=1) for r in range(0, base.shape[0], step)])
     return (norms * xs.abs() if xs is not None else norms).max()
+
+
+def _no_results(queries):
+    m = queries.shape[0]
+    return (torch.empty(m, 0, dtype=torch.float32, device=queries.device),
+            torch.empty(m, 0, dtype=torch.int64, device=queries.device))
 
 
 def _finish(queries, s, is_l2):
@@ -771,6 +779,8 @@ def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str =
     """
     _check_select(select)
     queries, base, xs, xn, k, is_l2 = _prepare(queries, base, k, metric, base_scale, base_sq_norms)
+    if k == 0:  # no rows
+        return _no_results(queries)
     select = _pick_select(select, base, k, queries)
     scores_fn, chunk, tile = _plan(queries, base, k, chunk_rows, tile, backend)
     max_norm = _max_row_norm(base, xs, xn) if select == "rescore" and xn is not None else None
@@ -821,6 +831,8 @@ class BruteForceIndex:
     def search(self, queries: torch.Tensor, k: int):
         """Top-``k`` rows for each query: ``(scores float32 (m, k), ids int64 (m, k))``."""
         queries, base, xs, xn, k, is_l2 = _prepare(queries, self.base, k, self.metric, self.scale, self.sq_norms)
+        if k == 0:  # no rows
+            return _no_results(queries)
         scores_fn, chunk, tile = _plan(queries, base, k, *self._options)
         args = (scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, self.select_for(k, queries), self.max_norm)
         if not (self.use_graphs and queries.is_cuda):
