@@ -1323,8 +1323,8 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     # fp32 caches get fp32 products (the default for fp32 dots on a GPU is tf32, ~1e-3 relative)
     precision = "ieee" if dot_dtype == tl.float32 else "tf32"
     block_d = max(16, next_pow2(d))
-    fold = bool(kq is not None and vq.order == "mma_w" and WARPS_FOLD_KEYS and WARPS_SWAP_QK and n_rep <= 8 and d == 128
-            and not WARPS_KEY_META_IN_REGISTERS and subnormal_dot_ok(dev))
+    fold = bool(kq is not None and vq.order == "mma_w" and WARPS_FOLD_KEYS and WARPS_SWAP_QK and n_rep <= 8
+                and d == 128 and not WARPS_KEY_META_IN_REGISTERS and subnormal_dot_ok(dev))
     if fold:  # each key token group's score offset per query head: minimums . q, (B, Hkv, Tq / G, 8) float32
         kbias = key_score_offsets(kq, q)
     else:
@@ -1483,7 +1483,8 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
     ``(B, Hq, D)`` (or ``(B, Hq, 1, D)``) in ``q``'s dtype. No mask: every cached token is attended to.
     Tuning knobs of the Triton kernel: ``num_splits`` (sequence slices; default on a GPU: whole waves of
     as many programs as an SM holds of the compiled kernel, :func:`wave_splits`), ``block_t`` (tokens per
-    tile, a power of two), ``num_warps``, ``num_stages`` (Triton's shared-memory pipeline depth; default 1 with ``unpack="join", prefetch="all"`` or fp32 caches, else 2);
+    tile, a power of two), ``num_warps``, ``num_stages`` (Triton's shared-memory pipeline depth; default 1
+    with ``unpack="join", prefetch="all"`` or fp32 caches, else 2);
     ``unpack``: ``"join"`` (each packed word split into fp16 codes in the thread that loaded it, no
     int-to-float conversions), ``"expand"`` (the codes spread through a reshape) or ``"gather"`` (one
     load per element); ``prefetch``: what the next tile fetches while this one is computed:

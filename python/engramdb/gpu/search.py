@@ -487,19 +487,21 @@ _RESCORE_ROWS = 64
 
 
 def _rescore_margins(queries, max_norm, d, is_l2):
-    """Per float32 query, a bound on the distance between a row's score from the query's fp16 high half alone
-    (one fp16 dot, as fp16 queries take) and its exact score: the low half's share, at most
-    ``|q - hi| * max|x|``, plus both float32 accumulations (``d`` terms each, at most ``d * 2^-24 * |q| max|x|``),
-    plus for L2 the doubling and the subtraction of ``|x|^2``; times 4 for safety (tensor cores truncate their
-    sums). Any row of the exact top k then scores within twice this of the threshold."""
+    """``(the float32 queries' fp16 high halves, margins)``: per query, a bound on the distance between a row's
+    score from the query's high half alone (one fp16 dot, as fp16 queries take) and its exact score: the low
+    half's share, at most ``|q - hi| * max|x|``, plus both float32 accumulations (``d`` terms each, at most
+    ``d * 2^-24 * |q| max|x|``), plus for L2 the doubling and the subtraction of ``|x|^2``; times 4 for safety
+    (tensor cores truncate their sums). Any row of the exact top k then scores within twice this of the
+    threshold."""
     qf = queries.float()
-    lo = qf - qf.half().float()
+    hi = qf.half()
+    lo = qf - hi.float()
     u = 2.0 ** -24
     qn = qf.norm(dim=1)
     eps = lo.norm(dim=1) * max_norm + (2 * d + 2) * u * qn * max_norm
     if is_l2:
         eps = 2 * eps + 4 * u * (2 * qn * max_norm + max_norm * max_norm)
-    return (4 * eps).contiguous()
+    return hi, (4 * eps).contiguous()
 
 
 def _topk_with_ids(scores: torch.Tensor, ids: torch.Tensor, k: int):
@@ -577,8 +579,8 @@ def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_
     ``tied`` flags queries where equal values straddle a cut (tile maxima or scores). ``exact_ties=True``
     ranks every score of the chunk by its (score, id) key instead. No host synchronisation.
 
-    ``select="rescore"`` with ``margins`` (:func:`_rescore_margins`; float32 queries over fp16 or int8 rows,
-    and more than ``k`` tiles in the chunk): the scores come from the queries' fp16 high halves alone (one
+    ``select="rescore"`` with ``margins`` (:func:`_rescore_margins`: the queries' high halves and their margins;
+    float32 queries over fp16 or int8 rows, and more than ``k`` tiles in the chunk): the scores come from the queries' fp16 high halves alone (one
     dot instead of two) and the parallel select ranks the rows near its threshold by exact scores. Otherwise
     it is ``"parallel"``."""
     m, n = queries.shape[0], r1 - r0
@@ -587,7 +589,7 @@ def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_
                and base.dtype in (torch.float16, torch.int8) and kk < -(-n // tile[0]))
     xs_c = None if xs is None else xs[r0:r1]
     xn_c = None if xn is None else xn[r0:r1]
-    s, tmax, bn = scores_fn(queries.half() if rescore else queries, base[r0:r1], xs_c, xn_c, is_l2, tile)
+    s, tmax, bn = scores_fn(margins[0] if rescore else queries, base[r0:r1], xs_c, xn_c, is_l2, tile)
     if exact_ties:
         ids = torch.arange(r0, r1, device=s.device, dtype=torch.int64).expand(m, -1)
         return (*_topk_with_ids(s[:, :n], ids, kk), None, True)
@@ -598,7 +600,7 @@ def _chunk_topk(scores_fn, queries, base, xs, xn, k, is_l2, r0, r1, tile, exact_
         top, ids, _ = _threshold_select(s, tmax, n, bn, kk, r0)
         return top, ids, None, True
     if select in ("parallel", "rescore"):
-        exact = (base[r0:r1], xs_c, xn_c, queries, margins) if rescore else None
+        exact = (base[r0:r1], xs_c, xn_c, queries, margins[1]) if rescore else None
         top, ids, _ = _parallel_select(s, tmax, n, bn, kk, r0, exact)
         return top, ids, None, True
     _, ti, tile_tied = _float_topk(tmax, kk)
@@ -815,7 +817,7 @@ class BruteForceIndex:
         self.use_graphs = use_graphs and base.is_cuda
         self._options = (chunk_rows, tile, backend)
         self.select = select
-        self.max_norm = _max_row_norm(self.base, self.scale, self.sq_norms)  # for select="rescore"
+        self._max_norm = None  # the largest row norm, for select="rescore": computed on first need
         self._graphs: dict = {}
 
     def select_for(self, k: int, queries: Optional[torch.Tensor] = None) -> str:
@@ -834,7 +836,10 @@ class BruteForceIndex:
         if k == 0:  # no rows
             return _no_results(queries)
         scores_fn, chunk, tile = _plan(queries, base, k, *self._options)
-        args = (scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, self.select_for(k, queries), self.max_norm)
+        select = self.select_for(k, queries)
+        if select == "rescore" and self._max_norm is None:  # (outside any graph: one pass over the rows, once)
+            self._max_norm = _max_row_norm(self.base, self.scale, self.sq_norms)
+        args = (scores_fn, queries, base, xs, xn, k, is_l2, chunk, tile, select, self._max_norm)
         if not (self.use_graphs and queries.is_cuda):
             s, i = _search_chunks(*args)
             return _finish(queries, s, is_l2), i
