@@ -631,6 +631,40 @@ def test_decode_attention_rejects_bad_tuning_knobs():
         G.kivi_decode_attention(q, None, None, k_res, k_res, prefetch=True, backend="triton")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_attention_rejects_inputs_that_disagree(backend):
+    """Shapes, dtypes and devices are checked before any kernel runs (the kernels trust them: a batch larger
+    than the cache's would read past it on a GPU); each error names what is wrong."""
+    r = gen(31)
+    k, v = (torch.randn(2, 2, 64, 64, generator=r, device="cpu").to(DEVICE) for _ in range(2))
+    kq, vq = G.quantize_keys(k), G.quantize_values(v)
+    res = torch.randn(2, 2, 8, 64, generator=r).to(DEVICE)
+    q = torch.randn(2, 4, 64, generator=r).to(DEVICE)
+    want = G.kivi_decode_attention_ref(q, kq, vq, res, res)
+    torch.testing.assert_close(G.kivi_decode_attention(q, kq, vq, res, res, backend=backend), want,
+                               atol=2e-5, rtol=0)
+    bad = {
+        "D=": (torch.randn(2, 4, 32, device=DEVICE), kq, vq, res, res),
+        "B=": (torch.randn(3, 4, 64, device=DEVICE), kq, vq, res, res),
+        "multiple of the kv heads": (torch.randn(2, 3, 64, device=DEVICE), kq, vq, res, res),
+        "k_res are": (q, kq, vq, res[..., :32], res[..., :32]),
+        "one shape": (q, kq, vq, res, res[:, :, :7]),
+        "both be given": (q, kq, vq, res, None),
+        "differ in B or Hkv": (q, kq, vq, res[:, :1], res[:, :1]),
+        "same tokens": (q, kq, G.quantize_values(v[:, :, :32]), res, res),
+        r"\(B, Hq, D\)": (q[0], kq, vq, res, res),
+        "empty cache": (q, None, None, res[:, :, :0], res[:, :, :0]),
+    }
+    for match, args in bad.items():
+        with pytest.raises(ValueError, match=match):
+            G.kivi_decode_attention(*args, backend=backend)
+    with pytest.raises(TypeError, match="floating-point"):
+        G.kivi_decode_attention(q.long(), kq, vq, res, res, backend=backend)
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="on cpu"):
+            G.kivi_decode_attention(q, kq, vq, res.cpu(), res.cpu(), backend=backend)
+
+
 def _cpu(q):
     if q is None:
         return None
@@ -909,6 +943,63 @@ def test_search_int8_fragment_kernel_and_general_kernel_agree(metric, ahead, ker
         torch.testing.assert_close(s.double().cpu(), rs, atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("select", ["torch", "fused"])
+def test_search_rejects_bad_input_and_moves_queries(select):
+    """Every bad input raises a typed error before any kernel runs; queries from numpy or another device are
+    moved to the rows' device; NaN queries and NaN rows are named by row."""
+    r = gen(12)
+    base = torch.randint(-3, 4, (300, 16), generator=r).half()
+    q = torch.randint(-2, 3, (3, 16), generator=r).float()
+    want = G.search_topk_ref(q, base, 7)[1]
+    xb = base.to(DEVICE)
+    for queries in (q.numpy(), q, q.to(DEVICE)):  # numpy and CPU queries go to the rows' device
+        s, i = G.search_topk(queries, xb, 7, select=select)
+        assert i.device == xb.device and torch.equal(i.cpu(), want)
+    index = G.BruteForceIndex(xb, select=select)
+    assert torch.equal(index.search(q.numpy(), 7)[1].cpu(), want)
+    for shape in ((2, 3, 16), ()):
+        with pytest.raises(ValueError, match="dimension mismatch"):
+            G.search_topk(torch.zeros(shape), xb, 3, select=select)
+    with pytest.raises(TypeError, match="k must be an integer"):
+        G.search_topk(q, xb, 5.0, select=select)
+    for dtype in (torch.bfloat16, torch.float64, torch.int32):
+        with pytest.raises(TypeError, match="float16, float32 or int8"):
+            G.search_topk(q, base.to(dtype), 5, select=select)
+        with pytest.raises(TypeError, match="float16, float32 or int8"):
+            G.BruteForceIndex(base.to(dtype))
+    with pytest.raises(ValueError, match=r"an \(n, d\) tensor"):
+        G.BruteForceIndex(base[0])
+    codes = base.to(torch.int8)
+    with pytest.raises(ValueError, match=r"base_scale must be a \(300,\) tensor"):
+        G.search_topk(q, codes, 5, base_scale=torch.ones(3), select=select)
+    with pytest.raises(ValueError, match=r"base_sq_norms must be a \(300,\) tensor"):
+        G.search_topk(q, base, 5, "l2", base_sq_norms=torch.ones(299), select=select)
+    # NaN and inf: in the queries at each search, in the rows and scales once when an index is built
+    bad_q = q.clone()
+    bad_q[1, 4] = float("nan")
+    bad_q[2, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"queries hold NaN or inf values, first at rows \[1, 2\]"):
+        G.search_topk(bad_q, xb, 5, select=select)
+    with pytest.raises(ValueError, match="queries hold NaN"):
+        index.search(bad_q, 5)
+    assert G.search_topk(bad_q, xb, 5, select="torch", check_finite=False)[1].shape == (3, 5)  # unchecked
+    bad_rows = base.clone()
+    bad_rows[100] = float("nan")
+    with pytest.raises(ValueError, match=r"rows of base hold NaN or inf values, first at rows \[100\]"):
+        G.BruteForceIndex(bad_rows.to(DEVICE))
+    with pytest.raises(ValueError, match="base_scale's rows hold NaN"):
+        G.BruteForceIndex(codes, base_scale=torch.tensor([1.0] * 299 + [float("inf")]))
+    G.BruteForceIndex(bad_rows, check_finite=False)  # unchecked: the caller vouches for the rows
+
+
+def test_search_finite_check_numbers_rows_across_slices():
+    """The rows are checked a slice of 65,536 at a time; a bad row past the first slice keeps its own number."""
+    base = torch.zeros(70_000, 4, dtype=torch.float16)
+    base[69_999, 2] = float("-inf")
+    with pytest.raises(ValueError, match=r"first at rows \[69999\]"):
+        G.BruteForceIndex(base)
+
+
 def test_search_fp16_queries():
     r = gen(11)
     base = torch.randint(-3, 4, (500, 64), generator=r).half()
@@ -1154,7 +1245,7 @@ def test_gpu_bench_smoke_run(tmp_path):
     assert kinds == {"kivi_decode", "search_fp16", "search_int8", "scores_only_fp16", "scores_only_int8",
                      "scores_only_int8_ahead2", "index_fp16",
                      "index_int8", "index_fp16_fused", "index_int8_fused", "index_fp16_parallel",
-                     "index_int8_parallel", "index_fp16_rescore", "index_int8_rescore"}
+                     "index_int8_parallel", "index_fp16_rescore", "index_int8_rescore", "index_fp16_checked"}
     assert all(r["ms"] > 0 for r in rows)
     assert all(r["max_err"] < 1e-2 for r in rows if r["kernel"] == "kivi_decode")
     assert {(r["order"], r["block_t"]) for r in rows if r["kernel"] == "kivi_decode" and r["bits"] == 4} >= {

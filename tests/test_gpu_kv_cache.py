@@ -165,6 +165,22 @@ def test_mixed_precision_in_a_model(seed, extra):
 def test_residual_must_be_whole_groups():
     with pytest.raises(ValueError, match="multiple of group_size"):
         G.QuantizedKVCache(None, bits=4, group_size=32, residual_length=48)
+    with pytest.raises(ValueError, match="non-negative"):
+        G.QuantizedKVCache(None, bits=4, group_size=32, residual_length=-32)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"bits": 3}, "bits must be 2, 4 or 8"),
+    ({"key_bits": 5}, "bits must be 2, 4 or 8"),
+    ({"value_bits": 1}, "bits must be 2, 4 or 8"),
+    ({"group_size": 24, "residual_length": 48}, "power of two"),
+    ({"group_size": 0, "residual_length": 0}, "group_size"),
+    ({"bits": 2, "group_size": 8, "residual_length": 8}, "multiple of 16"),
+])
+def test_bad_bits_or_group_size_fail_at_construction(kwargs, match):
+    """Settings the packer cannot take fail when the layer is made, not at its first flush mid-generation."""
+    with pytest.raises(ValueError, match=match):
+        G.QuantizedKVLayer(**kwargs)
 
 
 def test_cache_in_generate_matches_dynamic_cache_at_8_bits():

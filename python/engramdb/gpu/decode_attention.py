@@ -1469,6 +1469,43 @@ def _mma_kernel_fits(q, kq, vq) -> bool:
     return q.dtype == torch.float16 and mma_kernel_takes(kq.bits, vq.bits, q.shape[-1], kq.group_size)
 
 
+def _check_decode_inputs(q, kq, vq, k_res, v_res) -> None:
+    """Shapes, dtypes and devices that agree, or a ``ValueError`` / ``TypeError`` naming what does not (the
+    kernels trust them: a wrong batch or head count would read past the cache)."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be (B, Hq, D) or (B, Hq, 1, D), got shape {tuple(q.shape)}")
+    if not q.is_floating_point():
+        raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
+    if (k_res is None) != (v_res is None):
+        raise ValueError("k_res and v_res must both be given or both be None")
+    if k_res is not None:
+        if k_res.dim() != 4 or k_res.shape != v_res.shape:
+            raise ValueError(f"k_res and v_res must be (B, Hkv, Tr, D) of one shape, got {tuple(k_res.shape)} "
+                             f"and {tuple(v_res.shape)}")
+        if not (k_res.is_floating_point() and v_res.is_floating_point()):
+            raise TypeError(f"k_res and v_res must be floating-point, got {k_res.dtype} and {v_res.dtype}")
+    if (kq is None) != (vq is None) or (kq is not None and tuple(kq.shape) != tuple(vq.shape)):
+        raise ValueError("quantized keys and values must cover the same tokens "
+                         f"(shapes {None if kq is None else tuple(kq.shape)} and {None if vq is None else tuple(vq.shape)})")
+    if kq is None and (k_res is None or k_res.shape[-2] == 0):
+        raise ValueError("empty cache")
+    b, hq, d = q.shape
+    for name, shape in (("quantized keys", None if kq is None else tuple(kq.shape)),
+                        ("k_res", None if k_res is None else tuple(k_res.shape))):
+        if shape is None:
+            continue
+        if shape[0] != b or shape[3] != d:
+            raise ValueError(f"q is (B={b}, Hq={hq}, D={d}) but {name} are (B, Hkv, T, D) = {shape}")
+        if shape[1] == 0 or hq % shape[1]:
+            raise ValueError(f"the query heads ({hq}) must be a multiple of the kv heads ({shape[1]})")
+    if kq is not None and k_res is not None and tuple(kq.shape[:2]) != tuple(k_res.shape[:2]):
+        raise ValueError(f"the quantized keys {tuple(kq.shape)} and k_res {tuple(k_res.shape)} differ in B or Hkv")
+    tensors = [k_res, v_res] + ([] if kq is None else [*kq.tensors(), *vq.tensors()])
+    for t in tensors:
+        if t is not None and t.device != q.device:
+            raise ValueError(f"q is on {q.device} but the cache is on {t.device}")
+
+
 def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Optional[QuantizedTensor],
                           k_res: Optional[torch.Tensor], v_res: Optional[torch.Tensor], *,
                           sm_scale: Optional[float] = None, num_splits: Optional[int] = None,
@@ -1521,10 +1558,7 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
         if q.shape[2] != 1:
             raise ValueError("decode attention takes one query token per sequence")
         q = q[:, :, 0]
-    if kq is None and (k_res is None or k_res.shape[-2] == 0):
-        raise ValueError("empty cache")
-    if (kq is None) != (vq is None) or (kq is not None and kq.shape[2] != vq.shape[2]):
-        raise ValueError("quantized keys and values must cover the same tokens")
+    _check_decode_inputs(q, kq, vq, k_res, v_res)
     if kq is not None and kq.group_size != vq.group_size:
         raise ValueError("keys and values must share one group size")
     if kq is not None and kq.meta_bits != vq.meta_bits:

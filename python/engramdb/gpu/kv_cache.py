@@ -46,6 +46,7 @@ from .decode_attention import kivi_decode_attention, mma_kernel_takes, warps_ker
 from .kv_quant import (
     QuantizedTensor,
     cat_tokens,
+    check_bits,
     dequantize,
     hadamard,
     is_token_contiguous,
@@ -132,8 +133,11 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.ref_v: Optional[torch.Tensor] = None
         if sink_tokens < 0:
             raise ValueError("sink_tokens must be >= 0")
-        if residual_length % group_size:
-            raise ValueError(f"residual_length ({residual_length}) must be a multiple of group_size ({group_size})")
+        for b in (key_bits or bits, value_bits or bits):  # (a bad setting fails here, not at the first flush)
+            check_bits(b, group_size)
+        if residual_length < 0 or residual_length % group_size:
+            raise ValueError(f"residual_length ({residual_length}) must be a non-negative multiple of group_size "
+                             f"({group_size})")
         self.key_bits = key_bits or bits
         self.value_bits = value_bits or bits
         self.group_size = group_size

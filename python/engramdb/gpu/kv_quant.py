@@ -103,11 +103,12 @@ def bits_per_element(bits: int, group_size: int, head_dim: int, meta_bits: int =
     return bits + 16 / group_size + 48 / (group_size * head_dim)
 
 
-def _check(bits: int, group_size: int) -> int:
+def check_bits(bits: int, group_size: int) -> int:
+    """Codes a packed 32-bit word holds at ``bits``, or a ``ValueError`` for bits or a group size we do not pack."""
     if bits not in (2, 4, 8):
         raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
     per_word = 32 // bits
-    if group_size % per_word or group_size & (group_size - 1):
+    if group_size < per_word or group_size % per_word or group_size & (group_size - 1):
         raise ValueError(f"group_size must be a power of two and a multiple of {per_word}, got {group_size}")
     return per_word
 
@@ -548,7 +549,7 @@ def _dequantize_triton(q: QuantizedTensor, dtype):
 def _quantize(x, bits, group_size, axis, meta_dtype, backend, meta_bits=16, meta_round="cover"):
     if x.dim() != 4:
         raise ValueError(f"expected (batch, heads, tokens, head_dim), got shape {tuple(x.shape)}")
-    _check(bits, group_size)
+    check_bits(bits, group_size)
     t, d = x.shape[-2:]
     along = t if axis == "token" else d
     if along % group_size:

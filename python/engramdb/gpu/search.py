@@ -19,6 +19,7 @@ nearest first (ranked internally by ``2 q.x - |x|^2``). For int8 matrices the ro
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -28,6 +29,7 @@ from ._triton import HAS_TRITON, next_pow2, pick_backend, tl, triton
 __all__ = ["search_topk", "search_topk_ref", "quantize_rows_int8", "BruteForceIndex"]
 
 MAX_K = 1024
+BASE_DTYPES = (torch.float16, torch.float32, torch.int8)
 
 
 def quantize_rows_int8(x: torch.Tensor):
@@ -669,24 +671,63 @@ _TILE = (128, 4)  # (rows per program, warps)
 INT8_STEPS_AHEAD = 1
 
 
-def _prepare(queries, base, k, metric, base_scale, base_sq_norms):
-    """Checked, contiguous inputs: ``(queries, base, scale or None, squared norms or None, k, is_l2)``."""
-    if metric not in ("ip", "l2"):
-        raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
-    if queries.dim() == 1:
-        queries = queries[None]
-    m, d = queries.shape
-    n = base.shape[0]
-    if base.dim() != 2 or base.shape[1] != d:
-        raise ValueError(f"dimension mismatch: queries {tuple(queries.shape)}, base {tuple(base.shape)}")
+def _check_base(base, base_scale, base_sq_norms):
+    """``base`` (and its per-row vectors) as the kernels take them, or a ``ValueError`` / ``TypeError``."""
+    if not isinstance(base, torch.Tensor) or base.dim() != 2:
+        raise ValueError(f"base must be an (n, d) tensor, got {_describe(base)}")
+    if base.dtype not in BASE_DTYPES:
+        raise TypeError(f"base must be float16, float32 or int8 (with base_scale), got {base.dtype}: convert it "
+                        "once (base.float() or base.half()), not at every search")
+    if base.shape[1] == 0:
+        raise ValueError("base has rows of dimension 0")
     if base.dtype == torch.int8 and base_scale is None:
         raise ValueError("an int8 base needs base_scale")
+    n = base.shape[0]
+    for name, v in (("base_scale", base_scale), ("base_sq_norms", base_sq_norms)):
+        if v is not None and (not isinstance(v, torch.Tensor) or tuple(v.shape) != (n,)):
+            raise ValueError(f"{name} must be a ({n},) tensor, one value a row of base; got {_describe(v)}")
+        if v is not None and v.device != base.device:
+            raise ValueError(f"{name} is on {v.device} but base is on {base.device}")
+
+
+def _describe(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_finite_rows(x, what, first_row=0):
+    """A ``ValueError`` naming the first rows of ``x`` (2-D, or 1-D: one value a row; numbered from
+    ``first_row``) that hold NaN or inf."""
+    bad = ~torch.isfinite(x)
+    bad = bad.any(1) if bad.dim() == 2 else bad
+    if bool(bad.any()):
+        rows = (bad.nonzero().flatten()[:5] + first_row).tolist()
+        raise ValueError(f"{what} hold NaN or inf values, first at rows {rows}")
+
+
+def _prepare(queries, base, k, metric, base_scale, base_sq_norms, check_finite=False):
+    """Checked, contiguous inputs: ``(queries, base, scale or None, squared norms or None, k, is_l2)``.
+    Queries may be a numpy array or sit on another device than ``base``: they are moved to it."""
+    if metric not in ("ip", "l2"):
+        raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+    _check_base(base, base_scale, base_sq_norms)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an integer, got {type(k).__name__}")
+    k = int(k)
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k must be in [1, {MAX_K}], got {k}")
-    k = min(k, n)
-    is_l2 = metric == "l2"
+    queries = torch.as_tensor(queries, device=base.device)
+    if queries.dim() == 1:
+        queries = queries[None]
+    if queries.dim() != 2 or queries.shape[1] != base.shape[1]:
+        raise ValueError(f"dimension mismatch: queries {tuple(queries.shape)} (expected (m, d) or (d,)), "
+                         f"base {tuple(base.shape)}")
     if queries.dtype not in (torch.float16, torch.float32):
         queries = queries.float()
+    if check_finite:  # (on a GPU: one small reduction and a wait for it)
+        _check_finite_rows(queries, "queries")
+    n = base.shape[0]
+    k = min(k, n)
+    is_l2 = metric == "l2"
     queries = queries.contiguous()
     base = base.contiguous()
     xs = base_scale.float().contiguous() if base_scale is not None else None
@@ -753,7 +794,7 @@ def _finish(queries, s, is_l2):
 def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str = "ip", *,
                 base_scale: Optional[torch.Tensor] = None, base_sq_norms: Optional[torch.Tensor] = None,
                 chunk_rows: Optional[int] = None, backend: str = "auto",
-                tile: Optional[tuple] = None, select: str = "auto"):
+                tile: Optional[tuple] = None, select: str = "auto", check_finite: bool = True):
     """Top-``k`` rows of ``base`` for each query; returns ``(scores float32 (m, k), ids int64 (m, k))``.
 
     ``queries``: ``(m, d)`` float32 or float16 (float32 queries are kept exact to ~2^-22 by two fp16 dots, one
@@ -778,9 +819,16 @@ def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str =
     All give the same exact answer. ``"auto"`` (the default): on a GPU ``"fused"``, ``"parallel"`` from
     ``k = PARALLEL_FROM_K``, ``"rescore"`` from ``RESCORE_FROM_M`` float32 queries; ``"torch"`` on the CPU.
     For many searches over one matrix, :class:`BruteForceIndex` replays a CUDA graph.
+
+    Bad input raises before any kernel runs: ``ValueError`` for shapes that do not agree, ``k`` out of range
+    or, with ``check_finite`` (the default), queries that hold NaN or inf (on a GPU that check waits for one
+    small reduction; pass ``False`` in a tight loop over trusted queries). The rows of ``base`` are not
+    scanned here, which would read them twice: :class:`BruteForceIndex` checks them once. ``TypeError``
+    for a ``base`` that is not float16, float32 or int8, or a ``k`` that is not an integer. Queries on
+    another device than ``base`` (or a numpy array) are moved to it.
     """
     _check_select(select)
-    queries, base, xs, xn, k, is_l2 = _prepare(queries, base, k, metric, base_scale, base_sq_norms)
+    queries, base, xs, xn, k, is_l2 = _prepare(queries, base, k, metric, base_scale, base_sq_norms, check_finite)
     if k == 0:  # no rows
         return _no_results(queries)
     select = _pick_select(select, base, k, queries)
@@ -805,14 +853,24 @@ class BruteForceIndex:
     the tie flags, and a search whose chunk cut splits equal scores is finished eagerly, ranking
     (score, id) keys, as in ``search_topk``.
     ``use_graphs=False`` (or a CPU tensor) always searches eagerly. ``select`` as in ``search_topk``.
+    ``check_finite`` (default) checks the rows (and int8 scales) once here, and each search's queries, for
+    NaN and inf: a ``ValueError`` names the first rows that hold them.
     """
 
     def __init__(self, base: torch.Tensor, metric: str = "ip", *, base_scale: Optional[torch.Tensor] = None,
                  use_graphs: bool = True, chunk_rows: Optional[int] = None, tile: Optional[tuple] = None,
-                 backend: str = "auto", select: str = "auto"):
+                 backend: str = "auto", select: str = "auto", check_finite: bool = True):
         _check_select(select)
+        _check_base(base, base_scale, None)
         probe = torch.zeros(1, base.shape[1], dtype=torch.float32, device=base.device)
         _, self.base, self.scale, self.sq_norms, _, self.is_l2 = _prepare(probe, base, 1, metric, base_scale, None)
+        if check_finite:
+            if self.base.is_floating_point():
+                for r in range(0, self.base.shape[0], 1 << 16):  # (a slice at a time: no n x d mask)
+                    _check_finite_rows(self.base[r:r + (1 << 16)], "rows of base", r)
+            if self.scale is not None:
+                _check_finite_rows(self.scale, "base_scale's rows")
+        self.check_finite = check_finite
         self.metric = metric
         self.use_graphs = use_graphs and base.is_cuda
         self._options = (chunk_rows, tile, backend)
@@ -832,7 +890,8 @@ class BruteForceIndex:
 
     def search(self, queries: torch.Tensor, k: int):
         """Top-``k`` rows for each query: ``(scores float32 (m, k), ids int64 (m, k))``."""
-        queries, base, xs, xn, k, is_l2 = _prepare(queries, self.base, k, self.metric, self.scale, self.sq_norms)
+        queries, base, xs, xn, k, is_l2 = _prepare(queries, self.base, k, self.metric, self.scale, self.sq_norms,
+                                                   self.check_finite)
         if k == 0:  # no rows
             return _no_results(queries)
         scores_fn, chunk, tile = _plan(queries, base, k, *self._options)
