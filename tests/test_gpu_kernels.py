@@ -218,6 +218,34 @@ def test_quantize_rejects_bad_shapes():
         G.quantize_values(torch.zeros(1, 1, 32, 48), 4, 32)
     with pytest.raises(ValueError, match="bits"):
         G.quantize_keys(torch.zeros(1, 1, 32, 32), 3, 32)
+    with pytest.raises(ValueError, match="meta_bits=8 needs whole groups of tokens"):
+        G.quantize_values(torch.zeros(1, 1, 48, 32), 4, 32, meta_bits=8)
+
+
+@pytest.mark.parametrize("meta_bits", [16, 8])
+def test_inconsistent_quantized_tensors_are_refused(meta_bits):
+    """A QuantizedTensor whose tensors do not fit its shape, bits or group size is refused by dequantize and
+    the decode attention before any kernel reads it (on a GPU a short ``packed`` would be read past its end)."""
+    x = torch.randn(1, 2, 64, 64, generator=gen(5)).to(DEVICE)
+    kq, vq = G.quantize_keys(x, meta_bits=meta_bits), G.quantize_values(x, meta_bits=meta_bits)
+    for q in (kq, vq, kv_quant.to_mma_order(kq) if meta_bits == 16 else kq):
+        assert q.validate() is q
+    q1 = torch.randn(1, 4, 64, generator=gen(6)).to(DEVICE)
+    broken = {
+        "packed is": dataclasses.replace(kq, packed=kq.packed[:, :, :4]),
+        "scale is": dataclasses.replace(kq, scale=kq.scale[:, :1]),
+        "minimum is": dataclasses.replace(kq, minimum=kq.minimum[..., :32]),
+        "expected \\(1, 2, 1, 64\\)": dataclasses.replace(kq, group_size=64),
+        "packed is torch.int32 \\(1, 2, 8, 64\\)": dataclasses.replace(kq, bits=2),
+        "order 'warp'": dataclasses.replace(kq, order="warp"),
+    }
+    if meta_bits == 8:
+        broken["sup is"] = dataclasses.replace(kq, sup=kq.sup[:, :, :1])
+    for match, bad in broken.items():
+        with pytest.raises(ValueError, match=match):
+            G.dequantize(bad)
+        with pytest.raises(ValueError, match=match):
+            G.kivi_decode_attention(q1, bad, vq, None, None)
 
 
 # ------------------------------------------------------------------------------ decode attention

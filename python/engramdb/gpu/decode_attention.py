@@ -1489,6 +1489,8 @@ def _check_decode_inputs(q, kq, vq, k_res, v_res) -> None:
                          f"(shapes {None if kq is None else tuple(kq.shape)} and {None if vq is None else tuple(vq.shape)})")
     if kq is None and (k_res is None or k_res.shape[-2] == 0):
         raise ValueError("empty cache")
+    if kq is not None:
+        kq.validate(), vq.validate()
     b, hq, d = q.shape
     for name, shape in (("quantized keys", None if kq is None else tuple(kq.shape)),
                         ("k_res", None if k_res is None else tuple(k_res.shape))):
@@ -1500,10 +1502,10 @@ def _check_decode_inputs(q, kq, vq, k_res, v_res) -> None:
             raise ValueError(f"the query heads ({hq}) must be a multiple of the kv heads ({shape[1]})")
     if kq is not None and k_res is not None and tuple(kq.shape[:2]) != tuple(k_res.shape[:2]):
         raise ValueError(f"the quantized keys {tuple(kq.shape)} and k_res {tuple(k_res.shape)} differ in B or Hkv")
-    tensors = [k_res, v_res] + ([] if kq is None else [*kq.tensors(), *vq.tensors()])
-    for t in tensors:
-        if t is not None and t.device != q.device:
-            raise ValueError(f"q is on {q.device} but the cache is on {t.device}")
+    dev = q.device
+    for t in (k_res, v_res) + ((None, None) if kq is None else (kq.packed, vq.packed)):  # (validate: the rest)
+        if t is not None and t.device != dev:
+            raise ValueError(f"q is on {dev} but the cache is on {t.device}")
 
 
 def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Optional[QuantizedTensor],

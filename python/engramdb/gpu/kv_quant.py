@@ -95,6 +95,35 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    def validate(self) -> QuantizedTensor:
+        """``self``, or a ``ValueError`` if its tensors do not fit ``shape``, ``bits``, ``group_size`` and
+        ``axis`` (the kernels trust them: a short ``packed`` would be read past its end on a GPU)."""
+        def bad(what):
+            return ValueError(f"inconsistent QuantizedTensor ({self.axis}, {self.bits}-bit, group {self.group_size}, "
+                              f"shape {tuple(self.shape)}): {what}")
+
+        if self.axis not in ("token", "channel") or self.order not in ("kivi", "mma", "mma_w"):
+            raise bad(f"axis {self.axis!r} / order {self.order!r}")
+        per_word = check_bits(self.bits, self.group_size)
+        if len(self.shape) != 4:
+            raise bad("shape must be (B, H, T, D)")
+        b, h, t, d = self.shape
+        if self.packed.dtype != torch.int32 or tuple(self.packed.shape[:2]) != (b, h) or \
+                self.packed.numel() * per_word != b * h * t * d:
+            raise bad(f"packed is {self.packed.dtype} {tuple(self.packed.shape)}")
+        along = t if self.axis == "token" else d
+        if along % self.group_size:
+            raise bad(f"the grouped axis ({along}) is not whole groups")
+        meta = (b, h, t // self.group_size, d) if self.axis == "token" else (b, h, t, d // self.group_size)
+        for name, x in (("scale", self.scale), ("minimum", self.minimum)):
+            if tuple(x.shape) != meta:
+                raise bad(f"{name} is {tuple(x.shape)}, expected {meta}")
+        if self.sup is not None and (t % self.group_size or tuple(self.sup.shape) != (b, h, t // self.group_size, 3)):
+            raise bad(f"sup is {tuple(self.sup.shape)}, expected {(b, h, t // self.group_size, 3)}")
+        if any(x.device != self.packed.device for x in self.tensors()):
+            raise bad("its tensors are on different devices")
+        return self
+
 
 def bits_per_element(bits: int, group_size: int, head_dim: int, meta_bits: int = 16) -> float:
     """Storage cost of the quantized part per element: codes + metadata (the formula ``nbytes`` meets)."""
@@ -557,6 +586,9 @@ def _quantize(x, bits, group_size, axis, meta_dtype, backend, meta_bits=16, meta
                          f"of group_size {group_size}")
     if meta_bits not in (8, 16):
         raise ValueError(f"meta_bits must be 8 or 16, got {meta_bits}")
+    if meta_bits == 8 and t % group_size:  # (one super-block per group of tokens, for values too)
+        raise ValueError(f"meta_bits=8 needs whole groups of tokens: the token count {t} is not a multiple of "
+                         f"group_size {group_size}")
     if meta_round not in META_ROUNDS:
         raise ValueError(f"meta_round must be one of {META_ROUNDS}, got {meta_round!r}")
     triton_path = pick_backend(backend, x) == "triton"
@@ -715,6 +747,7 @@ def cat_tokens(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def dequantize(q: QuantizedTensor, dtype=torch.float32, *, backend: str = "auto") -> torch.Tensor:
     """Unpack and dequantize to a ``(B, H, T, D)`` tensor of ``dtype``."""
+    q.validate()
     if pick_backend(backend, q.packed) == "triton":
         return _dequantize_triton(from_mma_order(q), dtype)
     return _dequantize_ref(q, dtype)
