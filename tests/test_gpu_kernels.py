@@ -1018,6 +1018,13 @@ def test_search_rejects_bad_input_and_moves_queries(select):
     with pytest.raises(ValueError, match="base_scale's rows hold NaN"):
         G.BruteForceIndex(codes, base_scale=torch.tensor([1.0] * 299 + [float("inf")]))
     G.BruteForceIndex(bad_rows, check_finite=False)  # unchecked: the caller vouches for the rows
+    with pytest.raises(ValueError, match=r"rows hold NaN or inf values, first at rows \[100\]"):
+        G.quantize_rows_int8(bad_rows)
+    for shape in ((16,), (3, 0)):
+        with pytest.raises(ValueError, match=r"an \(n, d\) tensor with d > 0"):
+            G.quantize_rows_int8(torch.zeros(shape))
+    codes0, scale0 = G.quantize_rows_int8(torch.zeros(0, 16))
+    assert codes0.shape == (0, 16) and scale0.shape == (0,)
 
 
 def test_search_finite_check_numbers_rows_across_slices():

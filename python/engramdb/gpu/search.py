@@ -33,9 +33,13 @@ BASE_DTYPES = (torch.float16, torch.float32, torch.int8)
 
 
 def quantize_rows_int8(x: torch.Tensor):
-    """Symmetric per-row int8: returns ``(codes int8 (n, d), scale float32 (n,))``."""
+    """Symmetric per-row int8: returns ``(codes int8 (n, d), scale float32 (n,))``. ``x``: ``(n, d)``
+    without NaN or inf (a ``ValueError`` names the first rows that hold them)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] == 0:
+        raise ValueError(f"quantize_rows_int8 takes an (n, d) tensor with d > 0, got {_describe(x)}")
     xf = x.float()
     scale = xf.abs().amax(1) / 127.0
+    _check_finite_rows(scale, "rows")  # (a row's largest magnitude is finite only if all its values are)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.round(xf / safe[:, None]).clamp_(-127, 127).to(torch.int8)
     return codes, scale
