@@ -1490,7 +1490,8 @@ def _check_decode_inputs(q, kq, vq, k_res, v_res) -> None:
     if kq is None and (k_res is None or k_res.shape[-2] == 0):
         raise ValueError("empty cache")
     if kq is not None:
-        kq.validate(), vq.validate()
+        kq.validate()
+        vq.validate()
     b, hq, d = q.shape
     for name, shape in (("quantized keys", None if kq is None else tuple(kq.shape)),
                         ("k_res", None if k_res is None else tuple(k_res.shape))):

@@ -852,10 +852,10 @@ class BruteForceIndex:
     search into a CUDA graph, and later searches of that shape copy the queries in and replay it: one
     launch instead of some thirty, which matters when a search takes well under a millisecond. Each
     recorded shape keeps its own buffers (``m x n x 4`` bytes of scores at most 256 MiB). With the fused,
-    parallel or rescoring select (the defaults on a GPU) a search never waits on the GPU; with the torch
-    select it waits once for
-    the tie flags, and a search whose chunk cut splits equal scores is finished eagerly, ranking
-    (score, id) keys, as in ``search_topk``.
+    parallel or rescoring select (the defaults on a GPU) and ``check_finite=False`` a search never waits on
+    the GPU (the queries' NaN check, on by default, waits for one small reduction); with the torch select it
+    waits once more, for the tie flags, and a search whose chunk cut splits equal scores is finished
+    eagerly, ranking (score, id) keys, as in ``search_topk``.
     ``use_graphs=False`` (or a CPU tensor) always searches eagerly. ``select`` as in ``search_topk``.
     ``check_finite`` (default) checks the rows (and int8 scales) once here, and each search's queries, for
     NaN and inf: a ``ValueError`` names the first rows that hold them.
