@@ -59,8 +59,16 @@ py-test:
 	# tests import the installed wheel: python/ is never on sys.path here.
 	# Hypothesis draws from a fixed seed for the same reason as FUZZ_SEED
 	# (`make py-test HYPOTHESIS_SEED=` draws afresh)
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=15 \
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=15 -m "not gpu" \
 		$(if $(HYPOTHESIS_SEED),--hypothesis-seed=$(HYPOTHESIS_SEED))
+	# the GPU kernels' tests on every core (pytest-xdist): without a GPU they run
+	# in Triton's CPU interpreter, CPU-bound and independent of each other, and
+	# were most of the suite's time run one at a time. Without torch (the low-disk
+	# case above) they cannot run, and the run says so
+	if $(BIN)/python -c "import torch, triton" 2>/dev/null; then \
+		$(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=10 -m gpu -n auto \
+			$(if $(HYPOTHESIS_SEED),--hypothesis-seed=$(HYPOTHESIS_SEED)); \
+	else echo "WARNING: torch/triton not installed: the GPU kernels' tests did not run" >&2; fi
 
 bench:
 	$(BIN)/python -m pip install -q "$$(ls dist/engramdb-*.whl)[bench]"
