@@ -708,12 +708,14 @@ def _check_finite_rows(x, what, first_row=0):
         raise ValueError(f"{what} hold NaN or inf values, first at rows {rows}")
 
 
-def _prepare(queries, base, k, metric, base_scale, base_sq_norms, check_finite=False):
+def _prepare(queries, base, k, metric, base_scale, base_sq_norms, check_finite=False, base_checked=False):
     """Checked, contiguous inputs: ``(queries, base, scale or None, squared norms or None, k, is_l2)``.
-    Queries may be a numpy array or sit on another device than ``base``: they are moved to it."""
+    Queries may be a numpy array or sit on another device than ``base``: they are moved to it.
+    ``base_checked``: the rows and their vectors passed :func:`_check_base` already (an index's own)."""
     if metric not in ("ip", "l2"):
         raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
-    _check_base(base, base_scale, base_sq_norms)
+    if not base_checked:
+        _check_base(base, base_scale, base_sq_norms)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an integer, got {type(k).__name__}")
     k = int(k)
@@ -867,7 +869,8 @@ class BruteForceIndex:
         _check_select(select)
         _check_base(base, base_scale, None)
         probe = torch.zeros(1, base.shape[1], dtype=torch.float32, device=base.device)
-        _, self.base, self.scale, self.sq_norms, _, self.is_l2 = _prepare(probe, base, 1, metric, base_scale, None)
+        _, self.base, self.scale, self.sq_norms, _, self.is_l2 = _prepare(probe, base, 1, metric, base_scale, None,
+                                                                          base_checked=True)
         if check_finite:
             if self.base.is_floating_point():
                 for r in range(0, self.base.shape[0], 1 << 16):  # (a slice at a time: no n x d mask)
@@ -895,7 +898,7 @@ class BruteForceIndex:
     def search(self, queries: torch.Tensor, k: int):
         """Top-``k`` rows for each query: ``(scores float32 (m, k), ids int64 (m, k))``."""
         queries, base, xs, xn, k, is_l2 = _prepare(queries, self.base, k, self.metric, self.scale, self.sq_norms,
-                                                   self.check_finite)
+                                                   self.check_finite, base_checked=True)
         if k == 0:  # no rows
             return _no_results(queries)
         scores_fn, chunk, tile = _plan(queries, base, k, *self._options)
