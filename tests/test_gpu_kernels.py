@@ -21,6 +21,8 @@ import pathlib
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -647,6 +649,27 @@ def test_decode_split_count_fills_whole_waves():
     assert da.wave_splits(1, 64, 396, 1) == 1
 
 
+def _wave_splits_every_count(heads, tokens, slots, most, block_t=64, overhead=128):
+    """wave_splits' definition, by trying every split count (what it ran as before it was made quick)."""
+    def ceil(a, b):
+        return (a + b - 1) // b
+
+    def cost(s):
+        chunk = ceil(ceil(tokens, s), block_t) * block_t
+        return ceil(heads * s, slots) * (chunk + overhead), s
+    return min(range(1, max(1, most) + 1), key=cost)
+
+
+@settings(max_examples=400, deadline=None)
+@given(heads=st.integers(1, 2048), tokens=st.integers(1, 300_000), slots=st.integers(1, 1100),
+       most=st.integers(0, 1200), block_t=st.sampled_from([16, 32, 64, 128]), overhead=st.integers(0, 512))
+def test_wave_splits_matches_trying_every_split_count(heads, tokens, slots, most, block_t, overhead):
+    """The quick wave_splits (only the split counts that can win) picks what trying every count picks."""
+    da = import_module(G.__name__ + ".decode_attention")
+    assert da.wave_splits(heads, tokens, slots, most, block_t, overhead) == \
+        _wave_splits_every_count(heads, tokens, slots, most, block_t, overhead)
+
+
 def test_decode_attention_rejects_bad_tuning_knobs():
     q = torch.zeros(1, 2, 32, device=DEVICE)
     k_res = torch.zeros(1, 2, 4, 32, device=DEVICE)
@@ -1262,6 +1285,25 @@ def test_warps_kernel_asm_gets_one_word_a_pair(d):
              % str(ROOT / "benches"))
     r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert r.stdout.split("\n")[-2] == "(1, 1) (1, 0)", r.stdout + r.stderr
+
+
+def test_gpu_host_bench_times_the_host_path_and_puts_the_kernels_back():
+    """benches/gpu_host.py: a decode call's host side with its launches caught; the kernels it stands in for
+    are put back afterwards, and the warps path launches its key offsets, the decode kernel and the merge."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_host", ROOT / "benches" / "gpu_host.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    da = bench.DA
+    kernels = {name: getattr(da, name) for name in bench.LAUNCHED}
+    probed = dict(da._SUBNORMAL_DOT)
+    row = bench.decode_host_path("mma_w", 1, 2, 4, 256)
+    assert (row["kernel"], row["launches"]) == ("_kivi_decode_warps_kernel", 3)
+    assert row["call_us"] > row["checks_us"] > row["validate_us"] > 0
+    assert {name: getattr(da, name) for name in bench.LAUNCHED} == kernels
+    assert da._SUBNORMAL_DOT == probed
+    assert bench.decode_host_path("kivi", 1, 2, 4, 256)["launches"] == 2  # no key offsets
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the smoke run is for CPU-only machines; on a GPU run the benchmark")

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from ._triton import HAS_TRITON, interpreting, next_pow2, pick_backend, tl, triton
+from ._triton import HAS_TRITON, INTERPRET_AT_IMPORT, cdiv, next_pow2, pick_backend, tl, triton
 from .kv_quant import QuantizedTensor, dequantize, from_mma_order
 
 __all__ = ["kivi_decode_attention", "kivi_decode_attention_ref"]
@@ -1206,7 +1206,7 @@ def key_score_offsets(kq: QuantizedTensor, q: torch.Tensor) -> torch.Tensor:
     dq = kq.sup is not None
     out = torch.empty(b, h_kv, ngr, 8, dtype=torch.float32, device=q.device)
     kmu = kq.sup if dq else kq.minimum
-    _key_offsets_kernel[(b * h_kv, triton.cdiv(ngr, 16))](
+    _key_offsets_kernel[(b * h_kv, cdiv(ngr, 16))](
         kq.minimum, kmu, q, out, ngr, h_kv, *kq.minimum.stride()[:3], *kmu.stride()[:3], *q.stride()[:2],
         *out.stride()[:3], D=d, N_REP=hq // h_kv, DQ=dq, BLOCK=16)
     return out
@@ -1241,16 +1241,16 @@ LAST_LAUNCH: dict = {}
 _PROGRAMS_PER_SM: dict = {}
 
 
-def _programs_per_sm(kernel, consts: dict, args: tuple, dev: torch.device) -> int:
-    """How many programs of ``kernel`` (as compiled for these arguments) one SM of ``dev`` holds at once: the
-    fewest that its registers, shared memory and threads allow. Compiles the kernel if it is not yet (the
-    launch then finds it in Triton's cache); 4 if the compiled kernel's resources cannot be read."""
-    key = (kernel.__name__, dev.index, tuple(sorted(consts.items())),
-           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+def _programs_per_sm(kernel, consts: dict, dtypes: tuple, make_args, dev: torch.device) -> int:
+    """How many programs of ``kernel`` (as compiled for these constants and tensor ``dtypes``) one SM of
+    ``dev`` holds at once: the fewest that its registers, shared memory and threads allow. The first time,
+    compiles the kernel for the arguments ``make_args()`` returns (the launch then finds it in Triton's
+    cache); 4 if the compiled kernel's resources cannot be read. Later calls are a dictionary lookup."""
+    key = (kernel.__name__, dev.index, tuple(sorted(consts.items())), dtypes)
     n = _PROGRAMS_PER_SM.get(key)
     if n is None:
         try:
-            k = kernel.warmup(*args, grid=(1, 1), **consts)
+            k = kernel.warmup(*make_args(), grid=(1, 1), **consts)
             k._init_handles()
             props = torch.cuda.get_device_properties(dev)
             n = occupancy(k.n_regs, k.metadata.shared, k.metadata.num_warps,
@@ -1280,11 +1280,31 @@ def wave_splits(heads: int, tokens: int, slots: int, most: int, block_t: int = 6
     A latency-bound kernel runs a wave of resident programs in about the time of one program, so the time
     is modelled as waves x (tokens a split + ``overhead``, a program's fixed cost in tokens); ties go to
     fewer splits. E.g. 256 programs a split over 16K tokens: 3 splits with 396 slots (768 programs, 1.94
-    waves), 1 with 264."""
-    def cost(s):
-        chunk = triton.cdiv(triton.cdiv(tokens, s), block_t) * block_t
-        return triton.cdiv(heads * s, slots) * (chunk + overhead), s
-    return min(range(1, max(1, most) + 1), key=cost)
+    waves), 1 with 264.
+
+    It runs on every decode call, so it does not try every split count: within the split counts that make
+    ``w`` waves the cost falls with the tokens a split, so only the most splits of each wave count can win,
+    or the fewest that give the same tile count; and no wave count can win once ``w`` x ``overhead`` alone
+    exceeds the best cost (the tokens are shared out over the waves). ``tests/test_gpu_kernels.py`` checks
+    it against the cost of every split count."""
+    if most <= 1 or heads <= 0:
+        return 1
+    tiles = cdiv(tokens, block_t)
+    best = None
+    w = cdiv(heads, slots)  # the waves of one split
+    while True:
+        hi = min(most, w * slots // heads)  # the most splits that still run in w waves
+        per = cdiv(tiles, hi)  # tiles a split there; the fewest splits with as few tiles a split:
+        cand = (w * (per * block_t + overhead), cdiv(tiles, per))
+        # (that count may run in fewer waves; then the fewer waves' own candidate costs less and wins)
+        if best is None or cand < best:
+            best = cand
+        if hi == most:
+            break
+        w += 1
+        if tiles * block_t * heads // slots + w * overhead >= best[0]:
+            break  # (a lower bound of any later wave count's cost)
+    return best[1]
 
 
 def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warps, unpack, num_stages, q_regs,
@@ -1332,14 +1352,14 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     if kq is not None and vq.order == "mma_w":
         kernel, consts = _kivi_decode_warps_kernel, dict(
             D=d, N_REP=n_rep, BLOCK_H=16, G=g, DQ=dq, KEY_META_REGS=WARPS_KEY_META_IN_REGISTERS,
-            ASM=WARPS_ASM and not interpreting(), META_AHEAD=WARPS_META_AHEAD,
+            ASM=WARPS_ASM and not INTERPRET_AT_IMPORT, META_AHEAD=WARPS_META_AHEAD,
             SWAP_PV=WARPS_SWAP_PV and n_rep <= 8, SWAP_QK=WARPS_SWAP_QK and n_rep <= 8 and d == 128,
-            MOVM=WARPS_MOVMATRIX and not interpreting(), UNROLL2=WARPS_UNROLL2 and WARPS_META_AHEAD,
-            FOLD=(1 if interpreting() else 2) if fold else 0,
-            **({"maxnreg": WARPS_MAXNREG} if WARPS_MAXNREG and not interpreting() else {}),
+            MOVM=WARPS_MOVMATRIX and not INTERPRET_AT_IMPORT, UNROLL2=WARPS_UNROLL2 and WARPS_META_AHEAD,
+            FOLD=(1 if INTERPRET_AT_IMPORT else 2) if fold else 0,
+            **({"maxnreg": WARPS_MAXNREG} if WARPS_MAXNREG and not INTERPRET_AT_IMPORT else {}),
             num_warps=4, num_stages=WARPS_NUM_STAGES)
     elif kq is not None and kq.order == "mma":
-        chunk_hint = triton.cdiv(tq, num_splits or max(1, 4 * _sm_count(dev) // max(1, b * h_kv)))
+        chunk_hint = cdiv(tq, num_splits or max(1, 4 * _sm_count(dev) // max(1, b * h_kv)))
         kernel, consts = _kivi_decode_mma_kernel, dict(
             D=d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)), G=g, DQ=dq, BLOCK_T=block_t, BITS=bits_k,
             Q_REGS=n_rep <= 16 and (q_regs if q_regs is not None else bits_k == 4 and chunk_hint >= 32 * block_t),
@@ -1359,10 +1379,10 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
         # every split starts on a tile boundary (and, with unpack="expand", on a packed word's and a group's);
         # the partials' split axis is padded to a multiple of 8 so that their strides, and with them the
         # compiled kernel's specialization, do not depend on the split count
-        chunk_q = triton.cdiv(triton.cdiv(tq, splits), block_t) * block_t if tq else 0
-        chunk_r = triton.cdiv(triton.cdiv(tr, splits), block_t) * block_t if tr else 0
-        oa = torch.empty(b, hq, triton.cdiv(splits, 8) * 8, d, dtype=torch.float32, device=dev)
-        oml = torch.empty(b, hq, triton.cdiv(splits, 8) * 8, 2, dtype=torch.float32, device=dev)
+        chunk_q = cdiv(cdiv(tq, splits), block_t) * block_t if tq else 0
+        chunk_r = cdiv(cdiv(tr, splits), block_t) * block_t if tr else 0
+        oa = torch.empty(b, hq, cdiv(splits, 8) * 8, d, dtype=torch.float32, device=dev)
+        oml = torch.empty(b, hq, cdiv(splits, 8) * 8, 2, dtype=torch.float32, device=dev)
         # both kernels take the same tensors and strides (the packed words' third stride: key word rows or
         # tokens, value tokens or word rows, as the order has them)
         args = (q, kp, ks, km, vp, vs, vm, ku, vu, k_res, v_res, oa, oml,
@@ -1376,9 +1396,10 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
 
     programs_per_sm = None
     if num_splits is None:
-        most = triton.cdiv(tq + tr, 256)  # each split at least 256 tokens
+        most = cdiv(tq + tr, 256)  # each split at least 256 tokens
         if dev.type == "cuda":  # whole waves of the programs an SM holds at once
-            programs_per_sm = _programs_per_sm(kernel, consts, launch_args(1)[2], dev)
+            programs_per_sm = _programs_per_sm(kernel, consts, (q.dtype, ks.dtype, ku.dtype, k_res.dtype, v_res.dtype),
+                                               lambda: launch_args(1)[2], dev)
             num_splits = wave_splits(b * h_kv, tq + tr, programs_per_sm * _sm_count(dev), most, block_t)
         else:  # (the interpreter: about four programs an SM, as for the GPU's ~120-register kernels)
             num_splits = max(1, min(max(1, 4 * _sm_count(dev) // max(1, b * h_kv)), most))

@@ -52,7 +52,7 @@ from typing import Optional
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, pick_backend, tl, triton
+from ._triton import HAS_TRITON, cdiv, next_pow2, pick_backend, tl, triton
 
 __all__ = [
     "QuantizedTensor",
@@ -519,7 +519,7 @@ def _quantize_triton(x, bits, group_size, axis, meta_dtype):
         sp = packed.stride()
         sm = scale.stride()
     mn = torch.empty_like(scale)
-    grid = (n, triton.cdiv(rows, _BLOCK_R), cols // group_size)
+    grid = (n, cdiv(rows, _BLOCK_R), cols // group_size)
     _quant_pack_kernel[grid](x3, packed, scale, mn, rows, *sx, *sp, *sm, BITS=bits, G=group_size, BLOCK_R=_BLOCK_R)
     return (packed.reshape(b, h, *packed.shape[1:]), scale.reshape(b, h, *scale.shape[1:]),
             mn.reshape(b, h, *mn.shape[1:]))
@@ -568,7 +568,7 @@ def _dequantize_triton(q: QuantizedTensor, dtype):
     else:
         rows, cols = t, d
         sy, sp, sm = y.stride(), p.stride(), s.stride()
-    grid = (n, triton.cdiv(rows, _BLOCK_R), cols // q.group_size)
+    grid = (n, cdiv(rows, _BLOCK_R), cols // q.group_size)
     _dequant_kernel[grid](y, p, s, m, u, rows, *sy, *sp, *sm, u.stride(0), u.stride(1),
                           BITS=q.bits, G=q.group_size, BLOCK_R=_BLOCK_R, DQ=dq, ROWS_ARE_TOKENS=q.axis == "channel")
     return y.reshape(b, h, t, d)

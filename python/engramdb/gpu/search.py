@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, pick_backend, tl, triton
+from ._triton import HAS_TRITON, cdiv, next_pow2, pick_backend, tl, triton
 
 __all__ = ["search_topk", "search_topk_ref", "quantize_rows_int8", "BruteForceIndex"]
 
@@ -472,11 +472,11 @@ def _parallel_select(s, tmax, n, bn, kk, row0, exact=None):
         xc, xs, xn, qf, eps, d, flags = s, s, s, s, s, 1, dict(HAS_SCALE=False, IS_L2=False)
     _parallel_threshold_kernel[(m,)](tmax, thr, n_keys, eps, nt, kk, tmax.stride(0), KP=kp, GN=gn, TB=tb,
                                      MARGIN=exact is not None, num_warps=8)
-    _parallel_gather_kernel[(m, triton.cdiv(nt, tp))](
+    _parallel_gather_kernel[(m, cdiv(nt, tp))](
         s, tmax, thr, tiles, keys, n_keys, n, nt, row0, s.stride(0), tmax.stride(0), tiles.stride(0),
         keys.stride(0), BN=bn, TP=tp, BT=bt, CAP=cap, num_warps=8)
     if exact is not None:
-        _parallel_rescore_kernel[(m, max(1, triton.cdiv(2 * kp, _RESCORE_ROWS)))](
+        _parallel_rescore_kernel[(m, max(1, cdiv(2 * kp, _RESCORE_ROWS)))](
             keys, n_keys, xc, xs, xn, qf, row0, d, xc.stride(0), qf.stride(0), keys.stride(0), **flags,
             RB=_RESCORE_ROWS, BD=64, CAP=cap, num_warps=4)
     bte = max(1, kp // bn)  # the exact overflow path: at least KP rows a step, at most 16 K elements a block
@@ -522,7 +522,7 @@ def _chunk_scores_triton(q, xc, xs, xn, is_l2, tile):
     m, d = q.shape
     n = xc.shape[0]
     block_n, num_warps = tile
-    tiles = triton.cdiv(n, block_n)
+    tiles = cdiv(n, block_n)
     out = torch.empty(m, tiles * block_n, dtype=torch.float32, device=q.device)
     tmax = torch.empty(m, tiles, dtype=torch.float32, device=q.device)
     ql = q
@@ -544,7 +544,7 @@ def _chunk_scores_triton(q, xc, xs, xn, is_l2, tile):
             AHEAD=INT8_STEPS_AHEAD, num_warps=4,
         )
         return out, tmax, block_n
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    grid = (cdiv(n, block_n), cdiv(m, block_m))
     _scores_kernel[grid](
         q, ql, xc, xs if xs is not None else out, xn if xn is not None else out, out, tmax, m, n, d,
         q.stride(0), xc.stride(0), out.stride(0), tmax.stride(0),
