@@ -6,7 +6,7 @@ launches, on CPU tensors with the launches caught (they do nothing), and the pie
 
 * ``wave_splits``, the split count a GPU call picks, against its first form (every split count tried, with
   ``triton.cdiv``), in the same process on the same arguments;
-* the input checks (``_check_decode_inputs``, ``QuantizedTensor.validate``);
+* the input checks (``_check_decode_inputs``; a ``QuantizedTensor`` is checked when it is made, not here);
 * the whole host path of a call (checks, the key offsets' and the merge's launch arguments, the decode
   kernel's), with the interpreter's split rule; a GPU call adds the split choice above and a dictionary
   lookup, and Triton's launcher, which this cannot time.
@@ -94,7 +94,6 @@ def decode_host_path(order: str, b: int, hkv: int, n_rep: int, t: int, d: int = 
         launches = _Counted.launches
         call = best_us(lambda: DA.kivi_decode_attention(q, kq, vq, kr, kr, backend="triton"), 500)
         checks = best_us(lambda: DA._check_decode_inputs(q, kq, vq, kr, kr), 2000)
-        validate = best_us(kq.validate, 2000)
     finally:
         for name, fn in saved.items():
             setattr(DA, name, fn)
@@ -102,7 +101,7 @@ def decode_host_path(order: str, b: int, hkv: int, n_rep: int, t: int, d: int = 
         if probed is not None:
             DA._SUBNORMAL_DOT[("cpu", None)] = probed
     return dict(order=order, shape=f"B{b} x {hkv * n_rep}/{hkv} heads x {t} tokens, head {d}", kernel=DA.LAST_LAUNCH.get("kernel"),
-                launches=launches, call_us=call, checks_us=checks, validate_us=validate)
+                launches=launches, call_us=call, checks_us=checks)
 
 
 def main() -> None:
@@ -121,14 +120,14 @@ def main() -> None:
         rows.append(dict(what="wave_splits", args=a, splits=DA.wave_splits(*a), before_us=old, now_us=new))
         print(f"| {a} | {DA.wave_splits(*a)} | {old:,.1f} us | {new:.2f} us | {old / new:,.0f}x |")
     print()
-    print("| decode call, host side (launches caught) | kernel | launches | whole call | input checks | one validate |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| decode call, host side (launches caught) | kernel | launches | whole call | of it: input checks |")
+    print("| --- | --- | ---: | ---: | ---: |")
     for order, shape in [("mma_w", (1, 8, 4, 4096)), ("mma", (1, 8, 4, 4096)), ("kivi", (1, 8, 4, 4096)),
                          ("mma_w", (8, 8, 4, 1024))]:
         r = decode_host_path(order, *shape)
         rows.append(dict(what="decode_host", **r))
         print(f"| {r['shape']}, {order} order | {r['kernel']} | {r['launches']} | {r['call_us']:.1f} us | "
-              f"{r['checks_us']:.1f} us | {r['validate_us']:.1f} us |")
+              f"{r['checks_us']:.1f} us |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(torch=torch.__version__, triton=triton.__version__, rows=rows), f, indent=1)

@@ -1510,10 +1510,7 @@ def _check_decode_inputs(q, kq, vq, k_res, v_res) -> None:
                          f"(shapes {None if kq is None else tuple(kq.shape)} and {None if vq is None else tuple(vq.shape)})")
     if kq is None and (k_res is None or k_res.shape[-2] == 0):
         raise ValueError("empty cache")
-    if kq is not None:
-        kq.validate()
-        vq.validate()
-    b, hq, d = q.shape
+    b, hq, d = q.shape  # (each QuantizedTensor was checked when it was made)
     for name, shape in (("quantized keys", None if kq is None else tuple(kq.shape)),
                         ("k_res", None if k_res is None else tuple(k_res.shape))):
         if shape is None:
@@ -1525,7 +1522,7 @@ def _check_decode_inputs(q, kq, vq, k_res, v_res) -> None:
     if kq is not None and k_res is not None and tuple(kq.shape[:2]) != tuple(k_res.shape[:2]):
         raise ValueError(f"the quantized keys {tuple(kq.shape)} and k_res {tuple(k_res.shape)} differ in B or Hkv")
     dev = q.device
-    for t in (k_res, v_res) + ((None, None) if kq is None else (kq.packed, vq.packed)):  # (validate: the rest)
+    for t in (k_res, v_res) + ((None, None) if kq is None else (kq.packed, vq.packed)):  # (the rest: one device each)
         if t is not None and t.device != dev:
             raise ValueError(f"q is on {dev} but the cache is on {t.device}")
 

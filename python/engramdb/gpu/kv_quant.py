@@ -71,9 +71,13 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantizedTensor:
-    """A packed KIVI tensor; ``axis`` is ``"token"`` for keys and ``"channel"`` for values."""
+    """A packed KIVI tensor; ``axis`` is ``"token"`` for keys and ``"channel"`` for values.
+
+    Checked when made (:meth:`validate`: a ``ValueError`` if its tensors do not fit its shape, bits, group
+    size, axis and order) and frozen, so that the kernels, which trust it, need not check it again on every
+    decode step; ``dataclasses.replace`` makes a checked copy with some fields changed."""
 
     packed: torch.Tensor
     scale: torch.Tensor
@@ -84,6 +88,9 @@ class QuantizedTensor:
     shape: tuple  # (B, H, T, D) of the dequantized tensor
     sup: Optional[torch.Tensor] = None  # (B, H, T // G, 3) fp16 when scale/minimum are 8-bit codes
     order: str = "kivi"  # how codes sit in the packed words: "kivi", "mma" or "mma_w" (see to_mma_order)
+
+    def __post_init__(self):
+        self.validate()
 
     @property
     def meta_bits(self) -> int:
@@ -97,7 +104,8 @@ class QuantizedTensor:
 
     def validate(self) -> QuantizedTensor:
         """``self``, or a ``ValueError`` if its tensors do not fit ``shape``, ``bits``, ``group_size`` and
-        ``axis`` (the kernels trust them: a short ``packed`` would be read past its end on a GPU)."""
+        ``axis`` (the kernels trust them: a short ``packed`` would be read past its end on a GPU). Runs when
+        the tensor is made; call it again only after changing a tensor's shape in place (``resize_``)."""
         def bad(what):
             return ValueError(f"inconsistent QuantizedTensor ({self.axis}, {self.bits}-bit, group {self.group_size}, "
                               f"shape {tuple(self.shape)}): {what}")
@@ -747,7 +755,6 @@ def cat_tokens(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def dequantize(q: QuantizedTensor, dtype=torch.float32, *, backend: str = "auto") -> torch.Tensor:
     """Unpack and dequantize to a ``(B, H, T, D)`` tensor of ``dtype``."""
-    q.validate()
     if pick_backend(backend, q.packed) == "triton":
         return _dequantize_triton(from_mma_order(q), dtype)
     return _dequantize_ref(q, dtype)
