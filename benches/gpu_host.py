@@ -9,7 +9,8 @@ launches, on CPU tensors with the launches caught (they do nothing), and the pie
 * the input checks (``_check_decode_inputs``; a ``QuantizedTensor`` is checked when it is made, not here);
 * the whole host path of a call (checks, the key offsets' and the merge's launch arguments, the decode
   kernel's), with the interpreter's split rule; a GPU call adds the split choice above and a dictionary
-  lookup, and Triton's launcher, which this cannot time.
+  lookup, and Triton's launcher, which this cannot time;
+* a whole decode step of one cache layer: ``QuantizedKVLayer.update`` and the registered attention function.
 
     python benches/gpu_host.py [--json FILE]
 
@@ -104,6 +105,49 @@ def decode_host_path(order: str, b: int, hkv: int, n_rep: int, t: int, d: int = 
                 launches=launches, call_us=call, checks_us=checks)
 
 
+def cache_step_host(b: int = 1, hkv: int = 8, n_rep: int = 4, prefill: int = 256, d: int = 128) -> dict:
+    """A decode step through ``QuantizedKVLayer.update`` and the registered attention function (fused path),
+    host side, launches caught: the median over the 30 steps between two flushes (a flush quantizes, and
+    here its kernels would be interpreted), 5 rounds from the same state."""
+    from importlib import import_module
+    from statistics import median
+
+    KC = import_module(G.__name__ + ".kv_cache")  # (needs transformers)
+    torch.manual_seed(0)
+    layer = KC.QuantizedKVLayer(bits=4, group_size=32, residual_length=32, fused_attention=True, backend="triton")
+    k = torch.randn(b, hkv, prefill, d, dtype=torch.float16)
+    layer.update(k, k.clone())
+    new = torch.randn(b, hkv, 1, d, dtype=torch.float16)
+    layer.update(new, new)  # the prefill's flush (its quantize kernels run in the interpreter, once)
+    state = (layer.keys, layer.values, layer.cumulative_length)
+    q = torch.randn(b, hkv * n_rep, 1, d, dtype=torch.float16)
+    saved = {name: getattr(DA, name) for name in LAUNCHED}
+    probed = DA._SUBNORMAL_DOT.get(("cpu", None))
+    DA._SUBNORMAL_DOT[("cpu", None)] = True
+    times, updates = [], []
+    try:
+        for name in LAUNCHED:
+            setattr(DA, name, _Counted(name))
+        for _ in range(5):
+            layer.keys, layer.values, layer.cumulative_length = state
+            for _ in range(30):  # window 34 .. 63 tokens: no flush
+                t0 = time.perf_counter()
+                kk, vv = layer.update(new, new)
+                t1 = time.perf_counter()
+                KC.kivi_attention_forward(None, q, kk, vv, None, scaling=d ** -0.5)
+                times.append(time.perf_counter() - t0)
+                updates.append(t1 - t0)
+        assert layer.qkeys.shape[2] == prefill - 32, "a flush ran inside the timed steps"
+    finally:
+        for name, fn in saved.items():
+            setattr(DA, name, fn)
+        DA._SUBNORMAL_DOT.pop(("cpu", None))
+        if probed is not None:
+            DA._SUBNORMAL_DOT[("cpu", None)] = probed
+    return dict(shape=f"B{b} x {hkv * n_rep}/{hkv} heads, head {d}, 4-bit, {layer.qkeys.order}/{layer.qvalues.order}",
+                step_us=median(times) * 1e6, update_us=median(updates) * 1e6)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the rows here")
@@ -128,6 +172,11 @@ def main() -> None:
         rows.append(dict(what="decode_host", **r))
         print(f"| {r['shape']}, {order} order | {r['kernel']} | {r['launches']} | {r['call_us']:.1f} us | "
               f"{r['checks_us']:.1f} us |")
+    r = cache_step_host()
+    rows.append(dict(what="cache_step", **r))
+    print(f"\n| a decode step of one layer: QuantizedKVLayer.update + the attention function, launches caught |\n"
+          f"| --- |\n| {r['shape']}: {r['step_us']:.1f} us, of it the update {r['update_us']:.1f} us "
+          "(medians of 150 steps; on CPU tensors the window's appends are the copies themselves) |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(torch=torch.__version__, triton=triton.__version__, rows=rows), f, indent=1)

@@ -1312,6 +1312,10 @@ def test_gpu_host_bench_times_the_host_path_and_puts_the_kernels_back():
     assert {name: getattr(da, name) for name in bench.LAUNCHED} == kernels
     assert da._SUBNORMAL_DOT == probed
     assert bench.decode_host_path("kivi", 1, 2, 4, 256)["launches"] == 2  # no key offsets
+    pytest.importorskip("transformers")
+    step = bench.cache_step_host(1, 2, 2, prefill=64)  # a cache layer's decode steps, between two flushes
+    assert step["step_us"] > step["update_us"] > 0 and step["shape"].endswith("mma/mma_w")
+    assert {name: getattr(da, name) for name in bench.LAUNCHED} == kernels
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the smoke run is for CPU-only machines; on a GPU run the benchmark")
