@@ -20,6 +20,7 @@ Best of 5 repeats of a loop; the figures depend on the host's CPU, so compare ro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -75,6 +76,26 @@ class _Counted:
         return launch
 
 
+@contextlib.contextmanager
+def launches_caught():
+    """The decode module's kernels replaced by :class:`_Counted` and the subnormal probe's answer set to
+    yes (as on the H100 and H200: the folded keys' path) for the block; both put back after it."""
+    saved = {name: getattr(DA, name) for name in LAUNCHED}
+    probed = DA._SUBNORMAL_DOT.get(("cpu", None))
+    DA._SUBNORMAL_DOT[("cpu", None)] = True
+    try:
+        for name in LAUNCHED:
+            setattr(DA, name, _Counted(name))
+        _Counted.launches = 0
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(DA, name, fn)
+        DA._SUBNORMAL_DOT.pop(("cpu", None))
+        if probed is not None:
+            DA._SUBNORMAL_DOT[("cpu", None)] = probed
+
+
 def decode_host_path(order: str, b: int, hkv: int, n_rep: int, t: int, d: int = 128) -> dict:
     torch.manual_seed(0)
     k = torch.randn(b, hkv, t, d, dtype=torch.float16)
@@ -84,23 +105,11 @@ def decode_host_path(order: str, b: int, hkv: int, n_rep: int, t: int, d: int = 
         kq, vq = KQ.to_mma_order(kq), KQ.to_mma_order(vq, warps=order == "mma_w")
     kr = k[:, :, t - 64:].contiguous()
     q = torch.randn(b, hkv * n_rep, d, dtype=torch.float16)
-    saved = {name: getattr(DA, name) for name in LAUNCHED}
-    probed = DA._SUBNORMAL_DOT.get(("cpu", None))
-    DA._SUBNORMAL_DOT[("cpu", None)] = True  # as on the H100 and H200: the folded keys' path
-    try:
-        for name in LAUNCHED:
-            setattr(DA, name, _Counted(name))
-        _Counted.launches = 0
+    with launches_caught():
         DA.kivi_decode_attention(q, kq, vq, kr, kr, backend="triton")
         launches = _Counted.launches
         call = best_us(lambda: DA.kivi_decode_attention(q, kq, vq, kr, kr, backend="triton"), 500)
         checks = best_us(lambda: DA._check_decode_inputs(q, kq, vq, kr, kr), 2000)
-    finally:
-        for name, fn in saved.items():
-            setattr(DA, name, fn)
-        DA._SUBNORMAL_DOT.pop(("cpu", None))
-        if probed is not None:
-            DA._SUBNORMAL_DOT[("cpu", None)] = probed
     return dict(order=order, shape=f"B{b} x {hkv * n_rep}/{hkv} heads x {t} tokens, head {d}", kernel=DA.LAST_LAUNCH.get("kernel"),
                 launches=launches, call_us=call, checks_us=checks)
 
@@ -121,13 +130,8 @@ def cache_step_host(b: int = 1, hkv: int = 8, n_rep: int = 4, prefill: int = 256
     layer.update(new, new)  # the prefill's flush (its quantize kernels run in the interpreter, once)
     state = (layer.keys, layer.values, layer.cumulative_length)
     q = torch.randn(b, hkv * n_rep, 1, d, dtype=torch.float16)
-    saved = {name: getattr(DA, name) for name in LAUNCHED}
-    probed = DA._SUBNORMAL_DOT.get(("cpu", None))
-    DA._SUBNORMAL_DOT[("cpu", None)] = True
     times, updates = [], []
-    try:
-        for name in LAUNCHED:
-            setattr(DA, name, _Counted(name))
+    with launches_caught():
         for _ in range(5):
             layer.keys, layer.values, layer.cumulative_length = state
             for _ in range(30):  # window 34 .. 63 tokens: no flush
@@ -138,12 +142,6 @@ def cache_step_host(b: int = 1, hkv: int = 8, n_rep: int = 4, prefill: int = 256
                 times.append(time.perf_counter() - t0)
                 updates.append(t1 - t0)
         assert layer.qkeys.shape[2] == prefill - 32, "a flush ran inside the timed steps"
-    finally:
-        for name, fn in saved.items():
-            setattr(DA, name, fn)
-        DA._SUBNORMAL_DOT.pop(("cpu", None))
-        if probed is not None:
-            DA._SUBNORMAL_DOT[("cpu", None)] = probed
     return dict(shape=f"B{b} x {hkv * n_rep}/{hkv} heads, head {d}, 4-bit, {layer.qkeys.order}/{layer.qvalues.order}",
                 step_us=median(times) * 1e6, update_us=median(updates) * 1e6)
 
