@@ -1042,6 +1042,11 @@ def test_search_rejects_bad_input_and_moves_queries(select):
     with pytest.raises(ValueError, match="queries hold NaN"):
         index.search(bad_q, 5)
     assert G.search_topk(bad_q, xb, 5, select="torch", check_finite=False)[1].shape == (3, 5)  # unchecked
+    # numpy and CPU queries are checked where they are, before the copy: rows on the meta device (whose
+    # values cannot be read) show that no check reads the queries after it
+    for queries in (bad_q.numpy(), bad_q):
+        with pytest.raises(ValueError, match=r"queries hold NaN or inf values, first at rows \[1, 2\]"):
+            G.search_topk(queries, base.to("meta"), 5, select="torch")
     bad_rows = base.clone()
     bad_rows[100] = float("nan")
     with pytest.raises(ValueError, match=r"rows of base hold NaN or inf values, first at rows \[100\]"):

@@ -721,7 +721,7 @@ def _prepare(queries, base, k, metric, base_scale, base_sq_norms, check_finite=F
     k = int(k)
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k must be in [1, {MAX_K}], got {k}")
-    queries = torch.as_tensor(queries, device=base.device)
+    queries = torch.as_tensor(queries)  # (numpy and lists: on the CPU, where they are checked before the copy)
     if queries.dim() == 1:
         queries = queries[None]
     if queries.dim() != 2 or queries.shape[1] != base.shape[1]:
@@ -729,8 +729,9 @@ def _prepare(queries, base, k, metric, base_scale, base_sq_norms, check_finite=F
                          f"base {tuple(base.shape)}")
     if queries.dtype not in (torch.float16, torch.float32):
         queries = queries.float()
-    if check_finite:  # (on a GPU: one small reduction and a wait for it)
+    if check_finite:  # (queries on a GPU: one small reduction and a wait for it; on the CPU, no wait)
         _check_finite_rows(queries, "queries")
+    queries = queries.to(base.device)
     n = base.shape[0]
     k = min(k, n)
     is_l2 = metric == "l2"
