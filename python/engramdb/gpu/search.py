@@ -828,8 +828,9 @@ def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str =
     For many searches over one matrix, :class:`BruteForceIndex` replays a CUDA graph.
 
     Bad input raises before any kernel runs: ``ValueError`` for shapes that do not agree, ``k`` out of range
-    or, with ``check_finite`` (the default), queries that hold NaN or inf (on a GPU that check waits for one
-    small reduction; pass ``False`` in a tight loop over trusted queries). The rows of ``base`` are not
+    or, with ``check_finite`` (the default), queries that hold NaN or inf (numpy or CPU queries are checked
+    before they are copied; for queries already on a GPU the check waits for one small reduction: pass
+    ``False`` in a tight loop over trusted queries). The rows of ``base`` are not
     scanned here, which would read them twice: :class:`BruteForceIndex` checks them once. ``TypeError``
     for a ``base`` that is not float16, float32 or int8, or a ``k`` that is not an integer. Queries on
     another device than ``base`` (or a numpy array) are moved to it.
@@ -856,7 +857,8 @@ class BruteForceIndex:
     launch instead of some thirty, which matters when a search takes well under a millisecond. Each
     recorded shape keeps its own buffers (``m x n x 4`` bytes of scores at most 256 MiB). With the fused,
     parallel or rescoring select (the defaults on a GPU) and ``check_finite=False`` a search never waits on
-    the GPU (the queries' NaN check, on by default, waits for one small reduction); with the torch select it
+    the GPU (the queries' NaN check, on by default, waits for one small reduction when the queries are
+    already on the GPU; numpy or CPU queries are checked before their copy); with the torch select it
     waits once more, for the tie flags, and a search whose chunk cut splits equal scores is finished
     eagerly, ranking (score, id) keys, as in ``search_topk``.
     ``use_graphs=False`` (or a CPU tensor) always searches eagerly. ``select`` as in ``search_topk``.
