@@ -401,6 +401,21 @@ def main(argv=None) -> int:
                         print(f"index  fp16 q32 {rows[-1]['shape']:24s} default, queries checked: {ms * 1e3:8.1f} us "
                               f"{rows[-1]['frac_bw']:6.1%} bw", flush=True)
                         del index
+                        # queries from numpy (copied in at each search): the NaN check on the CPU before the
+                        # copy, against no check, so that the difference is the check's cost alone
+                        qn = qq.cpu().numpy()
+                        for checked in (False, True):
+                            index = G.BruteForceIndex(x, check_finite=checked)
+                            index.search(qn, k_)
+                            ms = bench(index.search, qn, k_)
+                            name = "index_fp16_numpy" + ("_checked" if checked else "")
+                            rows.append({"kernel": name, "queries": qkind, "shape": f"n{n} d{d} m{m} k{k_}",
+                                         "select": index.select_for(k_, qq), "ms": ms, "bytes": nbytes,
+                                         "frac_bw": nbytes / (ms * 1e-3) / bw})
+                            print(f"index  fp16 q32 {rows[-1]['shape']:24s} default, numpy queries"
+                                  f"{', checked' if checked else ''}: {ms * 1e3:8.1f} us {rows[-1]['frac_bw']:6.1%} bw",
+                                  flush=True)
+                            del index
 
     def profile_section():
         # ---- where a 1M-row search's time goes: every kernel of one eager search_topk call and of one

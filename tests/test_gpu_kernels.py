@@ -1339,7 +1339,8 @@ def test_gpu_bench_smoke_run(tmp_path):
     assert kinds == {"kivi_decode", "search_fp16", "search_int8", "scores_only_fp16", "scores_only_int8",
                      "scores_only_int8_ahead2", "index_fp16",
                      "index_int8", "index_fp16_fused", "index_int8_fused", "index_fp16_parallel",
-                     "index_int8_parallel", "index_fp16_rescore", "index_int8_rescore", "index_fp16_checked"}
+                     "index_int8_parallel", "index_fp16_rescore", "index_int8_rescore", "index_fp16_checked",
+                     "index_fp16_numpy", "index_fp16_numpy_checked"}
     assert all(r["ms"] > 0 for r in rows)
     assert all(r["max_err"] < 1e-2 for r in rows if r["kernel"] == "kivi_decode")
     assert {(r["order"], r["block_t"]) for r in rows if r["kernel"] == "kivi_decode" and r["bits"] == 4} >= {
