@@ -392,29 +392,21 @@ def main(argv=None) -> int:
                                  if replay_ms else ""), flush=True)
                         del index
                     if kind == "fp16" and qkind == "q32":  # the default search, the queries checked for NaN
-                        index = G.BruteForceIndex(x)
-                        index.search(qq, k_)
-                        ms = bench(index.search, qq, k_)
-                        rows.append({"kernel": "index_fp16_checked", "queries": qkind, "shape": f"n{n} d{d} m{m} k{k_}",
-                                     "select": index.select_for(k_, qq), "ms": ms, "bytes": nbytes,
-                                     "frac_bw": nbytes / (ms * 1e-3) / bw})
-                        print(f"index  fp16 q32 {rows[-1]['shape']:24s} default, queries checked: {ms * 1e3:8.1f} us "
-                              f"{rows[-1]['frac_bw']:6.1%} bw", flush=True)
-                        del index
-                        # queries from numpy (copied in at each search): the NaN check on the CPU before the
-                        # copy, against no check, so that the difference is the check's cost alone
+                        # (GPU queries; numpy queries, copied in at each search and checked on the CPU before
+                        # the copy, beside the same unchecked: the difference is the check's cost alone)
                         qn = qq.cpu().numpy()
-                        for checked in (False, True):
+                        for name, queries, checked, what in (
+                                ("index_fp16_checked", qq, True, "queries checked"),
+                                ("index_fp16_numpy", qn, False, "numpy queries"),
+                                ("index_fp16_numpy_checked", qn, True, "numpy queries, checked")):
                             index = G.BruteForceIndex(x, check_finite=checked)
-                            index.search(qn, k_)
-                            ms = bench(index.search, qn, k_)
-                            name = "index_fp16_numpy" + ("_checked" if checked else "")
+                            index.search(queries, k_)
+                            ms = bench(index.search, queries, k_)
                             rows.append({"kernel": name, "queries": qkind, "shape": f"n{n} d{d} m{m} k{k_}",
                                          "select": index.select_for(k_, qq), "ms": ms, "bytes": nbytes,
                                          "frac_bw": nbytes / (ms * 1e-3) / bw})
-                            print(f"index  fp16 q32 {rows[-1]['shape']:24s} default, numpy queries"
-                                  f"{', checked' if checked else ''}: {ms * 1e3:8.1f} us {rows[-1]['frac_bw']:6.1%} bw",
-                                  flush=True)
+                            print(f"index  fp16 q32 {rows[-1]['shape']:24s} default, {what}: {ms * 1e3:8.1f} us "
+                                  f"{rows[-1]['frac_bw']:6.1%} bw", flush=True)
                             del index
 
     def profile_section():

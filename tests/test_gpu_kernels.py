@@ -16,6 +16,7 @@ Tolerances:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 import sys
@@ -657,15 +658,15 @@ def test_decode_split_count_fills_whole_waves():
     assert da.wave_splits(1, 64, 396, 1) == 1
 
 
-def _wave_splits_every_count(heads, tokens, slots, most, block_t=64, overhead=128):
-    """wave_splits' definition, by trying every split count (what it ran as before it was made quick)."""
-    def ceil(a, b):
-        return (a + b - 1) // b
+@functools.cache
+def _bench(name: str):
+    """``benches/<name>.py`` loaded as a module (once)."""
+    import importlib.util
 
-    def cost(s):
-        chunk = ceil(ceil(tokens, s), block_t) * block_t
-        return ceil(heads * s, slots) * (chunk + overhead), s
-    return min(range(1, max(1, most) + 1), key=cost)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benches" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @settings(max_examples=400, deadline=None)
@@ -674,8 +675,9 @@ def _wave_splits_every_count(heads, tokens, slots, most, block_t=64, overhead=12
 def test_wave_splits_matches_trying_every_split_count(heads, tokens, slots, most, block_t, overhead):
     """The quick wave_splits (only the split counts that can win) picks what trying every count picks."""
     da = import_module(G.__name__ + ".decode_attention")
+    every_count = _bench("gpu_host").wave_splits_every_count  # (its definition as it first ran)
     assert da.wave_splits(heads, tokens, slots, most, block_t, overhead) == \
-        _wave_splits_every_count(heads, tokens, slots, most, block_t, overhead)
+        every_count(heads, tokens, slots, most, block_t, overhead)
 
 
 def test_decode_attention_rejects_bad_tuning_knobs():
@@ -1303,11 +1305,7 @@ def test_warps_kernel_asm_gets_one_word_a_pair(d):
 def test_gpu_host_bench_times_the_host_path_and_puts_the_kernels_back():
     """benches/gpu_host.py: a decode call's host side with its launches caught; the kernels it stands in for
     are put back afterwards, and the warps path launches its key offsets, the decode kernel and the merge."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_host", ROOT / "benches" / "gpu_host.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench("gpu_host")
     da = bench.DA
     kernels = {name: getattr(da, name) for name in bench.LAUNCHED}
     probed = dict(da._SUBNORMAL_DOT)
@@ -1326,12 +1324,9 @@ def test_gpu_host_bench_times_the_host_path_and_puts_the_kernels_back():
 @pytest.mark.skipif(DEVICE == "cuda", reason="the smoke run is for CPU-only machines; on a GPU run the benchmark")
 def test_gpu_bench_smoke_run(tmp_path):
     """benches/gpu_bench.py stays runnable without a GPU: every step on tiny CPU shapes, outputs checked."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benches" / "gpu_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench("gpu_bench")
     out = tmp_path / "smoke.json"
     assert bench.main(["--smoke", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
