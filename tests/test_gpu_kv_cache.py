@@ -223,6 +223,43 @@ def test_fused_attention_matches_dequantize_path():
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
 
 
+def test_registered_attention_masks_padding_and_keeps_the_fused_kernel_without_it(kernel_launches):
+    """A left-padded batch through the registered attention: the padded row's logits, at prefill and at each
+    decode step with the fused cache, are those of SDPA with the dequantize-path cache (transformers builds
+    no mask for an attention name without a mask function: the padding was attended to). Without padding
+    ``generate`` (which passes a mask of ones) still decodes with the fused kernel."""
+    name = G.register_attention()
+    da = sys.modules[G.__name__ + ".decode_attention"]
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, 101, (2, 72), generator=g).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # row 1: 9 pad tokens on the left
+    steps = torch.randint(3, 101, (2, 5), generator=g).to(DEVICE)
+
+    def run(attn, fused):
+        model = tiny_llama(attn=attn)
+        cache = G.QuantizedKVCache(model.config, bits=4, fused_attention=fused, backend="triton" if fused else "torch")
+        m = mask
+        with torch.no_grad():
+            logits = [model(ids, attention_mask=m, **G.cache_kwargs(model, cache), use_cache=True).logits[:, -1]]
+            for t in range(steps.shape[1]):
+                m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+                logits.append(model(steps[:, t:t + 1], attention_mask=m, **G.cache_kwargs(model, cache),
+                                    use_cache=True).logits[:, -1])
+        return torch.stack(logits, 1), cache
+
+    ref, _ = run("sdpa", False)
+    out, cache = run(name, True)
+    assert cache.layers[0].qkeys is not None  # (the decode steps read a quantized part)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    model = tiny_llama(attn=name)
+    launched = kernel_launches(da, "_merge_splits_kernel")  # (launched once by every fused decode call)
+    cache = G.QuantizedKVCache(model.config, bits=4, fused_attention=True, backend="triton")
+    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    model.generate(ids[:1], attention_mask=mask[:1], **G.cache_kwargs(model, cache), **kw)
+    assert len(launched) == 2 * 2  # 2 decode steps (the first token comes from the prefill) x 2 layers
+
+
 @pytest.mark.parametrize("bits,head_dim", [(4, 128), (2, 128), (4, 64), (2, 64)])
 def test_fp16_fused_cache_keeps_mma_order_and_matches_dequantize_path(bits, head_dim, kernel_launches):
     """An fp16 model with the fused attention stores its codes in tensor-core operand order, picked by shape:

@@ -464,8 +464,16 @@ def kivi_attention_forward(module, query, key, value, attention_mask, dropout: f
 
 def register_attention() -> str:
     """Register :func:`kivi_attention_forward` with transformers; returns the name to pass as
-    ``attn_implementation`` (or to ``model.set_attn_implementation``)."""
+    ``attn_implementation`` (or to ``model.set_attn_implementation``).
+
+    The name is registered twice: as an attention function, and with SDPA's mask builder as its mask
+    function. transformers builds no mask at all for an attention name that has no mask function (it takes
+    it for a backend that needs none), and the padding of a padded batch would then be attended to. With
+    SDPA's builder an unpadded batch still gets no mask (``None``: causal prefill, and the fused kernel at
+    decode), and a padded one gets the boolean mask that the SDPA fallback applies."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, kivi_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
     return ATTENTION_NAME
