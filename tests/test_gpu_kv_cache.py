@@ -432,3 +432,30 @@ def test_cache_kwargs_names_the_keyword_the_model_takes():
     assert G.cache_kwargs(Recent(), "c") == {"cache": "c"}
     assert G.cache_kwargs(Older(), "c") == {"past_key_values": "c"}
     assert set(G.cache_kwargs(tiny_llama(), "c")) <= {"cache", "past_key_values"}
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the smoke run is for CPU-only machines; on a GPU run the benchmark")
+def test_kv_generate_bench_smoke_run(tmp_path):
+    """benches/kv_generate.py stays runnable without a GPU: its --cpu-smoke rows decode a tiny model with each
+    cache; the fused rows run the fused decode once a layer a step, the others never; the merge kernel is put
+    back afterwards."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("kv_generate", ROOT / "benches" / "kv_generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    da = sys.modules[G.__name__ + ".decode_attention"]
+    merge = da._merge_splits_kernel
+    out = tmp_path / "kvg.json"
+    assert bench.main(["--cpu-smoke", "--caches", "fp16 DynamicCache,4-bit fused", "--json", str(out)]) == 0
+    assert da._merge_splits_kernel is merge
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["cache"], r["batch"]) for r in rows] == [
+        ("fp16 DynamicCache", 1), ("4-bit fused", 1), ("fp16 DynamicCache", 2), ("4-bit fused", 2)]
+    layers = bench.SHAPES["tiny"]["num_hidden_layers"]
+    for r in rows:
+        assert r["fused_launches_per_step"] == (layers if r["cache"] == "4-bit fused" else 0)
+        assert r["seq_len"] == 80 + 2 + 3 and r["ms_per_step"] > 0 and r["tokens_per_s"] > 0
+        assert r["time_vs_dynamic"] == pytest.approx(r["ms_per_step"] / rows[rows.index(r) // 2 * 2]["ms_per_step"])
+    with pytest.raises(SystemExit):
+        bench.main(["--caches", "4-bit fast"])
