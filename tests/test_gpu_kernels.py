@@ -8,7 +8,10 @@ Tolerances:
 * quantize: scales and minimums equal the reference exactly; codes may differ by one step at exact
   rounding ties (at most 0.1% of them); every element dequantizes within half a step (x 1 + 1e-4).
 * dequantize: equal to the reference up to 1e-6.
-* decode attention: 2e-5 absolute (float32) and 4e-3 (float16) against dequantize + softmax in float32.
+* decode attention: 2e-5 absolute (float32), 4e-3 (float16), and 1e-2 absolute + 2e-2 relative for
+  bfloat16 (8 significant bits: one step of the output is 0.4-0.8% of it) against dequantize + softmax in
+  float32. The interpreter cannot multiply bfloat16 (triton-lang/triton#11584): there the kernel's dots
+  take the same values in float32.
 * search: ids equal the exact float64 ranking (ties by ascending id) exactly on integer-valued data,
   where every score is exact; on real vectors a rank may differ only between scores within 1e-5.
 """
@@ -275,7 +278,8 @@ DECODE_CASES_DQ = [DECODE_CASES[0], DECODE_CASES[1], DECODE_CASES[3], DECODE_CAS
 @pytest.mark.parametrize(
     "case,dtype,meta_bits",
     [(c, torch.float32, 16) for c in DECODE_CASES] + [(c, torch.float16, 16) for c in DECODE_CASES[:2]]
-    + [(c, torch.float32, 8) for c in DECODE_CASES_DQ] + [(DECODE_CASES[1], torch.float16, 8)],
+    + [(c, torch.float32, 8) for c in DECODE_CASES_DQ] + [(DECODE_CASES[1], torch.float16, 8)]
+    + [(c, torch.bfloat16, 16) for c in (DECODE_CASES[0], DECODE_CASES[1], DECODE_CASES[4])],
     ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else str(c).replace("torch.", ""),
 )
 def test_decode_attention_matches_reference(case, dtype, meta_bits):
@@ -294,8 +298,8 @@ def test_decode_attention_matches_reference(case, dtype, meta_bits):
     got = G.kivi_decode_attention(q, kq, vq, k_res, v_res, num_splits=splits, backend="triton")
     ref = G.kivi_decode_attention_ref(q.cpu(), _cpu(kq), _cpu(vq), k_res.cpu(), v_res.cpu())
     assert got.shape == (b, hq, d) and got.dtype == dtype
-    tol = 2e-5 if dtype == torch.float32 else 4e-3
-    torch.testing.assert_close(got.float().cpu(), ref.float(), atol=tol, rtol=0)
+    tol, rtol = {torch.float32: (2e-5, 0), torch.float16: (4e-3, 0), torch.bfloat16: (1e-2, 2e-2)}[dtype]
+    torch.testing.assert_close(got.float().cpu(), ref.float(), atol=tol, rtol=rtol)
 
 
 @pytest.mark.parametrize("block_t,unpack", [(16, "expand"), (64, "expand"), (128, "expand"), (64, "gather"),

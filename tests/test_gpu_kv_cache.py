@@ -223,6 +223,25 @@ def test_fused_attention_matches_dequantize_path():
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
 
 
+def test_bf16_model_fused_attention_matches_dequantize_path():
+    """A bfloat16 model (most checkpoints' dtype) decodes through the fused attention as through the dequantize
+    path: its cache stays in KIVI's packing (the mma orders are fp16-only) and goes to the general kernel."""
+    name = G.register_attention()
+    model = tiny_llama(attn=name).to(torch.bfloat16)
+    ids = torch.randint(0, 101, (2, 80), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    outs = []
+    with torch.no_grad():
+        for fused in (False, True):
+            cache = G.QuantizedKVCache(model.config, bits=4, fused_attention=fused,
+                                       backend="triton" if fused else "torch")
+            model(ids[:, :70], **G.cache_kwargs(model, cache), use_cache=True)
+            outs.append(torch.stack([model(ids[:, t:t + 1], **G.cache_kwargs(model, cache), use_cache=True).logits[:, -1]
+                                     for t in range(70, 76)]).float())
+            assert cache.layers[0].qkeys.order == "kivi" and cache.layers[0].qkeys.scale.dtype == torch.float16
+    ref, out = outs
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max(), float((out - ref).abs().max())
+
+
 def test_registered_attention_masks_padding_and_keeps_the_fused_kernel_without_it(kernel_launches):
     """A left-padded batch through the registered attention: the padded row's logits, at prefill and at each
     decode step with the fused cache, are those of SDPA with the dequantize-path cache (transformers builds

@@ -1340,6 +1340,10 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     if mode >= 1 and block_t < 32 // min(bits_k, bits_v):  # a tile must hold whole packed words
         mode = 0
     dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(q.dtype, tl.float32)
+    if dot_dtype == tl.bfloat16 and dev.type == "cpu":
+        # Triton's interpreter (the only way to CPU tensors) multiplies the bit patterns of bf16 dot operands
+        # (triton-lang/triton#11584; bf16 dots are unsupported there): fp32 dots of the same values instead
+        dot_dtype = tl.float32
     # fp32 caches get fp32 products (the default for fp32 dots on a GPU is tf32, ~1e-3 relative)
     precision = "ieee" if dot_dtype == tl.float32 else "tf32"
     block_d = max(16, next_pow2(d))
