@@ -195,6 +195,63 @@ def test_cache_in_generate_matches_dynamic_cache_at_8_bits():
     assert cache.get_seq_length() == 70 + 11
 
 
+def test_beam_search_with_the_fused_cache(monkeypatch):
+    """Beam search reorders the cache's batch every step through each layer's ``reorder_cache``; the fused
+    attention then picks the tokens that the dequantize path picks from the same quantized cache."""
+    name = G.register_attention()
+    ids = torch.randint(0, 101, (1, 70), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    kw = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6, num_beams=3, attention_mask=torch.ones_like(ids))
+    reorders = []
+    real = G.QuantizedKVLayer.reorder_cache
+    monkeypatch.setattr(G.QuantizedKVLayer, "reorder_cache", lambda self, idx: reorders.append(1) or real(self, idx))
+    outs = []
+    for fused in (False, True):
+        model = tiny_llama(attn=name if fused else "sdpa")
+        cache = G.QuantizedKVCache(model.config, bits=4, fused_attention=fused, backend="triton" if fused else "torch")
+        outs.append(model.generate(ids, **G.cache_kwargs(model, cache), **kw))
+        assert cache.layers[0].qkeys is not None
+    assert len(reorders) >= 2 * 5 * 2  # (two runs x at least 5 steps x 2 layers)
+    assert torch.equal(outs[1], outs[0])
+
+
+@pytest.mark.parametrize("order", [False, "mma", "warps"])
+def test_batch_reorders_move_every_part_of_the_cache(order):
+    """``reorder_cache`` (beam search), ``batch_select_indices`` and ``batch_repeat_interleave`` move the
+    quantized part (codes, scales, minimums), in each packing order, with the window, and the fused decode
+    reads the moved cache as the reference does."""
+    torch.manual_seed(0)
+    layer = G.QuantizedKVLayer(bits=4, fused_attention=True, backend="triton", operand_order=order)
+    k = torch.randn(3, 2, 100, 128).half().to(DEVICE)
+    layer.update(k, k * 0.5)
+    new = torch.randn(3, 2, 1, 128).half().to(DEVICE)
+    layer.update(new, new)  # (flushes the prefill)
+    assert layer.qkeys.order == ("kivi" if order is False else "mma")
+    assert layer.qvalues.order == {False: "kivi", "mma": "mma", "warps": "mma_w"}[order]
+    kv_cache = sys.modules[G.__name__ + ".kv_cache"]
+    # (each move's rows, as indices into the batch before it)
+    for move, rows in ((lambda: layer.reorder_cache(torch.tensor([2, 0, 0], device=DEVICE)), [2, 0, 0]),
+                       (lambda: layer.batch_select_indices(torch.tensor([0, 2], device=DEVICE)), [0, 2]),
+                       (lambda: layer.batch_repeat_interleave(2), [0, 0, 1, 1])):
+        def parts():
+            return [layer.keys, layer.values] + [getattr(t, f) for t in (layer.qkeys, layer.qvalues)
+                                                 for f in ("packed", "scale", "minimum")]
+
+        before = parts()
+        move()
+        assert layer.qkeys.shape[0] == layer.qvalues.shape[0] == len(rows)
+        for was, now in zip(before, parts()):
+            assert torch.equal(now, was[rows])
+        q = torch.randn(len(rows), 8, 1, 128).half().to(DEVICE)
+        marker, _ = layer.update(*(torch.randn(len(rows), 2, 1, 128).half().to(DEVICE),) * 2)
+        assert marker.shape[2] == 0  # (the fused path)
+        got = kv_cache.kivi_attention_forward(None, q, marker, marker, None, scaling=128 ** -0.5)[0]
+        k_all, v_all = (torch.cat([G.kv_quant.dequantize(qt, torch.float32, backend="torch"), w.float()], 2)
+                        for qt, w in ((layer.qkeys, layer.keys), (layer.qvalues, layer.values)))
+        ref = torch.softmax((q.float() @ k_all.float().repeat_interleave(4, 1).transpose(2, 3)) * 128 ** -0.5, -1)
+        ref = (ref @ v_all.float().repeat_interleave(4, 1)).transpose(1, 2)
+        torch.testing.assert_close(got.float(), ref, atol=4e-3, rtol=0)
+
+
 @pytest.mark.parametrize("bits", [4, 2])
 def test_logits_close_to_full_precision(bits):
     model = tiny_llama()
