@@ -1336,16 +1336,6 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
     n_rep = hq // h_kv
     if kq is not None and kq.order == "mma" and (block_t not in (64, 128) or g < block_t // 4 or vq.order == "mma_w"):
         block_t = 64  # the mma kernels' tiles: 64 or 128 tokens (128 needs groups of at least 32; mma_w: 64)
-    mode = UNPACK_MODES[unpack]
-    if mode >= 1 and block_t < 32 // min(bits_k, bits_v):  # a tile must hold whole packed words
-        mode = 0
-    dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(q.dtype, tl.float32)
-    if dot_dtype == tl.bfloat16 and dev.type == "cpu":
-        # Triton's interpreter (the only way to CPU tensors) multiplies the bit patterns of bf16 dot operands
-        # (triton-lang/triton#11584; bf16 dots are unsupported there): fp32 dots of the same values instead
-        dot_dtype = tl.float32
-    # fp32 caches get fp32 products (the default for fp32 dots on a GPU is tf32, ~1e-3 relative)
-    precision = "ieee" if dot_dtype == tl.float32 else "tf32"
     block_d = max(16, next_pow2(d))
     fold = bool(kq is not None and vq.order == "mma_w" and WARPS_FOLD_KEYS and WARPS_SWAP_QK and n_rep <= 8
                 and d == 128 and not WARPS_KEY_META_IN_REGISTERS and subnormal_dot_ok(dev))
@@ -1369,15 +1359,25 @@ def _decode_triton(q, kq, vq, k_res, v_res, scale, num_splits, block_t, num_warp
             Q_REGS=n_rep <= 16 and (q_regs if q_regs is not None else bits_k == 4 and chunk_hint >= 32 * block_t),
             num_warps=4, num_stages=1)
     else:
+        mode = UNPACK_MODES[unpack]
+        if mode >= 1 and block_t < 32 // min(bits_k, bits_v):  # a tile must hold whole packed words
+            mode = 0
+        # the dots' operand type: the queries' for fp16 and bf16, else fp32 with fp32 products (the default for
+        # fp32 dots on a GPU is tf32, ~1e-3 relative). Triton's interpreter multiplies the bit patterns of bf16
+        # operands (triton-lang/triton#11584; bf16 dots are unsupported there): it gets fp32 dots of the same
+        # values. (Decided on torch dtypes: comparing Triton's costs microseconds a call on the host.)
+        half = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and not INTERPRET_AT_IMPORT)
+        dot_dtype = (tl.float16 if q.dtype == torch.float16 else tl.bfloat16) if half else tl.float32
         kernel, consts = _kivi_decode_kernel, dict(
             D=d, BLOCK_D=block_d, N_REP=n_rep, BLOCK_H=max(16, next_pow2(n_rep)),
-            BITS_K=bits_k, BITS_V=bits_v, G=g, BLOCK_T=block_t, DOT_DTYPE=dot_dtype, PRECISION=precision,
-            DQ=dq, UNPACK=mode, DEQ_DTYPE=tl.float16 if dot_dtype == tl.float16 else tl.float32,
+            BITS_K=bits_k, BITS_V=bits_v, G=g, BLOCK_T=block_t, DOT_DTYPE=dot_dtype,
+            PRECISION="tf32" if half else "ieee", DQ=dq, UNPACK=mode,
+            DEQ_DTYPE=tl.float16 if q.dtype == torch.float16 else tl.float32,
             PREFETCH=PREFETCH_MODES[prefetch], num_warps=num_warps,
             # (fp32 tiles are twice as large: without software pipelining they fit in shared memory at any block_t;
             # with unpack="join" and prefetch="all" the packed words wait in registers: no pipeline needed)
             num_stages=num_stages if num_stages is not None else (
-                1 if dot_dtype == tl.float32 or (mode == 2 and prefetch == "all") else 2))
+                1 if not half or (mode == 2 and prefetch == "all") else 2))
 
     def launch_args(splits):
         # every split starts on a tile boundary (and, with unpack="expand", on a packed word's and a group's);

@@ -40,6 +40,7 @@ from typing import Optional
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ._triton import pick_backend
 from .decode_attention import kivi_decode_attention, mma_kernel_takes, warps_kernel_takes
@@ -438,8 +439,6 @@ class QuantizedKVCache(Cache):
 def kivi_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: Optional[float] = None, **kwargs):
     """Attention function for transformers' ``AttentionInterface`` (registered as :data:`ATTENTION_NAME`)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     layer = getattr(key, _LAYER_ATTR, None)
     if layer is not None and layer.important_ratio > 0:
         layer.observe(query, scaling)
