@@ -49,6 +49,8 @@ def test_layer_window_and_lengths():
     out_k, out_v = layer.update(k, v)
     assert torch.equal(out_k, k) and torch.equal(out_v, v)  # the prefill attends in full precision
     assert layer.get_seq_length() == 70 and layer.get_mask_sizes(1) == (71, 0)
+    # the forms of transformers 5.0-5.12 (tested by hand against 5.0.0): cache positions, get_max_cache_shape
+    assert layer.get_mask_sizes(torch.arange(70, 73)) == (73, 0) and layer.get_max_cache_shape() == -1
     for _step in range(40):
         nk, nv = torch.randn(1, 2, 1, 16, generator=r), torch.randn(1, 2, 1, 32, generator=r)
         k, v = torch.cat([k, nk], -2), torch.cat([v, nv], -2)

@@ -31,7 +31,8 @@ Two ways to attend:
   Prefill steps and masked (padded) batches fall back to dequantize + SDPA.
 
 This follows the per-layer ``CacheLayerMixin`` interface of transformers 5.x (``update``,
-``get_seq_length``, ``get_mask_sizes``, ``get_max_length``, ``reset``, ``reorder_cache``, ...).
+``get_seq_length``, ``get_mask_sizes``, ``get_max_length``, ``reset``, ``reorder_cache``, ...), in the forms
+of 5.0 to the present (the tests pass with 5.0.0 and 5.24.0: the two renames between are both answered).
 """
 
 from __future__ import annotations
@@ -325,10 +326,16 @@ class QuantizedKVLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.cumulative_length
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        # (transformers 5.0-5.3 pass the query's cache positions instead of their count)
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # (get_max_length's name up to transformers 5.12, abstract there)
         return -1
 
     def reset(self) -> None:
