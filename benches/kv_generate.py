@@ -14,8 +14,9 @@ The model has random weights (speed does not depend on them; nothing to download
 ``llama8b-4l`` (Llama-3-8B's layer: 32/8 heads of 128 channels, hidden 4096, MLP 14336; 4 of its 32 layers,
 so that it loads in seconds). For each context length and batch: a prefill of the context, then ``--steps``
 timed decode steps after two untimed ones; ms a step (the GPU synchronised before and after the timed loop),
-tokens a second (batch / step time), the peak of allocated GPU memory, and each cache's time as a ratio of
-the DynamicCache's in the same process on the same model and prompt.
+tokens a second (batch / step time), the GPU memory above the weights that the cache holds after the steps
+and at the steps' peak, and each cache's time as a ratio of the DynamicCache's in the same process on the
+same model and prompt.
 
     python benches/kv_generate.py [--model smollm2|llama8b-4l] [--contexts 1024,8192,32768] [--batches 1,8]
                                   [--steps 32] [--json OUT]
@@ -88,7 +89,7 @@ def decode_rate(G, model, cache_name: str, prompt, steps: int, launches: list) -
     kw = G.cache_kwargs(model, cache)
     if cuda:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()  # (the weights and the prompt)
     with torch.no_grad():
         # (logits of the last position only: at B 8 x 32K all of SmolLM2's would take 26 GB)
         tok = model(prompt, use_cache=True, logits_to_keep=1, **kw).logits[:, -1:].argmax(-1)
@@ -96,15 +97,20 @@ def decode_rate(G, model, cache_name: str, prompt, steps: int, launches: list) -
             tok = model(tok, use_cache=True, **kw).logits[:, -1:].argmax(-1)
         launched = len(launches)
         sync()
+        if cuda:  # (the prefill's activations are not the decode's concern)
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         for _ in range(steps):
             tok = model(tok, use_cache=True, **kw).logits[:, -1:].argmax(-1)
         sync()
         dt = (time.perf_counter() - t0) / steps
     b = prompt.shape[0]
+    gib = 2.0 ** -30
     return dict(cache=cache_name, ms_per_step=dt * 1e3, tokens_per_s=b / dt, seq_len=cache.get_seq_length(),
                 fused_launches_per_step=(len(launches) - launched) / steps,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+                # GPU memory above the weights: held by the cache after the steps, and at the steps' peak
+                held_gib=(torch.cuda.memory_allocated() - base) * gib if cuda else None,
+                decode_peak_gib=(torch.cuda.max_memory_allocated() - base) * gib if cuda else None)
 
 
 @contextlib.contextmanager
@@ -172,8 +178,9 @@ def run_rows(G, shape, device, dtype, contexts, batches, steps, caches, launches
     models = {}
     rows = []
     print(f"model {shape} (random weights), {dtype}, on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}")
-    print("| context | batch | cache | ms a step | tokens/s | x DynamicCache's time | peak GiB | fused calls a step |")
-    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| context | batch | cache | ms a step | tokens/s | x DynamicCache's time | GiB held | GiB at the steps' peak "
+          "| fused calls a step |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for ctx in contexts:
         for b in batches:
             prompt = torch.randint(0, SHAPES[shape]["vocab_size"], (b, ctx), generator=torch.Generator().manual_seed(ctx + b))
@@ -191,14 +198,14 @@ def run_rows(G, shape, device, dtype, contexts, batches, steps, caches, launches
                 r.update(context=ctx, batch=b, model=shape)
                 rows.append(r)
                 if "error" in r:
-                    print(f"| {ctx} | {b} | {name} | out of memory | | | | |")
+                    print(f"| {ctx} | {b} | {name} | out of memory | | | | | |")
                     continue
                 if name == "fp16 DynamicCache":
                     base = r["ms_per_step"]
                 r["time_vs_dynamic"] = r["ms_per_step"] / base if base else None
                 ratio = f"{r['time_vs_dynamic']:.2f}" if base else "-"
-                peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-                print(f"| {ctx} | {b} | {name} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:,.0f} | {ratio} | {peak} | "
+                mem = " | ".join(f"{r[m]:.2f}" if r[m] is not None else "-" for m in ("held_gib", "decode_peak_gib"))
+                print(f"| {ctx} | {b} | {name} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:,.0f} | {ratio} | {mem} | "
                       f"{r['fused_launches_per_step']:g} |", flush=True)
     return rows
 
