@@ -434,9 +434,12 @@ def test_rotated_values_roundtrip_error_and_bytes():
         G.QuantizedKVCache(None, bits=4, meta_bits=8, meta_round="down")
 
 
-@pytest.mark.parametrize("extra", [{}, dict(meta_bits=8, meta_round="nearest")])
+@pytest.mark.parametrize("extra", [{}, dict(meta_bits=8, meta_round="nearest"),
+                                   dict(meta_bits=8, meta_round="nearest", sink_tokens=4)])
 def test_fused_attention_with_rotated_values_matches_dequantize_path(extra):
-    """The fused kernel reads the rotated codes: the window is rotated on the way in and the output rotated back."""
+    """The fused kernel reads the rotated codes: the window is rotated on the way in and the output rotated back.
+    With sink tokens (kv_quality's 2-bit setting: sinks, 8-bit metadata, rotated values) it reads the sinks
+    and the window as one full-precision block."""
     name = G.register_attention()
     model = tiny_llama(attn=name)
     ids = torch.randint(0, 101, (1, 80), generator=torch.Generator().manual_seed(13)).to(DEVICE)
