@@ -1100,6 +1100,13 @@ def test_search_argument_checks():
     for s, i in (G.search_topk(torch.zeros(3, 8, device=DEVICE), empty, 5, "l2"),
                  G.BruteForceIndex(empty).search(torch.zeros(3, 8, device=DEVICE), 5)):
         assert s.shape == i.shape == (3, 0) and s.dtype == torch.float32 and i.dtype == torch.int64
+    # no queries: no results (k of them for each of none), on every path (a division by zero before)
+    rows = base.to(DEVICE)
+    for s, i in [G.search_topk(torch.zeros(0, 8, device=DEVICE), rows, 5, metric, select=select)
+                 for metric in ("ip", "l2") for select in ("torch", "fused")] + [
+                 G.BruteForceIndex(rows).search(torch.zeros(0, 8, device=DEVICE), 5),
+                 G.search_topk(torch.zeros(0, 8), base, 5, backend="torch")]:
+        assert s.shape == i.shape == (0, 5) and s.dtype == torch.float32 and i.dtype == torch.int64
 
 
 def _assert_same_ranking(ids, ref_scores, ref_ids, all_scores, tol=1e-5):

@@ -788,10 +788,11 @@ def _max_row_norm(base, xs, xn):
     return (norms * xs.abs() if xs is not None else norms).max()
 
 
-def _no_results(queries):
+def _no_results(queries, k: int):
+    """What a search returns when there is nothing to search: no rows (``k`` is 0) or no queries."""
     m = queries.shape[0]
-    return (torch.empty(m, 0, dtype=torch.float32, device=queries.device),
-            torch.empty(m, 0, dtype=torch.int64, device=queries.device))
+    return (torch.empty(m, k, dtype=torch.float32, device=queries.device),
+            torch.empty(m, k, dtype=torch.int64, device=queries.device))
 
 
 def _finish(queries, s, is_l2):
@@ -809,7 +810,7 @@ def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str =
     and one query in about the same time). ``base``: ``(n, d)`` float16/float32, or int8 with
     ``base_scale`` ``(n,)``. ``metric``: ``"ip"`` or ``"l2"``; for L2 pass ``base_sq_norms`` (the
     squared norms of the dequantized rows) to avoid recomputing them on every call.
-    ``k`` is capped at ``n``; at most 1024. ``chunk_rows`` (rows scored per stage-1 step; default
+    ``k`` is capped at ``n``; at most 1024. No queries (``m = 0``) give ``(0, k)`` results. ``chunk_rows`` (rows scored per stage-1 step; default
     ``64M / m``, i.e. 256 MiB of scores) and ``tile`` (``(rows per program, warps)`` of the Triton kernel)
     are tuning knobs. ``select``: how each chunk's top ``k`` is picked from its scores:
     - ``"torch"``: a float top-k over the tile maxima, a gather of the best tiles, a float top-k and a merge
@@ -837,8 +838,8 @@ def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str =
     """
     _check_select(select)
     queries, base, xs, xn, k, is_l2 = _prepare(queries, base, k, metric, base_scale, base_sq_norms, check_finite)
-    if k == 0:  # no rows
-        return _no_results(queries)
+    if k == 0 or queries.shape[0] == 0:  # no rows, or no queries
+        return _no_results(queries, k)
     select = _pick_select(select, base, k, queries)
     scores_fn, chunk, tile = _plan(queries, base, k, chunk_rows, tile, backend)
     max_norm = _max_row_norm(base, xs, xn) if select == "rescore" and xn is not None else None
@@ -902,8 +903,8 @@ class BruteForceIndex:
         """Top-``k`` rows for each query: ``(scores float32 (m, k), ids int64 (m, k))``."""
         queries, base, xs, xn, k, is_l2 = _prepare(queries, self.base, k, self.metric, self.scale, self.sq_norms,
                                                    self.check_finite, base_checked=True)
-        if k == 0:  # no rows
-            return _no_results(queries)
+        if k == 0 or queries.shape[0] == 0:  # no rows, or no queries
+            return _no_results(queries, k)
         scores_fn, chunk, tile = _plan(queries, base, k, *self._options)
         select = self.select_for(k, queries)
         if select == "rescore" and self._max_norm is None:  # (outside any graph: one pass over the rows, once)
