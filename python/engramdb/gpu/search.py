@@ -810,9 +810,9 @@ def search_topk(queries: torch.Tensor, base: torch.Tensor, k: int, metric: str =
     and one query in about the same time). ``base``: ``(n, d)`` float16/float32, or int8 with
     ``base_scale`` ``(n,)``. ``metric``: ``"ip"`` or ``"l2"``; for L2 pass ``base_sq_norms`` (the
     squared norms of the dequantized rows) to avoid recomputing them on every call.
-    ``k`` is capped at ``n``; at most 1024. No queries (``m = 0``) give ``(0, k)`` results. ``chunk_rows`` (rows scored per stage-1 step; default
-    ``64M / m``, i.e. 256 MiB of scores) and ``tile`` (``(rows per program, warps)`` of the Triton kernel)
-    are tuning knobs. ``select``: how each chunk's top ``k`` is picked from its scores:
+    ``k`` is capped at ``n``; at most 1024. No queries (``m = 0``) give ``(0, k)`` results.
+    ``chunk_rows`` (rows scored per stage-1 step; default ``64M / m``, i.e. 256 MiB of scores) and
+    ``tile`` (``(rows per program, warps)`` of the Triton kernel) are tuning knobs. ``select``: how each chunk's top ``k`` is picked from its scores:
     - ``"torch"``: a float top-k over the tile maxima, a gather of the best tiles, a float top-k and a merge
       by keys (~25 small launches per search);
     - ``"fused"``: one Triton kernel, one program a query: a threshold that at least ``k`` rows reach, read
