@@ -171,6 +171,31 @@ def test_residual_must_be_whole_groups():
         G.QuantizedKVCache(None, bits=4, group_size=32, residual_length=-32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_states_beyond_fp16_scales_raise_at_the_first_flush_and_lose_nothing(dtype):
+    """A bf16 or fp32 model's keys beyond fp16's range would make fp16 scales inf and the cache NaN: the first
+    flush raises a ValueError naming the way out (fp32 metadata) and leaves the cache as it was; with
+    ``meta_dtype=torch.float32`` the same states quantize and dequantize within half a step."""
+    g = torch.Generator().manual_seed(0)
+    k = (torch.randn(1, 2, 70, 64, generator=g) * 1e5).to(DEVICE, dtype)
+    v = torch.randn(1, 2, 70, 64, generator=g).to(DEVICE, dtype)
+    layer = G.QuantizedKVLayer(bits=4, backend="torch")
+    layer.update(k, v)
+    with pytest.raises(ValueError, match="meta_dtype=torch.float32"):
+        layer.update(k[:, :, :1], v[:, :, :1])
+    assert layer.qkeys is None and layer.get_seq_length() == 70 and torch.equal(layer.keys, k)
+    wide = G.QuantizedKVLayer(bits=4, backend="torch", meta_dtype=torch.float32)
+    wide.update(k, v)
+    wide.update(k[:, :, :1], v[:, :, :1])
+    got, _ = wide.dequantized()
+    step = (k.float().amax(2) - k.float().amin(2)).amax() / 15  # (the widest group's step, bounded)
+    assert wide.qkeys.shape[2] == 32 and (got[:, :, :70].float() - k.float()).abs().max() <= step / 2 * 1.01
+    ok = G.QuantizedKVLayer(bits=4, backend="torch")  # in range: no error
+    ok.update(k / 1e5, v)
+    ok.update(k[:, :, :1] / 1e5, v[:, :, :1])
+    assert ok.qkeys.shape[2] == 32
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"bits": 3}, "bits must be 2, 4 or 8"),
     ({"key_bits": 5}, "bits must be 2, 4 or 8"),

@@ -178,6 +178,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         k_old, v_old = self.keys[:, :, s : s + n], self.values[:, :, s : s + n]
         if self.rotate_values:  # quantize (and refine) the rotated values; dequantized() rotates back
             v_old = self.rotate(v_old)
+        if self.qkeys is None:
+            self._check_meta_range(k_old, v_old)
         kw = dict(meta_dtype=self.meta_dtype, meta_bits=self.meta_bits, backend=self.backend)
         if self.meta_bits == 8:
             kw["meta_round"] = self.meta_round
@@ -192,6 +194,18 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.qvalues = _cat_quantized(self.qvalues, vq)
         self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + n :]], -2)
         self.values = torch.cat([self.values[:, :, :s], self.values[:, :, s + n :]], -2)
+
+    def _check_meta_range(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Before the first flush of a bf16 or fp32 model's cache with fp16 scales and minimums: keys and values
+        within fp16's range, or a ``ValueError`` (beyond it, a group's scale or minimum would be inf and the
+        cache NaN, silently). One wait for the GPU, once a layer; later flushes are not checked. (An fp16
+        model's states are within that range by construction, unless values are rotated: then in fp32.)"""
+        if self.meta_dtype != torch.float16 or k.dtype == v.dtype == torch.float16:
+            return
+        top = max(float(k.abs().amax()), float(v.abs().amax()))
+        if not top <= torch.finfo(torch.float16).max:
+            raise ValueError(f"keys or values reach |x| = {top:g}, beyond the range of the fp16 scales and minimums "
+                             "(65504): pass meta_dtype=torch.float32 to QuantizedKVCache")
 
     @property
     def mma_order(self) -> bool:
