@@ -222,6 +222,104 @@ def test_cache_in_generate_matches_dynamic_cache_at_8_bits():
     assert cache.get_seq_length() == 70 + 11
 
 
+def _layer_state(layer):
+    """Everything a layer holds, as plain tensors and numbers (for exact comparisons)."""
+    q = [t for qt in (layer.qkeys, layer.qvalues) if qt is not None for t in (qt.packed, qt.scale, qt.minimum)]
+    return [layer.cumulative_length, layer.keys, layer.values, *q]
+
+
+def _assert_same_state(a, b):
+    sa, sb = _layer_state(a), _layer_state(b)
+    assert len(sa) == len(sb) and sa[0] == sb[0]
+    for x, y in zip(sa[1:], sb[1:]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("extra", [{}, dict(sink_tokens=4, rotate_values=True)])
+def test_crop_takes_the_last_step_back_exactly(extra):
+    """A rollback (what assisted decoding and prompt lookup do after a draft is checked) leaves the layer as if
+    the rejected tokens had never come: the removed tokens are always among the last step's, which sit in the
+    full-precision window (``update`` moves tokens out of the window before it appends). Both call forms:
+    a negative count (transformers now) and the length to keep (earlier 5.x)."""
+    r = torch.Generator().manual_seed(21)
+    k, v = torch.randn(1, 2, 200, 32, generator=r), torch.randn(1, 2, 200, 32, generator=r)
+    kw = dict(bits=4, group_size=32, residual_length=32, backend="torch", **extra)
+    ours, ref = G.QuantizedKVLayer(**kw), G.QuantizedKVLayer(**kw)
+    assert ours.is_croppable
+    for layer in (ours, ref):
+        layer.update(k[:, :, :70], v[:, :, :70])
+    pos = 70
+    for fed, kept, form in [(5, 2, "count"), (6, 0, "length"), (1, 1, "count"), (7, 3, "length"), (30, 29, "count"),
+                            (4, 1, "count")] * 3:
+        ours.update(k[:, :, pos : pos + fed], v[:, :, pos : pos + fed])
+        ours.crop(kept - fed if form == "count" else pos + kept)
+        if kept:
+            ref.update(k[:, :, pos : pos + kept], v[:, :, pos : pos + kept])
+        pos += kept
+        _assert_same_state(ours, ref)
+    assert ours.qkeys is not None and ours.qkeys.shape[2] >= 64, "the rollbacks ran beside a quantized part"
+    out, want = ours.update(k[:, :, pos : pos + 1], v[:, :, pos : pos + 1]), ref.update(k[:, :, pos : pos + 1],
+                                                                                         v[:, :, pos : pos + 1])
+    assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+    ours.crop(0)
+    ours.crop(pos + 1)  # (keeping every token removes none)
+    _assert_same_state(ours, ref)
+
+
+def test_crop_into_the_quantized_part_raises_and_changes_no_layer():
+    cache = G.QuantizedKVCache(bits=4, group_size=32, residual_length=32, backend="torch")
+    r = torch.Generator().manual_seed(22)
+    k, v = torch.randn(1, 2, 120, 32, generator=r), torch.randn(1, 2, 120, 32, generator=r)
+    for i in range(2):
+        cache.update(k[:, :, :100], v[:, :, :100], i)
+        cache.update(k[:, :, 100:101], v[:, :, 100:101], i)  # flushes 64 tokens: 37 stay in full precision
+    cache.update(k[:, :, 101:120], v[:, :, 101:120], 0)  # layer 0 holds 19 tokens more than layer 1
+    before = [[t.clone() if isinstance(t, torch.Tensor) else t for t in _layer_state(layer)] for layer in cache.layers]
+    with pytest.raises(ValueError, match="only the newest 37 are held in full precision"):
+        cache.crop(-50)  # layer 0 could give 50 back; layer 1 cannot
+    with pytest.raises(ValueError, match="cannot remove 200 tokens from a cache of 120"):
+        cache.layers[0].crop(-200)
+    with pytest.raises(TypeError):
+        cache.crop(-1.5)
+    for layer, old in zip(cache.layers, before):
+        now = _layer_state(layer)
+        assert now[0] == old[0] and all(torch.equal(a, b) for a, b in zip(now[1:], old[1:]))
+    cache.layers[0].crop(-50)
+    assert cache.layers[0].get_seq_length() == 70 and cache.layers[0].keys.shape[-2] == 6
+
+
+def test_mixed_precision_cache_says_it_cannot_be_cropped():
+    cache = G.QuantizedKVCache(bits=2, important_ratio=0.25, backend="torch")
+    cache.update(torch.randn(1, 1, 40, 32), torch.randn(1, 1, 40, 32), 0)
+    assert not cache.layers[0].is_croppable
+    assert not getattr(cache, "is_croppable", False)  # (what transformers checks; the property is newer than 5.0)
+    with pytest.raises(ValueError, match="mixed precision"):
+        cache.crop(-1)
+    assert cache.get_seq_length() == 40
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_prompt_lookup_decoding_with_the_quantized_cache(fused, monkeypatch):
+    """``generate(prompt_lookup_num_tokens=...)`` checks drafts taken from the prompt and crops the rejected ones
+    from the cache: with the quantized cache it gives the tokens that plain greedy decoding gives with the same
+    cache, and the crops did remove tokens (transformers refused the cache before it could be cropped)."""
+    name = G.register_attention() if fused else "sdpa"
+    model = tiny_llama(attn=name)
+    base = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ids = torch.cat([base, base], 1)  # a repeated prompt, so the lookup finds drafts
+    kw = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False, attention_mask=torch.ones_like(ids))
+    removed = []
+    real = G.QuantizedKVLayer.crop
+    monkeypatch.setattr(G.QuantizedKVLayer, "crop", lambda self, n: removed.append(self.tokens_to_crop(n)) or real(self, n))
+    outs = []
+    for lookup in ({}, dict(prompt_lookup_num_tokens=3)):
+        cache = G.QuantizedKVCache(model.config, bits=8, fused_attention=fused, backend="triton" if fused else "torch")
+        outs.append(model.generate(ids, **G.cache_kwargs(model, cache), **kw, **lookup))
+        assert cache.layers[0].qkeys is not None and cache.get_seq_length() == 80 + 39
+    assert sum(removed) > 0
+    assert torch.equal(outs[1], outs[0])
+
+
 def test_beam_search_with_the_fused_cache(monkeypatch):
     """Beam search reorders the cache's batch every step through each layer's ``reorder_cache``; the fused
     attention then picks the tokens that the dequantize path picks from the same quantized cache."""

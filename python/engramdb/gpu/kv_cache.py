@@ -31,12 +31,15 @@ Two ways to attend:
   Prefill steps and masked (padded) batches fall back to dequantize + SDPA.
 
 This follows the per-layer ``CacheLayerMixin`` interface of transformers 5.x (``update``,
-``get_seq_length``, ``get_mask_sizes``, ``get_max_length``, ``reset``, ``reorder_cache``, ...), in the forms
-of 5.0 to the present (the tests pass with 5.0.0 and 5.24.0: the two renames between are both answered).
+``get_seq_length``, ``get_mask_sizes``, ``get_max_length``, ``reset``, ``reorder_cache``, ``crop``, ...), in the
+forms of 5.0 to the present (the tests pass with 5.0.0 and 5.24.0: the renames and the two forms of ``crop``
+between are all answered). ``crop`` takes back the newest tokens from the full-precision window, which is
+what assisted decoding and prompt lookup (``generate(prompt_lookup_num_tokens=...)``) do with rejected drafts.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -99,7 +102,6 @@ class QuantizedKVLayer(CacheLayerMixin):
     """One attention layer's KIVI cache (see the module docstring)."""
 
     is_compileable = False
-    is_croppable = False
     is_sliding = False
 
     def __init__(self, bits: int = 4, group_size: int = 32, residual_length: int = 32, *,
@@ -376,8 +378,45 @@ class QuantizedKVLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._apply_batch(lambda t: t[indices])
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a quantized cache cannot be cropped")
+    @property
+    def is_croppable(self) -> bool:
+        """Whether :meth:`crop` takes the last tokens back exactly, as assisted decoding and prompt lookup need
+        (transformers checks it before their first rollback): yes, except with mixed precision, whose record of
+        the last queries (for the importance rule) cannot be wound back."""
+        return self.important_ratio == 0
+
+    def tokens_to_crop(self, length: int) -> int:
+        """How many of the newest tokens ``crop(length)`` removes, or a ``ValueError`` if it cannot: ``length < 0``
+        removes ``-length`` tokens (transformers' current form), ``length > 0`` keeps the first ``length`` (the form
+        of earlier 5.x releases), 0 removes none.
+
+        Only the full-precision window gives tokens back. A rollback removes some of the tokens of the last
+        ``update``, and those are always there: ``update`` moves window tokens to the quantized part before it
+        appends, never after. So after the crop the cache holds what it would hold had those tokens never come."""
+        if isinstance(length, bool):
+            raise TypeError("crop takes an int, got bool")
+        length = operator.index(length)  # (a 0-d integer tensor too; anything else is a TypeError)
+        n = -length if length < 0 else max(self.cumulative_length - length, 0) if length > 0 else 0
+        if n == 0 or not self.is_initialized:
+            return 0
+        if not self.is_croppable:
+            raise ValueError("a cache with mixed precision (important_ratio > 0) cannot be cropped: its record of "
+                             "the last queries cannot be wound back")
+        if n > self.cumulative_length:
+            raise ValueError(f"cannot remove {n} tokens from a cache of {self.cumulative_length}")
+        held = self.keys.shape[-2] - (self.sink_tokens if self.qkeys is not None else 0)
+        if n > held:
+            raise ValueError(f"cannot remove {n} tokens: only the newest {held} are held in full precision, the older "
+                             "ones are quantized (a rollback of the last step's tokens always fits)")
+        return n
+
+    def crop(self, length: int) -> None:
+        """Remove the newest tokens (see :meth:`tokens_to_crop` for ``length``); raises and changes nothing if
+        it would reach into the quantized part."""
+        n = self.tokens_to_crop(length)
+        if n:
+            self.keys, self.values = self.keys[:, :, :-n], self.values[:, :, :-n]
+            self.cumulative_length -= n
 
 
 def cache_kwargs(model, cache) -> dict:
@@ -451,6 +490,14 @@ class QuantizedKVCache(Cache):
     def flush(self) -> None:
         for layer in self.layers:
             layer.flush()
+
+    def crop(self, length: int) -> None:
+        """Remove the newest tokens from every layer (``length`` as in :meth:`QuantizedKVLayer.tokens_to_crop`).
+        Every layer is checked first, so a crop that one layer cannot do raises with no layer changed."""
+        for layer in self.layers:
+            layer.tokens_to_crop(length)
+        for layer in self.layers:
+            layer.crop(length)
 
     def nbytes(self) -> list[dict]:
         """Per-layer byte counts measured from the stored tensors (see ``QuantizedKVLayer.nbytes``)."""
