@@ -405,6 +405,31 @@ def test_fused_attention_matches_dequantize_path():
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
 
 
+def test_head_size_not_a_multiple_of_the_group_fails_at_the_prefill_and_names_a_group_that_fits():
+    """Head size 80 (Phi-2, StableLM-3B): values are grouped along channels, so groups of 32 do not fit. The
+    prefill says so and names group_size=16 (before, the second step failed, naming neither); with it the
+    fused attention matches the dequantize path."""
+    name = G.register_attention()
+    model = tiny_llama(attn=name, head_dim=80)
+    ids = torch.randint(0, 101, (1, 76), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    cache = G.QuantizedKVCache(model.config, bits=4, backend="torch")
+    with torch.no_grad(), pytest.raises(ValueError, match="value head size 80 .* pass group_size=16"):
+        model(ids[:, :70], **G.cache_kwargs(model, cache), use_cache=True)
+    assert cache.get_seq_length() == 0
+    with pytest.raises(ValueError, match="no power of two of at least 16"):
+        G.QuantizedKVLayer(bits=2, backend="torch").update(torch.randn(1, 1, 4, 40), torch.randn(1, 1, 4, 40))
+    outs = []
+    with torch.no_grad():
+        for fused in (False, True):
+            cache = G.QuantizedKVCache(model.config, bits=4, group_size=16, fused_attention=fused,
+                                       backend="triton" if fused else "torch")
+            model(ids[:, :70], **G.cache_kwargs(model, cache), use_cache=True)
+            outs.append(torch.stack([model(ids[:, t:t + 1], **G.cache_kwargs(model, cache), use_cache=True).logits[0, -1]
+                                     for t in range(70, 76)]))
+            assert cache.layers[0].qkeys is not None
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+
+
 def test_bf16_model_fused_attention_matches_dequantize_path():
     """A bfloat16 model (most checkpoints' dtype) decodes through the fused attention as through the dequantize
     path: its cache stays in KIVI's packing (the mma orders are fp16-only) and goes to the general kernel."""

@@ -155,6 +155,15 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.qvalues: Optional[QuantizedTensor] = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        d_v = value_states.shape[-1]
+        if d_v % self.group_size:  # (found here, at the prefill, not at the first flush a step later)
+            fits = [g for g in (64, 32, 16, 8, 4) if g < self.group_size and d_v % g == 0 and all(
+                g >= 32 // b for b in (self.key_bits, self.value_bits))]
+            least = max(32 // b for b in (self.key_bits, self.value_bits))
+            hint = (f"pass group_size={fits[0]}" if fits else
+                    f"no power of two of at least {least} (what a 32-bit word of codes holds) divides it")
+            raise ValueError(f"the value head size {d_v} is not a multiple of group_size {self.group_size} (values are "
+                             f"quantized in groups of channels): {hint}")
         self.device = key_states.device
         self.dtype = key_states.dtype
         shape = (key_states.shape[0], key_states.shape[1], 0, key_states.shape[3])
