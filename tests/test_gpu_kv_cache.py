@@ -298,24 +298,35 @@ def test_mixed_precision_cache_says_it_cannot_be_cropped():
     assert cache.get_seq_length() == 40
 
 
+def tiny_assistant():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=32, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).eval().to(DEVICE)
+
+
+@pytest.mark.parametrize("draft", ["prompt_lookup", "assistant"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_prompt_lookup_decoding_with_the_quantized_cache(fused, monkeypatch):
-    """``generate(prompt_lookup_num_tokens=...)`` checks drafts taken from the prompt and crops the rejected ones
-    from the cache: with the quantized cache it gives the tokens that plain greedy decoding gives with the same
-    cache, and the crops did remove tokens (transformers refused the cache before it could be cropped)."""
+def test_speculative_decoding_with_the_quantized_cache(fused, draft, monkeypatch):
+    """Speculative decoding (drafts from the prompt, ``prompt_lookup_num_tokens``, or from a small assistant model)
+    checks each draft in one forward and crops the rejected tokens from the cache: with the quantized cache it gives
+    the tokens that plain greedy decoding gives with the same cache, and the crops did remove tokens (transformers
+    refused the cache before it could be cropped)."""
     name = G.register_attention() if fused else "sdpa"
     model = tiny_llama(attn=name)
     base = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     ids = torch.cat([base, base], 1)  # a repeated prompt, so the lookup finds drafts
-    kw = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False, attention_mask=torch.ones_like(ids))
+    kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, attention_mask=torch.ones_like(ids))
     removed = []
     real = G.QuantizedKVLayer.crop
     monkeypatch.setattr(G.QuantizedKVLayer, "crop", lambda self, n: removed.append(self.tokens_to_crop(n)) or real(self, n))
     outs = []
-    for lookup in ({}, dict(prompt_lookup_num_tokens=3)):
+    for lookup in ({}, dict(prompt_lookup_num_tokens=3) if draft == "prompt_lookup" else dict(assistant_model=tiny_assistant())):
         cache = G.QuantizedKVCache(model.config, bits=8, fused_attention=fused, backend="triton" if fused else "torch")
         outs.append(model.generate(ids, **G.cache_kwargs(model, cache), **kw, **lookup))
-        assert cache.layers[0].qkeys is not None and cache.get_seq_length() == 80 + 39
+        assert cache.layers[0].qkeys is not None and cache.get_seq_length() == 80 + 15
     assert sum(removed) > 0
     assert torch.equal(outs[1], outs[0])
 
