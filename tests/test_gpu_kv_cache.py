@@ -331,6 +331,43 @@ def test_speculative_decoding_with_the_quantized_cache(fused, draft, monkeypatch
     assert torch.equal(outs[1], outs[0])
 
 
+def test_a_shared_prefix_copied_per_request_and_a_second_turn_give_dynamic_cache_tokens():
+    """An agent's pattern: a system prompt prefilled once (its older tokens already quantized), the cache
+    deep-copied for each request, and a second turn generated on the same cache. At 8 bits the tokens are those
+    of DynamicCache used the same way (a copy that shared storage with another would see its tokens), and the
+    shared prefix is left as it was."""
+    import copy
+
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, 101, (1, 80), generator=g).to(DEVICE)
+    asks = [torch.randint(0, 101, (1, 10), generator=g).to(DEVICE) for _ in range(2)]
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    got = {}
+    for kind in ("dynamic", "quantized"):
+        base = (transformers.DynamicCache(config=model.config) if kind == "dynamic" else
+                G.QuantizedKVCache(model.config, bits=8, backend="torch"))
+        with torch.no_grad():
+            model(prefix[:, :70], **G.cache_kwargs(model, base), use_cache=True)
+            model(prefix[:, 70:], **G.cache_kwargs(model, base), use_cache=True)
+        if kind == "quantized":
+            assert base.layers[0].qkeys is not None
+            before = [t.clone() for t in _layer_state(base.layers[0])[1:]]
+        got[kind] = []
+        for ask in asks:
+            cache = copy.deepcopy(base)
+            ids = torch.cat([prefix, ask], 1)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **G.cache_kwargs(model, cache), **kw)
+            ids = torch.cat([out, ask], 1)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **G.cache_kwargs(model, cache), **kw)
+            got[kind].append(out)
+            assert cache.get_seq_length() == 80 + 10 + 8 + 10 + 7
+        assert base.get_seq_length() == 80
+    for a, b in zip(got["quantized"], got["dynamic"]):  # (equal here; 8-bit noise may flip a near tie elsewhere)
+        assert a.shape == b.shape and (a[:, 80:] == b[:, 80:]).float().mean() > 0.9
+    assert all(torch.equal(a, b) for a, b in zip(_layer_state(base.layers[0])[1:], before))
+
+
 def test_beam_search_with_the_fused_cache(monkeypatch):
     """Beam search reorders the cache's batch every step through each layer's ``reorder_cache``; the fused
     attention then picks the tokens that the dequantize path picks from the same quantized cache."""
