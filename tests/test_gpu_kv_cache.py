@@ -455,6 +455,33 @@ def test_fused_attention_matches_dequantize_path():
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
 
 
+def test_registered_attention_refuses_what_it_cannot_apply_and_takes_sdpa_for_a_position_bias():
+    """Soft-capping and learned sinks (``s_aux``) would be dropped silently by the fused kernel: they raise. A
+    position bias at a fused decode step goes to SDPA over the dequantized cache."""
+    import types
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    layer = G.QuantizedKVLayer(bits=4, fused_attention=True, backend="triton")
+    r = torch.Generator().manual_seed(23)
+    k, v = torch.randn(1, 2, 71, 32, generator=r).to(DEVICE), torch.randn(1, 2, 71, 32, generator=r).to(DEVICE)
+    layer.update(k[:, :, :70], v[:, :, :70])
+    marker, _ = layer.update(k[:, :, 70:], v[:, :, 70:])
+    assert marker.shape[-2] == 0  # (a fused decode step)
+    q = torch.randn(1, 4, 1, 32, generator=r).to(DEVICE)
+    for bad in (dict(softcap=50.0), dict(s_aux=torch.zeros(4, device=DEVICE))):
+        with pytest.raises(ValueError, match=f"does not apply {next(iter(bad))}"):
+            G.kivi_attention_forward(module, q, marker, marker, None, **bad)
+    bias = torch.randn(1, 4, 1, 71, generator=r).to(DEVICE)
+    out, _ = G.kivi_attention_forward(module, q, marker, marker, None, position_bias=bias)
+    kd, vd = layer.dequantized()
+    want, _ = sdpa_attention_forward(module, q, kd, vd, None, position_bias=bias)
+    torch.testing.assert_close(out, want)
+    plain, _ = G.kivi_attention_forward(module, q, marker, marker, None)
+    assert not torch.allclose(plain, want, atol=1e-3)  # (the bias mattered)
+
+
 def test_head_size_not_a_multiple_of_the_group_fails_at_the_prefill_and_names_a_group_that_fits():
     """Head size 80 (Phi-2, StableLM-3B): values are grouped along channels, so groups of 32 do not fit. The
     prefill says so and names group_size=16 (before, the second step failed, naming neither); with it the

@@ -515,7 +515,15 @@ class QuantizedKVCache(Cache):
 
 def kivi_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: Optional[float] = None, **kwargs):
-    """Attention function for transformers' ``AttentionInterface`` (registered as :data:`ATTENTION_NAME`)."""
+    """Attention function for transformers' ``AttentionInterface`` (registered as :data:`ATTENTION_NAME`).
+
+    It attends as SDPA does: logit soft-capping (Gemma 2) and learned attention sinks (``s_aux``, gpt-oss) raise a
+    ``ValueError``, since neither the fused kernel nor SDPA applies them (SDPA itself would skip the sinks
+    silently); a position bias takes the SDPA path."""
+    unsupported = [name for name in ("softcap", "s_aux") if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(f"the {ATTENTION_NAME} attention does not apply {' or '.join(unsupported)}: use a model "
+                         "without it, or keep the model's own attention (QuantizedKVCache without fused_attention works under any)")
     layer = getattr(key, _LAYER_ATTR, None)
     if layer is not None and layer.important_ratio > 0:
         layer.observe(query, scaling)
@@ -525,7 +533,7 @@ def kivi_attention_forward(module, query, key, value, attention_mask, dropout: f
     masked = False
     if attention_mask is not None:
         masked = not bool(attention_mask.all()) if attention_mask.dtype == torch.bool else bool((attention_mask != 0).any())
-    if masked:
+    if masked or kwargs.get("position_bias") is not None:
         k, v = layer.dequantized()
         return sdpa_attention_forward(module, query, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     v_res = layer.values
