@@ -482,6 +482,53 @@ def test_registered_attention_refuses_what_it_cannot_apply_and_takes_sdpa_for_a_
     assert not torch.allclose(plain, want, atol=1e-3)  # (the bias mattered)
 
 
+def test_sliding_window_layers_keep_their_window_and_full_layers_are_quantized():
+    """A Gemma 3 layout (sliding-window and full-attention layers): with the config the cache quantizes the full
+    layers and keeps transformers' bounded full-precision window for the sliding ones (before, every layer held
+    its whole history quantized and the sliding ones dequantized all of it at every step). Logits stay within
+    8-bit error of DynamicCache, fused or not; ``quantize_sliding=True`` quantizes every layer, as before."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    name = G.register_attention()
+
+    def model_with(attn):
+        torch.manual_seed(0)
+        cfg = Gemma3TextConfig(vocab_size=101, hidden_size=96, intermediate_size=192, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                               sliding_window=40, layer_types=["sliding_attention", "full_attention"] * 2)
+        cfg._attn_implementation = attn
+        return Gemma3ForCausalLM(cfg).eval().to(DEVICE)
+
+    g = torch.Generator().manual_seed(1)
+    ids, steps = torch.randint(0, 101, (1, 70), generator=g).to(DEVICE), torch.randint(0, 101, (1, 6), generator=g).to(DEVICE)
+
+    def run(model, cache):
+        with torch.no_grad():
+            out = [model(ids, **G.cache_kwargs(model, cache), use_cache=True).logits[0, -1]]
+            out += [model(steps[:, t:t + 1], **G.cache_kwargs(model, cache), use_cache=True).logits[0, -1]
+                    for t in range(steps.shape[1])]
+        return torch.stack(out)
+
+    model = model_with("sdpa")
+    ref = run(model, transformers.DynamicCache(config=model.config))
+    for attn, fused, sliding in (("sdpa", False, False), (name, True, False), ("sdpa", False, True)):
+        model = model_with(attn)
+        cache = G.QuantizedKVCache(model.config, bits=8, fused_attention=fused, quantize_sliding=sliding,
+                                   backend="triton" if fused else "torch")
+        out = run(model, cache)
+        quantized = [isinstance(layer, G.QuantizedKVLayer) for layer in cache.layers]
+        assert quantized == ([True] * 4 if sliding else [False, True, False, True])
+        assert all(layer.qkeys is not None for layer in cache.quantized_layers)
+        nb = cache.nbytes()
+        if not sliding:
+            assert [b["window_tokens"] for b in nb[::2]] == [cache.layers[0].keys.shape[-2]] * 2
+            assert nb[0]["window_tokens"] < 40 and nb[0]["quantized"] == 0  # the window, bounded
+        assert nb[1]["quantized_tokens"] > 0
+        err = float((out - ref).abs().max())
+        assert err < 0.01 * float(ref.abs().max()), (attn, sliding, err)
+        assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
 def test_head_size_not_a_multiple_of_the_group_fails_at_the_prefill_and_names_a_group_that_fits():
     """Head size 80 (Phi-2, StableLM-3B): values are grouped along channels, so groups of 32 do not fit. The
     prefill says so and names group_size=16 (before, the second step failed, naming neither); with it the

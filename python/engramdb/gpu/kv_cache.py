@@ -43,7 +43,13 @@ import operator
 from typing import Optional
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ._triton import pick_backend
@@ -156,6 +162,8 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         d_v = value_states.shape[-1]
+        if self.rotate_values:
+            self.rot = hadamard(d_v, value_states.device)  # ValueError unless a power of two
         if d_v % self.group_size:  # (found here, at the prefill, not at the first flush a step later)
             fits = [g for g in (64, 32, 16, 8, 4) if g < self.group_size and d_v % g == 0 and all(
                 g >= 32 // b for b in (self.key_bits, self.value_bits))]
@@ -169,8 +177,6 @@ class QuantizedKVLayer(CacheLayerMixin):
         shape = (key_states.shape[0], key_states.shape[1], 0, key_states.shape[3])
         self.keys = key_states.new_empty(shape)
         self.values = value_states.new_empty((*shape[:3], value_states.shape[3]))
-        if self.rotate_values:
-            self.rot = hadamard(value_states.shape[3], value_states.device)  # ValueError unless a power of two
         self.is_initialized = True
 
     def rotate(self, v: torch.Tensor) -> torch.Tensor:
@@ -455,7 +461,14 @@ class QuantizedKVCache(Cache):
     ``"mma"`` or ``"warps"`` ask for one, ``False`` keeps KIVI's packing and the general kernel).
     ``key_bits`` and ``value_bits`` may also be a sequence with one entry per layer (``config`` needed), e.g.
     4-bit keys in the few layers whose 2-bit keys err most (chosen on a calibration text).
-    Without ``config`` the layers are created as the model first reaches them.
+    Without ``config`` the layers are created as the model first reaches them, all quantized.
+
+    With ``config`` the cache has the layers transformers' ``DynamicCache`` would give the model, and quantizes its
+    full-attention ones. Sliding-window layers (Mistral v0.1, Gemma 3's five in six, gpt-oss) keep their bounded
+    window in full precision, as ``DynamicCache`` does: exact, never larger than the window, and attended by the
+    model's SDPA rather than by dequantizing a whole history at every step. ``quantize_sliding=True`` quantizes
+    them too, keeping every token (the mask then hides those outside the window). Layers without keys and values of
+    their own (shared, linear attention) stay as transformers makes them.
     """
 
     def __init__(self, config=None, bits: int = 4, group_size: int = 32, residual_length: int = 32, *,
@@ -463,7 +476,7 @@ class QuantizedKVCache(Cache):
                  meta_dtype: torch.dtype = torch.float16, backend: str = "auto", fused_attention: bool = False,
                  sink_tokens: int = 0, meta_bits: int = 16, important_ratio: float = 0.0, extra_bits: int = 2,
                  observation_window: int = 32, pool_kernel: int = 5, meta_round: str = "cover",
-                 rotate_values: bool = False, operand_order=True):
+                 rotate_values: bool = False, operand_order=True, quantize_sliding: bool = False):
         per_layer = {name: list(b) for name, b in (("key_bits", key_bits), ("value_bits", value_bits))
                      if b is not None and not isinstance(b, int)}
         if per_layer:
@@ -485,32 +498,45 @@ class QuantizedKVCache(Cache):
                   sink_tokens=sink_tokens, meta_bits=meta_bits, important_ratio=important_ratio,
                   extra_bits=extra_bits, observation_window=observation_window, pool_kernel=pool_kernel,
                   operand_order=operand_order)
-        if per_layer:
-            super().__init__(layers=[QuantizedKVLayer(**{**kw, "key_bits": key_bits[i], "value_bits": value_bits[i]})
-                                     for i in range(n_layers)])
-            return
-        QuantizedKVLayer(**kw)  # validate the arguments now rather than at the first forward
-        if config is not None:
-            n_layers = config.get_text_config(decoder=True).num_hidden_layers
-            super().__init__(layers=[QuantizedKVLayer(**kw) for _ in range(n_layers)])
-        else:
+        # fail now on a bad argument, not at a forward (per-layer bits were checked above)
+        QuantizedKVLayer(**({**kw, "key_bits": None, "value_bits": None} if per_layer else kw))
+        if config is None:
             super().__init__(layer_class_to_replicate=lambda: QuantizedKVLayer(**kw))
+            return
+        # the layers transformers gives this model (DynamicCache(config)); its full-attention ones quantized
+        layers = DynamicCache(config=config).layers
+        for i, layer in enumerate(layers):
+            if type(layer) is DynamicLayer or (quantize_sliding and isinstance(layer, DynamicSlidingWindowLayer)):
+                layers[i] = QuantizedKVLayer(**({**kw, "key_bits": key_bits[i], "value_bits": value_bits[i]}
+                                                if per_layer else kw))
+        super().__init__(layers=layers)
+
+    @property
+    def quantized_layers(self) -> list[QuantizedKVLayer]:
+        return [layer for layer in self.layers if isinstance(layer, QuantizedKVLayer)]
 
     def flush(self) -> None:
-        for layer in self.layers:
+        for layer in self.quantized_layers:
             layer.flush()
 
     def crop(self, length: int) -> None:
         """Remove the newest tokens from every layer (``length`` as in :meth:`QuantizedKVLayer.tokens_to_crop`).
-        Every layer is checked first, so a crop that one layer cannot do raises with no layer changed."""
-        for layer in self.layers:
+        Every quantized layer is checked first, so a crop that one cannot do raises with no layer changed."""
+        for layer in self.quantized_layers:
             layer.tokens_to_crop(length)
         for layer in self.layers:
             layer.crop(length)
 
     def nbytes(self) -> list[dict]:
         """Per-layer byte counts measured from the stored tensors (see ``QuantizedKVLayer.nbytes``)."""
-        return [layer.nbytes() for layer in self.layers]
+        return [layer.nbytes() if isinstance(layer, QuantizedKVLayer) else _plain_nbytes(layer) for layer in self.layers]
+
+
+def _plain_nbytes(layer) -> dict:
+    """``QuantizedKVLayer.nbytes``'s figures for a layer that transformers made (all of it counts as window)."""
+    held = [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor)]
+    return {"quantized": 0, "quantized_tokens": 0, "window": sum(t.numel() * t.element_size() for t in held),
+            "window_tokens": held[0].shape[-2] if held else 0}
 
 
 def kivi_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
