@@ -813,3 +813,21 @@ def test_kv_generate_bench_smoke_run(tmp_path):
         assert r["time_vs_dynamic"] == pytest.approx(r["ms_per_step"] / rows[rows.index(r) // 2 * 2]["ms_per_step"])
     with pytest.raises(SystemExit):
         bench.main(["--caches", "4-bit fast"])
+
+
+def test_kv_hybrid_bench_counts_what_each_cache_holds(tmp_path):
+    """benches/kv_hybrid.py on Gemma 3 1B's layout at 700 tokens: DynamicCache holds every token of the 4 full
+    layers and the last 511 of the 22 sliding ones, in fp16, exactly what the script counts; the quantized cache
+    with bounded sliding windows holds less, the all-quantized one less still (700 tokens: the windows have
+    hardly begun to bound anything)."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("kv_hybrid", ROOT / "benches" / "kv_hybrid.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "kvh.json"
+    assert bench.main(["--tokens", "700", "--json", str(out)]) == 0
+    rows = {r["cache"]: r["mib"] * 2**20 for r in json.loads(out.read_text())}
+    per_token = 2 * 1 * 256 * 2  # keys and values, 1 kv head of 256 channels, fp16
+    assert rows["DynamicCache"] == (4 * 700 + 22 * 511) * per_token
+    assert rows["QuantizedKVCache(4-bit, quantize_sliding=True)"] < rows["QuantizedKVCache(4-bit)"] < rows["DynamicCache"]
