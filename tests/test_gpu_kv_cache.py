@@ -535,6 +535,25 @@ def test_sliding_window_layers_keep_their_window_and_full_layers_are_quantized()
         assert (out.argmax(-1) == ref.argmax(-1)).all()
 
 
+def test_crop_a_sliding_layer_refuses_changes_no_quantized_layer():
+    """A full layer first, then a sliding one past its window: transformers' sliding layer refuses the crop (it
+    kept no past), and the quantized layer before it is left as it was."""
+    from transformers import Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=101, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16,
+                           layer_types=["full_attention", "sliding_attention"])
+    cache = G.QuantizedKVCache(cfg, bits=4, backend="torch")
+    k = torch.randn(1, 1, 41, 32, generator=torch.Generator().manual_seed(24))
+    for i in range(2):
+        cache.update(k[:, :, :40], k[:, :, :40], i)
+        cache.update(k[:, :, 40:], k[:, :, 40:], i)
+    with pytest.raises((RuntimeError, ValueError)):  # (RuntimeError in 5.24, ValueError in 5.0)
+        cache.crop(-1)
+    assert cache.layers[0].get_seq_length() == 41 and cache.layers[0].keys.shape[-2] == 41
+    assert isinstance(cache.layers[0], G.QuantizedKVLayer) and cache.layers[0].qkeys is None
+
+
 def test_head_size_not_a_multiple_of_the_group_fails_at_the_prefill_and_names_a_group_that_fits():
     """Head size 80 (Phi-2, StableLM-3B): values are grouped along channels, so groups of 32 do not fit. The
     prefill says so and names group_size=16 (before, the second step failed, naming neither); with it the

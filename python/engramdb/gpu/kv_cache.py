@@ -521,10 +521,14 @@ class QuantizedKVCache(Cache):
 
     def crop(self, length: int) -> None:
         """Remove the newest tokens from every layer (``length`` as in :meth:`QuantizedKVLayer.tokens_to_crop`).
-        Every quantized layer is checked first, so a crop that one cannot do raises with no layer changed."""
+        Every quantized layer is checked first, and transformers' own layers (sliding windows), which check as they
+        go, are cropped before any quantized one: a crop that a layer cannot do raises with no layer changed."""
         for layer in self.quantized_layers:
             layer.tokens_to_crop(length)
         for layer in self.layers:
+            if not isinstance(layer, QuantizedKVLayer):
+                layer.crop(length)
+        for layer in self.quantized_layers:
             layer.crop(length)
 
     def nbytes(self) -> list[dict]:
