@@ -22,6 +22,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(os.path.join(os.path.dirname(HERE), "python", "engramdb"))
+sys.path.insert(0, HERE)
+from kv_quality import cache_bytes  # noqa: E402  (the byte count of every cache kv_quality.py compares)
 
 # the published shapes (config.json of each checkpoint): layers, kv heads, head size, window; every 6th layer full
 LAYOUTS = {
@@ -57,13 +59,7 @@ def fill(cache, cfg, tokens: int, seed: int = 0) -> int:
             cache.update(k, k.clone(), i)
     if hasattr(cache, "flush"):
         cache.flush()
-    total = 0
-    for layer in cache.layers:
-        for t in (layer.keys, layer.values):
-            total += t.numel() * t.element_size()
-        for q in (getattr(layer, "qkeys", None), getattr(layer, "qvalues", None)):
-            total += q.nbytes() if q is not None else 0
-    return total
+    return cache_bytes(cache)
 
 
 def main(argv=None) -> int:
