@@ -550,8 +550,8 @@ def kivi_attention_forward(module, query, key, value, attention_mask, dropout: f
     It attends as SDPA does: logit soft-capping (Gemma 2) and learned attention sinks (``s_aux``, gpt-oss) raise a
     ``ValueError``, since neither the fused kernel nor SDPA applies them (SDPA itself would skip the sinks
     silently); a position bias takes the SDPA path."""
-    unsupported = [name for name in ("softcap", "s_aux") if kwargs.get(name) is not None]
-    if unsupported:
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:  # (two lookups on the decode path)
+        unsupported = [name for name in ("softcap", "s_aux") if kwargs.get(name) is not None]
         raise ValueError(f"the {ATTENTION_NAME} attention does not apply {' or '.join(unsupported)}: use a model "
                          "without it, or keep the model's own attention (QuantizedKVCache without fused_attention works under any)")
     layer = getattr(key, _LAYER_ATTR, None)
