@@ -59,6 +59,14 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def integer_row(r: torch.Generator, d: int, dtype=torch.float16) -> torch.Tensor:
+    """A row of small integers, for rows made equal to build a tie: its scores are then exact in float32 in any
+    summation order. A random float row is not enough: the interpreter's dots go through numpy's BLAS, which on
+    some CPUs (AVX-512 OpenBLAS kernels) sums a row differently by its place in the block, so that equal rows
+    score a few ulps apart and the tie is broken by the arithmetic rather than by id."""
+    return torch.randint(-3, 4, (d,), generator=r).to(dtype)
+
+
 def unpack(q) -> torch.Tensor:
     """Codes of a QuantizedTensor as int64 in the (B, H, T, D) layout."""
     pw = 32 // q.bits
@@ -811,6 +819,7 @@ def test_search_reranks_only_chunks_whose_cut_splits_ties(monkeypatch):
         assert torch.equal(i.cpu(), G.search_topk_ref(q, base, k)[1])
     assert [e for _, e in calls] == [False] * 6
     calls.clear()
+    base[100] = integer_row(r, 48)
     base[700:800] = base[100]  # 101 equal rows in chunk 0: equal scores straddle its cut
     q[:] = base[100].float()
     _, i = G.search_topk(q.to(DEVICE), base.to(DEVICE), 5, chunk_rows=1000, backend="triton", select="torch")
@@ -856,9 +865,10 @@ def test_brute_force_index_matches_search_topk(metric):
         assert torch.equal(i.cpu(), G.search_topk_ref(q, base, 7, metric, base_scale=scale)[1])
     assert index.recorded_shapes == ([(3, 7, torch.float32)] if DEVICE == "cuda" else [])
     tied, tscale = base.clone(), scale.clone()
-    tied[1000:1100], tscale[1000:1100] = tied[5], scale[5]  # 101 equal rows: the cut splits equal scores
+    tied[5], tscale[5] = integer_row(r, 40, torch.int8) * 20, 1.0  # scores against it exact, and the best
+    tied[1000:1100], tscale[1000:1100] = tied[5], tscale[5]  # 101 equal rows: the cut splits equal scores
     index = G.BruteForceIndex(tied.to(DEVICE), metric, base_scale=tscale.to(DEVICE))
-    q = (tied[5].float() * scale[5]).repeat(2, 1)
+    q = tied[5].float().repeat(2, 1)
     ref = G.search_topk_ref(q, tied, 5, metric, base_scale=tscale)[1]
     assert set(ref[0].tolist()) <= {5, *range(1000, 1100)}  # the tie really is at the cut
     for _ in range(2):
@@ -942,6 +952,7 @@ def test_search_fused_select_threshold_keeps_few_rows_and_overflow_falls_back(mo
     assert bool(((passed >= kk) & (passed <= 4 * kk)).all()), passed
     assert torch.equal(n_keys.long(), passed.cpu().long())  # the kernel counted the same rows
     dup = base.clone()
+    dup[7] = integer_row(r, 32)
     dup[1000:3000] = dup[7]  # 2,001 equal rows reach the threshold: ranked in several key blocks, no overflow
     q = dup[7].float().repeat(2, 1)
     _, i = G.search_topk(q.to(DEVICE), dup.to(DEVICE), 10, select=select, backend="triton")
@@ -951,6 +962,7 @@ def test_search_fused_select_threshold_keeps_few_rows_and_overflow_falls_back(mo
     real_chunk = search._chunk_topk
     monkeypatch.setattr(search, "_chunk_topk", lambda *a: calls.append(a[10]) or real_chunk(*a))
     dup = base.clone()
+    dup[7] = integer_row(r, 32)
     dup[1000:6000] = dup[7]  # 5,001 equal rows: all reach the threshold, more than the 4,096 keys it keeps
     q = dup[7].float().repeat(2, 1)
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: pytest.fail(f"the {select} select waited on the host"))
