@@ -1430,9 +1430,12 @@ def mma_kernel_takes(key_bits: int, value_bits: int, head_dim: int, group_size: 
             and group_size >= max(16, head_dim // 4))
 
 
-# Knobs of the warps kernel (decode_attention's module variables; gpu_bench.py times them, "mma_w" rows). The
-# defaults are the fastest on an H200 (2026-11-27, B 32 x 16K tokens, 4-bit: 315 us, 50.6% of the copy
-# bandwidth; benches/RESULTS.md has every row):
+# Knobs of the warps kernel (decode_attention's module variables; gpu_bench.py times them, "mma_w" rows). Those
+# marked "timed" were the fastest on an H200 (2026-11-27, B 32 x 16K tokens, 4-bit: 315 us, 50.6% of the copy
+# bandwidth; benches/RESULTS.md has every row). Those marked "untimed" were chosen offline afterwards, on the
+# instruction and register counts of an sm_90 compile (gpu/NOTES.md, fifth and sixth sessions): they pass every
+# interpreter test and compile for sm_90, but no GPU has run them yet.
+# Timed:
 # the key scales: each thread loads those of its own codes (True: no barrier in the loop, but 8 lanes load
 # the same values: 348 us), or the tile's are fetched once and spread through shared memory (False: 4
 # barriers a tile)
@@ -1448,6 +1451,7 @@ WARPS_MAXNREG = None
 # P V as (V^T P^T)^T with 8 query rows (GQA groups of at most 8): half the output accumulator and half the
 # P V tensor-core instructions of the 16-row product
 WARPS_SWAP_PV = True
+# Untimed (on: WARPS_SWAP_QK, WARPS_FOLD_KEYS; off until timed: the rest):
 # the scores as K Q^T, (16 tokens, 8 heads) a warp (GQA groups of at most 8, head size 128): half the tensor-core
 # instructions, exponentials and query registers of the 16-row Q K^T; P^T then passes through shared memory on
 # its way to P V (each 8 x 8 block transposed). Offline sm_90 compile (Triton 3.6): 450 -> 428 loop
@@ -1568,7 +1572,7 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
     Keys in mma order with values in mma_w order (``kv_quant.to_mma_order(values, warps=True)``; 4-bit, head
     size 64 or 128, 16-bit scales) go to a third kernel, which gives each warp its own 16 tokens of every
     64-token tile and merges the warps once at the end; its knobs are the ``WARPS_*`` module variables.
-    On an H200 it ran B 32 x 16K tokens in 315 us against 442 us for the mma kernel and 688 us for the
+    On an H200 (with the timed knobs of 2026-11-27) it ran B 32 x 16K tokens in 315 us against 442 us for the mma kernel and 688 us for the
     KIVI-order one (benches/RESULTS.md). ``QuantizedKVCache(operand_order=True)`` stores that order where
     this kernel takes it.
     """
