@@ -1572,9 +1572,9 @@ def kivi_decode_attention(q: torch.Tensor, kq: Optional[QuantizedTensor], vq: Op
     Keys in mma order with values in mma_w order (``kv_quant.to_mma_order(values, warps=True)``; 4-bit, head
     size 64 or 128, 16-bit scales) go to a third kernel, which gives each warp its own 16 tokens of every
     64-token tile and merges the warps once at the end; its knobs are the ``WARPS_*`` module variables.
-    On an H200 (with the timed knobs of 2026-11-27) it ran B 32 x 16K tokens in 315 us against 442 us for the mma kernel and 688 us for the
-    KIVI-order one (benches/RESULTS.md). ``QuantizedKVCache(operand_order=True)`` stores that order where
-    this kernel takes it.
+    On an H200, with the knobs timed on 2026-11-27, it ran B 32 x 16K tokens in 315 us against 442 us for the
+    mma kernel and 688 us for the KIVI-order one (benches/RESULTS.md). ``QuantizedKVCache(operand_order=True)``
+    stores that order where this kernel takes it.
     """
     if unpack not in UNPACK_MODES:
         raise ValueError(f"unpack must be one of {tuple(UNPACK_MODES)}, got {unpack!r}")
